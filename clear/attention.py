@@ -1,0 +1,178 @@
+"""The one CLEAR attention entry point every processor calls.
+
+:class:`ClearAttention` takes ``q, k, v`` of one attention call in the model's natural
+token order (``[B, S, heads, head_dim]``, as diffusers' processors hold them), and
+returns the attention output in the same order. It owns the backend choice and the
+per-layout cache of masks; it holds no model weights (``spatial_weight`` belongs to
+the processor of each attention module and is passed in).
+
+Backends:
+
+* ``"dense"``: boolean mask + ``scaled_dot_product_attention``. Runs everywhere,
+  supports backward; the oracle every fast path is tested against.
+* ``"flex"``: FlexAttention over image tokens reordered into compact tiles, with a
+  block mask built analytically from tile geometry. Compiled on CUDA.
+* ``"auto"``: ``flex`` on CUDA, ``dense`` elsewhere (FlexAttention has no CPU backward).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import TRAINING_TOKENS, TileOrder, TokenLayout, Window, allowed_mask, analytic_block_mask
+
+BACKENDS = ("auto", "dense", "flex")
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(query, key, value, block_mask, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.is_cuda:
+        return _compiled_flex()(query, key, value, block_mask=block_mask, scale=scale)
+    with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+
+
+def pool_tokens(x_img: torch.Tensor, height: int, width: int, spatial_weight: torch.Tensor) -> torch.Tensor:
+    """Down-sample image keys or values ``[B, height*width, heads, D]`` over ``df x df``
+    cells with the learned ``spatial_weight`` (stored as ``(1, 1, 1, df, 1, df, 1)``,
+    i.e. one weight per (dy, dx) in a cell). Returns ``[B, (height/df)*(width/df), heads, D]``
+    in row-major cell order."""
+    df = spatial_weight.shape[3]
+    b, _, heads, d = x_img.shape
+    cells = x_img.reshape(b, height // df, df, width // df, df, heads, d)
+    w = spatial_weight.reshape(1, 1, df, 1, df, 1, 1).to(x_img.dtype)
+    return (cells * w).sum(dim=(2, 4)).reshape(b, -1, heads, d)
+
+
+@dataclass
+class _Plan:
+    """Everything one layout needs, built once and reused by every layer."""
+
+    mask: torch.Tensor | None = None  # dense: [Sq, Skv] bool, None when no masking is needed
+    order: TileOrder | None = None  # flex
+    slots: torch.Tensor | None = None  # flex: slot of each image token in tile order
+    block_mask: object = None  # flex
+
+
+class ClearAttention:
+    """CLEAR attention for one model: window, backend, options, and a bounded cache of
+    per-layout plans. Shared by all attention processors of a model."""
+
+    def __init__(self, radius: float | None, down_factor: int = 1, backend: str = "auto",
+                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16), cache_size: int = 8):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.window = Window(radius, down_factor)
+        self.backend = backend
+        self.proportional_attention = proportional_attention
+        self.tile = tuple(tile)
+        self.cache_size = cache_size
+        self._plans: OrderedDict = OrderedDict()
+
+    def __repr__(self):
+        w = self.window
+        return (f"ClearAttention(radius={w.radius}, down_factor={w.down_factor}, backend={self.backend!r}, "
+                f"proportional_attention={self.proportional_attention})")
+
+    # -- plans -------------------------------------------------------------------------
+
+    def resolve_backend(self, device: torch.device) -> str:
+        if self.backend == "auto":
+            return "flex" if device.type == "cuda" else "dense"
+        return self.backend
+
+    def plan(self, layout: TokenLayout, backend: str, device: torch.device, with_grad: bool = False) -> _Plan:
+        key = (layout, backend, str(device), with_grad)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        layout.pooled_grid(self.window)  # validates divisibility before any work
+        if backend == "dense":
+            needs_mask = not self.window.covers(layout.height, layout.width)
+            plan = _Plan(mask=allowed_mask(layout, self.window, device) if needs_mask else None)
+        else:
+            order = TileOrder(layout, self.window, *self.tile)
+            plan = _Plan(order=order, slots=order.slot_of_token(device),
+                         block_mask=analytic_block_mask(order, device, with_q_blocks=with_grad))
+        self._plans[key] = plan
+        while len(self._plans) > self.cache_size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def scale(self, layout: TokenLayout, head_dim: int) -> float:
+        """Softmax scale: ``1/sqrt(d)``, or with proportional attention
+        ``sqrt(log_L0(N) / d)``, N = text + image tokens, L0 = FLUX's training length."""
+        if not self.proportional_attention:
+            return 1.0 / math.sqrt(head_dim)
+        return math.sqrt(math.log(layout.seq_len) / math.log(TRAINING_TOKENS) / head_dim)
+
+    # -- the call ----------------------------------------------------------------------
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
+                 spatial_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``query/key/value``: ``[B, S, heads, D]`` in natural order; returns the same shape."""
+        if query.shape[1] != layout.seq_len:
+            raise ValueError(f"attention got {query.shape[1]} tokens but the layout {layout} has {layout.seq_len}")
+        win = self.window
+        layout.pooled_grid(win)
+        if (spatial_weight is None) != (win.down_factor == 1):
+            raise ValueError("spatial_weight must be given exactly when down_factor > 1")
+        scale = self.scale(layout, query.shape[-1])
+        backend = self.resolve_backend(query.device)
+        if win.radius is None or (backend == "dense" and win.down_factor == 1):
+            plan = self.plan(layout, "dense", query.device)
+            return self._dense(query, key, value, plan.mask, scale)
+
+        img = layout.image_slice
+        pooled_k = pooled_v = None
+        if win.down_factor > 1:
+            pooled_k = pool_tokens(key[:, img], layout.height, layout.width, spatial_weight)
+            pooled_v = pool_tokens(value[:, img], layout.height, layout.width, spatial_weight)
+        if backend == "dense":
+            plan = self.plan(layout, "dense", query.device)
+            return self._dense(query, torch.cat([key, pooled_k], 1), torch.cat([value, pooled_v], 1), plan.mask, scale)
+        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        plan = self.plan(layout, "flex", query.device, with_grad)
+        return self._flex(query, key, value, pooled_k, pooled_v, layout, plan, scale)
+
+    @staticmethod
+    def _dense(q, k, v, mask, scale):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def _flex(q, k, v, pooled_k, pooled_v, layout, plan, scale):
+        order, slots = plan.order, plan.slots
+        img, txt = layout.image_slice, layout.text_slice
+
+        def tiled(x):  # [B, S, H, D] natural -> [B, H, slots + text, D]
+            b, _, h, d = x.shape
+            out = x.new_zeros(b, order.num_slots, h, d).index_copy(1, slots, x[:, img])
+            return torch.cat([out, x[:, txt]], 1)
+
+        qf, kf, vf = tiled(q), tiled(k), tiled(v)
+        if pooled_k is not None:
+            kf, vf = torch.cat([kf, pooled_k], 1), torch.cat([vf, pooled_v], 1)
+        out = _flex(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), plan.block_mask, scale).transpose(1, 2)
+        out_img = out.index_select(1, slots)
+        out_txt = out[:, order.num_slots :]
+        parts = (out_txt, out_img) if layout.text_first else (out_img, out_txt)
+        return torch.cat(parts, 1)

@@ -1,0 +1,382 @@
+"""Window geometry: the one place that says which key each query sees.
+
+CLEAR's attention pattern, for a token layout of ``text_len`` text tokens and an
+``height x width`` grid of image tokens (plus, with ``down_factor > 1``, the
+``(height/df) * (width/df)`` pooled tokens appended after everything else as keys):
+
+* a text query sees every text key and every image key (never the pooled keys);
+* an image query sees every text key, every pooled key, and the image keys at grid
+  offset (dy, dx) with ``dy**2 + dx**2 < radius**2`` (strict).
+
+Everything that depends on that rule lives here: the dense boolean mask (the oracle
+used by the ``dense`` backend and by every test), the exact count of allowed
+(query, key) pairs and the FLOPs it implies, the compact tile order of image
+tokens, and the analytic block-sparse structure handed to FlexAttention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Window",
+    "TokenLayout",
+    "TileOrder",
+    "grid_from_ids",
+    "allowed_mask",
+    "count_allowed_pairs",
+    "attention_flops",
+    "flex_mask_mod",
+    "analytic_block_mask",
+    "reference_block_mask",
+]
+
+# Training length of FLUX.1 at 1024^2: 64x64 image tokens + 512 text tokens. Used by the
+# proportional attention scale (resolution extrapolation).
+TRAINING_TOKENS = 64 * 64 + 512
+
+
+@dataclass(frozen=True)
+class Window:
+    """The attention window: ``radius`` in grid tokens (``None`` = full attention) and
+    the pooling factor of the optional down-sampled key/value tokens."""
+
+    radius: float | None
+    down_factor: int = 1
+
+    def __post_init__(self):
+        if self.radius is not None and not (isinstance(self.radius, (int, float)) and self.radius > 0):
+            raise ValueError(f"radius must be a positive number of tokens or None (full attention), got {self.radius!r}")
+        if not isinstance(self.down_factor, int) or self.down_factor < 1:
+            raise ValueError(f"down_factor must be an integer >= 1, got {self.down_factor!r}")
+        if self.radius is None and self.down_factor > 1:
+            raise ValueError("down_factor > 1 needs a local window: pass a radius, or use down_factor=1 for full attention")
+
+    @property
+    def radius_sq_bound(self) -> int:
+        """Smallest integer ``b`` with ``d2 < radius**2  <=>  d2 < b`` for integer ``d2``."""
+        return math.ceil(self.radius * self.radius)
+
+    def covers(self, height: int, width: int) -> bool:
+        """True when every image key is inside every image query's window."""
+        return self.radius is None or (height - 1) ** 2 + (width - 1) ** 2 < self.radius**2
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where text and image tokens sit in one attention call's sequence.
+
+    ``text_first=True`` is FLUX (``[text | image]``); ``False`` is SD3 (``[image | text]``).
+    Pooled tokens, when present, are always appended after both as keys only.
+    """
+
+    text_len: int
+    height: int
+    width: int
+    text_first: bool = True
+
+    def __post_init__(self):
+        if self.text_len < 0 or self.height < 1 or self.width < 1:
+            raise ValueError(f"invalid token layout {self}")
+
+    @property
+    def num_image(self) -> int:
+        return self.height * self.width
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.num_image
+
+    @property
+    def text_slice(self) -> slice:
+        return slice(0, self.text_len) if self.text_first else slice(self.num_image, self.seq_len)
+
+    @property
+    def image_slice(self) -> slice:
+        return slice(self.text_len, self.seq_len) if self.text_first else slice(0, self.num_image)
+
+    def pooled_grid(self, window: Window) -> tuple[int, int]:
+        df = window.down_factor
+        if df == 1:
+            return 0, 0
+        if self.height % df or self.width % df:
+            raise ValueError(
+                f"the token grid {self.height}x{self.width} is not divisible by down_factor={df}; "
+                f"choose an image size whose latent grid (pixels / 16 for FLUX) is a multiple of {df} on both sides"
+            )
+        return self.height // df, self.width // df
+
+    def num_pooled(self, window: Window) -> int:
+        h, w = self.pooled_grid(window)
+        return h * w
+
+
+def grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
+    """The (height, width) of the image grid described by FLUX ``img_ids`` (columns 1, 2 =
+    row, column), which must enumerate a full rectangle in row-major order (any offset)."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.ndim != 2 or ids.shape[-1] < 3:
+        raise ValueError(f"img_ids must have shape [num_tokens, 3], got {tuple(img_ids.shape)}")
+    rows, cols = ids[:, 1].round().long(), ids[:, 2].round().long()
+    r0, c0 = int(rows.min()), int(cols.min())
+    height, width = int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1
+    n = ids.shape[0]
+    ar = torch.arange(n, device=ids.device)
+    if height * width != n or not (
+        torch.equal(rows - r0, ar // width) and torch.equal(cols - c0, ar % width)
+    ):
+        raise ValueError(
+            "CLEAR needs the image tokens to form one rectangular grid in row-major order, but img_ids "
+            f"({n} tokens spanning {height}x{width} positions) do not; reference-image tokens (e.g. FLUX Kontext) "
+            "are not supported"
+        )
+    return height, width
+
+
+# ----------------------------------------------------------------------------------------
+# Dense oracle and exact counts
+# ----------------------------------------------------------------------------------------
+
+
+def _local_mask(height: int, width: int, window: Window, device=None) -> torch.Tensor:
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
+    return d2 < window.radius_sq_bound
+
+
+def allowed_mask(layout: TokenLayout, window: Window, device=None) -> torch.Tensor:
+    """Dense boolean mask ``[queries, keys]`` in the layout's natural token order, keys
+    followed by the pooled tokens. ``True`` = the query sees the key."""
+    n_pool = layout.num_pooled(window)
+    mask = torch.ones(layout.seq_len, layout.seq_len + n_pool, dtype=torch.bool, device=device)
+    img, txt = layout.image_slice, layout.text_slice
+    if window.radius is not None:
+        mask[img, img] = _local_mask(layout.height, layout.width, window, device)
+    mask[txt, layout.seq_len :] = False
+    return mask
+
+
+def _local_pairs(height: int, width: int, radius: float) -> int:
+    """Exact number of (query, key) image pairs with dy^2 + dx^2 < r^2 inside the grid.
+
+    The sum over queries separates: for a row offset dy, ``height - |dy|`` query rows
+    have a partner row, and for each allowed dx, ``width - |dx|`` columns do."""
+    bound = Window(radius).radius_sq_bound
+    total = 0
+    for dy in range(-(height - 1), height):
+        rem = bound - 1 - dy * dy  # largest allowed dx^2
+        if rem < 0:
+            continue
+        m = min(math.isqrt(rem), width - 1)
+        row_pairs = width + 2 * (m * width - m * (m + 1) // 2)  # sum over |dx| <= m of (width - |dx|)
+        total += (height - abs(dy)) * row_pairs
+    return total
+
+
+def count_allowed_pairs(layout: TokenLayout, window: Window) -> int:
+    """Number of allowed (query, key) pairs of one attention call, computed in closed form."""
+    t, n = layout.text_len, layout.num_image
+    if window.radius is None:
+        return (t + n) ** 2
+    local = _local_pairs(layout.height, layout.width, window.radius)
+    return t * (t + n) + n * t + local + n * layout.num_pooled(window)
+
+
+def attention_flops(height: int, width: int, radius: float | None, text_len: int = 512,
+                    down_factor: int = 1, dim: int = 3072) -> int:
+    """The paper's per-layer attention cost ``4 * sum(M) * c``: ``sum(M)`` allowed
+    (query, key) pairs, ``c`` = ``dim`` channels (heads x head_dim), 2 FLOPs per
+    multiply-add in ``QK^T`` and in ``PV``. ``height``/``width`` are in tokens (latent / 2
+    for FLUX, i.e. pixels / 16). ``radius=None`` is full attention."""
+    layout = TokenLayout(text_len, height, width)
+    return 4 * count_allowed_pairs(layout, Window(radius, down_factor)) * dim
+
+
+# ----------------------------------------------------------------------------------------
+# Tile order and block-sparse structure for FlexAttention
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileOrder:
+    """Image tokens reordered tile by tile: each ``tile_h x tile_w`` tile of the grid
+    (padded up to whole tiles) is one contiguous run of ``tile_h * tile_w`` tokens, the
+    FlexAttention block size. Tiles go in row-major order; so do tokens inside a tile.
+
+    The flex sequence is ``[image tiles (padded) | text | pooled]`` for keys and
+    ``[image tiles (padded) | text]`` for queries."""
+
+    layout: TokenLayout
+    window: Window
+    tile_h: int = 8
+    tile_w: int = 16
+
+    @property
+    def block_size(self) -> int:
+        return self.tile_h * self.tile_w
+
+    @property
+    def tiles_h(self) -> int:
+        return -(-self.layout.height // self.tile_h)
+
+    @property
+    def tiles_w(self) -> int:
+        return -(-self.layout.width // self.tile_w)
+
+    @property
+    def num_slots(self) -> int:
+        """Image positions in tile order, padding included (a multiple of the block size)."""
+        return self.tiles_h * self.tiles_w * self.block_size
+
+    @property
+    def q_len(self) -> int:
+        return self.num_slots + self.layout.text_len
+
+    @property
+    def kv_len(self) -> int:
+        return self.q_len + self.layout.num_pooled(self.window)
+
+    def slot_of_token(self, device=None) -> torch.Tensor:
+        """For each image token in row-major order, its slot in tile order."""
+        h, w = self.layout.height, self.layout.width
+        rows = torch.arange(h, device=device).repeat_interleave(w)
+        cols = torch.arange(w, device=device).repeat(h)
+        tile = (rows // self.tile_h) * self.tiles_w + cols // self.tile_w
+        within = (rows % self.tile_h) * self.tile_w + cols % self.tile_w
+        return tile * self.block_size + within
+
+    def params(self, device=None) -> torch.Tensor:
+        """Geometry as a tensor, so mask code never specialises on (and recompiles for) sizes."""
+        lay = self.layout
+        return torch.tensor(
+            [lay.height, lay.width, self.tiles_w, self.tile_h, self.tile_w, self.num_slots,
+             self.num_slots + lay.text_len, self.window.radius_sq_bound],
+            dtype=torch.int64, device=device,
+        )
+
+
+def flex_mask_mod(order: TileOrder, device=None):
+    """The mask_mod of the flex sequence (see :class:`TileOrder`), equal to
+    :func:`allowed_mask` after reordering. Evaluated only on partial blocks."""
+    p = order.params(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        height, width, tiles_w, tile_h, tile_w = p[0], p[1], p[2], p[3], p[4]
+        n_slots, text_end, r2 = p[5], p[6], p[7]
+        bs = tile_h * tile_w
+
+        def coords(idx):
+            tile, within = idx // bs, idx % bs
+            return (tile // tiles_w) * tile_h + within // tile_w, (tile % tiles_w) * tile_w + within % tile_w
+
+        qr, qc = coords(q_idx)
+        kr, kc = coords(kv_idx)
+        k_img = kv_idx < n_slots
+        k_valid = (kr < height) & (kc < width)
+        local = (qr - kr) * (qr - kr) + (qc - kc) * (qc - kc) < r2
+        k_text = (kv_idx >= n_slots) & (kv_idx < text_end)
+        img_query = torch.where(k_img, k_valid & local, True)
+        text_query = torch.where(k_img, k_valid, k_text)
+        return torch.where(q_idx < n_slots, img_query, text_query)
+
+    return mask_mod
+
+
+def _block_classes(order: TileOrder, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(any, full)`` boolean ``[q_blocks, kv_blocks]``: a block pair has at least one /
+    only allowed (query, key) pairs. Computed from tile rectangles, never from a mask.
+
+    A block that reaches past the end of the sequence is never full (as FlexAttention's
+    own ``create_block_mask`` counts it)."""
+    lay, win, bs = order.layout, order.window, order.block_size
+    n_tiles = order.tiles_h * order.tiles_w
+    n_slots, text_end, q_len, kv_len = order.num_slots, order.num_slots + lay.text_len, order.q_len, order.kv_len
+    nq, nk = -(-q_len // bs), -(-kv_len // bs)
+    ar = torch.arange(max(nq, nk), device=device)
+
+    # Image tiles: full rectangle (virtual coordinates, queries) and its valid part (keys).
+    t = torch.arange(n_tiles, device=device)
+    r0, c0 = (t // order.tiles_w) * order.tile_h, (t % order.tiles_w) * order.tile_w
+    r1, c1 = r0 + order.tile_h - 1, c0 + order.tile_w - 1
+    vr1, vc1 = r1.clamp(max=lay.height - 1), c1.clamp(max=lay.width - 1)
+    k_nonempty = (r0 < lay.height) & (c0 < lay.width)
+    k_complete = (r1 < lay.height) & (c1 < lay.width)
+    if win.radius is None:
+        local_any = k_nonempty[None, :].expand(n_tiles, n_tiles)
+        local_full = k_complete[None, :].expand(n_tiles, n_tiles)
+    else:
+        gap_r = torch.clamp(torch.maximum(r0[None, :] - r1[:, None], r0[:, None] - vr1[None, :]), min=0)
+        gap_c = torch.clamp(torch.maximum(c0[None, :] - c1[:, None], c0[:, None] - vc1[None, :]), min=0)
+        span_r = torch.maximum((r1[:, None] - r0[None, :]).abs(), (r1[None, :] - r0[:, None]).abs())
+        span_c = torch.maximum((c1[:, None] - c0[None, :]).abs(), (c1[None, :] - c0[:, None]).abs())
+        bound = win.radius_sq_bound
+        local_any = k_nonempty[None, :] & (gap_r**2 + gap_c**2 < bound)
+        local_full = k_complete[None, :] & (span_r**2 + span_c**2 < bound)
+
+    # Token ranges of every block, and how much of each range is text / pooled.
+    def overlap(lo, hi, a, b):  # size of [lo, hi) & [a, b)
+        return (torch.minimum(hi, torch.tensor(b, device=device)) - torch.maximum(lo, torch.tensor(a, device=device))).clamp(min=0)
+
+    q_lo, k_lo = ar[:nq] * bs, ar[:nk] * bs
+    q_hi, k_hi = torch.clamp(q_lo + bs, max=q_len), torch.clamp(k_lo + bs, max=kv_len)
+    q_whole, k_whole = (q_hi - q_lo) == bs, (k_hi - k_lo) == bs
+    k_text = overlap(k_lo, k_hi, n_slots, text_end)
+    k_rest = overlap(k_lo, k_hi, n_slots, kv_len)  # text + pooled
+
+    any_ = torch.zeros(nq, nk, dtype=torch.bool, device=device)
+    full = torch.zeros(nq, nk, dtype=torch.bool, device=device)
+    # image queries (blocks 0..n_tiles-1, always whole blocks)
+    any_[:n_tiles, :n_tiles] = local_any
+    full[:n_tiles, :n_tiles] = local_full
+    any_[:n_tiles, n_tiles:] = (k_rest[n_tiles:] > 0)[None, :]
+    full[:n_tiles, n_tiles:] = k_whole[n_tiles:][None, :]
+    # text queries see valid image keys and text keys, never pooled keys
+    tq = slice(n_tiles, nq)
+    any_[tq, :n_tiles] = k_nonempty[None, :]
+    full[tq, :n_tiles] = k_complete[None, :] & q_whole[tq, None]
+    any_[tq, n_tiles:] = (k_text[n_tiles:] > 0)[None, :]
+    full[tq, n_tiles:] = (k_text[n_tiles:] == bs)[None, :] & q_whole[tq, None]
+    return any_, full
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: how many key blocks, and their indices in ascending order first."""
+    num = blocks.sum(-1)
+    rows, cols = blocks.nonzero(as_tuple=True)  # row-major, so ascending within a row
+    pos = torch.arange(rows.numel(), device=blocks.device) - (num.cumsum(0) - num)[rows]
+    idx = torch.zeros(blocks.shape, dtype=torch.int32, device=blocks.device)
+    idx[rows, pos] = cols.to(torch.int32)
+    return num.to(torch.int32)[None, None], idx[None, None]
+
+
+def analytic_block_mask(order: TileOrder, device=None, with_q_blocks: bool = True):
+    """FlexAttention ``BlockMask`` built from tile geometry with ``from_kv_blocks``:
+    fully-inside blocks are passed as full blocks (no mask evaluation), partial blocks
+    carry :func:`flex_mask_mod`. Broadcasts over batch and heads. ``with_q_blocks=False``
+    skips the transposed (query-major) indices, which only the backward pass reads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    any_, full = _block_classes(order, device)
+    partial = any_ & ~full
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx,
+        BLOCK_SIZE=order.block_size,
+        mask_mod=flex_mask_mod(order, device),
+        seq_lengths=(order.q_len, order.kv_len),
+        compute_q_blocks=with_q_blocks,
+    )
+
+
+def reference_block_mask(order: TileOrder, device=None):
+    """The same structure found by FlexAttention's ``create_block_mask`` (evaluates the
+    mask everywhere; for tests and comparison only)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(flex_mask_mod(order, device), None, None, order.q_len, order.kv_len,
+                             device=device or "cpu", BLOCK_SIZE=order.block_size)

@@ -1,0 +1,28 @@
+"""Test environment: every cache inside the repo's ignored .cache/, Hub offline."""
+
+import os
+from pathlib import Path
+
+_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "tests"
+for var, sub in [("TMPDIR", "tmp"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
+                 ("HF_HOME", "hf"), ("JUPYTER_CONFIG_DIR", "jupyter"), ("MPLCONFIGDIR", "mpl"), ("TRITON_CACHE_DIR", "triton")]:
+    os.environ.setdefault(var, str(_CACHE / sub))
+    Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tempfile  # noqa: E402
+
+tempfile.tempdir = os.environ["TMPDIR"]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def flux():
+    from tiny_models import tiny_flux
+
+    return tiny_flux()

@@ -1,0 +1,138 @@
+"""Window geometry: exact counts, the flex mask_mod, the analytic block structure."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+import clear
+from clear.geometry import (TileOrder, TokenLayout, Window, allowed_mask, analytic_block_mask, count_allowed_pairs,
+                            flex_mask_mod, grid_from_ids, reference_block_mask)
+from tiny_models import image_ids
+
+
+def brute_force_mask(text_len, height, width, radius, df=1, text_first=True):
+    """Independent statement of the CLEAR rule, one (query, key) pair at a time."""
+    n = height * width
+    pooled = (height // df) * (width // df) if df > 1 else 0
+    seq = text_len + n
+
+    def kind(i):
+        if text_first:
+            return ("text", None) if i < text_len else ("image", divmod(i - text_len, width))
+        return ("image", divmod(i, width)) if i < n else ("text", None)
+
+    mask = torch.zeros(seq, seq + pooled, dtype=torch.bool)
+    for q in range(seq):
+        qk, qpos = kind(q)
+        for k in range(seq + pooled):
+            if k >= seq:
+                mask[q, k] = qk == "image"
+                continue
+            kk, kpos = kind(k)
+            if qk == "text" or kk == "text" or radius is None:
+                mask[q, k] = True
+            else:
+                mask[q, k] = (qpos[0] - kpos[0]) ** 2 + (qpos[1] - kpos[1]) ** 2 < radius**2
+    return mask
+
+
+@pytest.mark.parametrize("text_len,height,width,radius,df,text_first", [
+    (5, 6, 10, 3, 1, True), (3, 9, 5, 1, 1, True), (0, 7, 7, 2.5, 1, True), (4, 8, 6, 2, 2, True),
+    (2, 4, 4, 100, 1, True), (6, 6, 9, 4, 3, False), (3, 5, 8, None, 1, True), (1, 1, 1, 1, 1, True),
+])
+def test_dense_mask_and_counts_equal_brute_force(text_len, height, width, radius, df, text_first):
+    layout, window = TokenLayout(text_len, height, width, text_first), Window(radius, df)
+    expected = brute_force_mask(text_len, height, width, radius, df, text_first)
+    mask = allowed_mask(layout, window)
+    assert torch.equal(mask, expected)
+    assert count_allowed_pairs(layout, window) == int(expected.sum())
+
+
+@pytest.mark.parametrize("height,width,radius", [(64, 64, 16), (37, 91, 8), (20, 3, 32), (128, 64, 5.5)])
+def test_closed_form_pair_count_at_larger_sizes(height, width, radius):
+    layout, window = TokenLayout(11, height, width), Window(radius)
+    assert count_allowed_pairs(layout, window) == int(allowed_mask(layout, window).sum())
+
+
+@pytest.mark.parametrize("height,width,radius,text_len,df,dim", [
+    (16, 16, 4, 8, 1, 96), (12, 20, 3, 5, 4, 64), (10, 6, None, 3, 1, 32), (8, 8, 1, 0, 2, 16)])
+def test_attention_flops_is_four_times_allowed_pairs_times_dim(height, width, radius, text_len, df, dim):
+    pairs = int(brute_force_mask(text_len, height, width, radius, df).sum())
+    assert clear.attention_flops(height, width, radius, text_len=text_len, down_factor=df, dim=dim) == 4 * pairs * dim
+
+
+def test_attention_flops_paper_defaults():
+    # full attention at 1024^2: (4096 + 512)^2 pairs x 4 x 3072
+    assert clear.attention_flops(64, 64, None) == 4 * (4096 + 512) ** 2 * 3072
+    # CLEAR is far cheaper at 8K and the saving grows with resolution
+    full, local = clear.attention_flops(512, 512, None), clear.attention_flops(512, 512, 16)
+    assert local / full < 0.01
+
+
+def _flex_to_natural(order: TileOrder):
+    lay = order.layout
+    q = torch.cat([order.num_slots + torch.arange(lay.text_len), order.slot_of_token()])
+    k = torch.cat([q, order.q_len + torch.arange(lay.num_pooled(order.window))])
+    return q, k
+
+
+SWEEP = [c for c in itertools.product([6, 9, 16], [10, 5, 16], [0, 3, 20], [1, 3, 2.5, 40], [1, 2], [(2, 4), (4, 4)])
+         if not (c[4] > 1 and (c[0] % c[4] or c[1] % c[4]))]
+
+
+@pytest.mark.parametrize("height,width,text_len,radius,df,tile", SWEEP)
+def test_flex_mask_mod_and_analytic_block_mask(height, width, text_len, radius, df, tile):
+    order = TileOrder(TokenLayout(text_len, height, width), Window(radius, df), *tile)
+    # slots are a permutation into the padded tile sequence
+    slots = order.slot_of_token()
+    assert slots.unique().numel() == height * width and int(slots.max()) < order.num_slots
+    # mask_mod, read back in natural order, is the dense oracle
+    flex_mask = create_mask(flex_mask_mod(order), 1, 1, order.q_len, order.kv_len, device="cpu")[0, 0]
+    q, k = _flex_to_natural(order)
+    assert torch.equal(flex_mask[q][:, k], allowed_mask(order.layout, order.window))
+    # analytic block structure == FlexAttention's own create_block_mask, partial and full separately
+    a, b = analytic_block_mask(order), reference_block_mask(order)
+    assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+    assert torch.equal(a.full_kv_num_blocks, b.full_kv_num_blocks)
+    assert torch.equal(a.to_dense(), b.to_dense())
+    for x, y in [(a.kv_indices, b.kv_indices), (a.full_kv_indices, b.full_kv_indices)]:
+        for row in range(x.shape[2]):
+            n = int(a.kv_num_blocks[0, 0, row]) if x is a.kv_indices else int(a.full_kv_num_blocks[0, 0, row])
+            assert torch.equal(x[0, 0, row, :n].sort().values, y[0, 0, row, :n].sort().values)
+
+
+def test_block_sparsity_at_real_size():
+    """At 2K (128x128 tokens) with r=16 and 8x16 tiles: under a fifth of all block pairs are visited, and the
+    text blocks of every image tile plus the tile pairs deep inside the circle are full (no mask evaluation)."""
+    order = TileOrder(TokenLayout(512, 128, 128), Window(16))
+    bm = analytic_block_mask(order)
+    partial, full = bm.kv_num_blocks.sum().item(), bm.full_kv_num_blocks.sum().item()
+    n_blocks = math.ceil(order.q_len / 128) * math.ceil(order.kv_len / 128)
+    assert (partial + full) / n_blocks < 0.2
+    n_tiles = 16 * 8
+    assert full > n_tiles * 4  # 512 text keys = 4 full blocks per image tile, plus interior tile pairs
+    assert partial > 0
+
+
+def test_grid_from_ids():
+    assert grid_from_ids(image_ids(6, 10)) == (6, 10)
+    assert grid_from_ids(image_ids(3, 4, row0=5)) == (3, 4)  # an offset band (patch parallel)
+    assert grid_from_ids(image_ids(3, 4)[None]) == (3, 4)  # deprecated 3-D ids
+    with pytest.raises(ValueError, match="rectangular grid"):
+        grid_from_ids(torch.cat([image_ids(3, 4), image_ids(3, 4)]))  # reference-image tokens
+    with pytest.raises(ValueError, match="rectangular grid"):
+        grid_from_ids(image_ids(3, 4).flip(0))
+
+
+def test_window_validation():
+    with pytest.raises(ValueError, match="radius"):
+        Window(0)
+    with pytest.raises(ValueError, match="down_factor"):
+        Window(4, 0)
+    with pytest.raises(ValueError, match="local window"):
+        Window(None, 4)
+    with pytest.raises(ValueError, match="not divisible by down_factor=4"):
+        TokenLayout(3, 6, 8).pooled_grid(Window(4, 4))
