@@ -26,3 +26,11 @@ def flux():
     from tiny_models import tiny_flux
 
     return tiny_flux()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A tiny FLUX.1-dev-like pipeline saved with save_pretrained; load it with FluxPipeline.from_pretrained."""
+    from tiny_models import save_tiny_flux_pipeline
+
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))

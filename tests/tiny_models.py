@@ -49,3 +49,54 @@ def flux_inputs(height: int, width: int, text_len: int = 7, batch: int = 2, seed
     if guidance:
         x["guidance"] = torch.full((batch,), 3.5)
     return x
+
+
+# ------------------------------------------------------------------------------------------
+# A whole tiny FluxPipeline, built from local objects only and saved with save_pretrained
+# ------------------------------------------------------------------------------------------
+
+_WORDS = ("a an the small blue red green plane cat dog house tree sky over under of in on with photo painting "
+          "city night day mountain river car boat portrait").split()
+
+
+def tiny_vocab() -> dict:
+    import string
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<|startoftext|>": 3, "<|endoftext|>": 4}
+    for w in _WORDS:
+        vocab.setdefault(w + "</w>", len(vocab))
+    for c in string.ascii_lowercase + string.digits + ",.!?'-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return vocab
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """FluxPipeline with tiny random CLIP, T5, VAE (vae_scale_factor 2: sizes must be multiples of 4 pixels)
+    and a tiny FLUX transformer. Tokenizers are built from an in-memory vocabulary."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = tiny_vocab()
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    t5_tok = T5Tokenizer(vocab=[(k, 0.0 if k.startswith("<") else -float(len(k))) for k in vocab], extra_ids=0,
+                         model_max_length=512)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=FLUX_CONFIG["pooled_projection_dim"],
+                                        intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                        projection_dim=32, max_position_embeddings=77, eos_token_id=4,
+                                        bos_token_id=3, pad_token_id=4))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=FLUX_CONFIG["joint_attention_dim"], d_ff=37, d_kv=8,
+                                 num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    transformer = tiny_flux(seed, guidance_embeds=guidance_embeds)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                        text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+
+
+def save_tiny_flux_pipeline(path, **kwargs) -> str:
+    tiny_flux_pipeline(**kwargs).save_pretrained(str(path))
+    return str(path)
