@@ -17,7 +17,7 @@ import torch
 
 from .attention import ClearAttention
 from .geometry import TokenLayout, grid_from_ids
-from .processors import ClearProcessorBase, FluxClearAttnProcessor
+from .processors import ClearProcessorBase, FluxClearAttnProcessor, SD3ClearAttnProcessor
 
 
 @dataclass
@@ -46,13 +46,24 @@ def _flux_grid(bound: inspect.BoundArguments) -> tuple[int, int]:
     return grid_from_ids(img_ids)
 
 
+def _sd3_grid(bound: inspect.BoundArguments) -> tuple[int, int]:
+    model, latents = bound.arguments["self"], bound.arguments["hidden_states"]
+    p = model.config.patch_size
+    height, width = latents.shape[-2:]
+    if height % p or width % p:
+        raise ValueError(f"the latent size {height}x{width} is not divisible by the patch size {p}")
+    return height // p, width // p
+
+
 # family name -> (processor class, function reading the grid from the forward's arguments)
 _FAMILIES = {
     "flux": (FluxClearAttnProcessor, _flux_grid),
+    "sd3": (SD3ClearAttnProcessor, _sd3_grid),
 }
 _CLASS_FAMILY = {
     "FluxTransformer2DModel": "flux",
     "FluxControlNetModel": "flux",
+    "SD3Transformer2DModel": "sd3",
 }
 # Models whose forward does not hand joint_attention_kwargs to their blocks: the grid is
 # injected into each block's call instead.

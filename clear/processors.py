@@ -77,3 +77,59 @@ class FluxClearAttnProcessor(ClearProcessorBase):
         enc_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(enc_out.contiguous())
+
+
+def _sd3_projections(attn, hidden_states, encoder_hidden_states):
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if encoder_hidden_states is None:
+        return q, k, v, None, None, None
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+        eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+    else:
+        eq, ek, ev = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                      attn.add_v_proj(encoder_hidden_states))
+    return q, k, v, eq, ek, ev
+
+
+class SD3ClearAttnProcessor(ClearProcessorBase):
+    """CLEAR for SD3 / SD3.5 ``Attention`` modules: joint attention (``[image | text]``, no
+    RoPE) and SD3.5's image-only ``attn2`` of dual-attention blocks (pure local attention,
+    plus pooled tokens when ``down_factor > 1``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, clear_grid=None):
+        self._check_call(attention_mask, clear_grid)
+        q, k, v, eq, ek, ev = _sd3_projections(attn, hidden_states, encoder_hidden_states)
+
+        def heads(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = heads(q), heads(k), heads(v)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        n_image = q.shape[1]
+        if encoder_hidden_states is not None:
+            eq, ek, ev = heads(eq), heads(ek), heads(ev)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
+
+        height, width = clear_grid
+        if n_image != height * width:
+            raise ValueError(f"{n_image} image tokens cannot form the {height}x{width} grid of this forward")
+        layout = TokenLayout(q.shape[1] - n_image, height, width, text_first=False)
+        out = self.core(q, k, v, layout, self.spatial_weight).flatten(2, 3).to(q.dtype)
+
+        out, enc_out = out[:, :n_image], out[:, n_image:]
+        out = attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is None:
+            return out
+        if not attn.context_pre_only:
+            enc_out = attn.to_add_out(enc_out)
+        return out, enc_out

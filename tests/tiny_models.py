@@ -100,3 +100,27 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
 def save_tiny_flux_pipeline(path, **kwargs) -> str:
     tiny_flux_pipeline(**kwargs).save_pretrained(str(path))
     return str(path)
+
+
+SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+                  pos_embed_max_size=32)
+
+
+def tiny_sd3(seed: int = 0, **overrides):
+    """SD3-like (``dual_attention_layers=()``) or SD3.5-Medium-like (``dual_attention_layers=(0,)``, ``qk_norm``)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**{**SD3_CONFIG, **overrides}).eval()
+
+
+def sd3_inputs(height: int, width: int, text_len: int = 6, batch: int = 2, seed: int = 0):
+    """``height``/``width`` in latent pixels (token grid = latent / patch size 2)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, SD3_CONFIG["in_channels"], height, width, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, SD3_CONFIG["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, SD3_CONFIG["pooled_projection_dim"], generator=g),
+        timestep=torch.rand(batch, generator=g) * 1000,
+    )
