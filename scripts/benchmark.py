@@ -1,0 +1,349 @@
+"""Benchmarks: one attention call, one whole transformer step, and the paper's FLOPs table.
+
+    # one attention call, FLUX.1-dev dims (24 heads x 128, 512 text tokens), bf16, on a GPU
+    python scripts/benchmark.py attention --sizes 1024,2048,4096,8192 --radii 8,16,32 --down-factors 1,4 \
+        --out benchmarks/attention_h100
+    # a whole FLUX.1-dev transformer step (random weights at real width, no download)
+    python scripts/benchmark.py step --sizes 1024,4096,8192 --radii 8,16 --out benchmarks/step_h100
+    # attention TFLOPs per layer for the paper's settings (no device needed)
+    python scripts/benchmark.py flops --out benchmarks/flops
+
+Each run writes ``<out>.json`` (records + environment + command), ``<out>.md`` (a markdown
+table) and ``<out>.png`` (log-log time against resolution). Sizes are image pixels (square
+unless ``HxW``); tokens are pixels / 16. On CUDA, times are medians of CUDA-event timings
+after warm-up; elsewhere, medians of wall-clock times (CPU runs are smoke tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clear
+from clear.attention import ClearAttention
+from clear.geometry import TokenLayout
+
+FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        h, _, w = item.partition("x")
+        h, w = int(h), int(w or h)
+        if h % 16 or w % 16:
+            raise SystemExit(f"size {item} is not a multiple of 16 pixels")
+        sizes.append((h, w))
+    return sizes
+
+
+def variants(radii: str, down_factors: str) -> list[tuple[int | None, int]]:
+    out = [(None, 1)]
+    for df in (int(d) for d in down_factors.split(",")):
+        out += [(int(r), df) for r in radii.split(",")]
+    return out
+
+
+def variant_name(radius, df) -> str:
+    return "dense" if radius is None else f"r{radius}" + (f"_df{df}" if df > 1 else "")
+
+
+class Timer:
+    """Median time of a callable: CUDA events on CUDA, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def once(self, fn) -> float:
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t
+
+    def median(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                times.append(self.once(fn))
+        return statistics.median(times)
+
+    def peak_memory(self, fn) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def bench_attention(args, device, dtype) -> list[dict]:
+    timer = Timer(device, args.warmup, args.repeats)
+    heads, head_dim, text = args.heads, args.head_dim, args.text_len
+    records = []
+    jobs = [(s, v) for s in parse_sizes(args.sizes) for v in variants(args.radii, args.down_factors)]
+    for (h_px, w_px), (radius, df) in tqdm(jobs, desc="attention"):
+        h, w = h_px // 16, w_px // 16
+        if df > 1 and (h % df or w % df):
+            continue
+        layout = TokenLayout(text, h, w)
+        g = torch.Generator(device).manual_seed(0)
+        q, k, v = (torch.randn(1, layout.seq_len, heads, head_dim, device=device, dtype=dtype, generator=g)
+                   for _ in range(3))
+        rec = dict(height=h_px, width=w_px, tokens=layout.num_image, variant=variant_name(radius, df), radius=radius,
+                   down_factor=df, flops=clear.attention_flops(h, w, radius, text, df, heads * head_dim))
+        if radius is None:
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            fn = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+            rec["backend"] = "sdpa"
+        else:
+            core = ClearAttention(radius, df, backend=args.backend)
+            sw = torch.full((1, 1, 1, df, 1, df, 1), 1 / df**2, device=device, dtype=dtype) if df > 1 else None
+            rec["backend"] = core.resolve_backend(device)
+            with torch.no_grad():
+                rec["mask_build_s"] = timer.once(lambda: core.plan(layout, rec["backend"], device))
+                core._plans.clear()
+                rec["first_call_s"] = timer.once(lambda: core(q, k, v, layout, sw))
+            fn = lambda: core(q, k, v, layout, sw)  # noqa: E731
+        with torch.no_grad():
+            rec["time_s"] = timer.median(fn)
+            rec["peak_memory_bytes"] = timer.peak_memory(fn)
+        rec["tflops_per_s"] = rec["flops"] / rec["time_s"] / 1e12
+        records.append(rec)
+        del q, k, v
+    return records
+
+
+def flux_model(args, device, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dict(FLUX_DEV)
+    if args.tiny:
+        cfg.update(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    if args.num_layers is not None:
+        cfg["num_layers"] = args.num_layers
+    if args.num_single_layers is not None:
+        cfg["num_single_layers"] = args.num_single_layers
+    with torch.device(device):
+        model = FluxTransformer2DModel(**cfg)
+    return model.to(dtype).eval(), cfg
+
+
+def bench_step(args, device, dtype) -> list[dict]:
+    from diffusers import FluxPipeline
+
+    timer = Timer(device, args.warmup, args.repeats)
+    model, cfg = flux_model(args, device, dtype)
+    text = args.text_len
+    records = []
+    jobs = [(s, v) for s in parse_sizes(args.sizes) for v in variants(args.radii, args.down_factors)]
+    for (h_px, w_px), (radius, df) in tqdm(jobs, desc="step"):
+        h, w = h_px // 16, w_px // 16
+        if df > 1 and (h % df or w % df):
+            continue
+        g = torch.Generator(device).manual_seed(0)
+        x = dict(hidden_states=torch.randn(1, h * w, cfg["in_channels"], device=device, dtype=dtype, generator=g),
+                 encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], device=device, dtype=dtype,
+                                                   generator=g),
+                 pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], device=device, dtype=dtype,
+                                                generator=g),
+                 timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+                 img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, device, dtype),
+                 txt_ids=torch.zeros(text, 3, device=device, dtype=dtype))
+        if cfg["guidance_embeds"]:
+            x["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
+        if radius is not None:
+            clear.apply_clear(model, radius, df, backend=args.backend)
+        rec = dict(height=h_px, width=w_px, tokens=h * w, variant=variant_name(radius, df), radius=radius,
+                   down_factor=df, layers=cfg["num_layers"] + cfg["num_single_layers"],
+                   attention_flops=clear.attention_flops(h, w, radius, text, df, cfg["num_attention_heads"]
+                                                         * cfg["attention_head_dim"]))
+        fn = lambda: model(**x)  # noqa: E731
+        with torch.no_grad():
+            rec["first_call_s"] = timer.once(fn)
+            rec["time_s"] = timer.median(fn)
+            rec["peak_memory_bytes"] = timer.peak_memory(fn)
+        if radius is not None:
+            clear.remove_clear(model)
+        records.append(rec)
+    dense = {(r["height"], r["width"]): r["time_s"] for r in records if r["radius"] is None}
+    for r in records:
+        r["speedup_vs_dense"] = dense[(r["height"], r["width"])] / r["time_s"]
+    return records
+
+
+def flops_table(args) -> list[dict]:
+    records = []
+    for (h_px, w_px) in parse_sizes(args.sizes):
+        for radius, df in variants(args.radii, args.down_factors):
+            h, w = h_px // 16, w_px // 16
+            if df > 1 and (h % df or w % df):
+                continue
+            f = clear.attention_flops(h, w, radius, args.text_len, df, args.heads * args.head_dim)
+            full = clear.attention_flops(h, w, None, args.text_len, 1, args.heads * args.head_dim)
+            records.append(dict(height=h_px, width=w_px, tokens=h * w, variant=variant_name(radius, df),
+                                radius=radius, down_factor=df, tflops=f / 1e12, fraction_of_full=f / full))
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------
+
+
+def environment(device) -> dict:
+    env = dict(date=date.today().isoformat(), time_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               torch=torch.__version__, python=platform.python_version(), device=str(device),
+               command="python " + " ".join(sys.argv))
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def markdown(mode: str, records: list[dict], env: dict) -> str:
+    if mode == "flops":
+        cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("tflops", "TFLOPs/layer"),
+                ("fraction_of_full", "of full")]
+    elif mode == "attention":
+        cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("backend", "backend"),
+                ("time_s", "ms"), ("tflops_per_s", "useful TFLOP/s"), ("mask_build_s", "mask build ms"),
+                ("first_call_s", "first call ms"), ("peak_memory_bytes", "peak GiB")]
+    else:
+        cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("time_s", "step s"),
+                ("speedup_vs_dense", "speed-up"), ("first_call_s", "first call s"), ("peak_memory_bytes", "peak GiB")]
+
+    def fmt(key, value):
+        if value is None:
+            return "–"
+        if key in ("time_s", "mask_build_s", "first_call_s") and mode == "attention":
+            return f"{value * 1e3:.2f}"
+        if key == "peak_memory_bytes":
+            return f"{value / 2**30:.2f}"
+        if isinstance(value, float):
+            return f"{value:.3g}" if key != "time_s" else f"{value:.3f}"
+        return str(value)
+
+    lines = [f"<!-- {env['command']} | {env.get('device_name')} | torch {env['torch']} | {env['date']} -->",
+             "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(k, r.get(k)) for k, _ in cols) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def plot(mode: str, records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = ("tflops", "attention TFLOPs per layer") if mode == "flops" else ("time_s", "time (s)")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in dict.fromkeys(r["variant"] for r in records):
+        pts = sorted((r["tokens"], r[key]) for r in records if r["variant"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("image tokens")
+    ax.set_ylabel(label)
+    ax.set_title(f"CLEAR {mode}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save(mode: str, records: list[dict], env: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out.with_suffix(".json"), json.dumps(dict(mode=mode, environment=env, records=records),
+                                                      indent=1).encode())
+    write_atomic(out.with_suffix(".md"), markdown(mode, records, env).encode())
+    plot(mode, records, out.with_suffix(".png"))
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["attention", "step", "flops"])
+    p.add_argument("--sizes", default="1024,2048,4096,8192", help="pixels, e.g. 1024,2048x4096")
+    p.add_argument("--radii", default="8,16,32")
+    p.add_argument("--down-factors", default="1,4")
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--backend", default="auto", choices=["auto", "dense", "flex"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--num-layers", type=int, default=None, help="step: double-stream blocks (FLUX.1-dev: 19)")
+    p.add_argument("--num-single-layers", type=int, default=None, help="step: single-stream blocks (FLUX.1-dev: 38)")
+    p.add_argument("--tiny", action="store_true", help="step: a tiny model (CPU smoke test)")
+    p.add_argument("--out", required=True, help="output path without suffix; writes .json, .md, .png")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.mode == "attention":
+        records = bench_attention(args, device, dtype)
+    elif args.mode == "step":
+        records = bench_step(args, device, dtype)
+    else:
+        records = flops_table(args)
+    env = environment(device)
+    env["dtype"] = str(dtype)
+    save(args.mode, records, env, Path(args.out))
+    print(markdown(args.mode, records, env))
+    return records
+
+
+if __name__ == "__main__":
+    main()

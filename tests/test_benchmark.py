@@ -1,0 +1,58 @@
+"""scripts/benchmark.py runs on CPU at tiny sizes and writes JSON, markdown and a PNG plot (a smoke test; speed
+targets are judged from GPU runs, never from tests)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import clear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import benchmark  # noqa: E402
+
+
+def _outputs(out):
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out.with_suffix(".md").read_text()
+    assert md.count("\n|") >= len(data["records"]) + 1
+    return data
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    out = tmp_path / "att"
+    benchmark.main(["attention", "--sizes", "128,64x96", "--radii", "2", "--down-factors", "1,2", "--heads", "2",
+                    "--head-dim", "16", "--text-len", "8", "--warmup", "0", "--repeats", "1", "--backend", "flex",
+                    "--out", str(out)])
+    data = _outputs(out)
+    names = [(r["height"], r["width"], r["variant"]) for r in data["records"]]
+    assert names == [(128, 128, "dense"), (128, 128, "r2"), (128, 128, "r2_df2"),
+                     (64, 96, "dense"), (64, 96, "r2"), (64, 96, "r2_df2")]
+    for r in data["records"]:
+        assert r["time_s"] > 0
+        assert r["flops"] == clear.attention_flops(r["height"] // 16, r["width"] // 16, r["radius"], 8,
+                                                   r["down_factor"], 32)
+        if r["radius"] is not None:
+            assert r["backend"] == "flex" and r["mask_build_s"] > 0
+    assert data["environment"]["command"].startswith("python ")
+
+
+def test_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "step"
+    benchmark.main(["step", "--tiny", "--sizes", "128", "--radii", "2", "--down-factors", "1", "--text-len", "8",
+                    "--warmup", "0", "--repeats", "1", "--out", str(out)])
+    data = _outputs(out)
+    assert [r["variant"] for r in data["records"]] == ["dense", "r2"]
+    assert data["records"][0]["speedup_vs_dense"] == 1.0
+
+
+def test_flops_table_and_size_validation(tmp_path):
+    records = benchmark.main(["flops", "--sizes", "1024,8192", "--radii", "8,16", "--down-factors", "1",
+                              "--out", str(tmp_path / "f")])
+    by = {(r["height"], r["variant"]): r for r in records}
+    assert by[(1024, "dense")]["tflops"] == pytest.approx(4 * (4096 + 512) ** 2 * 3072 / 1e12)
+    assert by[(8192, "r8")]["fraction_of_full"] < 0.005  # the paper's "99.5% fewer attention computations"
+    with pytest.raises(SystemExit, match="not a multiple of 16"):
+        benchmark.main(["flops", "--sizes", "1000", "--out", str(tmp_path / "g")])
