@@ -151,15 +151,32 @@ def _describe(keys, n=5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, strict_radius: bool = True) -> None:
+def _extra_block(key: str, model: torch.nn.Module) -> bool:
+    """True for a key of a block index the model does not have (e.g. a transformer file
+    loaded into a ControlNet, whose blocks are copies of the transformer's first ones)."""
+    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", key)
+    blocks = getattr(model, m.group(1), None) if m else None
+    return blocks is not None and int(m.group(2)) >= len(blocks)
+
+
+def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, strict_radius: bool = True,
+                       ignore_extra_blocks: bool | None = None) -> None:
     """Load a CLEAR checkpoint (released or saved by :func:`save_clear_weights`) into a
     model to which :func:`clear.apply_clear` has been applied with the matching variant.
     Works with fused QKV projections. Fails, naming the keys and the likely cause, on a
     corrupt file, missing or unexpected keys, shape mismatches, or a file made for
-    another radius / down-sampling factor / model family."""
+    another radius / down-sampling factor / model family.
+
+    ``ignore_extra_blocks``: skip keys of blocks the model does not have. Defaults to True
+    for ControlNets, which reuse the transformer's file zero-shot (their blocks are copies
+    of its first blocks), and False for everything else."""
     params = clear_state_dict_keys(transformer)
     state = transformer.clear_state
     tensors, metadata = _read(path)
+    if ignore_extra_blocks is None:
+        ignore_extra_blocks = "ControlNet" in type(transformer).__name__
+    if ignore_extra_blocks:
+        tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer)}
 
     file_radius, file_df = _file_window(path, tensors, metadata)
     if "clear.family" in metadata and metadata["clear.family"] != state.family:

@@ -15,13 +15,11 @@ def tiny_flux(seed: int = 0, **overrides):
     return FluxTransformer2DModel(**{**FLUX_CONFIG, **overrides}).eval()
 
 
-def tiny_flux_controlnet(seed: int = 1):
+def tiny_flux_controlnet(seed: int = 1, **overrides):
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(seed)
-    cfg = {k: v for k, v in FLUX_CONFIG.items()}
-    cfg.update(num_layers=1, num_single_layers=1)
-    cn = FluxControlNetModel(**cfg).eval()
+    cn = FluxControlNetModel(**{**FLUX_CONFIG, "num_layers": 1, "num_single_layers": 1, **overrides}).eval()
     with torch.no_grad():  # diffusers zero-initialises the output and condition projections
         for name, p in cn.named_parameters():
             if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
@@ -124,3 +122,45 @@ def sd3_inputs(height: int, width: int, text_len: int = 6, batch: int = 2, seed:
         pooled_projections=torch.randn(batch, SD3_CONFIG["pooled_projection_dim"], generator=g),
         timestep=torch.rand(batch, generator=g) * 1000,
     )
+
+
+def _tiny_clip_with_projection(vocab, hidden: int, projection: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=projection, max_position_embeddings=77, eos_token_id=4, bos_token_id=3, pad_token_id=4))
+
+
+def tiny_sd3_pipeline(seed: int = 0, dual_attention_layers=(0,)):
+    """StableDiffusion3Pipeline (three text encoders) around a tiny SD3.5-Medium-like transformer."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = tiny_vocab()
+    torch.manual_seed(seed)
+    clip1 = _tiny_clip_with_projection(vocab, 16, SD3_CONFIG["pooled_projection_dim"] // 2)
+    clip2 = _tiny_clip_with_projection(vocab, 16, SD3_CONFIG["pooled_projection_dim"] // 2)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=SD3_CONFIG["joint_attention_dim"], d_ff=37, d_kv=8,
+                                 num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    t5_tok = T5Tokenizer(vocab=[(k, 0.0 if k.startswith("<") else -float(len(k))) for k in vocab], extra_ids=0,
+                         model_max_length=256)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+    transformer = tiny_sd3(seed, dual_attention_layers=dual_attention_layers,
+                           qk_norm="rms_norm" if dual_attention_layers else None)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip1, tokenizer=tok, text_encoder_2=clip2, tokenizer_2=tok,
+                                    text_encoder_3=t5, tokenizer_3=t5_tok)
+
+
+def tiny_flux_controlnet_pipeline(seed: int = 0):
+    """FluxControlNetPipeline: the tiny FLUX pipeline's components plus a tiny FluxControlNetModel."""
+    from diffusers import FluxControlNetPipeline
+
+    base = tiny_flux_pipeline(seed)
+    cn = tiny_flux_controlnet(seed + 1, guidance_embeds=True)
+    return FluxControlNetPipeline(controlnet=cn, **base.components)
