@@ -286,71 +286,97 @@ def flex_mask_mod(order: TileOrder, device=None):
     return mask_mod
 
 
-def _block_classes(order: TileOrder, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(any, full)`` boolean ``[q_blocks, kv_blocks]``: a block pair has at least one /
-    only allowed (query, key) pairs. Computed from tile rectangles, never from a mask.
+def _tile_offsets(order: TileOrder) -> list[tuple[int, int]]:
+    """Tile offsets (dy, dx) whose tiles can hold a key within the radius of a query tile."""
+    bound = order.window.radius_sq_bound
 
-    A block that reaches past the end of the sequence is never full (as FlexAttention's
-    own ``create_block_mask`` counts it)."""
+    def reach(n_tiles, size):  # smallest row (col) distance between tiles `d` apart is max(0, d*size - size + 1)
+        return [d for d in range(n_tiles) if max(0, d * size - size + 1) ** 2 < bound]
+
+    ys, xs = reach(order.tiles_h, order.tile_h), reach(order.tiles_w, order.tile_w)
+    return [(dy, dx) for dy in sorted({-y for y in ys} | set(ys)) for dx in sorted({-x for x in xs} | set(xs))
+            if max(0, abs(dy) * order.tile_h - order.tile_h + 1) ** 2
+            + max(0, abs(dx) * order.tile_w - order.tile_w + 1) ** 2 < bound]
+
+
+def _compact(candidates: torch.Tensor, keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the kept candidate block indices first (candidates are ascending), padded to ``width``."""
+    num = keep.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    idx = torch.zeros(candidates.shape[0], max(width, candidates.shape[1]), dtype=torch.int32,
+                      device=candidates.device)
+    idx[:, : candidates.shape[1]] = candidates.gather(-1, order).to(torch.int32)
+    return num, idx[:, :width]  # kept candidates are distinct blocks, so at most `width` of them
+
+
+def _block_lists(order: TileOrder, device=None):
+    """Partial and full key blocks of every query block, from tile rectangles, never from
+    a mask: ``(partial_num, partial_idx, full_num, full_idx)`` with ``[q_blocks]`` counts
+    and ``[q_blocks, kv_blocks]`` indices (ascending, valid ones first).
+
+    Image query tiles only look at the few neighbour tiles the window can reach, so the
+    work is linear in the number of tiles. A block reaching past the end of the sequence
+    is never full (as FlexAttention's own ``create_block_mask`` counts it)."""
     lay, win, bs = order.layout, order.window, order.block_size
-    n_tiles = order.tiles_h * order.tiles_w
-    n_slots, text_end, q_len, kv_len = order.num_slots, order.num_slots + lay.text_len, order.q_len, order.kv_len
+    tiles_h, tiles_w = order.tiles_h, order.tiles_w
+    n_tiles = tiles_h * tiles_w
+    n_slots, q_len, kv_len = order.num_slots, order.q_len, order.kv_len
+    text_end = n_slots + lay.text_len
     nq, nk = -(-q_len // bs), -(-kv_len // bs)
-    ar = torch.arange(max(nq, nk), device=device)
+    i64 = dict(dtype=torch.int64, device=device)
 
-    # Image tiles: full rectangle (virtual coordinates, queries) and its valid part (keys).
-    t = torch.arange(n_tiles, device=device)
-    r0, c0 = (t // order.tiles_w) * order.tile_h, (t % order.tiles_w) * order.tile_w
-    r1, c1 = r0 + order.tile_h - 1, c0 + order.tile_w - 1
-    vr1, vc1 = r1.clamp(max=lay.height - 1), c1.clamp(max=lay.width - 1)
-    k_nonempty = (r0 < lay.height) & (c0 < lay.width)
-    k_complete = (r1 < lay.height) & (c1 < lay.width)
-    if win.radius is None:
-        local_any = k_nonempty[None, :].expand(n_tiles, n_tiles)
-        local_full = k_complete[None, :].expand(n_tiles, n_tiles)
-    else:
-        gap_r = torch.clamp(torch.maximum(r0[None, :] - r1[:, None], r0[:, None] - vr1[None, :]), min=0)
-        gap_c = torch.clamp(torch.maximum(c0[None, :] - c1[:, None], c0[:, None] - vc1[None, :]), min=0)
-        span_r = torch.maximum((r1[:, None] - r0[None, :]).abs(), (r1[None, :] - r0[:, None]).abs())
-        span_c = torch.maximum((c1[:, None] - c0[None, :]).abs(), (c1[None, :] - c0[:, None]).abs())
-        bound = win.radius_sq_bound
-        local_any = k_nonempty[None, :] & (gap_r**2 + gap_c**2 < bound)
-        local_full = k_complete[None, :] & (span_r**2 + span_c**2 < bound)
+    # Blocks after the image tiles (text, then pooled): how much of each is text, and whether it is whole.
+    k_lo = torch.arange(n_tiles, nk, **i64) * bs
+    k_hi = torch.clamp(k_lo + bs, max=kv_len)
+    k_whole = (k_hi - k_lo) == bs
+    k_text = (torch.clamp(k_hi, max=text_end) - torch.clamp(k_lo, min=n_slots, max=text_end)).clamp(min=0)
+    rest = torch.arange(n_tiles, nk, **i64)
 
-    # Token ranges of every block, and how much of each range is text / pooled.
-    def overlap(lo, hi, a, b):  # size of [lo, hi) & [a, b)
-        return (torch.minimum(hi, torch.tensor(b, device=device)) - torch.maximum(lo, torch.tensor(a, device=device))).clamp(min=0)
+    # Tile rectangles: rows r0..r1, cols c0..c1 (queries use them whole; keys only their part inside the grid).
+    def rect(t):
+        r0, c0 = (t // tiles_w) * order.tile_h, (t % tiles_w) * order.tile_w
+        return r0, r0 + order.tile_h - 1, c0, c0 + order.tile_w - 1
 
-    q_lo, k_lo = ar[:nq] * bs, ar[:nk] * bs
-    q_hi, k_hi = torch.clamp(q_lo + bs, max=q_len), torch.clamp(k_lo + bs, max=kv_len)
-    q_whole, k_whole = (q_hi - q_lo) == bs, (k_hi - k_lo) == bs
-    k_text = overlap(k_lo, k_hi, n_slots, text_end)
-    k_rest = overlap(k_lo, k_hi, n_slots, kv_len)  # text + pooled
+    t = torch.arange(n_tiles, **i64)
+    _, tr1, _, tc1 = rect(t)
+    tr0, tc0 = tr1 - order.tile_h + 1, tc1 - order.tile_w + 1
+    k_nonempty = (tr0 < lay.height) & (tc0 < lay.width)
+    k_complete = (tr1 < lay.height) & (tc1 < lay.width)
 
-    any_ = torch.zeros(nq, nk, dtype=torch.bool, device=device)
-    full = torch.zeros(nq, nk, dtype=torch.bool, device=device)
-    # image queries (blocks 0..n_tiles-1, always whole blocks)
-    any_[:n_tiles, :n_tiles] = local_any
-    full[:n_tiles, :n_tiles] = local_full
-    any_[:n_tiles, n_tiles:] = (k_rest[n_tiles:] > 0)[None, :]
-    full[:n_tiles, n_tiles:] = k_whole[n_tiles:][None, :]
-    # text queries see valid image keys and text keys, never pooled keys
-    tq = slice(n_tiles, nq)
-    any_[tq, :n_tiles] = k_nonempty[None, :]
-    full[tq, :n_tiles] = k_complete[None, :] & q_whole[tq, None]
-    any_[tq, n_tiles:] = (k_text[n_tiles:] > 0)[None, :]
-    full[tq, n_tiles:] = (k_text[n_tiles:] == bs)[None, :] & q_whole[tq, None]
-    return any_, full
+    # Image query tiles x neighbour tiles.
+    offsets = torch.tensor(_tile_offsets(order), **i64).reshape(-1, 2)
+    ky = (t // tiles_w)[:, None] + offsets[None, :, 0]
+    kx = (t % tiles_w)[:, None] + offsets[None, :, 1]
+    inside = (ky >= 0) & (ky < tiles_h) & (kx >= 0) & (kx < tiles_w)
+    kt = torch.where(inside, ky * tiles_w + kx, 0)
+    qr0, qr1, qc0, qc1 = (v[:, None] for v in (tr0, tr1, tc0, tc1))
+    kr0, kr1, kc0, kc1 = tr0[kt], tr1[kt], tc0[kt], tc1[kt]
+    vr1, vc1 = kr1.clamp(max=lay.height - 1), kc1.clamp(max=lay.width - 1)
+    gap_r = torch.clamp(torch.maximum(kr0 - qr1, qr0 - vr1), min=0)
+    gap_c = torch.clamp(torch.maximum(kc0 - qc1, qc0 - vc1), min=0)
+    span_r = torch.maximum((qr1 - kr0).abs(), (kr1 - qr0).abs())
+    span_c = torch.maximum((qc1 - kc0).abs(), (kc1 - qc0).abs())
+    bound = win.radius_sq_bound
+    local_any = inside & k_nonempty[kt] & (gap_r**2 + gap_c**2 < bound)
+    local_full = inside & k_complete[kt] & (span_r**2 + span_c**2 < bound)
+    cand = torch.cat([kt, rest.expand(n_tiles, -1)], 1)
+    img_full = torch.cat([local_full, k_whole.expand(n_tiles, -1)], 1)
+    img_partial = torch.cat([local_any & ~local_full, (~k_whole).expand(n_tiles, -1)], 1)
 
+    # Text query blocks see every valid image key and the text keys, never pooled keys.
+    n_text_q = nq - n_tiles
+    q_whole = (torch.clamp(torch.arange(n_tiles, nq, **i64) * bs + bs, max=q_len)
+               - torch.arange(n_tiles, nq, **i64) * bs) == bs
+    all_k = torch.arange(nk, **i64).expand(n_text_q, -1)
+    txt_any = torch.cat([k_nonempty, k_text > 0])[None, :].expand(n_text_q, -1)
+    txt_full = torch.cat([k_complete, k_text == bs])[None, :] & q_whole[:, None]
 
-def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: how many key blocks, and their indices in ascending order first."""
-    num = blocks.sum(-1)
-    rows, cols = blocks.nonzero(as_tuple=True)  # row-major, so ascending within a row
-    pos = torch.arange(rows.numel(), device=blocks.device) - (num.cumsum(0) - num)[rows]
-    idx = torch.zeros(blocks.shape, dtype=torch.int32, device=blocks.device)
-    idx[rows, pos] = cols.to(torch.int32)
-    return num.to(torch.int32)[None, None], idx[None, None]
+    p_num, p_idx = _compact(cand, img_partial, nk)
+    f_num, f_idx = _compact(cand, img_full, nk)
+    tp_num, tp_idx = _compact(all_k, txt_any & ~txt_full, nk)
+    tf_num, tf_idx = _compact(all_k, txt_full, nk)
+    return (torch.cat([p_num, tp_num]), torch.cat([p_idx, tp_idx]),
+            torch.cat([f_num, tf_num]), torch.cat([f_idx, tf_idx]))
 
 
 def analytic_block_mask(order: TileOrder, device=None, with_q_blocks: bool = True):
@@ -360,12 +386,11 @@ def analytic_block_mask(order: TileOrder, device=None, with_q_blocks: bool = Tru
     skips the transposed (query-major) indices, which only the backward pass reads."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    any_, full = _block_classes(order, device)
-    partial = any_ & ~full
-    kv_num, kv_idx = _ordered(partial)
-    full_num, full_idx = _ordered(full)
+    if order.window.radius is None:
+        raise ValueError("full attention needs no block mask: use scaled_dot_product_attention")
+    p_num, p_idx, f_num, f_idx = _block_lists(order, device)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx,
+        p_num[None, None], p_idx[None, None], f_num[None, None], f_idx[None, None],
         BLOCK_SIZE=order.block_size,
         mask_mod=flex_mask_mod(order, device),
         seq_lengths=(order.q_len, order.kv_len),
