@@ -1,0 +1,654 @@
+"""Inference with CLEAR on stock diffusers FLUX pipelines: text-to-image and SDEdit high resolution.
+
+One line puts CLEAR on a pipeline (``FluxPipeline``, ``FluxImg2ImgPipeline``,
+``FluxControlNetPipeline``, FLUX.1-dev or -schnell)::
+
+    pipe = clear.inference.load_pipeline("black-forest-labs/FLUX.1-dev", device="cuda")
+    clear.inference.apply_to_pipeline(pipe, radius=16, checkpoint=clear.inference.resolve_checkpoint("released", 16))
+    image = clear.inference.generate(pipe, "a small blue plane", 1024, 1024).image
+
+High resolution follows the paper's SDEdit recipe: generate at a base size, then
+repeatedly resize the image, encode it, noise it to ``strength`` and denoise it at the
+new size with diffusers' own ``FluxImg2ImgPipeline`` sharing the same components.
+The upscaling stages can use NTK-scaled RoPE (:func:`ntk_rope`, a swap of the model's
+``pos_embed``, undone afterwards), the proportional attention scale, a fixed scheduler
+shift instead of FLUX's resolution-dependent one, and VAE tiling::
+
+    stages = clear.inference.generate_highres(pipe, "a small blue plane", sizes=[(2048, 2048), (4096, 4096)],
+                                              clear=clear.inference.ClearSpec(16, checkpoint=path))
+
+Everything that can be checked without loading weights (sizes, the checkpoint's variant,
+the model family, the presence of the weights) is checked first, by the ``check_*``
+functions and :func:`resolve_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+from .apply import apply_clear, remove_clear
+from .weights import RELEASED, Variant, download_weights, load_clear_weights
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+# Pipelines (model_index.json ``_class_name``) whose checkpoints generate.py can load as a FluxPipeline.
+SUPPORTED_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
+                       "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
+SUPPORTED_TRANSFORMERS = ("FluxTransformer2DModel",)
+# Settings of the released recipe for the upscaling stages.
+DEFAULT_STRENGTH = 0.7
+DEFAULT_NTK_FACTOR = 10.0
+DEFAULT_SHIFT = 3.0  # FLUX.1's scheduler config ``shift``; used fixed instead of resolution-dependent shifting
+VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this many pixels
+
+
+# ------------------------------------------------------------------------------------------
+# Checks that run before any weights are loaded
+# ------------------------------------------------------------------------------------------
+
+
+def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1) -> None:
+    """Image sizes must be multiples of ``multiple`` pixels (FLUX: 16 = VAE factor 8 x patch 2;
+    ``pipe.vae_scale_factor * 2``), and with ``down_factor`` the token grid
+    (pixels / multiple) must be divisible by it."""
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % multiple:
+            fix = f"e.g. {max(multiple, round(v / multiple) * multiple)}" if isinstance(v, int) and v > 0 else ""
+            raise ValueError(f"{name}={v} is not a positive multiple of {multiple} pixels, which this model needs "
+                             f"(VAE factor x patch size); choose another {name} {fix}".rstrip())
+    if down_factor > 1:
+        gh, gw = height // multiple, width // multiple
+        if gh % down_factor or gw % down_factor:
+            step = multiple * down_factor
+            raise ValueError(f"{height}x{width} pixels is a {gh}x{gw} token grid, not divisible by down_factor="
+                             f"{down_factor}; with this variant choose sizes that are multiples of {step} pixels")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"2048x4096,4096x8192"`` -> ``[(2048, 4096), (4096, 8192)]`` (HEIGHTxWIDTH)."""
+    sizes = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            h, w = part.lower().split("x")
+            sizes.append((int(h), int(w)))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a size like 2048x4096 (HEIGHTxWIDTH in pixels)") from None
+    if not sizes:
+        raise ValueError(f"no sizes in {text!r}; write them like 2048x2048,4096x4096 (HEIGHTxWIDTH)")
+    return sizes
+
+
+def check_model(model: str) -> dict:
+    """Read the pipeline config (``model_index.json``: a small file, no weights) of a Hub id or
+    local directory and fail unless it is a FLUX.1 pipeline CLEAR supports. Returns the config."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(model)
+    except Exception as e:
+        where = ("a local directory without model_index.json" if Path(model).is_dir() else
+                 "not a Hub id this machine can reach (offline, gated or misspelled)")
+        raise ValueError(f"could not read the pipeline config of {model!r}: it is {where} ({type(e).__name__}: {e}). "
+                         "Pass --model a local diffusers pipeline directory (save_pretrained layout) or a Hub id "
+                         "such as black-forest-labs/FLUX.1-dev after `huggingface-cli login`") from e
+    name = config.get("_class_name", "?")
+    transformer = (config.get("transformer") or [None, None])[1]
+    if name not in SUPPORTED_PIPELINES or transformer not in SUPPORTED_TRANSFORMERS:
+        raise ValueError(f"{model!r} is a {name} (transformer: {transformer}); CLEAR inference supports FLUX.1 "
+                         f"pipelines ({', '.join(SUPPORTED_PIPELINES)}) with a FluxTransformer2DModel, e.g. "
+                         "black-forest-labs/FLUX.1-dev or FLUX.1-schnell")
+    return config
+
+
+def size_multiple(model_or_pipe) -> int:
+    """Pixels per token side: ``vae_scale_factor * 2`` of a pipeline, or read from a model's
+    ``vae/config.json`` (no weights loaded)."""
+    if hasattr(model_or_pipe, "vae_scale_factor"):
+        return int(model_or_pipe.vae_scale_factor) * 2
+    from diffusers import AutoencoderKL
+
+    cfg = AutoencoderKL.load_config(model_or_pipe, subfolder="vae")
+    return 2 ** (len(cfg["block_out_channels"]) - 1) * 2
+
+
+def checkpoint_variant(path: str | os.PathLike) -> tuple[float | None, int | None]:
+    """(radius, down_factor) a CLEAR checkpoint was made for, from its header only: the
+    metadata written by :func:`clear.save_clear_weights`, else the released file name,
+    else the shape of ``spatial_weight``. ``None`` where the file does not say."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLEAR checkpoint {path} does not exist; pass an existing .safetensors file, "
+                                "'released' to download the released weights, or 'none' for untrained CLEAR")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            pooled = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("processor.spatial_weight")]
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated: delete it and "
+                         "download or save it again") from e
+    if "clear.radius" in metadata:
+        r = metadata["clear.radius"]
+        return (None if r == "None" else float(r)), int(metadata.get("clear.down_factor", 1))
+    try:
+        v = Variant.parse(str(path))
+        return float(v.radius), v.down_factor
+    except ValueError:
+        return None, (int(pooled[0][3]) if pooled else 1)
+
+
+def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1) -> None:
+    """Fail if the checkpoint was made for another radius or down factor than the chosen variant."""
+    file_r, file_df = checkpoint_variant(path)
+    chosen = Variant(int(radius) if float(radius).is_integer() else radius, down_factor).name
+    if file_df is not None and file_df != down_factor:
+        raise ValueError(f"{path} is a checkpoint for down_factor={file_df} but the chosen variant is {chosen} "
+                         f"(down_factor={down_factor}); pass --down_factor {file_df} (or the matching --variant), "
+                         "or a checkpoint made for the chosen variant")
+    if file_r is not None and float(file_r) != float(radius):
+        raise ValueError(f"{path} is a checkpoint for radius={file_r:g} but the chosen variant is {chosen} "
+                         f"(radius={radius:g}); pass --radius {file_r:g} (or the matching --variant), "
+                         "or a checkpoint made for the chosen variant")
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down_factor: int = 1,
+                       local_dir: str | os.PathLike = "ckpt") -> str | None:
+    """``"released"`` (or ``"auto"``): the released file for the variant, downloaded into
+    ``local_dir`` on first use (offline: the error says where to put it); ``None``/``"none"``:
+    no checkpoint (untrained CLEAR, e.g. for tests or a zero-shot look); a path: checked to
+    match the variant. Returns a path or ``None``."""
+    if checkpoint is None or str(checkpoint).lower() == "none":
+        return None
+    if str(checkpoint).lower() in ("released", "auto", "default"):
+        name = Variant(int(radius), down_factor).name if float(radius).is_integer() else None
+        if name not in RELEASED:
+            raise ValueError(f"no released CLEAR weights for radius={radius:g}, down_factor={down_factor}; released: "
+                             f"{', '.join(RELEASED)}. Pass --checkpoint PATH to your own weights or --checkpoint none")
+        path = download_weights(int(radius), down_factor, local_dir=local_dir)
+    else:
+        path = str(checkpoint)
+    check_checkpoint(path, radius, down_factor)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Pipelines and CLEAR on them
+# ------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``None`` -> bfloat16 on CUDA, float32 elsewhere; names like ``"bf16"``/``"float16"`` accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if str(dtype) not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32")
+    return names[str(dtype)]
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
+                  offload: bool = False, check: bool = True):
+    """A ``FluxPipeline`` from a Hub id or local directory, on ``device`` in ``dtype``
+    (``offload``: model CPU offload instead of moving everything to the device)."""
+    from diffusers import FluxPipeline
+
+    if check:
+        check_model(model)
+    device = device or default_device()
+    pipe = FluxPipeline.from_pretrained(model, dtype=resolve_dtype(dtype, device))
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def clear_models(pipe) -> list[torch.nn.Module]:
+    """The models of a pipeline CLEAR applies to: ``pipe.transformer`` and every ControlNet."""
+    models = [pipe.transformer]
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        models.extend(getattr(controlnet, "nets", [controlnet]))  # FluxMultiControlNetModel holds .nets
+    return models
+
+
+def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoint: str | os.PathLike | None = None,
+                      backend: str = "auto", proportional_attention: bool = False):
+    """Put CLEAR on a FLUX pipeline in one line: :func:`clear.apply_clear` on
+    ``pipe.transformer`` and on each ControlNet (zero-shot: CLEAR attention with the
+    ControlNet's own weights), then load ``checkpoint`` (a path, e.g. from
+    :func:`resolve_checkpoint`; ``None`` = untrained CLEAR) into the transformer. Works for
+    FLUX.1-schnell with the FLUX.1-dev weights. Loading a checkpoint overwrites the
+    transformer's attention projections: generate with the original model first.
+    Returns the transformer's :class:`clear.ClearAttention`."""
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, radius, down_factor)
+    cores = [apply_clear(m, radius, down_factor, backend=backend, proportional_attention=proportional_attention)
+             for m in clear_models(pipe)]
+    if checkpoint is not None:
+        load_clear_weights(pipe.transformer, checkpoint)
+    return cores[0]
+
+
+def remove_from_pipeline(pipe) -> None:
+    """Undo :func:`apply_to_pipeline`'s processors (loaded weights stay)."""
+    for m in clear_models(pipe):
+        if getattr(m, "clear_state", None) is not None:
+            remove_clear(m)
+
+
+@dataclass(frozen=True)
+class ClearSpec:
+    """What CLEAR to put on a pipeline: window, checkpoint path (``None`` = untrained), backend."""
+
+    radius: float | None
+    down_factor: int = 1
+    checkpoint: str | None = None
+    backend: str = "auto"
+
+    @property
+    def label(self) -> str:
+        if self.radius is None:
+            return "original"
+        return f"CLEAR r={self.radius:g}" + (f" df={self.down_factor}" if self.down_factor > 1 else "")
+
+    def apply(self, pipe):
+        return apply_to_pipeline(pipe, self.radius, self.down_factor, self.checkpoint, self.backend)
+
+
+# ------------------------------------------------------------------------------------------
+# Resolution extrapolation: NTK-scaled RoPE, proportional attention, fixed shift, VAE tiling
+# ------------------------------------------------------------------------------------------
+
+
+class NTKFluxPosEmbed(FluxPosEmbed):
+    """FLUX's rotary embedding with NTK-aware scaling: the base ``theta`` of every axis is
+    multiplied by ``ntk_factor`` (diffusers' ``get_1d_rotary_pos_embed(..., ntk_factor=)``),
+    which stretches the wavelengths so that positions beyond the training grid stay in range."""
+
+    def __init__(self, theta: int, axes_dim, ntk_factor: float):
+        super().__init__(theta, axes_dim)
+        self.ntk_factor = float(ntk_factor)
+
+    def forward(self, ids: torch.Tensor):
+        pos = ids.float()
+        freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
+        cos_out, sin_out = [], []
+        for i in range(ids.shape[-1]):
+            cos, sin = get_1d_rotary_pos_embed(self.axes_dim[i], pos[:, i], theta=self.theta, use_real=True,
+                                               repeat_interleave_real=True, freqs_dtype=freqs_dtype,
+                                               ntk_factor=self.ntk_factor)
+            cos_out.append(cos)
+            sin_out.append(sin)
+        return torch.cat(cos_out, dim=-1).to(ids.device), torch.cat(sin_out, dim=-1).to(ids.device)
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta}, axes_dim={list(self.axes_dim)}, ntk_factor={self.ntk_factor:g}"
+
+
+def set_ntk_rope(model: torch.nn.Module, ntk_factor: float) -> None:
+    """Make ``model.pos_embed`` (FLUX transformer or ControlNet) NTK-scaled by ``ntk_factor``;
+    ``1`` restores a plain ``FluxPosEmbed``. Nothing else of the model changes."""
+    pe = model.pos_embed
+    if not isinstance(pe, FluxPosEmbed):
+        raise TypeError(f"{type(model).__name__}.pos_embed is a {type(pe).__name__}, not FLUX's FluxPosEmbed")
+    if float(ntk_factor) == 1.0:
+        model.pos_embed = FluxPosEmbed(pe.theta, pe.axes_dim)
+    else:
+        model.pos_embed = NTKFluxPosEmbed(pe.theta, pe.axes_dim, ntk_factor)
+
+
+@contextlib.contextmanager
+def ntk_rope(models, ntk_factor: float):
+    """Within the block, the given model(s) (or a pipeline's transformer and ControlNets)
+    use NTK-scaled RoPE; the original ``pos_embed`` objects are put back afterwards."""
+    if hasattr(models, "transformer"):
+        models = clear_models(models)
+    elif isinstance(models, torch.nn.Module):
+        models = [models]
+    saved = [(m, m.pos_embed) for m in models]
+    try:
+        if float(ntk_factor) != 1.0:
+            for m in models:
+                set_ntk_rope(m, ntk_factor)
+        yield
+    finally:
+        for m, pe in saved:
+            m.pos_embed = pe
+
+
+@contextlib.contextmanager
+def proportional_attention(pipe, enabled: bool = True):
+    """Within the block, attention logits are scaled by ``sqrt(log_L0(N) / d)`` (N tokens,
+    L0 = FLUX's training length) in the pipeline's transformer and ControlNets. On a model
+    without CLEAR this puts full-attention CLEAR (``radius=None``) on it for the block."""
+    added, saved = [], []
+    try:
+        for m in clear_models(pipe):
+            state = getattr(m, "clear_state", None)
+            if state is None:
+                if enabled:
+                    apply_clear(m, None, proportional_attention=True)
+                    added.append(m)
+            else:
+                saved.append((state.core, state.core.proportional_attention))
+                state.core.proportional_attention = enabled
+        yield
+    finally:
+        for core, old in saved:
+            core.proportional_attention = old
+        for m in added:
+            remove_clear(m)
+
+
+def fixed_shift_scheduler(scheduler, shift: float):
+    """A copy of the flow-matching scheduler with a fixed timestep shift ``shift`` instead of
+    FLUX's resolution-dependent (dynamic) shift, which explodes far beyond the training size."""
+    return type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False, shift=float(shift))
+
+
+@contextlib.contextmanager
+def vae_tiling(vae, enabled: bool):
+    old = getattr(vae, "use_tiling", False)
+    try:
+        vae.enable_tiling() if enabled else vae.disable_tiling()
+        yield
+    finally:
+        vae.enable_tiling() if old else vae.disable_tiling()
+
+
+def img2img_pipeline(pipe, scheduler=None):
+    """diffusers' ``FluxImg2ImgPipeline`` sharing ``pipe``'s components (no copies, no dtype
+    cast: unlike ``from_pipe``, which casts every shared module to its ``dtype`` argument)."""
+    from diffusers import FluxImg2ImgPipeline
+
+    names = inspect.signature(FluxImg2ImgPipeline.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in names}
+    if scheduler is not None:
+        components["scheduler"] = scheduler
+    new = FluxImg2ImgPipeline(**components)
+    new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return new
+
+
+# ------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One generated image, how long the pipeline call took, and the settings that made it."""
+
+    image: object  # PIL.Image
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def default_settings(pipe) -> dict:
+    """Steps, guidance and text length for the pipeline's model: FLUX.1-dev (guidance-distilled)
+    or FLUX.1-schnell (no guidance embedding; 4 steps, 256 text tokens)."""
+    if pipe.transformer.config.guidance_embeds:
+        return dict(steps=28, guidance=3.5, max_sequence_length=512)
+    return dict(steps=4, guidance=0.0, max_sequence_length=256)
+
+
+def clear_label(pipe) -> str:
+    state = getattr(pipe.transformer, "clear_state", None)
+    if state is None or state.radius is None:
+        return "original"
+    return ClearSpec(state.radius, state.down_factor).label
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_call(pipe, **kwargs) -> tuple[object, float]:
+    device = pipe._execution_device
+    _sync(device)
+    t0 = time.perf_counter()
+    image = pipe(**kwargs).images[0]
+    _sync(device)
+    return image, time.perf_counter() - t0
+
+
+def generate(pipe, prompt: str, height: int, width: int, steps: int | None = None, guidance: float | None = None,
+             seed: int = 0, max_sequence_length: int | None = None, warmup: bool = False, **pipe_kwargs) -> Result:
+    """Text-to-image with the pipeline as it is (original or CLEAR). Seeded on the CPU, so
+    the same seed gives the same starting noise on any device. ``warmup``: an untimed
+    1-step call at the same size first (compilation, autotuning), for fair timings."""
+    d = default_settings(pipe)
+    steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
+    max_sequence_length = max_sequence_length or d["max_sequence_length"]
+    state = getattr(pipe.transformer, "clear_state", None)
+    check_size(height, width, size_multiple(pipe), state.down_factor if state else 1)
+    kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
+                  max_sequence_length=max_sequence_length, **pipe_kwargs)
+    if warmup:
+        _timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+    image, seconds = _timed_call(pipe, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+                                 **kwargs)
+    settings = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+                    max_sequence_length=max_sequence_length, attention=clear_label(pipe), seconds=round(seconds, 3))
+    if state is not None:
+        settings.update(radius=state.radius, down_factor=state.down_factor, backend=state.core.backend)
+    return Result(image, seconds, settings)
+
+
+def upscale(pipe, image, prompt: str, height: int, width: int, strength: float = DEFAULT_STRENGTH,
+            steps: int | None = None, guidance: float | None = None, seed: int = 0,
+            ntk_factor: float = DEFAULT_NTK_FACTOR, proportional: bool = True, shift: float | None = DEFAULT_SHIFT,
+            tiling: bool | None = None, max_sequence_length: int | None = None, warmup: bool = False) -> Result:
+    """One SDEdit stage: resize ``image`` to ``height x width`` (Lanczos), encode it, noise it
+    to ``strength`` and denoise at the new size with ``FluxImg2ImgPipeline`` on ``pipe``'s
+    components (original or CLEAR, as the pipeline is). ``steps`` is the full schedule;
+    ``int(steps * strength)`` of them run. ``ntk_factor`` (1 = off), ``proportional``
+    attention, a fixed scheduler ``shift`` (``None`` = FLUX's dynamic shift) and VAE ``tiling``
+    (``None``: on above 2048x2048 pixels) apply to this call only. ``warmup``: an untimed
+    1-step call at the same size first."""
+    from PIL import Image
+
+    d = default_settings(pipe)
+    steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
+    max_sequence_length = max_sequence_length or d["max_sequence_length"]
+    state = getattr(pipe.transformer, "clear_state", None)
+    check_size(height, width, size_multiple(pipe), state.down_factor if state else 1)
+    if not 0 < strength <= 1 or int(steps * strength) < 1:
+        raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
+                         "use 0 < strength <= 1 and steps >= 1/strength")
+    tiling = height * width > VAE_TILING_PIXELS if tiling is None else tiling
+    scheduler = fixed_shift_scheduler(pipe.scheduler, shift) if shift is not None else None
+    img2img = img2img_pipeline(pipe, scheduler)
+    resized = image.convert("RGB").resize((width, height), Image.LANCZOS)
+    with ntk_rope(pipe, ntk_factor), proportional_attention(pipe, proportional), vae_tiling(pipe.vae, tiling):
+        kwargs = dict(image=resized, prompt=prompt, height=height, width=width, guidance_scale=guidance,
+                      max_sequence_length=max_sequence_length)
+        if warmup:
+            _timed_call(img2img, strength=1.0, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed),
+                        **kwargs)
+        out, seconds = _timed_call(img2img, strength=strength, num_inference_steps=steps,
+                                   generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+    settings = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+                    max_sequence_length=max_sequence_length, attention=clear_label(pipe), seconds=round(seconds, 3),
+                    strength=strength, ntk_factor=ntk_factor, proportional_attention=proportional,
+                    shift="dynamic" if shift is None else shift, vae_tiling=tiling,
+                    source_size=f"{image.height}x{image.width}")
+    if state is not None:
+        settings.update(radius=state.radius, down_factor=state.down_factor, backend=state.core.backend)
+    return Result(out, seconds, settings)
+
+
+@dataclass
+class Stage:
+    """One stage of :func:`generate_highres`: ``"base"`` (text-to-image) or ``"upscale"``."""
+
+    kind: str
+    height: int
+    width: int
+    result: Result
+    source: object = None  # the (resized) input image of an upscale stage
+
+    @property
+    def image(self):
+        return self.result.image
+
+    @property
+    def seconds(self) -> float:
+        return self.result.seconds
+
+
+def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (1024, 1024),
+                     clear: ClearSpec | None = None, base_model: str = "original", base_image=None,
+                     strength: float = DEFAULT_STRENGTH, steps: int | None = None, upscale_steps: int | None = None,
+                     guidance: float | None = None, seed: int = 0, ntk_factor: float = DEFAULT_NTK_FACTOR,
+                     proportional: bool = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
+                     max_sequence_length: int | None = None, warmup: bool = False,
+                     progress: bool = True) -> list[Stage]:
+    """The paper's high-resolution recipe: a base image at ``base_size`` (HEIGHT, WIDTH), then
+    one :func:`upscale` stage per entry of ``sizes`` (e.g. ``[(2048, 2048), (4096, 4096)]``,
+    any aspect ratios). ``clear``: the CLEAR to put on the pipeline before the upscaling
+    stages (and before the base stage if ``base_model="clear"``); ``None`` uses the pipeline
+    as it is. ``base_image``: start from this image instead of generating one. All sizes are
+    checked before anything runs. ``warmup``: untimed 1-step calls before each timed one.
+    Returns the stages, base first."""
+    from tqdm.auto import tqdm
+
+    if base_model not in ("original", "clear"):
+        raise ValueError(f"base_model must be 'original' or 'clear', got {base_model!r}")
+    sizes = [tuple(map(int, s)) for s in sizes]
+    multiple = size_multiple(pipe)
+    state = getattr(pipe.transformer, "clear_state", None)
+    df = clear.down_factor if clear is not None else (state.down_factor if state else 1)
+    check_size(*base_size, multiple, df if (base_model == "clear" or clear is None) else 1)
+    for h, w in sizes:
+        check_size(h, w, multiple, df)
+    d = default_settings(pipe)
+    upscale_steps = upscale_steps or steps or d["steps"]
+    if not 0 < strength <= 1 or int(upscale_steps * strength) < 1:
+        raise ValueError(f"strength={strength} with {upscale_steps} upscale steps leaves no denoising step")
+
+    stages = []
+    with tqdm(total=len(sizes) + 1, desc="high-res stages", disable=not progress) as bar:
+        if base_image is None:
+            if clear is not None and base_model == "clear":
+                clear.apply(pipe)
+            base = generate(pipe, prompt, *base_size, steps=steps, guidance=guidance, seed=seed,
+                            max_sequence_length=max_sequence_length, warmup=warmup)
+        else:
+            base = Result(base_image, 0.0, dict(source="given"))
+        stages.append(Stage("base", base.image.height, base.image.width, base))
+        bar.update()
+        if clear is not None and (base_model == "original" or base_image is not None):
+            clear.apply(pipe)
+        image = base.image
+        for h, w in sizes:
+            bar.set_postfix_str(f"{h}x{w}")
+            res = upscale(pipe, image, prompt, h, w, strength=strength, steps=upscale_steps, guidance=guidance,
+                          seed=seed, ntk_factor=ntk_factor, proportional=proportional, shift=shift, tiling=tiling,
+                          max_sequence_length=max_sequence_length, warmup=warmup)
+            stages.append(Stage("upscale", h, w, res, source=image))
+            image = res.image
+            bar.update()
+    return stages
+
+
+# ------------------------------------------------------------------------------------------
+# Outputs people look at: PNGs with their settings, side-by-side grids
+# ------------------------------------------------------------------------------------------
+
+
+def png_metadata(settings: dict):
+    """PNG text chunks: one per setting (``clear:<name>``) and all of them as JSON (``clear:settings``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from . import __version__
+
+    info = PngInfo()
+    info.add_text("Software", f"clear {__version__}")
+    for k, v in settings.items():
+        info.add_text(f"clear:{k}", str(v))
+    info.add_text("clear:settings", json.dumps(settings, default=str, sort_keys=True))
+    return info
+
+
+def save_png(image, path: str | os.PathLike, settings: dict | None = None) -> str:
+    """Write ``image`` as PNG atomically (temporary file renamed into place) with ``settings``
+    in its text chunks; read them back with ``PIL.Image.open(path).text``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_metadata(settings or {}))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(path)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def image_grid(images, labels=None, max_side: int = 2048, columns: int | None = None):
+    """Images side by side (``columns`` per row; default all in one row), each under its label,
+    scaled down so that no panel's long side exceeds ``max_side``."""
+    from PIL import Image, ImageDraw
+
+    images = [im.convert("RGB") for im in images]
+    labels = list(labels) if labels is not None else [""] * len(images)
+    panels = []
+    for im in images:
+        s = min(1.0, max_side / max(im.size))
+        panels.append(im if s == 1.0 else im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))),
+                                                    Image.LANCZOS))
+    columns = columns or len(panels)
+    cell_w, cell_h = max(p.width for p in panels), max(p.height for p in panels)
+    font_px = max(10, min(40, cell_w // 24))
+    label_h = font_px + 8 if any(labels) else 0
+    rows = -(-len(panels) // columns)
+    pad = 4
+    grid = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + label_h + pad) + pad), "white")
+    draw, font = ImageDraw.Draw(grid), _font(font_px)
+    for i, (p, label) in enumerate(zip(panels, labels)):
+        x = pad + (i % columns) * (cell_w + pad)
+        y = pad + (i // columns) * (cell_h + label_h + pad)
+        if label:
+            draw.text((x + 2, y + 2), label, fill="black", font=font)
+        grid.paste(p, (x, y + label_h))
+    return grid
+
+
+def timing_label(result: Result, name: str, reference: Result | None = None) -> str:
+    text = f"{name}: {result.seconds:.2f} s"
+    if reference is not None and result.seconds > 0:
+        text += f" ({reference.seconds / result.seconds:.2f}x)"
+    return text

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Text-to-image with a CLEAR-linearized FLUX.1, optionally upscaled to high resolution.
+
+    python scripts/generate.py --prompt "a small blue plane" --height 2048 --width 2048 --variant clear_local_16
+    python scripts/generate.py --prompt "..." --radius 8 --down_factor 4 --compare          # + original, grid
+    python scripts/generate.py --prompt "..." --upscale 2048x2048,4096x4096                # SDEdit high-res
+
+Sizes are HEIGHTxWIDTH pixels, multiples of 16. Outputs are PNGs whose text chunks hold
+the settings (``PIL.Image.open(path).text``). Everything checkable without weights
+(sizes, model family, checkpoint variant, weights present) is checked first.
+
+The script is four functions so that other front ends can reuse them: ``build_parser``,
+``resolve_args`` (checks, no heavy work), ``build_pipeline`` (load and put CLEAR on it;
+the place where a distributed wrapper plugs in) and ``run``; ``main(argv)`` calls them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clear import inference as inf  # noqa: E402
+from clear.weights import Variant  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=inf.DEFAULT_MODEL, help="Hub id or local diffusers pipeline directory "
+                   f"(default {inf.DEFAULT_MODEL}; FLUX.1-schnell works zero-shot with the FLUX.1-dev weights)")
+    p.add_argument("--prompt", default="a small blue plane flying over snowy mountains at sunrise")
+    p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
+    g = p.add_argument_group("CLEAR")
+    g.add_argument("--variant", help="released variant name, e.g. clear_local_16 or clear_local_16_down_4 "
+                   "(instead of --radius/--down_factor)")
+    g.add_argument("--radius", type=float, help="window radius in tokens (default 16)")
+    g.add_argument("--down_factor", type=int, help="pooled key/value tokens of df x df cells (default 1: none)")
+    g.add_argument("--checkpoint", default="released", help="CLEAR weights: 'released' (default; downloaded into "
+                   "--ckpt_dir on first use), a .safetensors path, or 'none' (untrained CLEAR)")
+    g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
+    g.add_argument("--backend", default="auto", choices=("auto", "dense", "flex"),
+                   help="auto: flex on CUDA, dense elsewhere")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, help="denoising steps (default 28 for dev, 4 for schnell)")
+    s.add_argument("--guidance", type=float, help="guidance scale (default 3.5 for dev, 0 for schnell)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max_sequence_length", type=int, help="T5 tokens (default 512 for dev, 256 for schnell)")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA), float16 or float32 (default on CPU)")
+    s.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
+    h = p.add_argument_group("high resolution (SDEdit)")
+    h.add_argument("--upscale", help="upscaling stages after the base image, HEIGHTxWIDTH,..., "
+                   "e.g. 2048x2048,4096x4096 (any aspect ratio)")
+    h.add_argument("--base", default="original", choices=("original", "clear"),
+                   help="model for the base image when upscaling (default: original)")
+    h.add_argument("--strength", type=float, default=inf.DEFAULT_STRENGTH, help="noise level of each stage (0.7)")
+    h.add_argument("--upscale_steps", type=int, help="full schedule length of each stage (default: --steps)")
+    h.add_argument("--ntk_factor", type=float, default=inf.DEFAULT_NTK_FACTOR,
+                   help="NTK-scaled RoPE in upscaling stages (default 10; 1 = off)")
+    h.add_argument("--no_proportional_attention", action="store_true",
+                   help="keep 1/sqrt(d) in upscaling stages instead of the proportional attention scale")
+    h.add_argument("--shift", default=str(inf.DEFAULT_SHIFT),
+                   help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for FLUX's own")
+    h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
+                   help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
+    o = p.add_argument_group("output")
+    o.add_argument("--compare", action="store_true",
+                   help="also run the original model with the same seed; save OUT_original.png and a "
+                        "side-by-side OUT_compare.png with timings")
+    o.add_argument("--warmup", action="store_true", help="an untimed 1-step run before each timed one "
+                   "(compilation of the flex backend, autotuning): use it when timings matter")
+    o.add_argument("--out", default="outputs/clear.png", help="output PNG (default outputs/clear.png)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Turn the command line into settings and check everything that needs no weights:
+    variant, sizes, model family, checkpoint (downloaded if 'released'). Fails fast."""
+    if args.variant:
+        v = Variant.parse(args.variant)
+        for name, given, want in (("radius", args.radius, v.radius), ("down_factor", args.down_factor, v.down_factor)):
+            if given is not None and float(given) != float(want):
+                raise ValueError(f"--{name} {given:g} contradicts --variant {args.variant}; give only one of them")
+        args.radius, args.down_factor = v.radius, v.down_factor
+    args.radius = 16.0 if args.radius is None else args.radius
+    args.down_factor = 1 if args.down_factor is None else args.down_factor
+    args.sizes = inf.parse_sizes(args.upscale) if args.upscale else []
+    args.shift = None if str(args.shift).lower() == "dynamic" else float(args.shift)
+    args.tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
+    args.device = args.device or inf.default_device()
+    args.out = Path(args.out)
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out} must end in .png (outputs are PNG files)")
+
+    inf.check_model(args.model)
+    multiple = inf.size_multiple(args.model)
+    base_df = args.down_factor if (not args.sizes or args.base == "clear") else 1
+    inf.check_size(args.height, args.width, multiple, base_df)
+    for hh, ww in args.sizes:
+        inf.check_size(hh, ww, multiple, args.down_factor)
+    args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir)
+    args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
+    return args
+
+
+def build_pipeline(args: argparse.Namespace):
+    """Load the pipeline (CLEAR is put on it by :func:`run`, after an optional original run)."""
+    pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, check=False)
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    return pipe
+
+
+def _settings(args, result: inf.Result, **extra) -> dict:
+    dtype = str(inf.resolve_dtype(args.dtype, args.device)).replace("torch.", "")
+    return dict(model=args.model, checkpoint=args.checkpoint_path or "none", device=str(args.device), dtype=dtype,
+                **result.settings, **extra)
+
+
+def _stage_path(out: Path, i: int, h: int, w: int, tag: str = "") -> Path:
+    return out.with_name(f"{out.stem}{tag}.stage{i}_{h}x{w}.png")
+
+
+def run(args: argparse.Namespace, pipe) -> dict[str, str]:
+    """Generate (and compare, and upscale) as the arguments say; returns the written paths."""
+    out, written = args.out, {}
+    gen = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, max_sequence_length=args.max_sequence_length,
+               warmup=args.warmup)
+
+    def chain(spec):  # one full run: base image, then the upscaling stages, with `spec` CLEAR
+        if not args.sizes:
+            if spec is not None:
+                spec.apply(pipe)
+            r = inf.generate(pipe, args.prompt, args.height, args.width, **gen)
+            return [inf.Stage("base", args.height, args.width, r)]
+        return inf.generate_highres(pipe, args.prompt, args.sizes, (args.height, args.width), clear=spec,
+                                    base_model=args.base, strength=args.strength, upscale_steps=args.upscale_steps,
+                                    ntk_factor=args.ntk_factor, proportional=not args.no_proportional_attention,
+                                    shift=args.shift, tiling=args.tiling, progress=not args.quiet, **gen)
+
+    original = None
+    if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
+        original = chain(None)
+        written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"),
+                                           _settings(args, original[-1].result, total_seconds=round(_total(original), 3)))
+    stages = chain(args.clear)
+    for i, st in enumerate(stages[:-1]):
+        written[f"stage{i}"] = inf.save_png(st.image, _stage_path(out, i, st.height, st.width),
+                                            _settings(args, st.result, stage=i))
+    final = stages[-1]
+    written["image"] = inf.save_png(final.image, out, _settings(args, final.result, total_seconds=round(_total(stages), 3),
+                                                                stages=len(stages)))
+    print(f"{args.clear.label}: {final.height}x{final.width} in {_total(stages):.2f} s -> {out}")
+    if original is not None:
+        orig_res = inf.Result(original[-1].image, _total(original))
+        clear_res = inf.Result(final.image, _total(stages))
+        labels = [inf.timing_label(orig_res, "original"), inf.timing_label(clear_res, args.clear.label, orig_res)]
+        grid = inf.image_grid([orig_res.image, clear_res.image], labels)
+        written["compare"] = inf.save_png(grid, out.with_name(out.stem + "_compare.png"),
+                                          dict(model=args.model, prompt=args.prompt, labels=labels,
+                                               original_seconds=round(orig_res.seconds, 3),
+                                               clear_seconds=round(clear_res.seconds, 3)))
+        print(f"original: {orig_res.seconds:.2f} s; {labels[1]} -> {written['compare']}")
+    return written
+
+
+def _total(stages) -> float:
+    return sum(st.seconds for st in stages)
+
+
+def main(argv=None, parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
+    """Run the CLI in-process; raises ValueError/FileNotFoundError on bad settings."""
+    args = resolve_args((parser or build_parser()).parse_args(argv))
+    pipe = build_pipeline(args)
+    return run(args, pipe)
+
+
+def cli(parser: argparse.ArgumentParser | None = None) -> None:
+    try:
+        main(parser=parser)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

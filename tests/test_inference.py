@@ -1,0 +1,391 @@
+"""Inference: scripts/generate.py end to end, the SDEdit high-resolution path, its options
+(NTK RoPE, proportional attention, fixed shift) against direct computations, pipelines
+(ControlNet, schnell), early errors and the mask picture. CPU, tiny pipeline."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clear
+import clear.inference as inf
+import clear.visualize as vis
+from clear.geometry import TRAINING_TOKENS, TokenLayout, Window, allowed_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu", "--quiet"]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"clear_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return module
+
+
+@pytest.fixture(scope="module")
+def generate_cli():
+    return _script("generate")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_flux_pipeline_dir):
+    pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def fresh_pipe(tiny_flux_pipeline_dir):
+    pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def _save_checkpoint(path, radius, down_factor=1, seed=3):
+    """A CLEAR checkpoint for the tiny transformer with perturbed (non-original) weights."""
+    from tiny_models import tiny_flux
+
+    model = tiny_flux()
+    clear.apply_clear(model, radius, down_factor)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clear.clear_state_dict_keys(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return clear.save_clear_weights(model, path)
+
+
+# ------------------------------------------------------------------------------------------
+# generate.py end to end
+# ------------------------------------------------------------------------------------------
+
+
+def test_generate_cli_writes_png_with_settings(generate_cli, tiny_flux_pipeline_dir, tmp_path):
+    out = tmp_path / "img.png"
+    written = generate_cli.main(["--model", tiny_flux_pipeline_dir, "--prompt", "a red house", *TINY,
+                                 "--variant", "clear_local_2_down_2", "--checkpoint", "none", "--seed", "7",
+                                 "--out", str(out)])
+    assert written == {"image": str(out)}
+    im = Image.open(out)
+    assert im.format == "PNG" and im.size == (48, 32)  # width x height
+    text = im.text
+    settings = json.loads(text["clear:settings"])
+    assert settings["prompt"] == "a red house" and settings["seed"] == 7 and settings["steps"] == 2
+    assert settings["radius"] == 2 and settings["down_factor"] == 2 and settings["checkpoint"] == "none"
+    assert (settings["height"], settings["width"]) == (32, 48) and settings["attention"] == "CLEAR r=2 df=2"
+    assert text["clear:prompt"] == "a red house" and text["Software"].startswith("clear ")
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary file
+
+
+def test_compare_grid_and_covering_radius_reproduces_original(generate_cli, tiny_flux_pipeline_dir, tmp_path):
+    out = tmp_path / "cmp.png"
+    written = generate_cli.main(["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "100", "--checkpoint", "none",
+                                 "--compare", "--out", str(out)])
+    assert set(written) == {"image", "original", "compare"}
+    # radius 100 covers the 8x12 token grid: CLEAR is the original model, bit for bit
+    assert np.array_equal(_pixels(written["image"]), _pixels(written["original"]))
+    grid = Image.open(written["compare"])
+    assert grid.width >= 2 * 48 and grid.height > 32  # two panels side by side under their labels
+    meta = json.loads(grid.text["clear:settings"])
+    assert meta["labels"][0].startswith("original:") and meta["labels"][1].startswith("CLEAR r=100:")
+    assert meta["original_seconds"] > 0 and meta["clear_seconds"] > 0
+    # the original panel is pasted unchanged into the grid
+    orig = _pixels(written["original"])
+    g = np.asarray(grid.convert("RGB")).astype(int)
+    found = [(y, x) for y in range(g.shape[0] - 31) for x in range(0, 8)
+             if np.array_equal(g[y:y + 32, x:x + 48], orig)]
+    assert found
+
+
+def test_released_checkpoint_from_ckpt_dir_is_loaded(generate_cli, tiny_flux_pipeline_dir, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    _save_checkpoint(ckpt_dir / "clear_local_16.safetensors", radius=16)  # what download_weights would have put there
+    base = ["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "16"]
+    trained = generate_cli.main([*base, "--ckpt_dir", str(ckpt_dir), "--out", str(tmp_path / "t.png")])
+    untrained = generate_cli.main([*base, "--checkpoint", "none", "--out", str(tmp_path / "u.png")])
+    assert Image.open(trained["image"]).text["clear:checkpoint"] == str(ckpt_dir / "clear_local_16.safetensors")
+    assert np.abs(_pixels(trained["image"]) - _pixels(untrained["image"])).max() > 0
+
+
+def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the pipeline was loaded before the settings were checked")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", boom)
+    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+
+    with pytest.raises(ValueError, match=r"height=30 is not a positive multiple of 4"):
+        generate_cli.main([*base, "--height", "30", "--width", "48", "--checkpoint", "none"])
+    with pytest.raises(ValueError, match=r"not divisible by down_factor=4.*multiples of 16"):
+        generate_cli.main([*base, "--height", "32", "--width", "40", "--radius", "2", "--down_factor", "4",
+                           "--checkpoint", "none"])
+    with pytest.raises(ValueError, match=r"multiple of 4"):
+        generate_cli.main([*base, "--height", "32", "--width", "48", "--checkpoint", "none", "--upscale", "64x90"])
+
+    ck = _save_checkpoint(tmp_path / "mine.safetensors", radius=8, down_factor=2)
+    with pytest.raises(ValueError, match=r"radius=8 but the chosen variant is clear_local_16_down_2.*--radius 8"):
+        generate_cli.main([*base, "--height", "32", "--width", "32", "--radius", "16", "--down_factor", "2",
+                           "--checkpoint", ck])
+    with pytest.raises(ValueError, match=r"down_factor=2 but the chosen variant is clear_local_8 "):
+        generate_cli.main([*base, "--height", "32", "--width", "32", "--variant", "clear_local_8", "--checkpoint", ck])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        generate_cli.main([*base, "--checkpoint", str(tmp_path / "nope.safetensors")])
+    with pytest.raises(ValueError, match="contradicts --variant"):
+        generate_cli.main([*base, "--variant", "clear_local_16", "--radius", "8", "--checkpoint", "none"])
+    with pytest.raises(ValueError, match="no released CLEAR weights for radius=12"):
+        generate_cli.main([*base, "--radius", "12"])
+
+    # no network, no file: the error says where to put it
+    with pytest.raises(FileNotFoundError, match=r"put it at .*ckpt_empty/clear_local_16_down_4\.safetensors"):
+        generate_cli.main([*base, "--variant", "clear_local_16_down_4", "--ckpt_dir", str(tmp_path / "ckpt_empty")])
+
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                      "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline.*CLEAR inference supports FLUX.1"):
+        generate_cli.main([*base, "--model", str(sd3), "--checkpoint", "none"])
+    with pytest.raises(ValueError, match="could not read the pipeline config"):
+        generate_cli.main([*base, "--model", str(tmp_path), "--checkpoint", "none"])
+
+
+# ------------------------------------------------------------------------------------------
+# High resolution (SDEdit)
+# ------------------------------------------------------------------------------------------
+
+
+def test_highres_two_non_square_stages_use_ntk_and_proportional_attention(fresh_pipe):
+    pipe = fresh_pipe
+    original_pe = pipe.transformer.pos_embed
+    seen = []
+
+    def record(module, args, kwargs):  # what each transformer forward actually runs with
+        state = getattr(module, "clear_state", None)
+        pe = module.pos_embed
+        seen.append(dict(grid=clear.geometry.grid_from_ids(kwargs["img_ids"]),
+                         ntk=getattr(pe, "ntk_factor", 1.0),
+                         radius=state.radius if state else "off",
+                         proportional=state.core.proportional_attention if state else False))
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        stages = inf.generate_highres(pipe, "a small blue plane", sizes=[(48, 64), (64, 96)], base_size=(32, 48),
+                                      clear=inf.ClearSpec(2, 2), strength=0.5, steps=2, upscale_steps=4, seed=1,
+                                      ntk_factor=10, max_sequence_length=16, progress=False)
+    finally:
+        hook.remove()
+
+    assert [(s.kind, s.height, s.width) for s in stages] == [("base", 32, 48), ("upscale", 48, 64),
+                                                             ("upscale", 64, 96)]
+    assert [s.image.size for s in stages] == [(48, 32), (64, 48), (96, 64)]
+    assert stages[1].source is stages[0].image and stages[2].source is stages[1].image
+    # base: the original model, plain RoPE; upscaling: CLEAR r=2, NTK x10, proportional attention; 2 steps each
+    assert seen[:2] == [dict(grid=(8, 12), ntk=1.0, radius="off", proportional=False)] * 2
+    assert seen[2:4] == [dict(grid=(12, 16), ntk=10.0, radius=2, proportional=True)] * 2
+    assert seen[4:] == [dict(grid=(16, 24), ntk=10.0, radius=2, proportional=True)] * 2
+    # everything is put back: the very same pos_embed object, the plain softmax scale
+    assert pipe.transformer.pos_embed is original_pe
+    assert pipe.transformer.clear_state.core.proportional_attention is False
+    assert stages[2].result.settings["shift"] == 3.0 and stages[2].result.settings["strength"] == 0.5
+
+
+def test_highres_cli_writes_every_stage(tiny_flux_pipeline_dir, tmp_path):
+    out = tmp_path / "hr.png"
+    written = _script("generate_highres").main(["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "3",
+                                                "--checkpoint", "none", "--upscale", "48x32,64x48",
+                                                "--upscale_steps", "3", "--vae_tiling", "on", "--out", str(out)])
+    assert Image.open(written["stage0"]).size == (48, 32)
+    assert Image.open(written["stage1"]).size == (32, 48)
+    final = Image.open(written["image"])
+    assert final.size == (48, 64)
+    settings = json.loads(final.text["clear:settings"])
+    assert settings["stages"] == 3 and settings["source_size"] == "48x32" and settings["vae_tiling"] is True
+    assert settings["ntk_factor"] == 10.0 and settings["proportional_attention"] is True
+
+
+def test_ntk_rope_matches_direct_computation(flux):
+    ids = torch.zeros(5, 3)  # text ids are all zero
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(9.0), indexing="ij")
+    ids = torch.cat([ids, torch.stack([torch.zeros(54), rows.flatten(), cols.flatten()], 1)])
+    plain_cos, plain_sin = flux.pos_embed(ids)
+    original = flux.pos_embed
+
+    def direct(factor):
+        cos, sin = [], []
+        for axis, dim in enumerate(flux.config.axes_dims_rope):
+            inv = 1.0 / (10000.0 * factor) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+            angles = ids[:, axis].double()[:, None] * inv[None]
+            cos.append(angles.cos().repeat_interleave(2, 1))
+            sin.append(angles.sin().repeat_interleave(2, 1))
+        return torch.cat(cos, 1).float(), torch.cat(sin, 1).float()
+
+    torch.testing.assert_close((plain_cos, plain_sin), direct(1.0))
+    with inf.ntk_rope(flux, 10):
+        assert isinstance(flux.pos_embed, inf.NTKFluxPosEmbed)
+        cos, sin = flux.pos_embed(ids)
+    torch.testing.assert_close((cos, sin), direct(10.0))
+    assert (cos - plain_cos).abs().max() > 0.02  # a real change, not rounding
+    assert flux.pos_embed is original
+    inf.set_ntk_rope(flux, 4)
+    torch.testing.assert_close(flux.pos_embed(ids), direct(4.0))
+    inf.set_ntk_rope(flux, 1)
+    assert type(flux.pos_embed) is type(original)
+    torch.testing.assert_close(flux.pos_embed(ids), direct(1.0))
+
+
+def test_proportional_attention_scale_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    layout = TokenLayout(7, 6, 10)
+    q, k, v = (torch.randn(2, layout.seq_len, 2, 16, generator=g) for _ in range(3))
+    core = clear.ClearAttention(None, proportional_attention=True, backend="dense")
+    scale = math.sqrt(math.log(layout.seq_len) / math.log(TRAINING_TOKENS) / 16)
+    assert core.scale(layout, 16) == pytest.approx(scale) and scale != pytest.approx(1 / 4)
+
+    def sdpa(s, mask=None):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask, scale=s).transpose(1, 2)
+
+    torch.testing.assert_close(core(q, k, v, layout), sdpa(scale))
+    local = clear.ClearAttention(3, proportional_attention=True, backend="dense")
+    torch.testing.assert_close(local(q, k, v, layout), sdpa(scale, allowed_mask(layout, Window(3))))
+    assert (core(q, k, v, layout) - sdpa(0.25)).abs().max() > 1e-3
+
+
+def test_proportional_attention_context_on_original_and_clear_models(fresh_pipe):
+    pipe = fresh_pipe
+    with inf.proportional_attention(pipe):  # the original model gets full-attention CLEAR for the block
+        assert pipe.transformer.clear_state.radius is None
+        assert pipe.transformer.clear_state.core.proportional_attention
+    assert pipe.transformer.clear_state is None
+    inf.apply_to_pipeline(pipe, 2)
+    core = pipe.transformer.clear_state.core
+    with inf.proportional_attention(pipe):
+        assert core.proportional_attention
+    assert not core.proportional_attention and pipe.transformer.clear_state.radius == 2
+
+
+def test_fixed_shift_scheduler_matches_direct_computation(tiny_pipe):
+    sched = inf.fixed_shift_scheduler(tiny_pipe.scheduler, 3.0)
+    assert not sched.config.use_dynamic_shifting and tiny_pipe.scheduler is not sched
+    sigmas = np.linspace(1.0, 1 / 8, 8)
+    sched.set_timesteps(sigmas=sigmas, mu=9.9)  # mu (resolution-dependent) is ignored
+    expected = 3.0 * sigmas / (1 + 2.0 * sigmas)
+    np.testing.assert_allclose(sched.sigmas[:-1].numpy(), expected, rtol=1e-6)
+
+
+def test_img2img_pipeline_shares_components_without_casting(tiny_pipe):
+    pipe = tiny_pipe
+    pipe.vae.to(torch.float64)
+    try:
+        img2img = inf.img2img_pipeline(pipe)
+        assert type(img2img).__name__ == "FluxImg2ImgPipeline"
+        assert img2img.transformer is pipe.transformer and img2img.vae is pipe.vae
+        assert pipe.vae.dtype == torch.float64  # from_pipe(dtype=float32 default) would have cast it
+    finally:
+        pipe.vae.to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Pipelines: ControlNet, schnell
+# ------------------------------------------------------------------------------------------
+
+
+def test_controlnet_pipeline_one_line(tiny_pipe):
+    from diffusers import FluxControlNetPipeline
+    from tiny_models import tiny_flux_controlnet
+
+    comps = {k: v for k, v in tiny_pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = FluxControlNetPipeline(controlnet=tiny_flux_controlnet(), **{**comps, "transformer": _copy(comps["transformer"])})
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8))
+    kw = dict(prompt="a dog", control_image=control, height=32, width=48, num_inference_steps=2,
+              max_sequence_length=16, output_type="np")
+    ref = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    inf.apply_to_pipeline(pipe, radius=100)  # covers the grid: nothing may change
+    assert pipe.transformer.clear_state is not None and pipe.controlnet.clear_state is not None
+    np.testing.assert_allclose(pipe(**kw, generator=torch.Generator().manual_seed(0)).images, ref, atol=1e-5)
+    inf.apply_to_pipeline(pipe, radius=2, down_factor=2)
+    assert pipe.controlnet.clear_state.radius == 2 and pipe.transformer.clear_state.down_factor == 2
+    local = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert local.shape == ref.shape and np.abs(local - ref).max() > 1e-4
+    with inf.ntk_rope(pipe, 10):
+        assert isinstance(pipe.controlnet.pos_embed, inf.NTKFluxPosEmbed)
+    inf.remove_from_pipeline(pipe)
+    assert pipe.transformer.clear_state is None and pipe.controlnet.clear_state is None
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_schnell_zero_shot_with_dev_weights(tmp_path):
+    from tiny_models import tiny_flux_pipeline
+
+    dev_ckpt = _save_checkpoint(tmp_path / "dev_r2.safetensors", radius=2)  # made on a guidance-embedding "dev"
+    pipe = tiny_flux_pipeline(guidance_embeds=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert inf.default_settings(pipe) == dict(steps=4, guidance=0.0, max_sequence_length=256)
+    inf.apply_to_pipeline(pipe, 2, checkpoint=dev_ckpt)
+    from safetensors.torch import load_file
+
+    for k, t in load_file(dev_ckpt).items():
+        torch.testing.assert_close(pipe.transformer.get_parameter(k), t)
+    res = inf.generate(pipe, "a cat", 32, 48, steps=2, max_sequence_length=16)
+    assert res.image.size == (48, 32) and res.settings["guidance"] == 0.0 and res.settings["radius"] == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------
+
+
+def test_sizes_and_checks():
+    assert inf.parse_sizes("2048x4096, 4096X8192") == [(2048, 4096), (4096, 8192)]
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        inf.parse_sizes("2048*4096")
+    inf.check_size(1024, 1536)
+    with pytest.raises(ValueError, match="width=1000 is not a positive multiple of 16.*e.g. 992"):
+        inf.check_size(1024, 1000)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        inf.check_size(1024, 1040, down_factor=4)
+
+
+def test_mask_picture_matches_allowed_mask(tmp_path):
+    h, w, r, df, t = 8, 12, 3, 2, 5
+    query = (2, 9)
+    pic = vis.draw_mask(h, w, r, df, text_len=t, query=query, cell=10)
+    row = allowed_mask(TokenLayout(t, h, w), Window(r, df))[t + query[0] * w + query[1]]
+    for i in range(h):
+        for j in range(w):
+            want = vis.QUERY if (i, j) == query else (vis.SEEN if row[t + i * w + j] else vis.UNSEEN)
+            assert vis.cell_color(pic, "image", i, j) == want, (i, j)
+    for i in range(h // df):
+        for j in range(w // df):
+            assert vis.cell_color(pic, "pooled", i, j) == vis.SEEN
+    assert all(vis.cell_color(pic, "text", 0, j) == vis.SEEN for j in range(t))
+    assert pic.seen == int(row.sum()) and pic.total == t + h * w + (h // df) * (w // df)
+    assert vis.cell_color(pic, "image", 2, 5) == vis.UNSEEN  # dx = 4 >= r
+    assert vis.cell_color(pic, "image", 2, 7) == vis.SEEN  # dx = 2 < r
+    path = pic.save(tmp_path / "mask.png")
+    assert Image.open(path).size == pic.image.size and Image.open(path).text["clear:seen"] == str(pic.seen)
+    with pytest.raises(ValueError, match="outside"):
+        vis.draw_mask(h, w, r, query=(8, 0))
