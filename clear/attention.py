@@ -66,7 +66,8 @@ class _Plan:
 
     mask: torch.Tensor | None = None  # dense: [Sq, Skv] bool, None when no masking is needed
     order: TileOrder | None = None  # flex
-    slots: torch.Tensor | None = None  # flex: slot of each image token in tile order
+    to_flex: torch.Tensor | None = None  # flex: natural index of each tile-order query position
+    from_flex: torch.Tensor | None = None  # flex: tile-order position of each natural token
     block_mask: object = None  # flex
 
 
@@ -109,7 +110,8 @@ class ClearAttention:
             plan = _Plan(mask=allowed_mask(layout, self.window, device) if needs_mask else None)
         else:
             order = TileOrder(layout, self.window, *self.tile)
-            plan = _Plan(order=order, slots=order.slot_of_token(device),
+            to_flex, from_flex = order.gather_indices(device)
+            plan = _Plan(order=order, to_flex=to_flex, from_flex=from_flex,
                          block_mask=analytic_block_mask(order, device, with_q_blocks=with_grad))
         self._plans[key] = plan
         while len(self._plans) > self.cache_size:
@@ -160,19 +162,9 @@ class ClearAttention:
 
     @staticmethod
     def _flex(q, k, v, pooled_k, pooled_v, layout, plan, scale):
-        order, slots = plan.order, plan.slots
-        img, txt = layout.image_slice, layout.text_slice
-
-        def tiled(x):  # [B, S, H, D] natural -> [B, H, slots + text, D]
-            b, _, h, d = x.shape
-            out = x.new_zeros(b, order.num_slots, h, d).index_copy(1, slots, x[:, img])
-            return torch.cat([out, x[:, txt]], 1)
-
-        qf, kf, vf = tiled(q), tiled(k), tiled(v)
+        # one gather each into [image tiles (padded) | text] order, one gather back
+        qf, kf, vf = (x.index_select(1, plan.to_flex) for x in (q, k, v))
         if pooled_k is not None:
             kf, vf = torch.cat([kf, pooled_k], 1), torch.cat([vf, pooled_v], 1)
-        out = _flex(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), plan.block_mask, scale).transpose(1, 2)
-        out_img = out.index_select(1, slots)
-        out_txt = out[:, order.num_slots :]
-        parts = (out_txt, out_img) if layout.text_first else (out_img, out_txt)
-        return torch.cat(parts, 1)
+        out = _flex(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), plan.block_mask, scale)
+        return out.transpose(1, 2).index_select(1, plan.from_flex)

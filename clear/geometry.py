@@ -249,6 +249,22 @@ class TileOrder:
         within = (rows % self.tile_h) * self.tile_w + cols % self.tile_w
         return tile * self.block_size + within
 
+    def gather_indices(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(to_flex, from_flex)``: natural-order token index of each flex query position
+        (padding slots repeat an arbitrary real token: the mask hides them as keys and their
+        query rows are dropped), and flex position of each natural-order token."""
+        lay = self.layout
+        slots = self.slot_of_token(device)
+        img, txt = lay.image_slice, lay.text_slice
+        natural = torch.arange(lay.seq_len, device=device)
+        to_flex = torch.full((self.q_len,), img.start, dtype=torch.long, device=device)
+        to_flex[slots] = natural[img]
+        to_flex[self.num_slots:] = natural[txt]
+        from_flex = torch.empty(lay.seq_len, dtype=torch.long, device=device)
+        from_flex[img] = slots
+        from_flex[txt] = torch.arange(self.num_slots, self.q_len, device=device)
+        return to_flex, from_flex
+
     def params(self, device=None) -> torch.Tensor:
         """Geometry as a tensor, so mask code never specialises on (and recompiles for) sizes."""
         lay = self.layout

@@ -19,16 +19,12 @@ def test_compiled_flex_with_analytic_block_mask_equals_dense():
         sw = torch.rand(1, 1, 1, df, 1, df, 1, generator=g) if df > 1 else None
         plan = core.plan(layout, "flex", torch.device("cpu"))
         # the kernel really reads the block structure: run the compiled kernel on the plan's tensors
-        qf = torch.zeros(2, plan.order.num_slots, 2, 16).index_copy(1, plan.slots, q[:, text:])
-        kf = torch.zeros(2, plan.order.num_slots, 2, 16).index_copy(1, plan.slots, k[:, text:])
-        vf = torch.zeros(2, plan.order.num_slots, 2, 16).index_copy(1, plan.slots, v[:, text:])
-        qf, kf, vf = torch.cat([qf, q[:, :text]], 1), torch.cat([kf, k[:, :text]], 1), torch.cat([vf, v[:, :text]], 1)
+        qf, kf, vf = (x.index_select(1, plan.to_flex) for x in (q, k, v))
         if df > 1:
             kf = torch.cat([kf, pool_tokens(k[:, text:], h, w, sw)], 1)
             vf = torch.cat([vf, pool_tokens(v[:, text:], h, w, sw)], 1)
         out = compiled(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), block_mask=plan.block_mask)
-        out = out.transpose(1, 2)
-        got = torch.cat([out[:, plan.order.num_slots:], out.index_select(1, plan.slots)], 1)
+        got = out.transpose(1, 2).index_select(1, plan.from_flex)
         dense = ClearAttention(r, df, backend="dense")(q, k, v, layout, sw)
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
         # and a block mask that drops the partial blocks gives a different answer: blocks are not ignored
@@ -39,5 +35,4 @@ def test_compiled_flex_with_analytic_block_mask_equals_dense():
                                               bm.full_kv_num_blocks, bm.full_kv_indices,
                                               BLOCK_SIZE=128, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
         wrong = compiled(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), block_mask=no_partial)
-        assert not torch.allclose(wrong.transpose(1, 2)[:, :plan.order.num_slots].index_select(1, plan.slots),
-                                  dense[:, text:], atol=1e-3)
+        assert not torch.allclose(wrong.transpose(1, 2).index_select(1, plan.from_flex), dense, atol=1e-3)

@@ -89,6 +89,8 @@ def test_flex_mask_mod_and_analytic_block_mask(height, width, text_len, radius, 
     # slots are a permutation into the padded tile sequence
     slots = order.slot_of_token()
     assert slots.unique().numel() == height * width and int(slots.max()) < order.num_slots
+    to_flex, from_flex = order.gather_indices()
+    assert torch.equal(to_flex[from_flex], torch.arange(order.layout.seq_len))  # a round trip
     # mask_mod, read back in natural order, is the dense oracle
     flex_mask = create_mask(flex_mask_mod(order), 1, 1, order.q_len, order.kv_len, device="cpu")[0, 0]
     q, k = _flex_to_natural(order)
