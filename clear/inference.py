@@ -105,6 +105,10 @@ def check_model(model: str) -> dict:
                          "such as black-forest-labs/FLUX.1-dev after `huggingface-cli login`") from e
     name = config.get("_class_name", "?")
     transformer = (config.get("transformer") or [None, None])[1]
+    if transformer == "SD3Transformer2DModel":
+        raise ValueError(f"{model!r} is a {name}: clear.apply_clear supports its SD3Transformer2DModel (train your own "
+                         "weights with scripts/distill.py), but clear.inference and scripts/generate.py are for "
+                         "FLUX.1 pipelines (FluxPipeline, FLUX.1-dev or -schnell)")
     if name not in SUPPORTED_PIPELINES or transformer not in SUPPORTED_TRANSFORMERS:
         raise ValueError(f"{model!r} is a {name} (transformer: {transformer}); CLEAR inference supports FLUX.1 "
                          f"pipelines ({', '.join(SUPPORTED_PIPELINES)}) with a FluxTransformer2DModel, e.g. "
@@ -233,20 +237,24 @@ def clear_models(pipe) -> list[torch.nn.Module]:
 
 
 def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoint: str | os.PathLike | None = None,
-                      backend: str = "auto", proportional_attention: bool = False):
+                      backend: str = "auto", proportional_attention: bool = False, controlnet_weights: bool = True):
     """Put CLEAR on a FLUX pipeline in one line: :func:`clear.apply_clear` on
-    ``pipe.transformer`` and on each ControlNet (zero-shot: CLEAR attention with the
-    ControlNet's own weights), then load ``checkpoint`` (a path, e.g. from
-    :func:`resolve_checkpoint`; ``None`` = untrained CLEAR) into the transformer. Works for
-    FLUX.1-schnell with the FLUX.1-dev weights. Loading a checkpoint overwrites the
-    transformer's attention projections: generate with the original model first.
-    Returns the transformer's :class:`clear.ClearAttention`."""
+    ``pipe.transformer`` and on each ControlNet, then load ``checkpoint`` (a path, e.g. from
+    :func:`resolve_checkpoint`; ``None`` = untrained CLEAR) into the transformer and, unless
+    ``controlnet_weights=False``, zero-shot into each ControlNet too (its blocks are copies of
+    the transformer's first ones; it takes the blocks it has). Works for FLUX.1-schnell with
+    the FLUX.1-dev weights. Loading a checkpoint overwrites the attention projections:
+    generate with the original model first. Returns the transformer's :class:`clear.ClearAttention`."""
     if checkpoint is not None:
+        if radius is None:
+            raise ValueError("a CLEAR checkpoint needs a local window: pass the radius it was trained for")
         check_checkpoint(checkpoint, radius, down_factor)
+    models = clear_models(pipe)
     cores = [apply_clear(m, radius, down_factor, backend=backend, proportional_attention=proportional_attention)
-             for m in clear_models(pipe)]
+             for m in models]
     if checkpoint is not None:
-        load_clear_weights(pipe.transformer, checkpoint)
+        for m in models if controlnet_weights else models[:1]:
+            load_clear_weights(m, checkpoint)
     return cores[0]
 
 
@@ -633,11 +641,14 @@ def image_grid(images, labels=None, max_side: int = 2048, columns: int | None = 
     columns = columns or len(panels)
     cell_w, cell_h = max(p.width for p in panels), max(p.height for p in panels)
     font_px = max(10, min(40, cell_w // 24))
+    font = _font(font_px)
     label_h = font_px + 8 if any(labels) else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell_w = max([cell_w] + [int(measure.textlength(t, font=font)) + 6 for t in labels])  # labels fit
     rows = -(-len(panels) // columns)
     pad = 4
     grid = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + label_h + pad) + pad), "white")
-    draw, font = ImageDraw.Draw(grid), _font(font_px)
+    draw = ImageDraw.Draw(grid)
     for i, (p, label) in enumerate(zip(panels, labels)):
         x = pad + (i % columns) * (cell_w + pad)
         y = pad + (i // columns) * (cell_h + label_h + pad)

@@ -53,6 +53,14 @@ def fresh_pipe(tiny_flux_pipeline_dir):
     return pipe
 
 
+def _eval(pipe):
+    """Pipelines built in memory (not from_pretrained) have T5 in training mode: dropout on."""
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    pipe.set_progress_bar_config(disable=True)
+
+
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
@@ -156,12 +164,15 @@ def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir,
     with pytest.raises(FileNotFoundError, match=r"put it at .*ckpt_empty/clear_local_16_down_4\.safetensors"):
         generate_cli.main([*base, "--variant", "clear_local_16_down_4", "--ckpt_dir", str(tmp_path / "ckpt_empty")])
 
-    sd3 = tmp_path / "sd3"
-    sd3.mkdir()
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
-                                                      "transformer": ["diffusers", "SD3Transformer2DModel"]}))
-    with pytest.raises(ValueError, match="is a StableDiffusion3Pipeline.*CLEAR inference supports FLUX.1"):
-        generate_cli.main([*base, "--model", str(sd3), "--checkpoint", "none"])
+    for name, cls, denoiser, message in [
+        ("sdxl", "StableDiffusionXLPipeline", ["unet", ["diffusers", "UNet2DConditionModel"]],
+         "is a StableDiffusionXLPipeline.*CLEAR inference supports FLUX.1"),
+        ("sd3", "StableDiffusion3Pipeline", ["transformer", ["diffusers", "SD3Transformer2DModel"]],
+         "is a StableDiffusion3Pipeline: clear.apply_clear supports its SD3Transformer2DModel.*are for FLUX.1")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": cls, denoiser[0]: denoiser[1]}))
+        with pytest.raises(ValueError, match=message):
+            generate_cli.main([*base, "--model", str(tmp_path / name), "--checkpoint", "none"])
     with pytest.raises(ValueError, match="could not read the pipeline config"):
         generate_cli.main([*base, "--model", str(tmp_path), "--checkpoint", "none"])
 
@@ -174,11 +185,12 @@ def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir,
 def test_highres_two_non_square_stages_use_ntk_and_proportional_attention(fresh_pipe):
     pipe = fresh_pipe
     original_pe = pipe.transformer.pos_embed
-    seen = []
+    seen, times = [], []
 
     def record(module, args, kwargs):  # what each transformer forward actually runs with
         state = getattr(module, "clear_state", None)
         pe = module.pos_embed
+        times.append(float(kwargs["timestep"][0]))
         seen.append(dict(grid=clear.geometry.grid_from_ids(kwargs["img_ids"]),
                          ntk=getattr(pe, "ntk_factor", 1.0),
                          radius=state.radius if state else "off",
@@ -204,6 +216,11 @@ def test_highres_two_non_square_stages_use_ntk_and_proportional_attention(fresh_
     assert pipe.transformer.pos_embed is original_pe
     assert pipe.transformer.clear_state.core.proportional_attention is False
     assert stages[2].result.settings["shift"] == 3.0 and stages[2].result.settings["strength"] == 0.5
+    # upscaling stages: a 4-step schedule, fixed shift 3, strength 0.5 runs its last 2 steps
+    sigmas = np.linspace(1.0, 1 / 4, 4)[2:]
+    shifted = 3.0 * sigmas / (1 + 2.0 * sigmas)
+    np.testing.assert_allclose(times[2:4], shifted, rtol=1e-5)
+    np.testing.assert_allclose(times[4:], shifted, rtol=1e-5)
 
 
 def test_highres_cli_writes_every_stage(tiny_flux_pipeline_dir, tmp_path):
@@ -307,13 +324,11 @@ def test_img2img_pipeline_shares_components_without_casting(tiny_pipe):
 # ------------------------------------------------------------------------------------------
 
 
-def test_controlnet_pipeline_one_line(tiny_pipe):
-    from diffusers import FluxControlNetPipeline
-    from tiny_models import tiny_flux_controlnet
+def test_controlnet_pipeline_one_line(tmp_path):
+    from tiny_models import tiny_flux_controlnet_pipeline
 
-    comps = {k: v for k, v in tiny_pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
-    pipe = FluxControlNetPipeline(controlnet=tiny_flux_controlnet(), **{**comps, "transformer": _copy(comps["transformer"])})
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_flux_controlnet_pipeline()
+    _eval(pipe)
     control = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8))
     kw = dict(prompt="a dog", control_image=control, height=32, width=48, num_inference_steps=2,
               max_sequence_length=16, output_type="np")
@@ -321,20 +336,22 @@ def test_controlnet_pipeline_one_line(tiny_pipe):
     inf.apply_to_pipeline(pipe, radius=100)  # covers the grid: nothing may change
     assert pipe.transformer.clear_state is not None and pipe.controlnet.clear_state is not None
     np.testing.assert_allclose(pipe(**kw, generator=torch.Generator().manual_seed(0)).images, ref, atol=1e-5)
-    inf.apply_to_pipeline(pipe, radius=2, down_factor=2)
+
+    ckpt = _save_checkpoint(tmp_path / "clear_local_2_down_2.safetensors", radius=2, down_factor=2)
+    inf.apply_to_pipeline(pipe, radius=2, down_factor=2, checkpoint=ckpt)
     assert pipe.controlnet.clear_state.radius == 2 and pipe.transformer.clear_state.down_factor == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt)
+    for model in (pipe.transformer, pipe.controlnet):  # the ControlNet takes the transformer's first blocks
+        torch.testing.assert_close(model.get_parameter("transformer_blocks.0.attn.to_q.weight"),
+                                   weights["transformer_blocks.0.attn.to_q.weight"])
     local = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
-    assert local.shape == ref.shape and np.abs(local - ref).max() > 1e-4
+    assert local.shape == ref.shape and np.isfinite(local).all() and np.abs(local - ref).max() > 1e-4
     with inf.ntk_rope(pipe, 10):
         assert isinstance(pipe.controlnet.pos_embed, inf.NTKFluxPosEmbed)
     inf.remove_from_pipeline(pipe)
     assert pipe.transformer.clear_state is None and pipe.controlnet.clear_state is None
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def test_schnell_zero_shot_with_dev_weights(tmp_path):
@@ -342,7 +359,7 @@ def test_schnell_zero_shot_with_dev_weights(tmp_path):
 
     dev_ckpt = _save_checkpoint(tmp_path / "dev_r2.safetensors", radius=2)  # made on a guidance-embedding "dev"
     pipe = tiny_flux_pipeline(guidance_embeds=False)
-    pipe.set_progress_bar_config(disable=True)
+    _eval(pipe)
     assert inf.default_settings(pipe) == dict(steps=4, guidance=0.0, max_sequence_length=256)
     inf.apply_to_pipeline(pipe, 2, checkpoint=dev_ckpt)
     from safetensors.torch import load_file
