@@ -1,0 +1,946 @@
+"""Evaluation: the paper's metrics, protocol and attention FLOPs.
+
+The protocol (Table 2 of the paper): one caption per image of a COCO-2014 validation
+subset; every model generates one image per caption with the same seed; then
+
+* against the original model's images (same prompt, same seed): FID, LPIPS, CLIP image
+  similarity (CLIP-I), DINO similarity, PSNR, SSIM, MS-SSIM;
+* against the real COCO images: FID and LPIPS;
+* text alignment CLIP-T (CLIPScore), Inception Score, and the attention GFLOPs per layer
+  (:func:`clear.attention_flops`); for ControlNet, the RMSE between each condition image
+  and the condition re-extracted from the generated image.
+
+Metrics come from torchmetrics (FID, IS, LPIPS, CLIPScore, SSIM, MS-SSIM, PSNR, cosine
+similarity) and from transformers models (CLIP, DINO); nothing here re-derives a metric.
+Every network is injectable (:class:`FeatureNets`) so the tests use tiny random models.
+A metric that cannot run (a package missing, images too small, ...) is reported as
+unavailable with the reason, in the JSON and under the table; it is never estimated.
+
+Images are paired across folders by file stem (``000000391895.png`` in every folder).
+:func:`generate_images` writes such folders (``{key}.png``, seed = base seed + index)
+and :func:`load_prompts` reads COCO caption files, ``.txt`` and ``.jsonl`` prompt lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .geometry import attention_flops
+
+__all__ = [
+    "Prompt",
+    "load_prompts",
+    "ModelImages",
+    "EvalConfig",
+    "FeatureNets",
+    "COLUMNS",
+    "METRIC_KEYS",
+    "evaluate",
+    "markdown_table",
+    "write_report",
+    "generate_images",
+    "MANIFEST",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MANIFEST = "generation.json"  # written by generate_images next to the images it made
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt and the file stem its images get in every folder."""
+
+    key: str
+    text: str
+
+
+def _check_key(key: str, where: str) -> str:
+    if not key or key.startswith(".") or any(c in key for c in '/\\:*?"<>|\n'):
+        raise ValueError(f"{where}: {key!r} cannot be a file name; give prompts keys without path characters")
+    return key
+
+
+def _prompt_from_record(rec: Any, index: int, where: str) -> tuple[str | None, str]:
+    if isinstance(rec, str):
+        return None, rec
+    if isinstance(rec, dict):
+        text = next((rec[k] for k in ("prompt", "caption", "text") if isinstance(rec.get(k), str)), None)
+        if text is not None:
+            key = next((rec[k] for k in ("key", "id", "image_id") if rec.get(k) is not None), None)
+            return (None if key is None else str(key)), text
+    raise ValueError(f"{where}: record {index} has no prompt; expected a string or an object with "
+                     f"'prompt', 'caption' or 'text' (and optionally 'key', 'id' or 'image_id'), got {rec!r:.120}")
+
+
+def _coco_prompts(data: dict, where: str) -> list[Prompt]:
+    """One caption per image (its first in the file), keyed by the image's file stem
+    (``COCO_val2014_000000391895``) so the real images pair by name, in image-id order."""
+    stems = {img["id"]: Path(img["file_name"]).stem for img in data.get("images", []) if "file_name" in img}
+    first: dict[Any, str] = {}
+    for i, ann in enumerate(data["annotations"]):
+        if "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise ValueError(f"{where}: annotation {i} lacks 'image_id' or 'caption' (a COCO captions file has both)")
+        first.setdefault(ann["image_id"], " ".join(ann["caption"].split()))
+    return [Prompt(stems.get(i, str(i)), c) for i, c in sorted(first.items(), key=lambda kv: (str(type(kv[0])), kv[0]))]
+
+
+def load_prompts(path: str | os.PathLike, num: int | None = None, sample_seed: int | None = None) -> list[Prompt]:
+    """Read prompts from a COCO captions JSON (``annotations`` with ``image_id``/``caption``;
+    one caption per image, keyed by the image file stem), a JSON list, a ``.jsonl`` file
+    (strings or objects with ``prompt``/``caption``/``text`` and optional ``key``/``id``/
+    ``image_id``) or a ``.txt`` file (one prompt per non-empty line). Prompts without a key
+    get their zero-padded index. ``num`` keeps the first ``num`` prompts, or with
+    ``sample_seed`` a seeded random subset (in file order), e.g. the paper's 5,000 images."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    where = str(path)
+    raw: list[tuple[str | None, str]]
+    if path.suffix.lower() == ".txt":
+        raw = [(None, line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix.lower() == ".jsonl":
+        raw = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}:{n}: not JSON ({e.msg})") from None
+                raw.append(_prompt_from_record(rec, n, where))
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg}); use .txt for one prompt per line") from None
+        if isinstance(data, dict) and "annotations" in data:
+            raw = [(p.key, p.text) for p in _coco_prompts(data, where)]
+        elif isinstance(data, list):
+            raw = [_prompt_from_record(rec, i, where) for i, rec in enumerate(data)]
+        else:
+            raise ValueError(f"{where}: expected a COCO captions file (with 'annotations') or a list of prompts")
+    if not raw:
+        raise ValueError(f"{where} holds no prompts")
+    width = max(5, len(str(len(raw) - 1)))
+    prompts = [Prompt(_check_key(k if k is not None else f"{i:0{width}d}", where), t.strip())
+               for i, (k, t) in enumerate(raw)]
+    seen: set[str] = set()
+    for p in prompts:
+        if p.key in seen:
+            raise ValueError(f"{where}: two prompts have the key {p.key!r}; keys name the image files and must be unique")
+        seen.add(p.key)
+        if not p.text:
+            raise ValueError(f"{where}: the prompt for {p.key!r} is empty")
+    if num is not None:
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        if num > len(prompts):
+            raise ValueError(f"asked for {num} prompts but {where} has {len(prompts)}")
+        if sample_seed is None:
+            prompts = prompts[:num]
+        else:
+            keep = sorted(random.Random(sample_seed).sample(range(len(prompts)), num))
+            prompts = [prompts[i] for i in keep]
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------
+# Folders and images
+# ----------------------------------------------------------------------------------------
+
+
+def list_images(folder: str | os.PathLike) -> dict[str, Path]:
+    """``{stem: path}`` of the images in ``folder`` (hidden and temporary files ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            if p.stem in out:
+                raise ValueError(f"{folder} has two images for {p.stem!r} ({out[p.stem].name}, {p.name}); keep one")
+            out[p.stem] = p
+    return out
+
+
+def read_image(path: Path, size: tuple[int, int] | None = None) -> Tensor:
+    """uint8 ``[3, H, W]``; with ``size=(width, height)`` resized to cover it and center-cropped."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()
+        img = img.convert("RGB")
+    if size is not None and img.size != tuple(size):
+        img = ImageOps.fit(img, tuple(size), method=Image.Resampling.BICUBIC)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
+
+
+@dataclass
+class ModelImages:
+    """One model's images and the attention variant that made them (for the GFLOPs column):
+    ``radius=None`` is full attention; ``text_len`` is the T5 sequence length;
+    ``variant_known=False`` leaves GFLOPs unavailable (a folder with no record of it)."""
+
+    name: str
+    folder: Path
+    radius: float | None = None
+    down_factor: int = 1
+    text_len: int = 512
+    variant_known: bool = True
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, name: str | None = None, **defaults) -> "ModelImages":
+        """Read the variant from the folder's ``generation.json`` when there is one; ``defaults``
+        (``radius``, ``down_factor``, ``text_len``) fill in what it does not say."""
+        folder = Path(folder)
+        info = {}
+        if (folder / MANIFEST).is_file():
+            info = json.loads((folder / MANIFEST).read_text())["settings"]
+        fields = dict(defaults)
+        for key, src in (("radius", "radius"), ("down_factor", "down_factor"), ("text_len", "max_sequence_length")):
+            if src in info:
+                fields[key] = info[src]
+        fields["variant_known"] = "radius" in fields
+        return cls(name or info.get("label") or folder.name, Path(folder), **fields)
+
+
+class _PairedImages(torch.utils.data.Dataset):
+    """Item ``i``: (stem, {role: uint8 [3, H, W]} or None, why it was skipped or None)."""
+
+    def __init__(self, stems: Sequence[str], paths: dict[str, dict[str, Path]], size: tuple[int, int],
+                 resized: set[str]):
+        self.stems, self.paths, self.size, self.resized = list(stems), paths, size, resized
+
+    def __len__(self):
+        return len(self.stems)
+
+    def __getitem__(self, i):
+        stem, images = self.stems[i], {}
+        for role, paths in self.paths.items():
+            try:
+                img = read_image(paths[stem], self.size if role in self.resized else None)
+            except Exception as e:  # noqa: BLE001 - unreadable image: skipped and reported
+                return stem, None, f"{role}: {paths[stem].name}: unreadable ({type(e).__name__}: {e})"
+            if tuple(img.shape[1:]) != (self.size[1], self.size[0]):
+                return stem, None, (f"{role}: {paths[stem].name} is {img.shape[2]}x{img.shape[1]}, "
+                                    f"the original images are {self.size[0]}x{self.size[1]}")
+            images[role] = img
+        return stem, images, None
+
+
+# ----------------------------------------------------------------------------------------
+# Networks behind the learned metrics
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """What to compute and with which models. ``metrics``: a subset of :data:`METRIC_KEYS`."""
+
+    metrics: tuple[str, ...] | None = None  # None = all
+    clip_model: str = "openai/clip-vit-large-patch14"
+    dino_model: str = "facebook/dino-vits16"
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    lpips_net: str = "alex"
+    fid_feature: int = 2048
+    is_splits: int = 10
+    batch_size: int = 16
+    workers: int = 0
+    device: str = "auto"
+    dim: int = 3072  # FLUX.1 attention width (heads x head_dim), for GFLOPs
+    tokens_per_pixel_side: int = 16  # FLUX: VAE x8, then 2x2 patches
+
+
+@dataclass
+class FeatureNets:
+    """The networks behind the learned metrics. Anything left None is built on first use:
+    torchmetrics' defaults for FID/IS (torch-fidelity's InceptionV3) and LPIPS, the Hub
+    models of :class:`EvalConfig` for CLIP and DINO.
+
+    * ``fid``: uint8 ``[N, 3, H, W]`` -> features ``[N, F]`` (torchmetrics ``feature=``).
+    * ``inception``: uint8 ``[N, 3, H, W]`` -> class logits ``[N, K]`` for the Inception Score.
+    * ``lpips``: ``net(img1, img2, normalize=True)`` on float ``[0, 1]`` images -> ``[N, ...]`` distances
+      (the signature of torchmetrics' LPIPS network).
+    * ``clip``: ``(CLIPModel, CLIPProcessor)``; ``dino``: ``(model, image processor)``, the CLS token of
+      ``last_hidden_state`` is the embedding.
+    * ``condition``: uint8 ``[N, 3, H, W]`` -> condition maps in ``[0, 1]``, ``[N, 1, H, W]`` (for ControlNet
+      RMSE; default: a depth-estimation model).
+    """
+
+    fid: nn.Module | None = None
+    inception: nn.Module | None = None
+    lpips: nn.Module | None = None
+    clip: tuple[Any, Any] | None = None
+    dino: tuple[Any, Any] | None = None
+    condition: Callable[[Tensor], Tensor] | None = None
+
+
+class _Unavailable(Exception):
+    """A metric that cannot be computed here; the message says why and what to install."""
+
+
+_FIDELITY_MISSING = ("needs torch-fidelity and torchvision, not installed here: pip install torch-fidelity torchvision "
+                     "(the torchvision build that matches your torch)")
+
+
+def _resolve(nets: FeatureNets, name: str, config: EvalConfig, device: torch.device, failures: dict[str, str]):
+    """``getattr(nets, name)``, building the default once; raises :class:`_Unavailable`."""
+    if name in failures:
+        raise _Unavailable(failures[name])
+    if getattr(nets, name) is not None:
+        if name == "fid":
+            nets.fid = _with_num_features(nets.fid, device)
+        return getattr(nets, name)
+    try:
+        net = _DEFAULT_BUILDERS[name](config, device)
+    except _Unavailable as e:
+        failures[name] = str(e)
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. no network for the Hub: reported per metric
+        failures[name] = f"could not load the {name} network: {type(e).__name__}: {str(e)[:300]}"
+        raise _Unavailable(failures[name]) from e
+    setattr(nets, name, net)
+    return net
+
+
+class _Features(nn.Module):
+    """An FID feature network with its ``num_features`` stated, so torchmetrics does not
+    probe it with a CPU dummy image (which fails once the network is on a GPU)."""
+
+    def __init__(self, net: nn.Module, num_features: int):
+        super().__init__()
+        self.net, self.num_features = net, num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+
+def _with_num_features(net: nn.Module, device) -> _Features:
+    if isinstance(net, _Features):
+        return net
+    num = getattr(net, "num_features", None)
+    if num is None:
+        with torch.inference_mode():
+            num = net(torch.randint(0, 255, (1, 3, 299, 299), dtype=torch.uint8, device=device)).shape[-1]
+    return _Features(net, int(num))
+
+
+def _build_fid(config: EvalConfig, device):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        return _Features(FrechetInceptionDistance(feature=config.fid_feature).inception, config.fid_feature).to(device)
+    except ModuleNotFoundError as e:
+        raise _Unavailable(f"FID's InceptionV3 {_FIDELITY_MISSING}") from e
+
+
+def _build_inception(config: EvalConfig, device):
+    from torchmetrics.image.inception import InceptionScore
+
+    try:
+        with _quiet_is_warning():
+            return InceptionScore(feature="logits_unbiased").inception.to(device)
+    except ModuleNotFoundError as e:
+        raise _Unavailable(f"the Inception Score's InceptionV3 {_FIDELITY_MISSING}") from e
+
+
+def _build_lpips(config: EvalConfig, device):
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    try:
+        return LearnedPerceptualImagePatchSimilarity(net_type=config.lpips_net, normalize=True).net.to(device)
+    except ModuleNotFoundError as e:
+        raise _Unavailable(f"LPIPS ({config.lpips_net}) needs torchvision for its ImageNet backbone, not installed here: "
+                           "pip install torchvision (the build that matches your torch)") from e
+
+
+def _build_clip(config: EvalConfig, device):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(config.clip_model).eval(), CLIPProcessor.from_pretrained(config.clip_model)
+
+
+def _build_dino(config: EvalConfig, device):
+    from transformers import AutoImageProcessor, AutoModel
+
+    return AutoModel.from_pretrained(config.dino_model).eval().to(device), AutoImageProcessor.from_pretrained(config.dino_model)
+
+
+def _build_condition(config: EvalConfig, device):
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    model = AutoModelForDepthEstimation.from_pretrained(config.depth_model).eval().to(device)
+    processor = AutoImageProcessor.from_pretrained(config.depth_model)
+
+    def depth(images: Tensor) -> Tensor:
+        """Relative depth, min-max normalised per image to [0, 1], at the images' size."""
+        inputs = processor(images=list(images.cpu()), return_tensors="pt")
+        pred = model(pixel_values=inputs["pixel_values"].to(device)).predicted_depth[:, None].float()
+        pred = torch.nn.functional.interpolate(pred, size=images.shape[-2:], mode="bicubic", align_corners=False)
+        lo, hi = pred.amin(dim=(1, 2, 3), keepdim=True), pred.amax(dim=(1, 2, 3), keepdim=True)
+        return (pred - lo) / (hi - lo).clamp_min(1e-8)
+
+    return depth
+
+
+_DEFAULT_BUILDERS = {"fid": _build_fid, "inception": _build_inception, "lpips": _build_lpips,
+                     "clip": _build_clip, "dino": _build_dino, "condition": _build_condition}
+
+
+class _ClipForTorchmetrics(nn.Module):
+    """A transformers CLIPModel as torchmetrics' CLIPScore reads it: ``get_*_features``
+    returning tensors (transformers >= 5 returns output objects holding the projected
+    embedding in ``pooler_output``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def get_image_features(self, pixel_values):
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+# ----------------------------------------------------------------------------------------
+# The metrics, and the columns of the paper's table
+# ----------------------------------------------------------------------------------------
+
+# (key, column header, group, higher is better, decimals). Keys are the JSON keys.
+COLUMNS = [
+    ("fid_original", "FID ↓", "vs. original", False, 2),
+    ("lpips_original", "LPIPS ↓", "vs. original", False, 3),
+    ("clip_i", "CLIP-I ↑", "vs. original", True, 2),
+    ("dino", "DINO ↑", "vs. original", True, 2),
+    ("psnr", "PSNR ↑", "vs. original", True, 2),
+    ("ssim", "SSIM ↑", "vs. original", True, 3),
+    ("ms_ssim", "MS-SSIM ↑", "vs. original", True, 3),
+    ("fid_real", "FID (real) ↓", "vs. real", False, 2),
+    ("lpips_real", "LPIPS (real) ↓", "vs. real", False, 3),
+    ("clip_t", "CLIP-T ↑", "text", True, 2),
+    ("inception_score", "IS ↑", "quality", True, 2),
+    ("gflops", "GFLOPs ↓", "cost", False, 2),
+    ("rmse_condition", "RMSE ↓", "ControlNet", False, 2),
+]
+METRIC_KEYS = tuple(c[0] for c in COLUMNS)
+_DESCRIPTION = {
+    "fid_original": "FID between this model's and the original model's images (torchmetrics, InceptionV3 pool features)",
+    "lpips_original": "mean LPIPS to the original model's image of the same prompt and seed (torchmetrics)",
+    "clip_i": "mean 100 x cosine similarity of CLIP image embeddings to the original model's image (torchmetrics CLIPScore)",
+    "dino": "mean 100 x cosine similarity of DINO CLS embeddings to the original model's image",
+    "psnr": "mean per-image PSNR (dB, data range 1) to the original model's image (torchmetrics)",
+    "ssim": "mean SSIM (11x11 Gaussian, data range 1) to the original model's image (torchmetrics)",
+    "ms_ssim": "mean MS-SSIM (5 scales, data range 1) to the original model's image (torchmetrics)",
+    "fid_real": "FID against the real images (resized and center-cropped to the generated size)",
+    "lpips_real": "mean LPIPS to the real image of the same caption (resized and center-cropped)",
+    "clip_t": "CLIPScore: mean 100 x max(cosine(image, caption), 0) (torchmetrics)",
+    "inception_score": "Inception Score (torchmetrics, logits_unbiased), mean over splits; std in inception_score_std",
+    "gflops": "attention GFLOPs of one layer at this resolution and variant: clear.attention_flops / 1e9",
+    "rmse_condition": "mean per-image RMSE (0-255 scale) between the condition image and the condition re-extracted "
+                      "from the generated image",
+}
+
+
+@dataclass
+class _Job:
+    """One metric of one model: ``update(batch)`` per batch of images, ``compute()`` at the end."""
+
+    model: str
+    key: str
+    update: Callable[[dict], None]
+    compute: Callable[[], dict[str, float]]
+    failed: str | None = None
+
+
+def _floats(images: Tensor) -> Tensor:
+    return images.float() / 255.0
+
+
+# Job builders: (model, key, net, ref, device, ...) -> _Job; ``ref`` is the role the model's
+# images are compared with (another model, "real", "__condition__") or None.
+
+
+def _image_pair_job(model: str, key: str, net, ref: str, device, factory: Callable[[], Any]) -> _Job:
+    """A torchmetrics image metric ``metric(preds=model's images, target=ref's)`` on [0, 1] floats."""
+    metric = factory().to(device)
+
+    def update(batch):
+        metric.update(_floats(batch[model]), _floats(batch[ref]))
+    return _Job(model, key, update, lambda: {key: float(metric.compute())})
+
+
+def _fid_job(model: str, key: str, net, ref: str, device) -> _Job:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=net).to(device)  # net: a _Features (no dummy forward)
+
+    def update(batch):
+        metric.update(batch[ref], real=True)
+        metric.update(batch[model], real=False)
+    return _Job(model, key, update, lambda: {key: float(metric.compute())})
+
+
+def _lpips_job(model: str, key: str, net, ref: str, device) -> _Job:
+    from torchmetrics import MeanMetric
+
+    mean = MeanMetric().to(device)
+
+    def update(batch):
+        mean.update(net(_floats(batch[model]), _floats(batch[ref]), normalize=True).flatten().float())
+    return _Job(model, key, update, lambda: {key: float(mean.compute())})
+
+
+def _clip_job(model: str, key: str, clip, ref: str | None, device) -> _Job:
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    clip_model, processor = clip
+    metric = CLIPScore(model_name_or_path=lambda: (_ClipForTorchmetrics(clip_model), processor)).to(device)
+
+    def update(batch):
+        metric.update(batch[model], batch["__prompts__"] if ref is None else batch[ref])
+    return _Job(model, key, update, lambda: {key: float(metric.compute())})
+
+
+def _dino_job(model: str, key: str, dino, ref: str, device) -> _Job:
+    from torchmetrics import CosineSimilarity
+
+    net, processor = dino
+    metric = CosineSimilarity(reduction="mean").to(device)
+
+    def embed(images):
+        inputs = processor(images=list(images.cpu()), return_tensors="pt")
+        return net(pixel_values=inputs["pixel_values"].to(device, next(net.parameters()).dtype)).last_hidden_state[:, 0]
+
+    def update(batch):
+        metric.update(embed(batch[model]).float(), embed(batch[ref]).float())
+    return _Job(model, key, update, lambda: {key: 100.0 * float(metric.compute())})
+
+
+@contextlib.contextmanager
+def _quiet_is_warning():
+    """torchmetrics warns that IS keeps every feature in memory: 1008 logits per image is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        yield
+
+
+def _is_job(model: str, key: str, net, ref, device, splits: int = 10) -> _Job:
+    from torchmetrics.image.inception import InceptionScore
+
+    with _quiet_is_warning():
+        metric = InceptionScore(feature=net, splits=splits).to(device)
+
+    def compute():
+        with torch.random.fork_rng(devices=[]):  # IS shuffles before splitting: make it repeatable
+            torch.manual_seed(0)
+            mean, std = metric.compute()
+        return {"inception_score": float(mean), "inception_score_std": float(std)}
+    return _Job(model, key, lambda batch: metric.update(batch[model]), compute)
+
+
+def _rmse_job(model: str, key: str, extractor, ref: str, device) -> _Job:
+    from torchmetrics import MeanMetric
+    from torchmetrics.functional import mean_squared_error
+
+    mean = MeanMetric().to(device)
+
+    def update(batch):
+        pred = extractor(batch[model]).float().clamp(0, 1)
+        cond = _floats(batch[ref]).mean(dim=1, keepdim=True)
+        if pred.shape != cond.shape:
+            raise ValueError(f"the condition extractor returned {tuple(pred.shape)}, expected {tuple(cond.shape)}")
+        per_image = torch.stack([mean_squared_error(p, c, squared=False) for p, c in zip(pred, cond)])
+        mean.update(255.0 * per_image)
+    return _Job(model, key, update, lambda: {key: float(mean.compute())})
+
+
+def _gflops(m: ModelImages, size: tuple[int, int], config: EvalConfig) -> float:
+    if not m.variant_known:
+        raise _Unavailable(f"the attention variant of {m.folder} is unknown (no {MANIFEST}); give its radius "
+                           "(scripts/evaluate.py --radius/--down_factor)")
+    t = config.tokens_per_pixel_side
+    if size[0] % t or size[1] % t:
+        raise _Unavailable(f"{size[0]}x{size[1]} pixels is not a whole number of {t}x{t}-pixel tokens")
+    try:
+        return attention_flops(size[1] // t, size[0] // t, m.radius, text_len=m.text_len, down_factor=m.down_factor,
+                               dim=config.dim) / 1e9
+    except ValueError as e:  # e.g. a token grid not divisible by the down factor
+        raise _Unavailable(str(e)) from None
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluate
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: str | os.PathLike | None = None,
+             prompts: Sequence[Prompt] | None = None, conditions: str | os.PathLike | None = None,
+             config: EvalConfig | None = None, nets: FeatureNets | None = None, limit: int | None = None,
+             progress: bool = True) -> dict:
+    """Compute the paper's table for ``original`` (the reference row) and each candidate.
+
+    Images are paired by file stem across the original folder, every candidate folder,
+    ``real`` and ``conditions`` (when given); stems missing from any folder, or without a
+    prompt (when ``prompts`` is given), or unreadable in any folder, are skipped and
+    counted. Returns a JSON-ready dict: ``models[name]["metrics"]`` has every key of
+    :data:`METRIC_KEYS` (None where not applicable or unavailable, with the reason in
+    ``models[name]["notes"]``)."""
+    config = config or EvalConfig()
+    nets = nets or FeatureNets()
+    requested = set(METRIC_KEYS if config.metrics is None else config.metrics)
+    unknown = requested - set(METRIC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRIC_KEYS)}")
+    models = [original, *candidates]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names) or {"real", "__condition__", "__prompts__"} & set(names):
+        raise ValueError(f"model names must be unique and not 'real', got {names}")
+    if not candidates:
+        raise ValueError("give at least one model to compare with the original")
+    device = _device(config.device)
+
+    # --- pair the folders by stem ------------------------------------------------------
+    paths = {m.name: list_images(m.folder) for m in models}
+    if real is not None:
+        paths["real"] = list_images(real)
+    if conditions is not None:
+        paths["__condition__"] = list_images(conditions)
+    paired = set.intersection(*(set(p) for p in paths.values()))
+    unpaired = {("conditions" if role == "__condition__" else role): len(set(p) - paired) for role, p in paths.items()}
+    prompt_of = None if prompts is None else {p.key: p.text for p in prompts}
+    no_prompt = sorted(paired - set(prompt_of)) if prompt_of is not None else []
+    stems = sorted(paired - set(no_prompt))
+    if limit is not None:
+        stems = stems[:limit]
+    if not stems:
+        examples = {role: sorted(p)[:3] for role, p in paths.items()}
+        raise ValueError("no image is in every folder" + (" and has a prompt" if prompt_of is not None else "")
+                         + f"; images are paired by file stem. First stems per folder: {examples}"
+                         + (f"; first prompt keys: {sorted(prompt_of)[:3]}" if prompt_of is not None else ""))
+
+    size = None
+    for stem in stems:
+        try:
+            img = read_image(paths[original.name][stem])
+        except Exception:  # noqa: BLE001 - counted when the loader meets it
+            continue
+        size = (img.shape[2], img.shape[1])
+        break
+    if size is None:
+        raise ValueError(f"none of the {len(stems)} paired images of {original.folder} can be read")
+
+    # --- one job per (model, metric) ----------------------------------------------------
+    injected = [f for f in ("fid", "inception", "lpips", "clip", "dino", "condition") if getattr(nets, f) is not None]
+    notes: dict[str, dict[str, str]] = {n: {} for n in names}
+    jobs: list[_Job] = []
+    failures: dict[str, str] = {}
+
+    def add(model: str, key: str, builder, net: str | None, ref: str | None, **kwargs):
+        if key not in requested:
+            notes[model][key] = "not requested"
+            return
+        try:
+            module = None if net is None else _resolve(nets, net, config, device, failures)
+            jobs.append(builder(model, key, module, ref, device, **kwargs))
+        except _Unavailable as e:
+            notes[model][key] = f"unavailable: {e}"
+
+    from torchmetrics.image import (MultiScaleStructuralSimilarityIndexMeasure, PeakSignalNoiseRatio,
+                                    StructuralSimilarityIndexMeasure)
+
+    psnr = partial(PeakSignalNoiseRatio, data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean")  # per image
+    ref = original.name
+    for m in candidates:
+        n = m.name
+        add(n, "fid_original", _fid_job, "fid", ref)
+        add(n, "lpips_original", _lpips_job, "lpips", ref)
+        add(n, "clip_i", _clip_job, "clip", ref)
+        add(n, "dino", _dino_job, "dino", ref)
+        add(n, "psnr", _image_pair_job, None, ref, factory=psnr)
+        add(n, "ssim", _image_pair_job, None, ref, factory=partial(StructuralSimilarityIndexMeasure, data_range=1.0))
+        add(n, "ms_ssim", _image_pair_job, None, ref,
+            factory=partial(MultiScaleStructuralSimilarityIndexMeasure, data_range=1.0))
+    for key in ("fid_original", "lpips_original", "clip_i", "dino", "psnr", "ssim", "ms_ssim"):
+        notes[ref].setdefault(key, "not applicable: this is the reference model")
+    for n in names:
+        if real is None:
+            notes[n].update(fid_real="not applicable: no real images given", lpips_real="not applicable: no real images given")
+        else:
+            add(n, "fid_real", _fid_job, "fid", "real")
+            add(n, "lpips_real", _lpips_job, "lpips", "real")
+        if prompt_of is None:
+            notes[n]["clip_t"] = "not applicable: no prompts given"
+        else:
+            add(n, "clip_t", _clip_job, "clip", None)
+        add(n, "inception_score", _is_job, "inception", None, splits=config.is_splits)
+        if conditions is None:
+            notes[n]["rmse_condition"] = "not applicable: no condition images given"
+        else:
+            add(n, "rmse_condition", _rmse_job, "condition", "__condition__")
+
+    # --- one pass over the images --------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(
+        _PairedImages(stems, paths, size, resized={"real", "__condition__"}),
+        batch_size=config.batch_size, num_workers=config.workers, collate_fn=list)
+    skipped: dict[str, str] = {}
+    evaluated = 0
+    with torch.inference_mode():
+        for items in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
+            ok = [(stem, imgs) for stem, imgs, why in items if imgs is not None]
+            skipped.update({stem: why for stem, imgs, why in items if imgs is None})
+            if not ok:
+                continue
+            batch = {role: torch.stack([imgs[role] for _, imgs in ok]).to(device) for role in paths}
+            if prompt_of is not None:
+                batch["__prompts__"] = [prompt_of[stem] for stem, _ in ok]
+            evaluated += len(ok)
+            for job in jobs:
+                if job.failed is None:
+                    try:
+                        job.update(batch)
+                    except Exception as e:  # noqa: BLE001 - reported as unavailable with the reason
+                        job.failed = f"failed: {type(e).__name__}: {str(e)[:300]}"
+
+        results: dict[str, dict[str, Any]] = {n: {} for n in names}
+        for job in tqdm(jobs, desc="computing", unit="metric", disable=not progress):
+            if job.failed is None:
+                try:
+                    results[job.model].update(job.compute())
+                except Exception as e:  # noqa: BLE001 - e.g. FID with fewer than 2 images
+                    job.failed = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            if job.failed is not None:
+                notes[job.model][job.key] = job.failed
+
+    for m in models:
+        if "gflops" in requested:
+            try:
+                results[m.name]["gflops"] = _gflops(m, size, config)
+            except _Unavailable as e:
+                notes[m.name]["gflops"] = f"unavailable: {e}"
+        else:
+            notes[m.name]["gflops"] = "not requested"
+
+    out_models = {}
+    for m in models:
+        metrics = {key: results[m.name].get(key) for key in METRIC_KEYS}
+        if "inception_score_std" in results[m.name]:
+            metrics["inception_score_std"] = results[m.name]["inception_score_std"]
+        out_models[m.name] = {
+            "role": "original" if m is original else "candidate",
+            "folder": str(m.folder),
+            "variant": {"radius": m.radius, "down_factor": m.down_factor, "text_len": m.text_len},
+            "metrics": metrics,
+            "notes": {k: v for k, v in notes[m.name].items() if metrics.get(k) is None},
+        }
+    return {
+        "protocol": {
+            "resolution": {"width": size[0], "height": size[1],
+                           "tokens": [size[1] // config.tokens_per_pixel_side, size[0] // config.tokens_per_pixel_side]},
+            "original": original.name,
+            "real_images": None if real is None else str(real),
+            "condition_images": None if conditions is None else str(conditions),
+            "feature_models": {"clip": config.clip_model, "dino": config.dino_model, "lpips": config.lpips_net,
+                               "fid_feature": config.fid_feature, "is_splits": config.is_splits,
+                               "depth": config.depth_model,
+                               "injected": injected},  # these were passed in: the names above do not apply to them
+            "attention_dim": config.dim,
+            "metric_definitions": _DESCRIPTION,
+            "versions": _versions(),
+        },
+        "images": {
+            "evaluated": evaluated,
+            "paired": len(stems),
+            "skipped_unreadable_or_wrong_size": len(skipped),
+            "skipped_examples": dict(list(skipped.items())[:20]),
+            "without_prompt": len(no_prompt),
+            "without_prompt_examples": no_prompt[:20],
+            "limit": limit,
+            "unpaired_per_folder": unpaired,
+        },
+        "models": out_models,
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "torchmetrics", "transformers", "torch-fidelity", "torchvision", "clear-dit"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, decimals: int) -> str:
+    if value is None:
+        return "n/a"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return f"{value:.{decimals}f}"
+
+
+def markdown_table(results: dict) -> str:
+    """The paper's Table 2 layout: one row per model, the original model first; ``—`` =
+    not applicable or not requested, ``n/a`` = unavailable (the reasons are listed below)."""
+    models = results["models"]
+    columns = [c for c in COLUMNS if c[0] != "rmse_condition" or results["protocol"]["condition_images"]]
+    rows = []
+    for name, info in models.items():
+        cells = [name]
+        for key, _, _, _, decimals in columns:
+            value, note = info["metrics"].get(key), info["notes"].get(key, "")
+            cells.append("—" if value is None and note.startswith(("not applicable", "not requested")) else _fmt(value, decimals))
+        rows.append(cells)
+    res, images = results["protocol"]["resolution"], results["images"]
+    groups = {}
+    for _, title, group, _, _ in columns:
+        groups.setdefault(group, []).append(title.split(" ")[0] + (" (real)" if group == "vs. real" else ""))
+    lines = [
+        f"{images['evaluated']} prompts at {res['width']}x{res['height']}; original model: {results['protocol']['original']}. "
+        f"Against the original model's images (same prompt, same seed): {', '.join(groups['vs. original'])}. "
+        + (f"Against the real images: {', '.join(groups['vs. real'])}. " if "vs. real" in groups else "")
+        + "GFLOPs: one attention layer.",
+        "",
+        "| Method | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+    notes = [f"- {name}, {key}: {note}" for name, info in models.items() for key, note in info["notes"].items()
+             if not note.startswith(("not applicable", "not requested"))]
+    if notes:
+        lines += ["", "Unavailable (`n/a`):", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_report(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``out_dir/metrics.json`` (strict JSON: infinities as the strings "inf"/"-inf") and
+    ``out_dir/table.md``; both written atomically."""
+    out_dir = Path(out_dir)
+    js = atomic_write_text(out_dir / "metrics.json", json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    md = atomic_write_text(out_dir / "table.md", markdown_table(results))
+    return js, md
+
+
+# ----------------------------------------------------------------------------------------
+# Generating the image folders
+# ----------------------------------------------------------------------------------------
+
+
+def generate_images(pipe, prompts: Sequence[Prompt], out_dir: str | os.PathLike, settings: dict, *,
+                    height: int, width: int, num_inference_steps: int, guidance_scale: float, base_seed: int = 0,
+                    max_sequence_length: int = 512, batch_size: int = 1, shard: tuple[int, int] = (0, 1),
+                    progress: bool = True) -> dict[str, int]:
+    """Write ``out_dir/{key}.png`` for every prompt with seed ``base_seed + index`` (a CPU
+    generator per image, so the image does not depend on the batch size or the device
+    type), skipping images already there; each file is written to a temporary name and
+    renamed, so an interrupted run leaves no partial image and can simply be restarted.
+    ``shard=(i, n)`` makes only the prompts with ``index % n == i`` (one process per GPU).
+
+    ``settings`` (model, variant, resolution, ...) go into ``out_dir/generation.json``
+    with every prompt's key and seed; resuming into a folder made with other settings
+    fails instead of mixing images. Returns counts: generated, skipped, total."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index, count = shard
+    if not (0 <= index < count):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    settings = dict(settings, height=height, width=width, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, base_seed=base_seed, max_sequence_length=max_sequence_length)
+    settings = json.loads(json.dumps(settings))  # normalise tuples etc. as they come back from the file
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())["settings"]
+        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        if diff:
+            raise ValueError(f"{out_dir} holds images made with other settings ({'; '.join(diff)}); "
+                             "use another folder, or delete it to start over")
+    items = [{"key": p.key, "prompt": p.text, "seed": base_seed + i} for i, p in enumerate(prompts)]
+    atomic_write_text(manifest, json.dumps({"settings": settings, "items": items}, indent=1) + "\n")
+
+    todo = [it for i, it in enumerate(items) if i % count == index and not (out_dir / f"{it['key']}.png").exists()]
+    mine = sum(1 for i in range(len(items)) if i % count == index)
+    bar = tqdm(total=len(todo), desc=f"generating {out_dir.name}", unit="img", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        images = pipe(prompt=[it["prompt"] for it in chunk], height=height, width=width,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      max_sequence_length=max_sequence_length, output_type="pil",
+                      generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in chunk]).images
+        for it, image in zip(chunk, images):
+            target = out_dir / f"{it['key']}.png"
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
+            os.close(fd)
+            try:
+                image.save(tmp, format="PNG")
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        bar.update(len(chunk))
+    bar.close()
+    return {"generated": len(todo), "skipped": mine - len(todo), "total": mine}

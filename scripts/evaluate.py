@@ -1,0 +1,74 @@
+"""Evaluate CLEAR against the original model: the paper's Table 2 as JSON + markdown.
+
+    python scripts/evaluate.py --prompts annotations/captions_val2014.json \\
+        --original eval/flux_1024 --clear eval/clear_r16_1024 [--clear eval/clear_r8_1024 ...] \\
+        --real coco/val2014 --out results/table2_1024
+
+Writes OUT/metrics.json and OUT/table.md. Images are paired by file stem; unpaired,
+prompt-less or unreadable images are skipped and counted in the report. Folders made by
+scripts/generate_eval_set.py carry their variant (for the GFLOPs column) in
+generation.json; for other folders pass --radius/--down_factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from clear.evaluation import METRIC_KEYS, EvalConfig, ModelImages, evaluate, load_prompts, markdown_table, write_report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--original", required=True, help="folder of the original model's images (the reference)")
+    p.add_argument("--clear", required=True, action="append", metavar="FOLDER",
+                   help="folder of a CLEAR model's images; repeat for several rows")
+    p.add_argument("--real", default=None, help="folder of real images (e.g. COCO val2014), paired by file stem")
+    p.add_argument("--prompts", default=None, help="prompts file (COCO captions JSON, .jsonl, .txt); needed for CLIP-T")
+    p.add_argument("--conditions", default=None, help="ControlNet condition images, paired by stem (RMSE column)")
+    p.add_argument("--out", required=True, help="output folder for metrics.json and table.md")
+    p.add_argument("--names", default=None, help="comma-separated row names: original, then each --clear")
+    p.add_argument("--radius", type=float, default=None,
+                   help="CLEAR radius for --clear folders without generation.json (for GFLOPs)")
+    p.add_argument("--down_factor", type=int, default=1, help="with --radius")
+    p.add_argument("--text_len", type=int, default=512, help="T5 tokens, for folders without generation.json")
+    p.add_argument("--metrics", default=None, help=f"comma-separated subset of: {','.join(METRIC_KEYS)}")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N paired images")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-loading processes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--clip_model", default=EvalConfig.clip_model)
+    p.add_argument("--dino_model", default=EvalConfig.dino_model)
+    p.add_argument("--depth_model", default=EvalConfig.depth_model, help="condition extractor for the RMSE column")
+    p.add_argument("--lpips_net", default=EvalConfig.lpips_net, choices=["alex", "vgg", "squeeze"])
+    p.add_argument("--is_splits", type=int, default=EvalConfig.is_splits)
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None, nets=None) -> dict:
+    """Run the evaluation; ``nets`` (a :class:`clear.evaluation.FeatureNets`) injects networks."""
+    args = parse_args(argv)
+    names = args.names.split(",") if args.names else [None] * (1 + len(args.clear))
+    if len(names) != 1 + len(args.clear):
+        raise SystemExit(f"--names has {len(names)} names for {1 + len(args.clear)} folders (original + --clear)")
+    original = ModelImages.from_folder(args.original, names[0], text_len=args.text_len)
+    original.radius, original.down_factor, original.variant_known = None, 1, True  # the reference: full attention
+    variant = {} if args.radius is None else {"radius": args.radius, "down_factor": args.down_factor}
+    candidates = [ModelImages.from_folder(f, n, text_len=args.text_len, **variant) for f, n in zip(args.clear, names[1:])]
+    config = EvalConfig(metrics=tuple(args.metrics.split(",")) if args.metrics else None, clip_model=args.clip_model,
+                        dino_model=args.dino_model, depth_model=args.depth_model, lpips_net=args.lpips_net,
+                        is_splits=args.is_splits, batch_size=args.batch_size, workers=args.workers, device=args.device)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    results = evaluate(original, candidates, real=args.real, prompts=prompts, conditions=args.conditions,
+                       config=config, nets=nets, limit=args.limit, progress=not args.no_progress)
+    js, md = write_report(results, args.out)
+    print(markdown_table(results))
+    print(f"wrote {js} and {md}")
+    print(json.dumps(results["images"], indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
