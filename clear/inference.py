@@ -494,8 +494,8 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
         kwargs = dict(image=resized, prompt=prompt, height=height, width=width, guidance_scale=guidance,
                       max_sequence_length=max_sequence_length)
         if warmup:
-            _timed_call(img2img, strength=1.0, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed),
-                        **kwargs)
+            _timed_call(img2img, strength=1.0, num_inference_steps=1,
+                        generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
         out, seconds = _timed_call(img2img, strength=strength, num_inference_steps=steps,
                                    generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
     settings = dict(prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,

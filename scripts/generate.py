@@ -145,15 +145,15 @@ def run(args: argparse.Namespace, pipe) -> dict[str, str]:
     original = None
     if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
         original = chain(None)
-        written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"),
-                                           _settings(args, original[-1].result, total_seconds=round(_total(original), 3)))
+        meta = _settings(args, original[-1].result, total_seconds=round(_total(original), 3))
+        written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"), meta)
     stages = chain(args.clear)
     for i, st in enumerate(stages[:-1]):
         written[f"stage{i}"] = inf.save_png(st.image, _stage_path(out, i, st.height, st.width),
                                             _settings(args, st.result, stage=i))
     final = stages[-1]
-    written["image"] = inf.save_png(final.image, out, _settings(args, final.result, total_seconds=round(_total(stages), 3),
-                                                                stages=len(stages)))
+    meta = _settings(args, final.result, total_seconds=round(_total(stages), 3), stages=len(stages))
+    written["image"] = inf.save_png(final.image, out, meta)
     print(f"{args.clear.label}: {final.height}x{final.width} in {_total(stages):.2f} s -> {out}")
     if original is not None:
         orig_res = inf.Result(original[-1].image, _total(original))
