@@ -1,0 +1,166 @@
+"""Training data on disk: shards read in place, sample decoding, bad-sample accounting, the resumable sampler."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clear.data import (
+    BadSample,
+    BadSampleError,
+    BadSamples,
+    DistillDataset,
+    RankSampler,
+    collate,
+    default_cache_dir,
+    read_image,
+    read_prompt,
+)
+from clear.shards import Sample, index_samples, split_key, write_tar_atomic
+
+
+def jpeg(color=(200, 30, 30), size=(20, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def t2i_2m_tar(path, n=3):
+    """A shard in the layout of text-to-image-2M's data_1024_10K (000000000.jpg + .json with 'prompt' and more)."""
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            for ext, data in (("jpg", jpeg()), ("json", json.dumps({"prompt": f"prompt {i}", "width": 20}).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_split_key():
+    assert split_key("a/b/000123.jpg") == ("a/b/000123", "jpg")
+    assert split_key("x.seg.PNG") == ("x", "seg.png")
+    assert split_key("noext") == ("noext", "")
+
+
+def test_index_reads_tars_in_place_and_loose_files(tmp_path):
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    t2i_2m_tar(root / "data_000000.tar")
+    (root / "sub" / "k1.jpg").write_bytes(jpeg())
+    (root / "sub" / "k1.json").write_text('{"prompt": "loose"}')
+    (root / ".staging").mkdir()
+    (root / ".staging" / "hidden.jpg").write_bytes(jpeg())  # hidden folders are not data
+    (root / "sub" / "notes.md").write_text("not a sample")
+
+    samples = index_samples(root)
+    assert [s.id for s in samples] == ["data_000000/000000000", "data_000000/000000001", "data_000000/000000002",
+                                       "sub/k1"]
+    assert read_prompt(samples[1]) == "prompt 1"
+    assert read_prompt(samples[3]) == "loose"
+    assert read_image(samples[0], 8).shape == (3, 8, 8)
+    # a single tar is a data root too, ids are its keys
+    assert [s.id for s in index_samples(root / "data_000000.tar")] == ["000000000", "000000001", "000000002"]
+    assert default_cache_dir(root).name == "data_cache"
+    assert default_cache_dir(root / "data_000000.tar") == (root / "data_000000_cache").resolve()
+
+
+def test_index_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        index_samples(tmp_path / "nope")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="not a .tar"):
+        index_samples(tmp_path / "x.txt")
+    (tmp_path / "broken.tar").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="broken.tar is not a readable"):
+        index_samples(tmp_path)
+
+
+def test_write_tar_atomic_round_trip(tmp_path):
+    write_tar_atomic(tmp_path / "s.tar", [("a", {"jpg": jpeg(), "json": b'{"prompt": "p"}'}), ("b", {"json": b"{}"})])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar"]  # no temporary file left
+    ids = {s.id: s for s in index_samples(tmp_path / "s.tar")}
+    assert set(ids) == {"a", "b"} and read_prompt(ids["a"]) == "p"
+
+
+def test_image_preprocessing_resizes_shorter_side_and_centre_crops():
+    im = Image.fromarray(np.concatenate([np.zeros((10, 10, 3), np.uint8), np.full((10, 20, 3), 255, np.uint8)], 1))
+    from clear.data import image_to_tensor
+
+    x = image_to_tensor(im, 10)  # 30x10, black left third: the centre crop (columns 10..19) is all white
+    assert x.shape == (3, 10, 10) and torch.equal(x, torch.ones(3, 10, 10))
+    y = image_to_tensor(im, 20)  # upscaled to 60x20, crop columns 20..39: white but for bicubic ringing at the edge
+    assert y.shape == (3, 20, 20) and torch.allclose(y[:, :, 2:], torch.ones(3, 20, 18))
+    z = image_to_tensor(im.transpose(Image.Transpose.ROTATE_90), 10)  # tall image: crop rows
+    assert z.shape == (3, 10, 10) and torch.equal(z, torch.ones(3, 10, 10))
+
+
+def test_bad_samples_are_reported_not_replaced(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    for key, img, meta in [("good", jpeg(), b'{"prompt": "ok"}'), ("badimg", b"\xff\xd8 not a jpeg", b'{"prompt": "ok"}'),
+                           ("badjson", jpeg(), b'{"prompt": '), ("noprompt", jpeg(), b'{"caption": "x"}')]:
+        (root / f"{key}.jpg").write_bytes(img)
+        (root / f"{key}.json").write_bytes(meta)
+    (root / "nojson.jpg").write_bytes(jpeg())
+    ds = DistillDataset(index_samples(root), resolution=8)
+    items = {s.id: ds[i] for i, s in enumerate(ds.samples)}
+    assert not isinstance(items["good"], BadSample)
+    assert items["badimg"].kind == "bad image"
+    assert items["badjson"].kind == "bad json"
+    assert items["noprompt"].kind == "bad json"
+    assert items["nojson"].kind == "no json"
+
+    batch = collate([items["good"], items["badimg"], items["badjson"]])
+    assert batch["ids"] == ["good"] and batch["image"].shape == (1, 3, 8, 8) and batch["prompt"] == ["ok"]
+    assert [b.id for b in batch["bad"]] == ["badimg", "badjson"]
+    empty = collate([items["badimg"]])
+    assert empty["ids"] == [] and len(empty["bad"]) == 1
+
+    bad = BadSamples()
+    bad.add(batch["bad"])
+    bad.add(items["nojson"])
+    assert len(bad) == 3 and bad.counts() == {"bad image": 1, "bad json": 1, "no json": 1}
+    assert "badimg" in bad.report() and "skipped 3" in bad.report()
+    restored = BadSamples()
+    restored.load_state_dict(json.loads(json.dumps(bad.state_dict())))
+    assert restored.items == bad.items
+
+
+def test_cached_features_missing_or_corrupt(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg())
+    (root / "a.json").write_text('{"prompt": "x"}')
+    cache = tmp_path / "cache"
+    ds = DistillDataset(index_samples(root), 8, cache_dir=cache, cached_prompts=True)
+    assert ds[0].kind == "not cached"
+    (cache / "prompt_embeds").mkdir(parents=True)
+    (cache / "prompt_embeds" / "a.safetensors").write_bytes(b"truncated")
+    assert ds[0].kind == "bad cache"
+    with pytest.raises(BadSampleError, match="no json"):
+        read_prompt(Sample("z", {}))
+
+
+def test_collate_refuses_mixed_shapes():
+    items = [{"id": "a", "latent_mean": torch.zeros(4, 2, 2)}, {"id": "b", "latent_mean": torch.zeros(4, 4, 4)}]
+    with pytest.raises(ValueError, match="different shapes"):
+        collate(items)
+
+
+def test_rank_sampler_resumes_and_splits():
+    n = 7
+    full = RankSampler(n, seed=3)
+    stream = [i for _, i in zip(range(20), iter(full))]
+    assert sorted(stream[:7]) == list(range(7)) and sorted(stream[7:14]) == list(range(7))  # epochs are permutations
+    assert stream[:7] != stream[7:14]  # and reshuffled
+    resumed = [i for _, i in zip(range(11), iter(RankSampler(n, seed=3, start=9)))]
+    assert resumed == stream[9:20]
+    r0, r1 = RankSampler(n, 3, 0, 2), RankSampler(n, 3, 1, 2)
+    e0, e1 = r0.epoch_indices(0), r1.epoch_indices(0)
+    assert len(e0) == len(e1) == 3 and not set(e0) & set(e1)
+    with pytest.raises(ValueError, match="cannot be split"):
+        RankSampler(1, world_size=2)
