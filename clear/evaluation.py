@@ -100,7 +100,7 @@ def _coco_prompts(data: dict, where: str) -> list[Prompt]:
         if "image_id" not in ann or not isinstance(ann.get("caption"), str):
             raise ValueError(f"{where}: annotation {i} lacks 'image_id' or 'caption' (a COCO captions file has both)")
         first.setdefault(ann["image_id"], " ".join(ann["caption"].split()))
-    return [Prompt(stems.get(i, str(i)), c) for i, c in sorted(first.items(), key=lambda kv: (str(type(kv[0])), kv[0]))]
+    return [Prompt(stems.get(i, str(i)), c) for i, c in sorted(first.items())]
 
 
 def load_prompts(path: str | os.PathLike, num: int | None = None, sample_seed: int | None = None) -> list[Prompt]:
@@ -273,7 +273,8 @@ class EvalConfig:
 class FeatureNets:
     """The networks behind the learned metrics. Anything left None is built on first use:
     torchmetrics' defaults for FID/IS (torch-fidelity's InceptionV3) and LPIPS, the Hub
-    models of :class:`EvalConfig` for CLIP and DINO.
+    models of :class:`EvalConfig` for CLIP, DINO and depth. Built and injected networks are
+    kept here, moved to the evaluation device, so one object serves several evaluations.
 
     * ``fid``: uint8 ``[N, 3, H, W]`` -> features ``[N, F]`` (torchmetrics ``feature=``).
     * ``inception``: uint8 ``[N, 3, H, W]`` -> class logits ``[N, K]`` for the Inception Score.
@@ -305,10 +306,16 @@ def _resolve(nets: FeatureNets, name: str, config: EvalConfig, device: torch.dev
     """``getattr(nets, name)``, building the default once; raises :class:`_Unavailable`."""
     if name in failures:
         raise _Unavailable(failures[name])
-    if getattr(nets, name) is not None:
+    net = getattr(nets, name)
+    if net is not None:  # injected: put it on the evaluation device
+        if isinstance(net, nn.Module):
+            net = net.to(device)
+        elif isinstance(net, tuple) and isinstance(net[0], nn.Module):
+            net = (net[0].to(device), *net[1:])
         if name == "fid":
-            nets.fid = _with_num_features(nets.fid, device)
-        return getattr(nets, name)
+            net = _with_num_features(net, device)
+        setattr(nets, name, net)
+        return net
     try:
         net = _DEFAULT_BUILDERS[name](config, device)
     except _Unavailable as e:

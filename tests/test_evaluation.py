@@ -4,7 +4,6 @@ report's layout, prompts files, and resumable generation with the tiny FluxPipel
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,16 @@ import clear
 from clear.evaluation import (MANIFEST, METRIC_KEYS, EvalConfig, FeatureNets, ModelImages, Prompt, evaluate,
                               load_prompts, markdown_table, write_report)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module under a name no installed package can shadow."""
+    spec = importlib.util.spec_from_file_location(f"clear_eval_script_{name}", Path(__file__).resolve().parent.parent
+                                                  / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 SIZE = 192  # MS-SSIM needs more than 160 pixels a side
 STEMS = [f"{i:05d}" for i in range(6)]
@@ -343,8 +351,7 @@ def test_load_prompts_formats(tmp_path):
 
 
 def test_generate_resume_and_evaluate_cli(tiny_flux_pipeline_dir, tmp_path, nets):
-    import evaluate as evaluate_cli
-    import generate_eval_set
+    evaluate_cli, generate_eval_set = load_script("evaluate"), load_script("generate_eval_set")
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:3]))
