@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Cache T5 + CLIP prompt embeddings of the training set on one node (resumable; re-run after a crash).
+# Override with env vars (DATA_ROOT, MODEL, NGPUS) or extra flags, e.g. `bash cache_prompt_embeds.sh --batch_size 8`.
+set -euo pipefail
+cd "$(dirname "$0")"
+DATA_ROOT=${DATA_ROOT:-data/flux_dev_1024}
+MODEL=${MODEL:-black-forest-labs/FLUX.1-dev}
+NGPUS=${NGPUS:-4}
+torchrun --standalone --nproc_per_node="$NGPUS" scripts/cache_prompt_embeds.py \
+    --pretrained_model_name_or_path "$MODEL" --data_root "$DATA_ROOT" --max_sequence_length 512 "$@"

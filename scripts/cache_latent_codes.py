@@ -1,0 +1,61 @@
+"""Cache the VAE posterior (latent mean and std) of every training image.
+
+    torchrun --nproc_per_node=4 scripts/cache_latent_codes.py \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --data_root data/flux_dev_1024 --resolution 1024
+
+Images are resized (shorter side) and centre-cropped to --resolution, as in training.
+Writes <cache_dir>/latent_codes/<sample id>.safetensors ("latent_mean", "latent_std",
+[16, res/8, res/8] for FLUX); cache_dir defaults to <data_root>_cache. Training samples
+z = mean + std * eps afresh every step. Rank r of W (torchrun) takes every W-th sample;
+files already there are skipped, so a killed job resumes; each file is written atomically.
+An image that does not decode is skipped, counted and listed at the end. Then train with
+--use_cached_latent (and the same --resolution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+
+from clear.data import LATENT_CODES, default_cache_dir, read_image, write_feature_cache
+from clear.features import LatentEncoder
+from clear.shards import dist_env, index_samples
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
+    p.add_argument("--data_root", required=True, help="a folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")
+    p.add_argument("--cache_dir", default=None, help="default: <data_root>_cache")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="VAE and stored features; default: bfloat16 on CUDA, float32 otherwise")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, local_rank = dist_env()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cache_dir = args.cache_dir or default_cache_dir(args.data_root)
+
+    samples = index_samples(args.data_root)
+    encoder = LatentEncoder(args.pretrained_model_name_or_path, device, dtype)
+    multiple = 2 ** (len(encoder.config.block_out_channels) - 1) * 2
+    if args.resolution % multiple:
+        raise SystemExit(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
+    report = write_feature_cache(samples, LATENT_CODES, cache_dir,
+                                 read=functools.partial(read_image, resolution=args.resolution),
+                                 encode=lambda images: encoder(torch.stack(images)),
+                                 batch_size=args.batch_size, rank=rank, world_size=world,
+                                 metadata={"model": args.pretrained_model_name_or_path, "resolution": args.resolution})
+    print(report.summary(f"latent codes in {cache_dir}", rank, world))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Cache the text encoders' outputs for every training sample: T5 token embeddings and CLIP pooled embeddings.
+
+    torchrun --nproc_per_node=4 scripts/cache_prompt_embeds.py \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --data_root data/flux_dev_1024
+
+Writes <cache_dir>/prompt_embeds/<sample id>.safetensors ("prompt_embeds" [L, 4096],
+"pooled_prompt_embeds" [768]); cache_dir defaults to <data_root>_cache. Rank r of W
+(torchrun) takes every W-th sample; files already there are skipped, so a killed job
+resumes; each file is written atomically. A sample whose JSON is missing or broken is
+skipped, counted and listed at the end. Then train with --use_cached_prompt_embed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from clear.data import PROMPT_EMBEDS, default_cache_dir, read_prompt, write_feature_cache
+from clear.features import PromptEncoder
+from clear.shards import dist_env, index_samples
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
+    p.add_argument("--data_root", required=True, help="a folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")
+    p.add_argument("--cache_dir", default=None, help="default: <data_root>_cache")
+    p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="encoders and stored features; default: bfloat16 on CUDA, float32 otherwise")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, local_rank = dist_env()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cache_dir = args.cache_dir or default_cache_dir(args.data_root)
+
+    samples = index_samples(args.data_root)
+    encoder = PromptEncoder(args.pretrained_model_name_or_path, device, dtype, args.max_sequence_length)
+    report = write_feature_cache(samples, PROMPT_EMBEDS, cache_dir, read=read_prompt, encode=encoder,
+                                 batch_size=args.batch_size, rank=rank, world_size=world,
+                                 metadata={"model": args.pretrained_model_name_or_path,
+                                           "max_sequence_length": args.max_sequence_length})
+    print(report.summary(f"prompt embeddings in {cache_dir}", rank, world))
+    return report
+
+
+if __name__ == "__main__":
+    main()

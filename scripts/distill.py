@@ -1,0 +1,443 @@
+"""Distil a pretrained FLUX transformer into CLEAR local attention (the paper's training).
+
+    accelerate launch --config_file deepspeed_config.yaml scripts/distill.py \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --data_root data/flux_dev_1024 \
+        --use_cached_prompt_embed --use_cached_latent --radius 16 --output_dir outputs/clear_local_16
+
+(``bash distill.sh`` runs exactly this with the 4xH100 defaults.) The teacher is the
+original transformer, frozen; the student is a copy with ``clear.apply_clear(radius,
+down_factor)`` whose CLEAR parameters alone train, on ``L_fm + alpha*L_distill + beta*L_attn``
+(see ``clear/distill.py``). Every ``--checkpointing_steps`` the accelerate state goes to
+``<output_dir>/checkpoint-<step>/`` together with the CLEAR weights in the released layout
+(``clear_local_<r>[_down_<df>].safetensors``) and each process's data position; the final
+weights are also written to ``<output_dir>/``. ``--resume_from_checkpoint latest``
+continues at the same step, optimizer state and data position.
+
+Reads top to bottom: arguments, accelerator, models, data, optimizer, resume, the loop
+(loss, step, log, validation, checkpoint), export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import clear
+from clear.data import (
+    LATENT_CODES,
+    PROMPT_EMBEDS,
+    BadSamples,
+    DistillDataset,
+    RankSampler,
+    check_cache,
+    collate,
+    default_cache_dir,
+)
+from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
+from clear.features import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
+from clear.shards import atomic_path, index_samples, write_bytes_atomic
+
+logger = logging.getLogger("distill")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    # model and CLEAR
+    a("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
+    a("--radius", "--window_size", dest="radius", type=int, default=16, help="CLEAR window radius in tokens")
+    a("--down_factor", type=int, default=1, help="add (H/df)x(W/df) pooled key/value tokens (1: none)")
+    a("--attn_backend", choices=["auto", "dense", "flex"], default="auto",
+      help="auto: FlexAttention on CUDA, dense (mask + SDPA) elsewhere")
+    # data
+    a("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")
+    a("--cache_dir", default=None, help="feature caches (default: <data_root>_cache)")
+    a("--use_cached_prompt_embed", action="store_true", help="read T5/CLIP embeddings from scripts/cache_prompt_embeds.py")
+    a("--use_cached_latent", action="store_true", help="read VAE mean/std from scripts/cache_latent_codes.py")
+    a("--resolution", type=int, default=1024, help="training images are resized and centre-cropped to this")
+    a("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt (raw prompts and validation)")
+    a("--dataloader_num_workers", type=int, default=2)
+    # objective
+    a("--distill_loss_weight", "--alpha", dest="alpha", type=float, default=0.5, help="alpha: weight of L_distill")
+    a("--attn_loss_weight", "--beta", dest="beta", type=float, default=0.5, help="beta: weight of L_attn")
+    a("--attn_loss_layers", default="single:4",
+      help="attention layers of L_attn: 'single:N[:offset]', 'double:N[:offset]', block names, or 'none'")
+    a("--guidance_scale", type=float, default=3.5, help="guidance embedding value (FLUX.1-dev is guidance-distilled)")
+    a("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"], default="none")
+    a("--logit_mean", type=float, default=0.0)
+    a("--logit_std", type=float, default=1.0)
+    a("--mode_scale", type=float, default=1.29)
+    # optimisation
+    a("--train_batch_size", type=int, default=2, help="per process")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--max_train_steps", type=int, default=10000)
+    a("--optimizer", type=str.lower, choices=["adamw", "prodigy"], default="adamw")
+    a("--learning_rate", type=float, default=1e-4, help="Prodigy: use 1.0")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-4)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--prodigy_beta3", type=float, default=None)
+    a("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True)
+    a("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True)
+    a("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True)
+    a("--lr_scheduler", default="constant",
+      help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a("--max_grad_norm", type=float, default=1.0, help="(DeepSpeed: the config's gradient_clipping when not 'auto')")
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: the accelerate config's")
+    a("--gradient_checkpointing", action="store_true")
+    a("--allow_tf32", action="store_true")
+    a("--seed", type=int, default=0)
+    # checkpoints, logs, validation
+    a("--output_dir", default="outputs/clear")
+    a("--checkpointing_steps", type=int, default=1000)
+    a("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    a("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none")
+    a("--logging_dir", default="logs", help="under output_dir")
+    a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
+    a("--validation_steps", type=int, default=500)
+    a("--validation_resolution", type=int, default=None, help="default: --resolution")
+    a("--num_validation_inference_steps", type=int, default=28)
+    args = p.parse_args(argv)
+    if args.checkpointing_steps < 1 or args.max_train_steps < 1:
+        p.error("--checkpointing_steps and --max_train_steps must be >= 1")
+    return args
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The seed of one micro-batch's noise and timesteps: a function of where it is, not of
+    what ran before, so a resumed run draws exactly what an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def needs_gloo() -> bool:
+    """A distributed run (several processes, or DeepSpeed) without GPUs: NCCL cannot work, use gloo."""
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    return distributed and not torch.cuda.is_available()
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-<step>``; unfinished ``.tmp`` ones excluded), oldest first."""
+    found = [d for d in output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda d: int(d.name.split("-", 1)[1]))
+
+
+def side_by_side(teacher_images, student_images):
+    """One row per prompt: teacher | student."""
+    from PIL import Image
+
+    w, h = teacher_images[0].size
+    grid = Image.new("RGB", (2 * w, h * len(teacher_images)))
+    for i, (t, s) in enumerate(zip(teacher_images, student_images)):
+        grid.paste(t, (0, i * h))
+        grid.paste(s, (w, i * h))
+    return grid
+
+
+def main(argv=None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, free_memory
+
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+
+    # -- accelerator ---------------------------------------------------------------------
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else [],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    is_main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if is_deepspeed:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = args.max_grad_norm
+        if ds.get("gradient_accumulation_steps", "auto") not in ("auto", args.gradient_accumulation_steps):
+            raise SystemExit(f"the DeepSpeed config accumulates {ds['gradient_accumulation_steps']} steps but "
+                             f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: set one of them "
+                             "to match (or 'auto' in the config)")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    existing = checkpoints(output_dir)
+    if existing and not args.resume_from_checkpoint:
+        raise SystemExit(f"{output_dir} already holds {', '.join(d.name for d in existing)}: pass "
+                         "--resume_from_checkpoint latest to continue that run, or choose another --output_dir")
+    resume = None
+    if args.resume_from_checkpoint == "latest":
+        resume = existing[-1] if existing else None
+        if resume is None:
+            logger.info("no checkpoint in %s: starting a new run", output_dir)
+    elif args.resume_from_checkpoint:
+        resume = Path(args.resume_from_checkpoint)
+        if not resume.is_dir() or not resume.name.split("-", 1)[-1].isdigit():
+            raise SystemExit(f"--resume_from_checkpoint {resume} is not a checkpoint folder (checkpoint-<step>)")
+        later = [d.name for d in existing if int(d.name.split("-", 1)[1]) > int(resume.name.split("-", 1)[1])]
+        if resume.parent.resolve() == output_dir.resolve() and later:
+            raise SystemExit(f"resuming from {resume.name} would overwrite the later {', '.join(later)}: move them "
+                             "away first, or resume from 'latest'")
+
+    # -- models: frozen teacher, CLEAR student -------------------------------------------
+    teacher = FluxTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                                     dtype=weight_dtype).to(device)
+    teacher.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher)
+    clear.apply_clear(student, radius=args.radius, down_factor=args.down_factor, backend=args.attn_backend)
+    trainable = freeze_for_distillation(student)
+    if not is_deepspeed:  # DeepSpeed keeps its own fp32 master copy of the trainable parameters
+        cast_training_params(student, dtype=torch.float32)
+    student.train()
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    layers = attention_layers(student, args.attn_loss_layers)
+    variant = clear.Variant(args.radius, args.down_factor)
+    guidance = args.guidance_scale if teacher.config.guidance_embeds else None
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path,
+                                                                      subfolder="scheduler")
+    shift_factor, scaling_factor = vae_scaling(args.pretrained_model_name_or_path)
+    vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae")
+    pixels_per_token = 2 ** (len(vae_config["block_out_channels"]) - 1) * 2
+    for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
+        if res is not None and (res % pixels_per_token or (res // pixels_per_token) % args.down_factor):
+            raise SystemExit(f"{name} {res} must be a multiple of {pixels_per_token * args.down_factor} "
+                             f"({pixels_per_token} pixels per token x down_factor {args.down_factor})")
+    logger.info("student: %s; %d trainable tensors (%.1fM parameters); L_attn on %d layers",
+                student.clear_state.core, len(trainable), sum(p.numel() for p in trainable.values()) / 1e6,
+                len(layers))
+
+    # -- data ----------------------------------------------------------------------------
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
+    for wanted, kind in [(args.use_cached_prompt_embed, PROMPT_EMBEDS), (args.use_cached_latent, LATENT_CODES)]:
+        if wanted:
+            check_cache(cache_dir, kind)
+    dataset = DistillDataset(index_samples(args.data_root), args.resolution, cache_dir, args.use_cached_prompt_embed,
+                             args.use_cached_latent)
+    prompt_encoder = None if args.use_cached_prompt_embed else PromptEncoder(
+        args.pretrained_model_name_or_path, device, weight_dtype, args.max_sequence_length)
+    latent_encoder = None if args.use_cached_latent else LatentEncoder(
+        args.pretrained_model_name_or_path, device, weight_dtype)
+
+    # -- optimizer -----------------------------------------------------------------------
+    params = [p for p in student.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    else:
+        import prodigyopt
+
+        optimizer = prodigyopt.Prodigy(
+            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
+            # ZeRO hands each process a shard of the parameters: Prodigy must all-reduce its step-size estimate
+            fsdp_in_use=is_deepspeed and accelerator.num_processes > 1 and torch.cuda.is_available())
+    # accelerate steps the schedule once per process per optimizer step
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    model = accelerator.unwrap_model(student)
+
+    # Checkpoints hold the CLEAR weights (released layout), not a copy of the whole frozen model.
+    def save_model_hook(models, weights, _dir):
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        if models:  # (DeepSpeed restores the module itself)
+            models.clear()
+            clear.load_clear_weights(model, Path(input_dir) / variant.filename)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # -- resume --------------------------------------------------------------------------
+    start_step, bad, samples_drawn = 0, BadSamples(), 0
+    if resume is not None:
+        state_file = resume / f"data_state.rank{rank}.json"
+        if not state_file.is_file():
+            raise SystemExit(f"{resume} has no {state_file.name}: it was written by another number of processes; "
+                             f"resume with the same number of processes as the run that wrote it")
+        logger.info("resuming from %s", resume)
+        accelerator.load_state(str(resume), **({"load_module_strict": False} if is_deepspeed else {}))
+        start_step = int(resume.name.split("-", 1)[1])
+        data_state = json.loads(state_file.read_text())
+        samples_drawn = data_state["samples_drawn"]
+        bad.load_state_dict(data_state["bad_samples"])
+
+    sampler = RankSampler(len(dataset), args.seed, rank, accelerator.num_processes, start=samples_drawn)
+    loader = iter(DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+                             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available()))
+
+    def next_batch() -> dict:
+        """The next batch with at least one readable sample; unreadable ones are logged and counted."""
+        nonlocal samples_drawn
+        for _ in range(math.ceil(len(dataset) / args.train_batch_size) + 1):
+            batch = next(loader)
+            samples_drawn += args.train_batch_size
+            for b in batch["bad"]:
+                logger.warning("skipping bad sample %s: %s", b.id, b.reason)
+            bad.add(batch["bad"])
+            if batch["ids"]:
+                return batch
+        raise RuntimeError(f"no sample of a whole epoch could be read:\n{bad.report()}")
+
+    def model_inputs(batch: dict, generator: torch.Generator):
+        """(x0 latents [B, C, H, W] fp32, T5 embeddings, CLIP pooled embeddings) of one batch."""
+        if args.use_cached_prompt_embed:
+            text = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+        else:
+            text = prompt_encoder(batch["prompt"])
+        moments = ({k: batch[k] for k in ("latent_mean", "latent_std")} if args.use_cached_latent
+                   else latent_encoder(batch["image"]))
+        x0 = latents_from_moments(moments["latent_mean"].to(device), moments["latent_std"].to(device), shift_factor,
+                                  scaling_factor, generator)
+        return x0, text["prompt_embeds"].to(device, weight_dtype), text["pooled_prompt_embeds"].to(device, weight_dtype)
+
+    # -- validation: the same prompts and seeds through teacher and student, side by side ---
+    validation = None
+    if args.validation_prompt and is_main:
+        encoder = prompt_encoder or PromptEncoder(args.pretrained_model_name_or_path, device, weight_dtype,
+                                                  args.max_sequence_length)
+        validation = {"text": encoder(args.validation_prompt), "teacher": None,
+                      "vae": latent_encoder.vae if latent_encoder else AutoencoderKL.from_pretrained(
+                          args.pretrained_model_name_or_path, subfolder="vae", dtype=weight_dtype).to(device)}
+        del encoder
+        free_memory()
+
+    def render(transformer) -> list:
+        pipe = FluxPipeline(scheduler=copy.deepcopy(noise_scheduler), vae=validation["vae"], text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        size = args.validation_resolution or args.resolution
+        text = validation["text"]
+        with torch.no_grad(), accelerator.autocast():
+            return [pipe(prompt_embeds=text["prompt_embeds"][i: i + 1], pooled_prompt_embeds=text[
+                "pooled_prompt_embeds"][i: i + 1], height=size, width=size, guidance_scale=args.guidance_scale,
+                num_inference_steps=args.num_validation_inference_steps,
+                generator=torch.Generator(device).manual_seed(args.seed + i)).images[0]
+                for i in range(len(args.validation_prompt))]
+
+    def validate(step: int) -> None:
+        if validation is not None:
+            if validation["teacher"] is None:  # the teacher is frozen: render it once
+                validation["teacher"] = render(teacher)
+            grid = side_by_side(validation["teacher"], render(model))
+            path = output_dir / "validation" / f"step-{step:06d}.png"
+            with atomic_path(path) as tmp:
+                grid.save(tmp, format="PNG")
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"validation (teacher | student)": np.asarray(grid)[None]}, step,
+                                       dataformats="NHWC")
+                elif tracker.name == "wandb":
+                    tracker.log_images({"validation (teacher | student)": [grid]}, step)
+            logger.info("validation images: %s", path)
+        accelerator.wait_for_everyone()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(step: int) -> Path:
+        final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
+        if is_main and tmp.exists():
+            shutil.rmtree(tmp)  # an unfinished save of a killed run
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed else {}))
+        write_bytes_atomic(tmp / f"data_state.rank{rank}.json",
+                           json.dumps({"samples_drawn": samples_drawn, "bad_samples": bad.state_dict()}).encode())
+        if is_main:
+            clear.save_clear_weights(model, tmp / variant.filename)
+        accelerator.wait_for_everyone()
+        if is_main:
+            tmp.rename(final)
+            kept = checkpoints(output_dir)
+            for old in kept[: max(0, len(kept) - args.checkpoints_total_limit)] if args.checkpoints_total_limit else []:
+                shutil.rmtree(old)
+            logger.info("saved %s", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    # -- the loop ------------------------------------------------------------------------
+    if is_main:
+        accelerator.init_trackers("clear-distill", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in vars(args).items()})
+    total = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    logger.info("%d samples; batch %d = %d per process x %d accumulation x %d processes; steps %d -> %d",
+                len(dataset), total, args.train_batch_size, args.gradient_accumulation_steps,
+                accelerator.num_processes, start_step, args.max_train_steps)
+    history = []
+    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="distill", disable=not accelerator.is_local_main_process)
+    for step in range(start_step, args.max_train_steps):
+        sums = torch.zeros(4, device=device)
+        for micro in range(args.gradient_accumulation_steps):
+            batch = next_batch()
+            generator = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro, rank))
+            with accelerator.accumulate(student):
+                x0, prompt_embeds, pooled = model_inputs(batch, generator)
+                noise = torch.randn(x0.shape, generator=generator, device=device)
+                timesteps, sigmas = sample_timesteps(noise_scheduler, x0.shape[0], args.weighting_scheme,
+                                                     args.logit_mean, args.logit_std, args.mode_scale, generator,
+                                                     device)
+                with accelerator.autocast():
+                    losses = distill_losses(student, teacher, x0, noise, timesteps, sigmas, prompt_embeds, pooled,
+                                            layers, guidance, args.alpha, args.beta, args.weighting_scheme,
+                                            noise_scheduler.config.num_train_timesteps, student_module=model)
+                accelerator.backward(losses.total)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([losses.total, losses.fm, losses.distill, losses.attn]).detach().float()
+        means = accelerator.reduce(sums / args.gradient_accumulation_steps, reduction="mean").tolist()
+        n_bad = int(accelerator.reduce(torch.tensor(len(bad), device=device), reduction="sum").item())
+        global_step = step + 1
+        logs = dict(zip(("loss", "loss_fm", "loss_distill", "loss_attn"), means), lr=lr_scheduler.get_last_lr()[0],
+                    bad_samples=n_bad)
+        history.append(logs)
+        accelerator.log(logs, step=global_step)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+        if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+            validate(global_step)
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(global_step)
+    bar.close()
+
+    # -- export --------------------------------------------------------------------------
+    weights = output_dir / variant.filename
+    if is_main:
+        clear.save_clear_weights(model, weights)
+        logger.info("CLEAR weights: %s", weights)
+    if len(bad):
+        logger.warning("process %d: %s", rank, bad.report())
+    accelerator.end_training()
+    return {"start_step": start_step, "global_step": max(start_step, args.max_train_steps), "history": history,
+            "weights": str(weights), "bad_samples": bad, "student": model}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Training end to end on the tiny offline pipeline: the teacher generates data, features are cached,
+the student is distilled (losses, frozen parameters, export, resume, bad data), and the accelerate +
+DeepSpeed launch path runs."""
+
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clear
+from clear.distill import (
+    AttentionCapture,
+    attention_layers,
+    distill_losses,
+    flux_inputs,
+    freeze_for_distillation,
+    sample_timesteps,
+)
+from tiny_models import tiny_flux
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import cache_latent_codes  # noqa: E402
+import cache_prompt_embeds  # noqa: E402
+import distill  # noqa: E402
+import generate_data  # noqa: E402
+
+PROMPTS = ["a small blue plane", "a red cat", "a dog in the city", "a house over the river", "a tree at night"]
+GEN = ["--height", "16", "--width", "16", "--num_inference_steps", "2", "--max_sequence_length", "8"]
+# a tiny distillation: 16 px images -> 8x8 latents -> 4x4 tokens, radius 2 (local), 8 text tokens
+DISTILL = ["--resolution", "16", "--radius", "2", "--attn_backend", "dense", "--attn_loss_layers", "single:1",
+           "--train_batch_size", "2", "--dataloader_num_workers", "0", "--max_sequence_length", "8",
+           "--mixed_precision", "no", "--report_to", "none"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process distill.main() starts its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_env():
+    env = dict(os.environ)  # conftest put every cache (TORCH_EXTENSIONS_DIR, HF_HOME, TMPDIR) under .cache/
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def shard_contents(path):
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+# ------------------------------------------------------------------------------------------
+# data generation and feature caches
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tiny_flux_pipeline_dir, tmp_path_factory):
+    """Self-generated shards (5 samples, 2 per shard) and both feature caches."""
+    root = tmp_path_factory.mktemp("training")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    gen_args = ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--prompts", str(root / "prompts.txt"),
+                "--output_dir", str(root / "data"), "--samples_per_shard", "2", "--batch_size", "2", *GEN]
+    first = generate_data.main(gen_args)
+    again = generate_data.main(gen_args)
+    model = ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--data_root", str(root / "data")]
+    prompt_report = cache_prompt_embeds.main(model + ["--max_sequence_length", "8", "--batch_size", "3"])
+    latent_report = cache_latent_codes.main(model + ["--resolution", "16", "--batch_size", "3"])
+    prompt_again = cache_prompt_embeds.main(model + ["--max_sequence_length", "8"])
+    return dict(root=root, gen_args=gen_args, first=first, again=again, prompt_report=prompt_report,
+                latent_report=latent_report, prompt_again=prompt_again, pipeline=tiny_flux_pipeline_dir)
+
+
+def test_generate_data_writes_resumable_shards(data):
+    out = data["root"] / "data"
+    assert data["first"]["written"] == 5 and data["again"]["written"] == 0 and data["again"]["skipped"] == 5
+    assert sorted(p.name for p in out.iterdir()) == [".generation.json", "shard-00000.tar", "shard-00001.tar",
+                                                     "shard-00002.tar"]  # staging removed once packed
+    members = shard_contents(out / "shard-00001.tar")
+    assert sorted(members) == ["00000002.jpg", "00000002.json", "00000003.jpg", "00000003.json"]
+    meta = json.loads(members["00000003.json"])
+    assert meta == {"key": "00000003", "prompt": PROMPTS[3], "seed": 3, "width": 16, "height": 16,
+                    "model": data["pipeline"], "num_inference_steps": 2, "guidance_scale": 3.5}
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(members["00000003.jpg"])).size == (16, 16)
+
+
+def test_generate_data_resumes_a_killed_shard_and_splits_ranks(data, tmp_path, monkeypatch):
+    src = data["root"] / "data"
+    out = tmp_path / "data"
+    out.mkdir()
+    shutil.copy(src / ".generation.json", out)
+    shutil.copy(src / "shard-00000.tar", out)
+    # a run killed inside shard 1: one image staged, the shard not packed
+    staged = shard_contents(src / "shard-00001.tar")
+    (out / ".staging" / "shard-00001").mkdir(parents=True)
+    for name in ("00000002.jpg", "00000002.json"):
+        (out / ".staging" / "shard-00001" / name).write_bytes(staged[name])
+    (out / ".staging" / "shard-00001" / "00000003.jpg").write_bytes(b"half written, no .json yet")
+
+    args = [a if a != str(src) else str(out) for a in data["gen_args"]]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    rank1 = generate_data.main(args)  # shards 1 (odd): only key 3 is missing
+    assert rank1["written"] == 1 and rank1["skipped"] == 1
+    assert [Path(p).name for p in rank1["shards"]] == ["shard-00001.tar"]
+    assert not (out / "shard-00002.tar").exists()
+    monkeypatch.setenv("RANK", "0")
+    rank0 = generate_data.main(args)  # shards 0 (done) and 2 (one prompt)
+    assert rank0["written"] == 1 and rank0["skipped"] == 2
+    for name in ("shard-00000.tar", "shard-00001.tar", "shard-00002.tar"):
+        assert shard_contents(out / name) == shard_contents(src / name), name  # same seeds, same bytes
+    assert not (out / ".staging").exists()
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="height: was 16, now 32"):
+        generate_data.main(args + ["--height", "32"])  # the later flag wins
+
+
+def test_generate_data_reads_prompts_from_a_t2i_2m_tar_and_jsonl(data, tmp_path):
+    tar = tmp_path / "data_000000.tar"
+    with tarfile.open(tar, "w") as tf:
+        for key, meta in [("000000007", b'{"prompt": "a cat", "url": "x"}'), ("000000008", b"{broken"),
+                          ("000000009", b'{"prompt": "a dog"}')]:
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(meta)
+            tf.addfile(info, io.BytesIO(meta))
+    out = generate_data.main(["--pretrained_model_name_or_path", data["pipeline"], "--prompts", str(tar),
+                              "--output_dir", str(tmp_path / "from_tar"), *GEN])
+    assert out["written"] == 2 and len(out["bad_prompts"]) == 1 and "000000008" in out["bad_prompts"][0]
+    members = shard_contents(tmp_path / "from_tar" / "shard-00000.tar")
+    assert sorted(members) == ["000000007.jpg", "000000007.json", "000000009.jpg", "000000009.json"]
+    assert json.loads(members["000000009.json"])["prompt"] == "a dog"
+
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a boat", "key": "boat", "seed": 42}\nnot json\n{"prompt": "a car"}\n')
+    out = generate_data.main(["--pretrained_model_name_or_path", data["pipeline"], "--prompts", str(jsonl),
+                              "--output_dir", str(tmp_path / "from_jsonl"), *GEN])
+    assert out["written"] == 2 and len(out["bad_prompts"]) == 1
+    members = shard_contents(tmp_path / "from_jsonl" / "shard-00000.tar")
+    assert json.loads(members["boat.json"])["seed"] == 42 and json.loads(members["00000001.json"])["seed"] == 1
+
+
+def test_feature_caches(data):
+    cache = Path(str(data["root"] / "data") + "_cache")
+    assert data["prompt_report"].written == 5 and data["latent_report"].written == 5
+    assert data["prompt_again"].written == 0 and data["prompt_again"].already_cached == 5
+    emb = load_file(str(cache / "prompt_embeds" / "shard-00001" / "00000003.safetensors"))
+    assert emb["prompt_embeds"].shape == (8, 32) and emb["pooled_prompt_embeds"].shape == (32,)
+    lat = load_file(str(cache / "latent_codes" / "shard-00002" / "00000004.safetensors"))
+    assert lat["latent_mean"].shape == lat["latent_std"].shape == (4, 8, 8) and (lat["latent_std"] > 0).all()
+    # the cached embedding is what the pipeline's own encode_prompt gives
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(data["pipeline"], transformer=None, vae=None)
+    ref, pooled, _ = pipe.encode_prompt(PROMPTS[3], prompt_2=None, max_sequence_length=8)
+    torch.testing.assert_close(emb["prompt_embeds"], ref[0])
+    torch.testing.assert_close(emb["pooled_prompt_embeds"], pooled[0])
+
+
+# ------------------------------------------------------------------------------------------
+# the distillation objective
+# ------------------------------------------------------------------------------------------
+
+def unpack(packed, h, w):
+    b, _, c4 = packed.shape
+    return packed.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def test_losses_decrease_on_a_fixed_batch():
+    """On a batch the teacher explains exactly (x0 and noise built from its own velocity, as on
+    self-generated data), a student with perturbed CLEAR weights brings all three losses down."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    teacher = tiny_flux(guidance_embeds=True, num_layers=1, num_single_layers=4).requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    clear.apply_clear(student, radius=2, backend="dense")
+    params = freeze_for_distillation(student)
+    layers = attention_layers(student)  # default: every 4th single-stream block
+    assert layers == ["single_transformer_blocks.0.attn"]
+    layers = attention_layers(student, "single:2")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g) * p.std())
+    b, h, w = 2, 8, 8
+    timesteps, sigmas = sample_timesteps(FlowMatchEulerDiscreteScheduler(), b, "logit_normal", generator=g)
+    prompt, pooled = torch.randn(b, 8, 32, generator=g), torch.randn(b, 32, generator=g)
+    x_t = torch.randn(b, 4, h, w, generator=g)
+    with torch.no_grad():
+        v = unpack(teacher(**flux_inputs(x_t, timesteps, prompt, pooled, 3.5))[0], h, w)
+    s = sigmas.view(-1, 1, 1, 1)
+    x0, noise = x_t - s * v, x_t + (1 - s) * v  # (1 - s) x0 + s noise = x_t and noise - x0 = v
+
+    opt = torch.optim.AdamW(params.values(), lr=3e-3)
+    history = []
+    for _ in range(20):
+        losses = distill_losses(student, teacher, x0, noise, timesteps, sigmas, prompt, pooled, layers)
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+        history.append(losses.items())
+    first, last = history[0], history[-1]
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    assert first["loss_fm"] == pytest.approx(first["loss_distill"], rel=1e-4)  # the teacher is exact on this batch
+    for name in ("loss_distill", "loss_attn", "loss"):
+        assert last[name] < 0.5 * first[name], (name, first[name], last[name])
+
+
+def test_attention_capture_is_scoped_and_survives_gradient_checkpointing():
+    model = tiny_flux(guidance_embeds=True)
+    clear.apply_clear(model, radius=2, backend="dense")
+    params = freeze_for_distillation(model)
+    assert set(n for n, p in model.named_parameters() if p.requires_grad) == set(params)
+    names = attention_layers(model, "double:1,single_transformer_blocks.1")
+    assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.1.attn"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    inputs = flux_inputs(x, torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g),
+                         3.5)
+
+    def attn_grads():
+        model.zero_grad()
+        with AttentionCapture(model, names) as out:
+            model(**inputs)
+        assert out["transformer_blocks.0.attn"].shape == (1, 16 + 5, 32)  # image and text streams, concatenated
+        sum(o.pow(2).mean() for o in out.values()).backward()
+        return {k: p.grad.clone() for k, p in params.items() if p.grad is not None}, out
+
+    plain, out = attn_grads()
+    assert not any(model.get_submodule(n)._forward_hooks for n in names)  # hooks are gone after the forward
+    model.enable_gradient_checkpointing()
+    model.train()
+    checkpointed, _ = attn_grads()  # recomputation in backward must not record again
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for k in plain:
+        torch.testing.assert_close(plain[k], checkpointed[k])
+    with pytest.raises(ValueError, match="selects no attention module"):
+        attention_layers(model, "single:1:5")
+    assert attention_layers(model, "none") == []
+
+
+# ------------------------------------------------------------------------------------------
+# distill.py
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def distilled(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "run"
+    args = ["--pretrained_model_name_or_path", data["pipeline"], "--data_root", str(data["root"] / "data"),
+            "--output_dir", str(out), "--use_cached_prompt_embed", "--use_cached_latent", *DISTILL,
+            "--gradient_accumulation_steps", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--learning_rate", "1e-3", "--validation_prompt", "a red cat", "--validation_steps", "2",
+            "--num_validation_inference_steps", "2", "--report_to", "tensorboard"]
+    result = distill.main(args)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return dict(out=out, args=args, result=result)
+
+
+def test_distill_trains_only_clear_parameters_and_exports(distilled, data):
+    from diffusers import FluxTransformer2DModel
+
+    out, result = distilled["out"], distilled["result"]
+    assert result["global_step"] == 4 and len(result["history"]) == 4
+    for logs in result["history"]:
+        assert all(map(torch.isfinite, torch.tensor([logs["loss"], logs["loss_fm"], logs["loss_distill"],
+                                                     logs["loss_attn"]])))
+        assert logs["loss_attn"] > 0 and logs["bad_samples"] == 0
+
+    original = FluxTransformer2DModel.from_pretrained(data["pipeline"], subfolder="transformer")
+    student = result["student"]
+    trained = clear.clear_state_dict_keys(student)
+    before, after = original.state_dict(), student.state_dict()
+    assert set(after) == set(before)
+    for k in before:
+        if k in trained:
+            assert not torch.equal(before[k], after[k]), f"{k} did not train"
+        else:
+            assert torch.equal(before[k], after[k]), f"frozen {k} changed"
+
+    fresh = FluxTransformer2DModel.from_pretrained(data["pipeline"], subfolder="transformer")
+    clear.apply_clear(fresh, radius=2)
+    clear.load_clear_weights(fresh, out / "clear_local_2.safetensors")
+    for k, p in clear.clear_state_dict_keys(fresh).items():
+        assert torch.equal(p, trained[k])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-2" / "clear_local_2.safetensors").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    from PIL import Image
+
+    assert Image.open(out / "validation" / "step-000004.png").size == (32, 16)  # teacher | student
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    with pytest.raises(SystemExit, match="--resume_from_checkpoint latest"):
+        distill.main(distilled["args"])  # never trains over an existing run by accident
+
+
+def test_resume_reaches_the_same_weights(distilled, tmp_path):
+    """A run killed after its step-2 checkpoint and resumed ends where the uninterrupted run ended."""
+    resumed = tmp_path / "run"
+    resumed.mkdir()
+    shutil.copytree(distilled["out"] / "checkpoint-2", resumed / "checkpoint-2")
+    args = [a if a != str(distilled["out"]) else str(resumed) for a in distilled["args"]]
+    result = distill.main(args + ["--resume_from_checkpoint", "latest", "--report_to", "none"])
+    assert result["start_step"] == 2 and len(result["history"]) == 2
+    for got, want in zip(result["history"], distilled["result"]["history"][2:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    a = load_file(str(distilled["out"] / "clear_local_2.safetensors"))
+    b = load_file(str(resumed / "clear_local_2.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_data_is_counted_and_the_run_continues(data, tmp_path):
+    """A corrupt image and a broken JSON among loose files: the caches and the training skip, count and list them."""
+    root = tmp_path / "loose"
+    root.mkdir()
+    for name, blob in shard_contents(data["root"] / "data" / "shard-00000.tar").items():
+        (root / name).write_bytes(blob)
+    good = shard_contents(data["root"] / "data" / "shard-00001.tar")
+    (root / "corrupt.jpg").write_bytes(good["00000002.jpg"][:40])  # truncated JPEG
+    (root / "corrupt.json").write_bytes(good["00000002.json"])
+    (root / "badjson.jpg").write_bytes(good["00000003.jpg"])
+    (root / "badjson.json").write_bytes(b'{"prompt": "unterminated')
+    model = ["--pretrained_model_name_or_path", data["pipeline"], "--data_root", str(root)]
+    prompts = cache_prompt_embeds.main(model + ["--max_sequence_length", "8"])
+    latents = cache_latent_codes.main(model + ["--resolution", "16"])
+    assert prompts.written == 3 and [b.id for b in prompts.bad.items] == ["badjson"]
+    assert latents.written == 3 and [b.id for b in latents.bad.items] == ["corrupt"]
+    assert "bad image" in latents.summary("latents") and "corrupt" in latents.summary("latents")
+
+    # raw images and prompts: 4 samples a epoch, 3 steps x batch 2 = 6 samples read, both bad ones among them
+    result = distill.main(model + ["--output_dir", str(tmp_path / "raw"), *DISTILL, "--max_train_steps", "3",
+                                   "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"])
+    bad = result["bad_samples"]
+    assert result["global_step"] == 3 and (tmp_path / "raw" / "clear_local_2.safetensors").is_file()
+    assert {b.id for b in bad.items} == {"corrupt", "badjson"}
+    assert {"bad image", "bad json"} <= set(bad.counts())
+    assert result["history"][-1]["bad_samples"] == len(bad) >= 2
+    assert sorted(p.name for p in (tmp_path / "raw").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    state = json.loads((tmp_path / "raw" / "checkpoint-3" / "data_state.rank0.json").read_text())
+    assert len(state["bad_samples"]["items"]) == len(bad)  # the count survives a resume
+
+
+# ------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_deepspeed_zero2_launch_and_resume(data, distilled, tmp_path):
+    """`accelerate launch --config_file configs/deepspeed_cpu.yaml` (DeepSpeed ZeRO-2, 1 CPU process)
+    trains exactly as the plain run does, checkpoints without the frozen weights, and resumes exactly."""
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "deepspeed_cpu.yaml"), "--gradient_accumulation_steps", "2",
+               str(REPO / "scripts" / "distill.py"), "--pretrained_model_name_or_path", data["pipeline"],
+               "--data_root", str(data["root"] / "data"), "--output_dir", str(out), "--use_cached_prompt_embed",
+               "--use_cached_latent", *DISTILL, "--gradient_accumulation_steps", "2", "--max_train_steps", "2",
+               "--checkpointing_steps", "1", "--learning_rate", "1e-3", *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    full = tmp_path / "full"
+    launch(full)
+    ds_state = full / "checkpoint-1" / "pytorch_model"
+    assert (ds_state / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # DeepSpeed's own checkpoint
+    module = torch.load(ds_state / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    trainable = clear.clear_state_dict_keys(_student(data))
+    assert set(module) == set(trainable)  # frozen weights are not copied into every checkpoint
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
+    launch(resumed, "--resume_from_checkpoint", "latest")
+    ds = load_file(str(full / "clear_local_2.safetensors"))
+    ds_resumed = load_file(str(resumed / "clear_local_2.safetensors"))
+    plain = load_file(str(distilled["out"] / "checkpoint-2" / "clear_local_2.safetensors"))  # same data, noise, steps
+    assert ds.keys() == set(trainable)
+    for k in ds:
+        torch.testing.assert_close(ds_resumed[k], ds[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ds[k], plain[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(ds[k], p) for k, p in trainable.items())
+
+
+def _student(data):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(data["pipeline"], subfolder="transformer")
+    clear.apply_clear(model, radius=2)
+    return model
