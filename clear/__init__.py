@@ -8,6 +8,7 @@
 from .apply import apply_clear, clear_attention_modules, model_family, remove_clear
 from .attention import ClearAttention
 from .geometry import TokenLayout, Window, attention_flops, count_allowed_pairs
+from .parallel import parallelize, patch_parallel_pipeline_call, unparallelize
 from .weights import (
     RELEASED,
     Variant,
@@ -28,6 +29,9 @@ __all__ = [
     "attention_flops",
     "count_allowed_pairs",
     "clear_attention_modules",
+    "parallelize",
+    "unparallelize",
+    "patch_parallel_pipeline_call",
     "clear_state_dict_keys",
     "model_family",
     "ClearAttention",

@@ -4,6 +4,7 @@
     python scripts/generate.py --prompt "a small blue plane" --height 2048 --width 2048 --variant clear_local_16
     python scripts/generate.py --prompt "..." --radius 8 --down_factor 4 --compare          # + original, grid
     python scripts/generate.py --prompt "..." --upscale 2048x2048,4096x4096                # SDEdit high-res
+    torchrun --nproc_per_node 8 scripts/generate.py --parallel patch --height 8192 --width 8192   # multi-GPU
 
 Sizes are HEIGHTxWIDTH pixels, multiples of 16. Outputs are PNGs whose text chunks hold
 the settings (``PIL.Image.open(path).text``). Everything checkable without weights
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for FLUX's own")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
                    help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
+    m = p.add_argument_group("multi-GPU (launch with torchrun --nproc_per_node N; docs/parallel.md)")
+    m.add_argument("--parallel", default="none", choices=("none", "patch"),
+                   help="patch: each GPU denoises a band of image rows, exchanging K/V halos (clear.parallel); "
+                        "rank 0 decodes (VAE tiling per --vae_tiling) and writes --out")
+    m.add_argument("--text_mode", default="exact", choices=("exact", "average"),
+                   help="text queries under --parallel patch: exact (= one GPU) or average (the paper's Eq. 7)")
     o = p.add_argument_group("output")
     o.add_argument("--compare", action="store_true",
                    help="also run the original model with the same seed; save OUT_original.png and a "
@@ -97,6 +104,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out} must end in .png (outputs are PNG files)")
 
+    if args.parallel == "patch" and (args.compare or args.sizes):
+        raise ValueError("--parallel patch generates one image: drop --compare and --upscale")
     inf.check_model(args.model)
     multiple = inf.size_multiple(args.model)
     base_df = args.down_factor if (not args.sizes or args.base == "clear") else 1
@@ -168,6 +177,45 @@ def run(args: argparse.Namespace, pipe) -> dict[str, str]:
     return written
 
 
+def run_patch_parallel(args: argparse.Namespace) -> dict[str, str]:
+    """``--parallel patch``, one process per GPU under torchrun: every rank denoises its band
+    of image rows; rank 0 decodes and writes the PNG (other ranks return ``{}``)."""
+    import time
+
+    import torch
+
+    from clear import parallel
+
+    args.device = parallel.init_distributed(args.device)
+    try:
+        pipe = build_pipeline(args)
+        args.clear.apply(pipe)
+        parallel.parallelize(pipe.transformer, text_mode=args.text_mode)
+        d = inf.default_settings(pipe)
+        call = dict(prompt=args.prompt, height=args.height, width=args.width, vae_tiling=args.tiling,
+                    guidance_scale=d["guidance"] if args.guidance is None else args.guidance,
+                    max_sequence_length=args.max_sequence_length or d["max_sequence_length"])
+        steps = args.steps or d["steps"]
+        for n in ([1] if args.warmup else []) + [steps]:
+            start = time.perf_counter()
+            out = parallel.patch_parallel_pipeline_call(pipe, num_inference_steps=n, **call,
+                                                        generator=torch.Generator("cpu").manual_seed(args.seed))
+            seconds = time.perf_counter() - start
+        if out is None:
+            return {}
+        world = torch.distributed.get_world_size()
+        label = f"{args.clear.label} patch-parallel x{world} ({args.text_mode})"
+        settings = dict(prompt=args.prompt, height=args.height, width=args.width, steps=steps, seed=args.seed,
+                        guidance=call["guidance_scale"], max_sequence_length=call["max_sequence_length"],
+                        attention=label, radius=args.radius, down_factor=args.down_factor, backend=args.backend,
+                        parallel="patch", world_size=world, text_mode=args.text_mode, seconds=round(seconds, 3))
+        path = inf.save_png(out.images[0], args.out, _settings(args, inf.Result(out.images[0], seconds, settings)))
+        print(f"{label}: {args.height}x{args.width} in {seconds:.2f} s -> {path}")
+        return {"image": path}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def _total(stages) -> float:
     return sum(st.seconds for st in stages)
 
@@ -175,6 +223,8 @@ def _total(stages) -> float:
 def main(argv=None, parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
     """Run the CLI in-process; raises ValueError/FileNotFoundError on bad settings."""
     args = resolve_args((parser or build_parser()).parse_args(argv))
+    if args.parallel == "patch":
+        return run_patch_parallel(args)
     pipe = build_pipeline(args)
     return run(args, pipe)
 
