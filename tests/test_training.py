@@ -408,3 +408,30 @@ def _student(data):
     model = FluxTransformer2DModel.from_pretrained(data["pipeline"], subfolder="transformer")
     clear.apply_clear(model, radius=2)
     return model
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(data, tmp_path):
+    """Two processes over gloo without GPUs: the cache script splits the samples between ranks and
+    distill.py trains with DDP, each rank keeping its own data position in the checkpoint."""
+    env = {**run_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cache = tmp_path / "cache"
+    proc = subprocess.run([*torchrun, str(REPO / "scripts" / "cache_latent_codes.py"), "--pretrained_model_name_or_path",
+                           data["pipeline"], "--data_root", str(data["root"] / "data"), "--cache_dir", str(cache),
+                           "--resolution", "16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "rank 0/2: 3 latent codes" in proc.stdout and "rank 1/2: 2 latent codes" in proc.stdout
+    assert len(list((cache / "latent_codes").rglob("*.safetensors"))) == 5
+
+    out = tmp_path / "run"
+    proc = subprocess.run([*torchrun, str(REPO / "scripts" / "distill.py"), "--pretrained_model_name_or_path",
+                           data["pipeline"], "--data_root", str(data["root"] / "data"), "--output_dir", str(out),
+                           "--use_cached_prompt_embed", "--use_cached_latent", *DISTILL, "--train_batch_size", "1",
+                           "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "1 per process x 2 accumulation x 2 processes" in proc.stderr
+    states = [json.loads((out / "checkpoint-2" / f"data_state.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["samples_drawn"] for s in states] == [4, 4]
+    assert (out / "clear_local_2.safetensors").is_file()
