@@ -224,9 +224,9 @@ def collate(items: list) -> dict:
             continue
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
-            raise ValueError(f"samples {batch['ids']} have {name} of different shapes {sorted(shapes)}: the caches were "
-                             "made with different settings (--resolution / --max_sequence_length); re-run the cache "
-                             "script into an empty --cache_dir")
+            raise ValueError(f"samples {batch['ids']} have {name} of different shapes {sorted(shapes)}: the caches "
+                             "were made with different settings (--resolution / --max_sequence_length); re-run "
+                             "the cache script into an empty --cache_dir")
         batch[name] = torch.stack(values)
     return batch
 

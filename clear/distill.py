@@ -45,7 +45,7 @@ def attention_layers(transformer: torch.nn.Module, spec: str = "single:4") -> li
             if every < 1:
                 raise ValueError(f"attention layer spec {item!r}: the step must be >= 1")
             found = [n for n in attn_names if n.startswith(prefix + ".")]
-            found = [n for n in found if (int(n.split(".")[1]) - offset) % every == 0 and int(n.split(".")[1]) >= offset]
+            found = [n for n in found if (i := int(n.split(".")[1])) >= offset and (i - offset) % every == 0]
         else:
             name = item if item.endswith(".attn") else item + ".attn"
             found = [name] if name in attn_names else []

@@ -27,7 +27,7 @@ from clear.shards import dist_env, index_samples
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
-    p.add_argument("--data_root", required=True, help="a folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")
+    p.add_argument("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or a .tar")
     p.add_argument("--cache_dir", default=None, help="default: <data_root>_cache")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=8)

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     # data
     a("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")
     a("--cache_dir", default=None, help="feature caches (default: <data_root>_cache)")
-    a("--use_cached_prompt_embed", action="store_true", help="read T5/CLIP embeddings from scripts/cache_prompt_embeds.py")
+    a("--use_cached_prompt_embed", action="store_true", help="read T5/CLIP embeddings (scripts/cache_prompt_embeds.py)")
     a("--use_cached_latent", action="store_true", help="read VAE mean/std from scripts/cache_latent_codes.py")
     a("--resolution", type=int, default=1024, help="training images are resized and centre-cropped to this")
     a("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt (raw prompts and validation)")
@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else [],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -389,7 +390,8 @@ def main(argv=None) -> dict:
                 len(dataset), total, args.train_batch_size, args.gradient_accumulation_steps,
                 accelerator.num_processes, start_step, args.max_train_steps)
     history = []
-    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="distill", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="distill",
+               disable=not accelerator.is_local_main_process)
     for step in range(start_step, args.max_train_steps):
         sums = torch.zeros(4, device=device)
         for micro in range(args.gradient_accumulation_steps):

@@ -39,9 +39,9 @@ from clear.shards import dist_env, split_key, write_bytes_atomic, write_tar_atom
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line), .jsonl, or a text-to-image-2M .tar")
+    p.add_argument("--prompts", required=True, help=".txt (one prompt per line), .jsonl, or a text-to-image-2M .tar")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_samples", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--height", type=int, default=1024)
@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     shard_path = {s: output_dir / f"shard-{s:05d}.tar" for s in mine}
     staging = {s: output_dir / ".staging" / f"shard-{s:05d}" for s in mine}
     items = {s: prompts[s * args.samples_per_shard: (s + 1) * args.samples_per_shard] for s in mine}
-    todo = {s: [p for p in items[s] if p.key not in staged_keys(staging[s])] for s in mine if not shard_path[s].exists()}
+    todo = {s: [p for p in items[s] if p.key not in staged_keys(staging[s])]
+            for s in mine if not shard_path[s].exists()}
     done = sum(len(items[s]) for s in mine) - sum(len(v) for v in todo.values())
 
     written = 0

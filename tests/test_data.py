@@ -101,8 +101,9 @@ def test_image_preprocessing_resizes_shorter_side_and_centre_crops():
 def test_bad_samples_are_reported_not_replaced(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
-    for key, img, meta in [("good", jpeg(), b'{"prompt": "ok"}'), ("badimg", b"\xff\xd8 not a jpeg", b'{"prompt": "ok"}'),
-                           ("badjson", jpeg(), b'{"prompt": '), ("noprompt", jpeg(), b'{"caption": "x"}')]:
+    for key, img, meta in [("good", jpeg(), b'{"prompt": "ok"}'),
+                           ("badimg", b"\xff\xd8 not a jpeg", b'{"prompt": "ok"}'), ("badjson", jpeg(), b'{"prompt": '),
+                           ("noprompt", jpeg(), b'{"caption": "x"}')]:
         (root / f"{key}.jpg").write_bytes(img)
         (root / f"{key}.json").write_bytes(meta)
     (root / "nojson.jpg").write_bytes(jpeg())

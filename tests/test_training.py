@@ -349,11 +349,15 @@ def test_bad_data_is_counted_and_the_run_continues(data, tmp_path):
     assert latents.written == 3 and [b.id for b in latents.bad.items] == ["corrupt"]
     assert "bad image" in latents.summary("latents") and "corrupt" in latents.summary("latents")
 
-    # raw images and prompts: 4 samples a epoch, 3 steps x batch 2 = 6 samples read, both bad ones among them
-    result = distill.main(model + ["--output_dir", str(tmp_path / "raw"), *DISTILL, "--max_train_steps", "3",
-                                   "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"])
+    # raw images and prompts: 4 samples a epoch, 3 steps x batch 2 = 6 samples read, both bad ones among them;
+    # the down-sampled variant (df = 2) trains its pooling weights too
+    result = distill.main(model + ["--output_dir", str(tmp_path / "raw"), *DISTILL, "--down_factor", "2",
+                                   "--max_train_steps", "3", "--checkpointing_steps", "1",
+                                   "--checkpoints_total_limit", "2"])
     bad = result["bad_samples"]
-    assert result["global_step"] == 3 and (tmp_path / "raw" / "clear_local_2.safetensors").is_file()
+    weights = load_file(str(tmp_path / "raw" / "clear_local_2_down_2.safetensors"))
+    spatial = [v for k, v in weights.items() if k.endswith("processor.spatial_weight")]
+    assert result["global_step"] == 3 and len(spatial) == 4 and all(not torch.all(v == 0.25) for v in spatial)
     assert {b.id for b in bad.items} == {"corrupt", "badjson"}
     assert {"bad image", "bad json"} <= set(bad.counts())
     assert result["history"][-1]["bad_samples"] == len(bad) >= 2
@@ -417,9 +421,10 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     env = {**run_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cache = tmp_path / "cache"
-    proc = subprocess.run([*torchrun, str(REPO / "scripts" / "cache_latent_codes.py"), "--pretrained_model_name_or_path",
-                           data["pipeline"], "--data_root", str(data["root"] / "data"), "--cache_dir", str(cache),
-                           "--resolution", "16"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*torchrun, str(REPO / "scripts" / "cache_latent_codes.py"),
+                           "--pretrained_model_name_or_path", data["pipeline"], "--data_root",
+                           str(data["root"] / "data"), "--cache_dir", str(cache), "--resolution", "16"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "rank 0/2: 3 latent codes" in proc.stdout and "rank 1/2: 2 latent codes" in proc.stdout
     assert len(list((cache / "latent_codes").rglob("*.safetensors"))) == 5
@@ -428,7 +433,8 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     proc = subprocess.run([*torchrun, str(REPO / "scripts" / "distill.py"), "--pretrained_model_name_or_path",
                            data["pipeline"], "--data_root", str(data["root"] / "data"), "--output_dir", str(out),
                            "--use_cached_prompt_embed", "--use_cached_latent", *DISTILL, "--train_batch_size", "1",
-                           "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "2"],
+                           "--gradient_accumulation_steps", "2", "--max_train_steps", "2",
+                           "--checkpointing_steps", "2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "1 per process x 2 accumulation x 2 processes" in proc.stderr
