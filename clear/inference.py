@@ -1,7 +1,8 @@
-"""Inference with CLEAR on stock diffusers FLUX pipelines: text-to-image and SDEdit high resolution.
+"""Inference with CLEAR on stock diffusers pipelines: text-to-image and SDEdit high resolution.
 
-One line puts CLEAR on a pipeline (``FluxPipeline``, ``FluxImg2ImgPipeline``,
-``FluxControlNetPipeline``, FLUX.1-dev or -schnell)::
+Two families (:data:`FAMILIES`): FLUX.1 (``FluxPipeline``, ``FluxImg2ImgPipeline``,
+``FluxControlNetPipeline``; dev or schnell) and SD3 / SD3.5 (``StableDiffusion3Pipeline``;
+SD3-Medium, SD3.5-Medium, SD3.5-Large). One line puts CLEAR on a pipeline::
 
     pipe = clear.inference.load_pipeline("black-forest-labs/FLUX.1-dev", device="cuda")
     clear.inference.apply_to_pipeline(pipe, radius=16, checkpoint=clear.inference.resolve_checkpoint("released", 16))
@@ -9,17 +10,20 @@ One line puts CLEAR on a pipeline (``FluxPipeline``, ``FluxImg2ImgPipeline``,
 
 High resolution follows the paper's SDEdit recipe: generate at a base size, then
 repeatedly resize the image, encode it, noise it to ``strength`` and denoise it at the
-new size with diffusers' own ``FluxImg2ImgPipeline`` sharing the same components.
-The upscaling stages can use NTK-scaled RoPE (:func:`ntk_rope`, a swap of the model's
-``pos_embed``, undone afterwards), the proportional attention scale, a fixed scheduler
-shift instead of FLUX's resolution-dependent one, and VAE tiling::
+new size with diffusers' own img2img pipeline (``FluxImg2ImgPipeline``,
+``StableDiffusion3Img2ImgPipeline``) sharing the same components. The upscaling stages
+can use NTK-scaled RoPE (FLUX only, :func:`ntk_rope`, a swap of the model's ``pos_embed``,
+undone afterwards; SD3 has no RoPE), the proportional attention scale, a fixed scheduler
+shift instead of FLUX's resolution-dependent one, and VAE tiling. SD3's positions come from
+a fixed table of ``pos_embed_max_size`` x ``pos_embed_max_size`` patches: larger images are
+refused before anything loads::
 
     stages = clear.inference.generate_highres(pipe, "a small blue plane", sizes=[(2048, 2048), (4096, 4096)],
                                               clear=clear.inference.ClearSpec(16, checkpoint=path))
 
-Everything that can be checked without loading weights (sizes, the checkpoint's variant,
-the model family, the presence of the weights) is checked first, by the ``check_*``
-functions and :func:`resolve_checkpoint`.
+Everything that can be checked without loading weights (sizes and their limits, the
+checkpoint's variant and family, the model family, the presence of the weights) is checked
+first, by the ``check_*`` functions, :func:`size_rules` and :func:`resolve_checkpoint`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 import tempfile
 import time
@@ -37,18 +42,70 @@ import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from .apply import apply_clear, remove_clear
+from .apply import apply_clear, model_family, remove_clear
 from .weights import RELEASED, Variant, download_weights, load_clear_weights
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
-# Pipelines (model_index.json ``_class_name``) whose checkpoints generate.py can load as a FluxPipeline.
-SUPPORTED_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
-                       "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
-SUPPORTED_TRANSFORMERS = ("FluxTransformer2DModel",)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family clear.inference drives: the pipelines it recognises in ``model_index.json``
+    (``_class_name``) with their transformer class, the diffusers classes that load it and run
+    its SDEdit stages, whether its positions are RoPE (NTK scaling applies) and whether
+    released CLEAR weights exist for it."""
+
+    name: str  # clear.apply's family name
+    transformer: str
+    pipelines: tuple[str, ...]
+    text2img: str
+    img2img: str
+    rope: bool
+    released_weights: bool
+    example: str
+
+
+FAMILIES = {
+    "flux": Family("flux", "FluxTransformer2DModel",
+                   ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
+                    "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+                   "FluxPipeline", "FluxImg2ImgPipeline", rope=True, released_weights=True,
+                   example="black-forest-labs/FLUX.1-dev"),
+    "sd3": Family("sd3", "SD3Transformer2DModel",
+                  ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+                  "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", rope=False, released_weights=False,
+                  example="stabilityai/stable-diffusion-3.5-large"),
+}
+# Pipelines (model_index.json ``_class_name``) generate.py can load, and their transformers.
+SUPPORTED_PIPELINES = tuple(p for f in FAMILIES.values() for p in f.pipelines)
+SUPPORTED_TRANSFORMERS = tuple(f.transformer for f in FAMILIES.values())
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling settings a released model is meant to be run with."""
+
+    steps: int
+    guidance: float
+    max_sequence_length: int  # T5 tokens
+
+
+# The model publishers' recommended settings (diffusers docs / model cards). SD3.5-Large-Turbo
+# has SD3.5-Large's config: pass steps=4, guidance=0 for it.
+MODEL_DEFAULTS = {
+    "FLUX.1-dev": ModelDefaults(28, 3.5, 512),
+    "FLUX.1-schnell": ModelDefaults(4, 0.0, 256),
+    "SD3-Medium": ModelDefaults(28, 7.0, 256),
+    "SD3.5-Medium": ModelDefaults(40, 4.5, 256),
+    "SD3.5-Large": ModelDefaults(28, 3.5, 256),
+}
+
 # Settings of the released recipe for the upscaling stages.
 DEFAULT_STRENGTH = 0.7
-DEFAULT_NTK_FACTOR = 10.0
-DEFAULT_SHIFT = 3.0  # FLUX.1's scheduler config ``shift``; used fixed instead of resolution-dependent shifting
+DEFAULT_NTK_FACTOR = 10.0  # FLUX; SD3 has no RoPE
+DEFAULT_SHIFT = 3.0  # FLUX.1's and SD3's scheduler ``shift``; used fixed instead of resolution-dependent shifting
 VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this many pixels
 
 
@@ -57,15 +114,22 @@ VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this ma
 # ------------------------------------------------------------------------------------------
 
 
-def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1) -> None:
-    """Image sizes must be multiples of ``multiple`` pixels (FLUX: 16 = VAE factor 8 x patch 2;
-    ``pipe.vae_scale_factor * 2``), and with ``down_factor`` the token grid
+def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1, max_grid: int | None = None) -> None:
+    """Image sizes must be multiples of ``multiple`` pixels (FLUX and SD3: 16 = VAE factor 8 x
+    patch 2; see :func:`size_rules`), at most ``max_grid`` tokens per side where the model has
+    such a limit (SD3's ``pos_embed_max_size``), and with ``down_factor`` the token grid
     (pixels / multiple) must be divisible by it."""
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v <= 0 or v % multiple:
             fix = f"e.g. {max(multiple, round(v / multiple) * multiple)}" if isinstance(v, int) and v > 0 else ""
             raise ValueError(f"{name}={v} is not a positive multiple of {multiple} pixels, which this model needs "
                              f"(VAE factor x patch size); choose another {name} {fix}".rstrip())
+    if max_grid is not None and max(height, width) > max_grid * multiple:
+        limit = max_grid * multiple
+        raise ValueError(f"{height}x{width} pixels is a {height // multiple}x{width // multiple} token grid, larger "
+                         f"than this model's positional embedding table of {max_grid}x{max_grid} tokens "
+                         f"(pos_embed_max_size={max_grid} in its transformer config): it generates at most {limit} "
+                         f"pixels per side; choose height and width <= {limit}")
     if down_factor > 1:
         gh, gw = height // multiple, width // multiple
         if gh % down_factor or gw % down_factor:
@@ -92,7 +156,8 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def check_model(model: str) -> dict:
     """Read the pipeline config (``model_index.json``: a small file, no weights) of a Hub id or
-    local directory and fail unless it is a FLUX.1 pipeline CLEAR supports. Returns the config."""
+    local directory and fail unless it is a FLUX.1 or SD3/SD3.5 pipeline CLEAR inference
+    supports (:data:`FAMILIES`). Returns the config."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -105,32 +170,54 @@ def check_model(model: str) -> dict:
                          "such as black-forest-labs/FLUX.1-dev after `huggingface-cli login`") from e
     name = config.get("_class_name", "?")
     transformer = (config.get("transformer") or [None, None])[1]
-    if transformer == "SD3Transformer2DModel":
-        raise ValueError(f"{model!r} is a {name}: clear.apply_clear supports its SD3Transformer2DModel (train your own "
-                         "weights with scripts/distill.py), but clear.inference and scripts/generate.py are for "
-                         "FLUX.1 pipelines (FluxPipeline, FLUX.1-dev or -schnell)")
-    if name not in SUPPORTED_PIPELINES or transformer not in SUPPORTED_TRANSFORMERS:
-        raise ValueError(f"{model!r} is a {name} (transformer: {transformer}); CLEAR inference supports FLUX.1 "
-                         f"pipelines ({', '.join(SUPPORTED_PIPELINES)}) with a FluxTransformer2DModel, e.g. "
-                         "black-forest-labs/FLUX.1-dev or FLUX.1-schnell")
+    if not any(name in f.pipelines and transformer == f.transformer for f in FAMILIES.values()):
+        supported = "; ".join(f"{', '.join(f.pipelines)} with a {f.transformer}" for f in FAMILIES.values())
+        raise ValueError(f"{model!r} is a {name} (transformer: {transformer}); CLEAR inference supports FLUX.1 and "
+                         f"SD3/SD3.5 pipelines ({supported}), e.g. "
+                         f"{' or '.join(f.example for f in FAMILIES.values())}")
     return config
 
 
+def pipeline_family(model_or_pipe) -> Family:
+    """The :class:`Family` of a pipeline object, or of a Hub id / local directory (from its
+    ``model_index.json``, checked by :func:`check_model`)."""
+    if hasattr(model_or_pipe, "transformer"):
+        return FAMILIES[model_family(model_or_pipe.transformer)]
+    transformer = (check_model(model_or_pipe).get("transformer") or [None, None])[1]
+    return next(f for f in FAMILIES.values() if f.transformer == transformer)
+
+
+def size_rules(model_or_pipe) -> tuple[int, int | None]:
+    """(pixels per token side, most tokens per side or ``None``) of a pipeline, or of a Hub id /
+    local directory read from its ``vae/`` and ``transformer/`` configs (no weights loaded).
+    Pixels per token: the VAE factor times the patch size (FLUX packs 2x2 latents: 2; SD3: its
+    ``patch_size``). Most tokens: SD3's ``pos_embed_max_size`` (its fixed table of positions:
+    192 for SD3-Medium and SD3.5-Large = 3072 pixels, 384 for SD3.5-Medium = 6144 pixels);
+    ``None`` for FLUX (RoPE has no table)."""
+    if hasattr(model_or_pipe, "transformer"):
+        factor, cfg = int(model_or_pipe.vae_scale_factor), model_or_pipe.transformer.config
+        family = pipeline_family(model_or_pipe)
+    else:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+        family = pipeline_family(model_or_pipe)
+        factor = 2 ** (len(AutoencoderKL.load_config(model_or_pipe, subfolder="vae")["block_out_channels"]) - 1)
+        cfg = (SD3Transformer2DModel.load_config(model_or_pipe, subfolder="transformer")
+               if family.name == "sd3" else {})
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    if family.name == "sd3":
+        max_grid = get("pos_embed_max_size")
+        return factor * int(get("patch_size", 2)), (int(max_grid) if max_grid else None)
+    return factor * 2, None
+
+
 def size_multiple(model_or_pipe) -> int:
-    """Pixels per token side: ``vae_scale_factor * 2`` of a pipeline, or read from a model's
-    ``vae/config.json`` (no weights loaded)."""
-    if hasattr(model_or_pipe, "vae_scale_factor"):
-        return int(model_or_pipe.vae_scale_factor) * 2
-    from diffusers import AutoencoderKL
-
-    cfg = AutoencoderKL.load_config(model_or_pipe, subfolder="vae")
-    return 2 ** (len(cfg["block_out_channels"]) - 1) * 2
+    """Pixels per token side (see :func:`size_rules`)."""
+    return size_rules(model_or_pipe)[0]
 
 
-def checkpoint_variant(path: str | os.PathLike) -> tuple[float | None, int | None]:
-    """(radius, down_factor) a CLEAR checkpoint was made for, from its header only: the
-    metadata written by :func:`clear.save_clear_weights`, else the released file name,
-    else the shape of ``spatial_weight``. ``None`` where the file does not say."""
+def _checkpoint_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(metadata, {key: shape}) of a safetensors file, without reading its tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -139,11 +226,18 @@ def checkpoint_variant(path: str | os.PathLike) -> tuple[float | None, int | Non
                                 "'released' to download the released weights, or 'none' for untrained CLEAR")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            pooled = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("processor.spatial_weight")]
+            return dict(f.metadata() or {}), {k: f.get_slice(k).get_shape() for k in f.keys()}
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated: delete it and "
                          "download or save it again") from e
+
+
+def checkpoint_variant(path: str | os.PathLike) -> tuple[float | None, int | None]:
+    """(radius, down_factor) a CLEAR checkpoint was made for, from its header only: the
+    metadata written by :func:`clear.save_clear_weights`, else the released file name,
+    else the shape of ``spatial_weight``. ``None`` where the file does not say."""
+    metadata, shapes = _checkpoint_header(path)
+    pooled = [shape for k, shape in shapes.items() if k.endswith("processor.spatial_weight")]
     if "clear.radius" in metadata:
         r = metadata["clear.radius"]
         return (None if r == "None" else float(r)), int(metadata.get("clear.down_factor", 1))
@@ -154,8 +248,23 @@ def checkpoint_variant(path: str | os.PathLike) -> tuple[float | None, int | Non
         return None, (int(pooled[0][3]) if pooled else 1)
 
 
-def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1) -> None:
-    """Fail if the checkpoint was made for another radius or down factor than the chosen variant."""
+def checkpoint_family(path: str | os.PathLike) -> str | None:
+    """The model family (``"flux"``/``"sd3"``) a CLEAR checkpoint was made for, from its header:
+    the metadata written by :func:`clear.save_clear_weights`, else FLUX's single-stream block
+    keys (the released files); ``None`` where the file does not say."""
+    metadata, shapes = _checkpoint_header(path)
+    if "clear.family" in metadata:
+        return metadata["clear.family"]
+    return "flux" if any(k.startswith("single_transformer_blocks.") for k in shapes) else None
+
+
+def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1, family: str | None = None) -> None:
+    """Fail if the checkpoint was made for another radius or down factor than the chosen
+    variant, or (``family`` given) for another model family."""
+    file_family = checkpoint_family(path) if family is not None else None
+    if file_family is not None and file_family != family:
+        raise ValueError(f"{path} holds CLEAR weights for a {file_family} model, but the chosen model is a {family} "
+                         f"model; pass a checkpoint trained for this model (scripts/distill.py) or --checkpoint none")
     file_r, file_df = checkpoint_variant(path)
     chosen = Variant(int(radius) if float(radius).is_integer() else radius, down_factor).name
     if file_df is not None and file_df != down_factor:
@@ -169,14 +278,19 @@ def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down_factor: int = 1,
-                       local_dir: str | os.PathLike = "ckpt") -> str | None:
-    """``"released"`` (or ``"auto"``): the released file for the variant, downloaded into
-    ``local_dir`` on first use (offline: the error says where to put it); ``None``/``"none"``:
-    no checkpoint (untrained CLEAR, e.g. for tests or a zero-shot look); a path: checked to
-    match the variant. Returns a path or ``None``."""
+                       local_dir: str | os.PathLike = "ckpt", family: str = "flux") -> str | None:
+    """``"released"`` (or ``"auto"``): the released file for the variant (FLUX.1-dev weights;
+    none exist for SD3), downloaded into ``local_dir`` on first use (offline: the error says
+    where to put it); ``None``/``"none"``: no checkpoint (untrained CLEAR, e.g. for tests or a
+    zero-shot look); a path: checked to match the variant and the model ``family``. Returns a
+    path or ``None``."""
     if checkpoint is None or str(checkpoint).lower() == "none":
         return None
     if str(checkpoint).lower() in ("released", "auto", "default"):
+        if not FAMILIES[family].released_weights:
+            raise ValueError(f"no released CLEAR weights for {family} models (the released ones, Huage001/CLEAR, are "
+                             "for FLUX.1-dev); train your own with scripts/distill.py and pass --checkpoint PATH, or "
+                             "--checkpoint none for untrained CLEAR")
         name = Variant(int(radius), down_factor).name if float(radius).is_integer() else None
         if name not in RELEASED:
             raise ValueError(f"no released CLEAR weights for radius={radius:g}, down_factor={down_factor}; released: "
@@ -184,7 +298,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down
         path = download_weights(int(radius), down_factor, local_dir=local_dir)
     else:
         path = str(checkpoint)
-    check_checkpoint(path, radius, down_factor)
+    check_checkpoint(path, radius, down_factor, family)
     return path
 
 
@@ -212,14 +326,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
                   offload: bool = False, check: bool = True):
-    """A ``FluxPipeline`` from a Hub id or local directory, on ``device`` in ``dtype``
-    (``offload``: model CPU offload instead of moving everything to the device)."""
-    from diffusers import FluxPipeline
+    """The family's text-to-image pipeline (``FluxPipeline`` or ``StableDiffusion3Pipeline``)
+    from a Hub id or local directory, on ``device`` in ``dtype`` (``offload``: model CPU
+    offload instead of moving everything to the device). ``check=False`` skips
+    :func:`check_model` (already done) and trusts the config's transformer class."""
+    import diffusers
 
     if check:
-        check_model(model)
+        family = pipeline_family(model)
+    else:
+        transformer = (diffusers.DiffusionPipeline.load_config(model).get("transformer") or [None, None])[1]
+        family = next((f for f in FAMILIES.values() if f.transformer == transformer), FAMILIES["flux"])
     device = device or default_device()
-    pipe = FluxPipeline.from_pretrained(model, dtype=resolve_dtype(dtype, device))
+    pipe = getattr(diffusers, family.text2img).from_pretrained(model, dtype=resolve_dtype(dtype, device))
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -238,7 +357,7 @@ def clear_models(pipe) -> list[torch.nn.Module]:
 
 def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoint: str | os.PathLike | None = None,
                       backend: str = "auto", proportional_attention: bool = False, controlnet_weights: bool = True):
-    """Put CLEAR on a FLUX pipeline in one line: :func:`clear.apply_clear` on
+    """Put CLEAR on a FLUX or SD3 pipeline in one line: :func:`clear.apply_clear` on
     ``pipe.transformer`` and on each ControlNet, then load ``checkpoint`` (a path, e.g. from
     :func:`resolve_checkpoint`; ``None`` = untrained CLEAR) into the transformer and, unless
     ``controlnet_weights=False``, zero-shot into each ControlNet too (its blocks are copies of
@@ -248,7 +367,7 @@ def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoi
     if checkpoint is not None:
         if radius is None:
             raise ValueError("a CLEAR checkpoint needs a local window: pass the radius it was trained for")
-        check_checkpoint(checkpoint, radius, down_factor)
+        check_checkpoint(checkpoint, radius, down_factor, pipeline_family(pipe).name)
     models = clear_models(pipe)
     cores = [apply_clear(m, radius, down_factor, backend=backend, proportional_attention=proportional_attention)
              for m in models]
@@ -319,7 +438,8 @@ def set_ntk_rope(model: torch.nn.Module, ntk_factor: float) -> None:
     ``1`` restores a plain ``FluxPosEmbed``. Nothing else of the model changes."""
     pe = model.pos_embed
     if not isinstance(pe, FluxPosEmbed):
-        raise TypeError(f"{type(model).__name__}.pos_embed is a {type(pe).__name__}, not FLUX's FluxPosEmbed")
+        raise TypeError(f"{type(model).__name__}.pos_embed is a {type(pe).__name__}, not FLUX's FluxPosEmbed: "
+                        "NTK scaling applies to RoPE only (SD3's positions are a fixed table, not RoPE)")
     if float(ntk_factor) == 1.0:
         model.pos_embed = FluxPosEmbed(pe.theta, pe.axes_dim)
     else:
@@ -327,16 +447,17 @@ def set_ntk_rope(model: torch.nn.Module, ntk_factor: float) -> None:
 
 
 @contextlib.contextmanager
-def ntk_rope(models, ntk_factor: float):
+def ntk_rope(models, ntk_factor: float | None):
     """Within the block, the given model(s) (or a pipeline's transformer and ControlNets)
-    use NTK-scaled RoPE; the original ``pos_embed`` objects are put back afterwards."""
+    use NTK-scaled RoPE; the original ``pos_embed`` objects are put back afterwards.
+    ``ntk_factor`` 1 or ``None``: nothing changes (any model)."""
     if hasattr(models, "transformer"):
         models = clear_models(models)
     elif isinstance(models, torch.nn.Module):
         models = [models]
     saved = [(m, m.pos_embed) for m in models]
     try:
-        if float(ntk_factor) != 1.0:
+        if ntk_factor is not None and float(ntk_factor) != 1.0:
             for m in models:
                 set_ntk_rope(m, ntk_factor)
         yield
@@ -369,9 +490,26 @@ def proportional_attention(pipe, enabled: bool = True):
             remove_clear(m)
 
 
+def resolve_ntk_factor(family: Family | str, ntk_factor: float | None) -> float | None:
+    """The NTK factor an upscaling stage uses: ``None`` = the family's default
+    (:data:`DEFAULT_NTK_FACTOR` for FLUX; for SD3, which has no RoPE, nothing, with a logged
+    note). An explicit factor other than 1 on SD3 is an error: it cannot be honoured."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    if family.rope:
+        return DEFAULT_NTK_FACTOR if ntk_factor is None else float(ntk_factor)
+    if ntk_factor is not None and float(ntk_factor) != 1.0:
+        raise ValueError(f"ntk_factor={float(ntk_factor):g}: {family.name} models have no RoPE (their positions are "
+                         "a fixed table of sin-cos embeddings cropped to the image), so NTK-scaled RoPE does not "
+                         "apply; leave --ntk_factor out (or pass 1)")
+    if ntk_factor is None:
+        logger.info("%s has no RoPE: NTK-scaled RoPE does not apply and is skipped", family.name)
+    return None
+
+
 def fixed_shift_scheduler(scheduler, shift: float):
     """A copy of the flow-matching scheduler with a fixed timestep shift ``shift`` instead of
-    FLUX's resolution-dependent (dynamic) shift, which explodes far beyond the training size."""
+    FLUX's resolution-dependent (dynamic) shift, which explodes far beyond the training size
+    (SD3's schedulers already use a fixed shift, 3.0 as released)."""
     return type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False, shift=float(shift))
 
 
@@ -386,15 +524,17 @@ def vae_tiling(vae, enabled: bool):
 
 
 def img2img_pipeline(pipe, scheduler=None):
-    """diffusers' ``FluxImg2ImgPipeline`` sharing ``pipe``'s components (no copies, no dtype
+    """diffusers' img2img pipeline of the family (``FluxImg2ImgPipeline``,
+    ``StableDiffusion3Img2ImgPipeline``) sharing ``pipe``'s components (no copies, no dtype
     cast: unlike ``from_pipe``, which casts every shared module to its ``dtype`` argument)."""
-    from diffusers import FluxImg2ImgPipeline
+    import diffusers
 
-    names = inspect.signature(FluxImg2ImgPipeline.__init__).parameters
+    cls = getattr(diffusers, pipeline_family(pipe).img2img)
+    names = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in pipe.components.items() if k in names}
     if scheduler is not None:
         components["scheduler"] = scheduler
-    new = FluxImg2ImgPipeline(**components)
+    new = cls(**components)
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return new
 
@@ -413,12 +553,24 @@ class Result:
     settings: dict = field(default_factory=dict)
 
 
+def model_name(transformer) -> str:
+    """Which released model a transformer's config is (a key of :data:`MODEL_DEFAULTS`):
+    FLUX.1-dev (guidance embedding) or -schnell; SD3.5-Medium (``dual_attention_layers``),
+    SD3.5-Large (QK norm) or SD3-Medium."""
+    cfg = transformer.config
+    if model_family(transformer) == "flux":
+        return "FLUX.1-dev" if cfg.guidance_embeds else "FLUX.1-schnell"
+    if getattr(cfg, "dual_attention_layers", None):
+        return "SD3.5-Medium"
+    return "SD3.5-Large" if getattr(cfg, "qk_norm", None) else "SD3-Medium"
+
+
 def default_settings(pipe) -> dict:
-    """Steps, guidance and text length for the pipeline's model: FLUX.1-dev (guidance-distilled)
-    or FLUX.1-schnell (no guidance embedding; 4 steps, 256 text tokens)."""
-    if pipe.transformer.config.guidance_embeds:
-        return dict(steps=28, guidance=3.5, max_sequence_length=512)
-    return dict(steps=4, guidance=0.0, max_sequence_length=256)
+    """Steps, guidance and text length for the pipeline's model (:data:`MODEL_DEFAULTS`):
+    FLUX.1-dev 28 / 3.5 / 512, FLUX.1-schnell 4 / 0 / 256, SD3-Medium 28 / 7 / 256,
+    SD3.5-Medium 40 / 4.5 / 256, SD3.5-Large 28 / 3.5 / 256."""
+    d = MODEL_DEFAULTS[model_name(pipe.transformer)]
+    return dict(steps=d.steps, guidance=d.guidance, max_sequence_length=d.max_sequence_length)
 
 
 def clear_label(pipe) -> str:
@@ -451,7 +603,8 @@ def generate(pipe, prompt: str, height: int, width: int, steps: int | None = Non
     steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
     max_sequence_length = max_sequence_length or d["max_sequence_length"]
     state = getattr(pipe.transformer, "clear_state", None)
-    check_size(height, width, size_multiple(pipe), state.down_factor if state else 1)
+    multiple, max_grid = size_rules(pipe)
+    check_size(height, width, multiple, state.down_factor if state else 1, max_grid)
     kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
@@ -467,22 +620,25 @@ def generate(pipe, prompt: str, height: int, width: int, steps: int | None = Non
 
 def upscale(pipe, image, prompt: str, height: int, width: int, strength: float = DEFAULT_STRENGTH,
             steps: int | None = None, guidance: float | None = None, seed: int = 0,
-            ntk_factor: float = DEFAULT_NTK_FACTOR, proportional: bool = True, shift: float | None = DEFAULT_SHIFT,
+            ntk_factor: float | None = None, proportional: bool = True, shift: float | None = DEFAULT_SHIFT,
             tiling: bool | None = None, max_sequence_length: int | None = None, warmup: bool = False) -> Result:
     """One SDEdit stage: resize ``image`` to ``height x width`` (Lanczos), encode it, noise it
-    to ``strength`` and denoise at the new size with ``FluxImg2ImgPipeline`` on ``pipe``'s
+    to ``strength`` and denoise at the new size with the family's img2img pipeline on ``pipe``'s
     components (original or CLEAR, as the pipeline is). ``steps`` is the full schedule;
-    ``int(steps * strength)`` of them run. ``ntk_factor`` (1 = off), ``proportional``
-    attention, a fixed scheduler ``shift`` (``None`` = FLUX's dynamic shift) and VAE ``tiling``
-    (``None``: on above 2048x2048 pixels) apply to this call only. ``warmup``: an untimed
-    1-step call at the same size first."""
+    ``int(steps * strength)`` of them run. ``ntk_factor`` (FLUX; ``None`` = 10, 1 = off; SD3
+    has no RoPE: leave it ``None``), ``proportional`` attention, a fixed scheduler ``shift``
+    (``None`` = the scheduler's own: FLUX's dynamic shift) and VAE ``tiling`` (``None``: on
+    above 2048x2048 pixels) apply to this call only. ``warmup``: an untimed 1-step call at
+    the same size first."""
     from PIL import Image
 
     d = default_settings(pipe)
     steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
     max_sequence_length = max_sequence_length or d["max_sequence_length"]
     state = getattr(pipe.transformer, "clear_state", None)
-    check_size(height, width, size_multiple(pipe), state.down_factor if state else 1)
+    multiple, max_grid = size_rules(pipe)
+    check_size(height, width, multiple, state.down_factor if state else 1, max_grid)
+    ntk_factor = resolve_ntk_factor(pipeline_family(pipe), ntk_factor)
     if not 0 < strength <= 1 or int(steps * strength) < 1:
         raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
                          "use 0 < strength <= 1 and steps >= 1/strength")
@@ -530,7 +686,7 @@ class Stage:
 def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (1024, 1024),
                      clear: ClearSpec | None = None, base_model: str = "original", base_image=None,
                      strength: float = DEFAULT_STRENGTH, steps: int | None = None, upscale_steps: int | None = None,
-                     guidance: float | None = None, seed: int = 0, ntk_factor: float = DEFAULT_NTK_FACTOR,
+                     guidance: float | None = None, seed: int = 0, ntk_factor: float | None = None,
                      proportional: bool = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
                      max_sequence_length: int | None = None, warmup: bool = False,
                      progress: bool = True) -> list[Stage]:
@@ -539,19 +695,20 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
     any aspect ratios). ``clear``: the CLEAR to put on the pipeline before the upscaling
     stages (and before the base stage if ``base_model="clear"``); ``None`` uses the pipeline
     as it is. ``base_image``: start from this image instead of generating one. All sizes are
-    checked before anything runs. ``warmup``: untimed 1-step calls before each timed one.
-    Returns the stages, base first."""
+    checked before anything runs (and ``ntk_factor``: see :func:`upscale`). ``warmup``: untimed
+    1-step calls before each timed one. Returns the stages, base first."""
     from tqdm.auto import tqdm
 
     if base_model not in ("original", "clear"):
         raise ValueError(f"base_model must be 'original' or 'clear', got {base_model!r}")
     sizes = [tuple(map(int, s)) for s in sizes]
-    multiple = size_multiple(pipe)
+    multiple, max_grid = size_rules(pipe)
     state = getattr(pipe.transformer, "clear_state", None)
     df = clear.down_factor if clear is not None else (state.down_factor if state else 1)
-    check_size(*base_size, multiple, df if (base_model == "clear" or clear is None) else 1)
+    check_size(*base_size, multiple, df if (base_model == "clear" or clear is None) else 1, max_grid)
     for h, w in sizes:
-        check_size(h, w, multiple, df)
+        check_size(h, w, multiple, df, max_grid)
+    ntk_factor = resolve_ntk_factor(pipeline_family(pipe), ntk_factor)
     d = default_settings(pipe)
     upscale_steps = upscale_steps or steps or d["steps"]
     if not 0 < strength <= 1 or int(upscale_steps * strength) < 1:

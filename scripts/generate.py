@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Text-to-image with a CLEAR-linearized FLUX.1, optionally upscaled to high resolution.
+"""Text-to-image with a CLEAR-linearized FLUX.1 or SD3/SD3.5, optionally upscaled to high resolution.
 
     python scripts/generate.py --prompt "a small blue plane" --height 2048 --width 2048 --variant clear_local_16
     python scripts/generate.py --prompt "..." --radius 8 --down_factor 4 --compare          # + original, grid
     python scripts/generate.py --prompt "..." --upscale 2048x2048,4096x4096                # SDEdit high-res
-    torchrun --nproc_per_node 8 scripts/generate.py --parallel patch --height 8192 --width 8192   # multi-GPU
+    torchrun --nproc_per_node 8 scripts/generate.py --parallel patch --height 8192 --width 8192   # multi-GPU (FLUX)
+    python scripts/generate.py --model stabilityai/stable-diffusion-3.5-large --radius 16 --checkpoint sd35.safetensors
 
-Sizes are HEIGHTxWIDTH pixels, multiples of 16. Outputs are PNGs whose text chunks hold
+Sizes are HEIGHTxWIDTH pixels, multiples of 16 (SD3: at most pos_embed_max_size x 16 per side,
+3072 for SD3-Medium and SD3.5-Large, 6144 for SD3.5-Medium). Outputs are PNGs whose text chunks hold
 the settings (``PIL.Image.open(path).text``). Everything checkable without weights
-(sizes, model family, checkpoint variant, weights present) is checked first.
+(sizes, model family, checkpoint variant and family, weights present) is checked first.
 
 The script is four functions so that other front ends can reuse them: ``build_parser``,
 ``resolve_args`` (checks, no heavy work), ``build_pipeline`` (load and put CLEAR on it;
@@ -31,7 +33,8 @@ from clear.weights import Variant  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=inf.DEFAULT_MODEL, help="Hub id or local diffusers pipeline directory "
-                   f"(default {inf.DEFAULT_MODEL}; FLUX.1-schnell works zero-shot with the FLUX.1-dev weights)")
+                   f"(default {inf.DEFAULT_MODEL}; FLUX.1-schnell works zero-shot with the FLUX.1-dev weights; "
+                   "SD3 / SD3.5 (StableDiffusion3Pipeline) with your own --checkpoint)")
     p.add_argument("--prompt", default="a small blue plane flying over snowy mountains at sunrise")
     p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
@@ -40,16 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(instead of --radius/--down_factor)")
     g.add_argument("--radius", type=float, help="window radius in tokens (default 16)")
     g.add_argument("--down_factor", type=int, help="pooled key/value tokens of df x df cells (default 1: none)")
-    g.add_argument("--checkpoint", default="released", help="CLEAR weights: 'released' (default; downloaded into "
-                   "--ckpt_dir on first use), a .safetensors path, or 'none' (untrained CLEAR)")
+    g.add_argument("--checkpoint", default="released", help="CLEAR weights: 'released' (default; FLUX.1-dev weights "
+                   "downloaded into --ckpt_dir on first use; none exist for SD3), a .safetensors path, or 'none' "
+                   "(untrained CLEAR)")
     g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
     g.add_argument("--backend", default="auto", choices=("auto", "dense", "flex"),
                    help="auto: flex on CUDA, dense elsewhere")
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, help="denoising steps (default 28 for dev, 4 for schnell)")
-    s.add_argument("--guidance", type=float, help="guidance scale (default 3.5 for dev, 0 for schnell)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: the model's, 28 for FLUX.1-dev, 4 for "
+                   "schnell, 28 for SD3-Medium and SD3.5-Large, 40 for SD3.5-Medium)")
+    s.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 3.5 for FLUX.1-dev, 0 for "
+                   "schnell, 7 for SD3-Medium, 4.5 for SD3.5-Medium, 3.5 for SD3.5-Large; SD3.5-Large-Turbo: "
+                   "--steps 4 --guidance 0)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max_sequence_length", type=int, help="T5 tokens (default 512 for dev, 256 for schnell)")
+    s.add_argument("--max_sequence_length", type=int, help="T5 tokens (default 512 for FLUX.1-dev, 256 for schnell "
+                   "and SD3)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA), float16 or float32 (default on CPU)")
     s.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
@@ -60,18 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model for the base image when upscaling (default: original)")
     h.add_argument("--strength", type=float, default=inf.DEFAULT_STRENGTH, help="noise level of each stage (0.7)")
     h.add_argument("--upscale_steps", type=int, help="full schedule length of each stage (default: --steps)")
-    h.add_argument("--ntk_factor", type=float, default=inf.DEFAULT_NTK_FACTOR,
-                   help="NTK-scaled RoPE in upscaling stages (default 10; 1 = off)")
+    h.add_argument("--ntk_factor", type=float, default=None,
+                   help=f"NTK-scaled RoPE in upscaling stages (FLUX: default {inf.DEFAULT_NTK_FACTOR:g}; 1 = off). "
+                        "SD3 has no RoPE: leave it out")
     h.add_argument("--no_proportional_attention", action="store_true",
                    help="keep 1/sqrt(d) in upscaling stages instead of the proportional attention scale")
     h.add_argument("--shift", default=str(inf.DEFAULT_SHIFT),
-                   help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for FLUX's own")
+                   help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for the scheduler's own "
+                        "(FLUX: resolution-dependent; SD3: its config's fixed shift)")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
                    help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
     m = p.add_argument_group("multi-GPU (launch with torchrun --nproc_per_node N; docs/parallel.md)")
     m.add_argument("--parallel", default="none", choices=("none", "patch"),
-                   help="patch: each GPU denoises a band of image rows, exchanging K/V halos (clear.parallel); "
-                        "rank 0 decodes (VAE tiling per --vae_tiling) and writes --out")
+                   help="patch (FLUX only): each GPU denoises a band of image rows, exchanging K/V halos "
+                        "(clear.parallel); rank 0 decodes (VAE tiling per --vae_tiling) and writes --out")
     m.add_argument("--text_mode", default="exact", choices=("exact", "average"),
                    help="text queries under --parallel patch: exact (= one GPU) or average (the paper's Eq. 7)")
     o = p.add_argument_group("output")
@@ -87,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the command line into settings and check everything that needs no weights:
-    variant, sizes, model family, checkpoint (downloaded if 'released'). Fails fast."""
+    variant, model family, sizes (and SD3's largest size), NTK factor, checkpoint (its variant
+    and family; downloaded if 'released'). Fails fast."""
     if args.variant:
         v = Variant.parse(args.variant)
         for name, given, want in (("radius", args.radius, v.radius), ("down_factor", args.down_factor, v.down_factor)):
@@ -106,13 +117,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
     if args.parallel == "patch" and (args.compare or args.sizes):
         raise ValueError("--parallel patch generates one image: drop --compare and --upscale")
-    inf.check_model(args.model)
-    multiple = inf.size_multiple(args.model)
+    args.family = inf.pipeline_family(args.model)  # reads model_index.json only; fails on unsupported models
+    if args.parallel == "patch" and args.family.name != "flux":
+        raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
+    if args.sizes or args.ntk_factor is not None:  # an explicit factor SD3 cannot honour fails here
+        args.ntk_factor = inf.resolve_ntk_factor(args.family, args.ntk_factor)
+    multiple, max_grid = inf.size_rules(args.model)
     base_df = args.down_factor if (not args.sizes or args.base == "clear") else 1
-    inf.check_size(args.height, args.width, multiple, base_df)
+    inf.check_size(args.height, args.width, multiple, base_df, max_grid)
     for hh, ww in args.sizes:
-        inf.check_size(hh, ww, multiple, args.down_factor)
-    args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir)
+        inf.check_size(hh, ww, multiple, args.down_factor, max_grid)
+    args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
+                                                  family=args.family.name)
     args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
     return args
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """High-resolution generation with CLEAR (SDEdit, the paper's recipe): a base image, then
-progressive upscaling stages with FluxImg2ImgPipeline and CLEAR attention.
+progressive upscaling stages with FluxImg2ImgPipeline (or StableDiffusion3Img2ImgPipeline for
+SD3/SD3.5 models) and CLEAR attention.
 
     python scripts/generate_highres.py --prompt "a small blue plane" --variant clear_local_16_down_4 \\
         --height 1024 --width 2048 --upscale 2048x4096,4096x8192

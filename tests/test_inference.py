@@ -164,11 +164,12 @@ def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir,
     with pytest.raises(FileNotFoundError, match=r"put it at .*ckpt_empty/clear_local_16_down_4\.safetensors"):
         generate_cli.main([*base, "--variant", "clear_local_16_down_4", "--ckpt_dir", str(tmp_path / "ckpt_empty")])
 
+    # SD3 pipelines are accepted (tests/test_inference_sd3.py); other families are not
     for name, cls, denoiser, message in [
         ("sdxl", "StableDiffusionXLPipeline", ["unet", ["diffusers", "UNet2DConditionModel"]],
-         "is a StableDiffusionXLPipeline.*CLEAR inference supports FLUX.1"),
-        ("sd3", "StableDiffusion3Pipeline", ["transformer", ["diffusers", "SD3Transformer2DModel"]],
-         "is a StableDiffusion3Pipeline: clear.apply_clear supports its SD3Transformer2DModel.*are for FLUX.1")]:
+         "is a StableDiffusionXLPipeline.*CLEAR inference supports FLUX.1 and SD3/SD3.5 pipelines"),
+        ("pixart", "PixArtSigmaPipeline", ["transformer", ["diffusers", "PixArtTransformer2DModel"]],
+         r"is a PixArtSigmaPipeline \(transformer: PixArtTransformer2DModel\); CLEAR inference supports")]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": cls, denoiser[0]: denoiser[1]}))
         with pytest.raises(ValueError, match=message):
