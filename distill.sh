@@ -4,6 +4,8 @@
 # DeepSpeed ZeRO-2 in bf16 (deepspeed_config.yaml). Resumes from the latest checkpoint when re-run.
 # Override with env vars or extra flags (later flags win), e.g.
 #   RADIUS=8 DOWN_FACTOR=4 bash distill.sh --max_train_steps 20000
+# SD3 / SD3.5 (family read from the model; L_attn default: every 4th joint block):
+#   MODEL=stabilityai/stable-diffusion-3.5-large DATA_ROOT=data/sd35_large_1024 bash distill.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-black-forest-labs/FLUX.1-dev}

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .shards import IMAGE_EXTS, Sample
 
-PROMPT_EMBEDS = "prompt_embeds"  # cache kind: T5 "prompt_embeds" [L, D] and CLIP "pooled_prompt_embeds" [P]
+PROMPT_EMBEDS = "prompt_embeds"  # cache kind: "prompt_embeds" [L, D], "pooled_prompt_embeds" [P] (encode_prompt's)
 LATENT_CODES = "latent_codes"  # cache kind: VAE posterior "latent_mean" and "latent_std" [C, h, w]
 _FEATURE_NAMES = {PROMPT_EMBEDS: ("prompt_embeds", "pooled_prompt_embeds"), LATENT_CODES: ("latent_mean", "latent_std")}
 
@@ -161,13 +161,27 @@ def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str) -> di
     return {n: tensors[n] for n in _FEATURE_NAMES[kind]}
 
 
-def check_cache(cache_dir: str | os.PathLike, kind: str) -> None:
-    """Fail early, with the command to run, when a cache that the run relies on is absent."""
+def check_cache(cache_dir: str | os.PathLike, kind: str, family: str | None = None) -> None:
+    """Fail early, with the command to run, when a cache that the run relies on is absent, or
+    (``family``: ``"flux"``, ``"sd3"``) was made with another model family's encoders."""
     folder = Path(cache_dir) / kind
-    if not folder.is_dir() or next(folder.rglob("*.safetensors"), None) is None:
-        script = "cache_prompt_embeds" if kind == PROMPT_EMBEDS else "cache_latent_codes"
+    first = next(folder.rglob("*.safetensors"), None) if folder.is_dir() else None
+    script = "cache_prompt_embeds" if kind == PROMPT_EMBEDS else "cache_latent_codes"
+    if first is None:
         raise FileNotFoundError(f"no cached {kind} in {folder}: run scripts/{script}.py (or {script}.sh) with the same "
                                 "--data_root and --cache_dir first, or train without the --use_cached_* flag")
+    if family is not None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(first), framework="pt") as f:
+                made_for = (f.metadata() or {}).get("family")
+        except Exception:  # noqa: BLE001 - a damaged file is reported when its sample is read
+            made_for = None
+        if made_for is not None and made_for != family:
+            raise ValueError(f"the cached {kind} in {folder} were made with a {made_for} model's encoders, but this "
+                             f"run trains a {family} model: run scripts/{script}.py with this model into another "
+                             "--cache_dir and pass that")
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,8 +5,13 @@
 * ``L_fm``: flow matching, the student's prediction against ``noise - x0``;
 * ``L_distill``: the student's prediction against the teacher's;
 * ``L_attn``: the student's attention-layer outputs against the teacher's, on a chosen set
-  of layers (default: every 4th single-stream block), captured by forward hooks that live
-  only for the duration of one forward (:class:`AttentionCapture`), never in module globals.
+  of layers (default: FLUX every 4th single-stream block, SD3 every 4th joint block's ``attn``),
+  captured by forward hooks that live only for the duration of one forward
+  (:class:`AttentionCapture`), never in module globals.
+
+What differs between model families (how the transformer takes noisy latents, timesteps and
+text, and the layout it predicts in) comes from :mod:`clear.features`' ``FAMILIES``, chosen by
+the teacher's class; the objective itself is the same for FLUX and SD3 / SD3.5.
 
 All three are weighted per sample with diffusers' SD3/FLUX ``compute_loss_weighting_for_sd3``,
 and timesteps are drawn with ``compute_density_for_timestep_sampling``. Only the parameters
@@ -20,26 +25,34 @@ from dataclasses import dataclass
 
 import torch
 
-from .apply import clear_attention_modules
+from .apply import clear_attention_modules, model_family
+from .features import FAMILIES, ModelFamily
 from .weights import clear_state_dict_keys
 
-_STREAMS = {"single": "single_transformer_blocks", "double": "transformer_blocks"}
+# block lists by stream; SD3's blocks are all joint (``double`` and ``joint`` are the same blocks)
+_STREAMS = {"single": "single_transformer_blocks", "double": "transformer_blocks", "joint": "transformer_blocks"}
 
 
-def attention_layers(transformer: torch.nn.Module, spec: str = "single:4") -> list[str]:
+def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> list[str]:
     """Names of the attention modules whose outputs enter ``L_attn``.
 
-    ``spec`` is a comma-separated list of ``single:N[:offset]`` / ``double:N[:offset]``
-    (every N-th single- / double-stream block, starting at ``offset``, default 0), block
-    names (``single_transformer_blocks.3``) or attention module names; ``none`` selects
-    nothing. The public CLEAR code's choice for FLUX.1-dev (19 double blocks) is ``single:4:1``.
+    ``spec`` is a comma-separated list of ``single:N[:offset]`` / ``double:N[:offset]`` /
+    ``joint:N[:offset]`` (the ``attn`` of every N-th single-stream / double-stream (FLUX) or
+    joint (SD3, the same as double) block, starting at ``offset``, default 0), block names
+    (``single_transformer_blocks.3``: its ``attn``) or attention module names (also SD3.5's
+    image-only ``transformer_blocks.0.attn2``); ``none`` selects nothing. Default (``None``):
+    the family's, FLUX ``single:4``, SD3 ``joint:4``. The public CLEAR code's choice for
+    FLUX.1-dev (19 double blocks) is ``single:4:1``.
     """
-    attn_names = [n for n, m in transformer.named_modules() if n.endswith(".attn") and hasattr(m, "processor")]
+    if spec is None:
+        spec = FAMILIES[model_family(transformer)].attn_loss_layers
+    modules = [n for n, m in transformer.named_modules() if hasattr(m, "processor")]
+    attn_names = [n for n in modules if n.endswith(".attn")]
     if spec.strip().lower() in ("", "none"):
         return []
     chosen: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
-        m = re.fullmatch(r"(single|double):(\d+)(?::(\d+))?", item)
+        m = re.fullmatch(r"(single|double|joint):(\d+)(?::(\d+))?", item)
         if m:
             prefix, every, offset = _STREAMS[m.group(1)], int(m.group(2)), int(m.group(3) or 0)
             if every < 1:
@@ -47,11 +60,12 @@ def attention_layers(transformer: torch.nn.Module, spec: str = "single:4") -> li
             found = [n for n in attn_names if n.startswith(prefix + ".")]
             found = [n for n in found if (i := int(n.split(".")[1])) >= offset and (i - offset) % every == 0]
         else:
-            name = item if item.endswith(".attn") else item + ".attn"
-            found = [name] if name in attn_names else []
+            name = item if item in modules else item + ".attn"
+            found = [name] if name in modules else []
         if not found:
             raise ValueError(f"attention layer spec {item!r} selects no attention module of this model; use e.g. "
-                             "'single:4', 'double:2:1', 'single_transformer_blocks.3' or 'none'")
+                             "'single:4', 'double:2:1' (FLUX), 'joint:4' (SD3), 'single_transformer_blocks.3', "
+                             "'transformer_blocks.0.attn2' or 'none'")
         chosen += [n for n in found if n not in chosen]
     return chosen
 
@@ -122,27 +136,12 @@ def flux_inputs(latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: t
                 pooled_prompt_embeds: torch.Tensor, guidance: float | None, num_train_timesteps: int = 1000) -> dict:
     """Keyword arguments of ``FluxTransformer2DModel.forward`` for latents ``[B, C, H, W]``
     (packed into 2x2 patches as ``FluxPipeline`` does)."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    dtype = prompt_embeds.dtype
-    return dict(
-        hidden_states=FluxPipeline._pack_latents(latents.to(dtype), b, c, h, w),
-        timestep=(timesteps / num_train_timesteps).to(dtype),
-        guidance=None if guidance is None else torch.full((b,), float(guidance), device=latents.device, dtype=dtype),
-        pooled_projections=pooled_prompt_embeds,
-        encoder_hidden_states=prompt_embeds,
-        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=dtype),
-        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype),
-        return_dict=False,
-    )
+    return FAMILIES["flux"].transformer_inputs(latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
+                                               num_train_timesteps)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
+    return FAMILIES["flux"].output_layout(latents)
 
 
 @dataclass
@@ -166,22 +165,28 @@ def distill_losses(student, teacher, x0: torch.Tensor, noise: torch.Tensor, time
                    sigmas: torch.Tensor, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
                    layers: list[str], guidance: float | None = 3.5, alpha: float = 0.5, beta: float = 0.5,
                    weighting_scheme: str = "none", num_train_timesteps: int = 1000,
-                   student_module: torch.nn.Module | None = None) -> DistillLosses:
+                   student_module: torch.nn.Module | None = None,
+                   family: ModelFamily | None = None) -> DistillLosses:
     """The three losses for one batch. ``x0``, ``noise``: ``[B, C, H, W]`` latents;
-    ``sigmas``/``timesteps``: ``[B]``. ``student`` may be a wrapper (DDP, DeepSpeed) whose
-    underlying model is ``student_module``; hooks go on that. The teacher runs without grad."""
+    ``sigmas``/``timesteps``: ``[B]`` (``timesteps = sigmas * num_train_timesteps``, the
+    scheduler's). ``student`` may be a wrapper (DDP, DeepSpeed) whose underlying model is
+    ``student_module``; hooks go on that. The teacher runs without grad. ``family``: how the
+    transformer is called (default: the teacher's); ``guidance`` is the embedded guidance
+    value, for models that have one (FLUX.1-dev), ignored by SD3."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+    family = family or FAMILIES[model_family(teacher)]
     s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)
     noisy = (1.0 - s) * x0 + s * noise
-    inputs = flux_inputs(noisy, timesteps, prompt_embeds, pooled_prompt_embeds, guidance, num_train_timesteps)
+    inputs = family.transformer_inputs(noisy, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
+                                       num_train_timesteps)
     with torch.no_grad(), AttentionCapture(teacher, layers) as teacher_attn:
         teacher_pred = teacher(**inputs)[0]
     with AttentionCapture(student_module if student_module is not None else student, layers) as student_attn:
         student_pred = student(**inputs)[0]
 
     weight = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.float()).float()
-    fm = _weighted_mse(student_pred, pack(noise - x0), weight)
+    fm = _weighted_mse(student_pred, family.output_layout(noise - x0), weight)
     distill = _weighted_mse(student_pred, teacher_pred, weight)
     if layers:
         attn = sum(_weighted_mse(student_attn[n], teacher_attn[n], weight) for n in layers) / len(layers)

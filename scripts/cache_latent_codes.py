@@ -5,7 +5,9 @@
 
 Images are resized (shorter side) and centre-cropped to --resolution, as in training.
 Writes <cache_dir>/latent_codes/<sample id>.safetensors ("latent_mean", "latent_std",
-[16, res/8, res/8] for FLUX); cache_dir defaults to <data_root>_cache. Training samples
+[16, res/8, res/8] for FLUX and SD3 / SD3.5: the VAE's [C, h, w] layout, unpacked; the
+VAE's shift and scale are applied in training); cache_dir defaults to <data_root>_cache;
+the model family is recorded in each file's metadata. Training samples
 z = mean + std * eps afresh every step. Rank r of W (torchrun) takes every W-th sample;
 files already there are skipped, so a killed job resumes; each file is written atomically.
 An image that does not decode is skipped, counted and listed at the end. Then train with
@@ -20,13 +22,15 @@ import functools
 import torch
 
 from clear.data import LATENT_CODES, default_cache_dir, read_image, write_feature_cache
-from clear.features import LatentEncoder
+from clear.features import FAMILIES, LatentEncoder, resolve_family
 from clear.shards import dist_env, index_samples
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
+    p.add_argument("--model_family", choices=["auto", *FAMILIES], default="auto",
+                   help="auto: read it from the model's model_index.json / transformer config")
     p.add_argument("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or a .tar")
     p.add_argument("--cache_dir", default=None, help="default: <data_root>_cache")
     p.add_argument("--resolution", type=int, default=1024)
@@ -43,16 +47,20 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cache_dir = args.cache_dir or default_cache_dir(args.data_root)
 
+    try:
+        family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
+        family.check_size(args.pretrained_model_name_or_path, args.resolution)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
     samples = index_samples(args.data_root)
     encoder = LatentEncoder(args.pretrained_model_name_or_path, device, dtype)
-    multiple = 2 ** (len(encoder.config.block_out_channels) - 1) * 2
-    if args.resolution % multiple:
-        raise SystemExit(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
     report = write_feature_cache(samples, LATENT_CODES, cache_dir,
                                  read=functools.partial(read_image, resolution=args.resolution),
                                  encode=lambda images: encoder(torch.stack(images)),
                                  batch_size=args.batch_size, rank=rank, world_size=world,
-                                 metadata={"model": args.pretrained_model_name_or_path, "resolution": args.resolution})
+                                 metadata={"model": args.pretrained_model_name_or_path, "family": family.name,
+                                           "resolution": args.resolution})
     print(report.summary(f"latent codes in {cache_dir}", rank, world))
     return report
 

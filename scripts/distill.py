@@ -1,4 +1,4 @@
-"""Distil a pretrained FLUX transformer into CLEAR local attention (the paper's training).
+"""Distil a pretrained FLUX or SD3 / SD3.5 transformer into CLEAR local attention (the paper's training).
 
     accelerate launch --config_file deepspeed_config.yaml scripts/distill.py \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --data_root data/flux_dev_1024 \
@@ -7,7 +7,10 @@
 (``bash distill.sh`` runs exactly this with the 4xH100 defaults.) The teacher is the
 original transformer, frozen; the student is a copy with ``clear.apply_clear(radius,
 down_factor)`` whose CLEAR parameters alone train, on ``L_fm + alpha*L_distill + beta*L_attn``
-(see ``clear/distill.py``). Every ``--checkpointing_steps`` the accelerate state goes to
+(see ``clear/distill.py``). The model family (FLUX.1, SD3 / SD3.5) is read from the model's
+``model_index.json`` / transformer config (or ``--model_family``); what differs between
+families (text encoders, latent layout, how the transformer is called) lives in
+``clear.features.FAMILIES``. Every ``--checkpointing_steps`` the accelerate state goes to
 ``<output_dir>/checkpoint-<step>/`` together with the CLEAR weights in the released layout
 (``clear_local_<r>[_down_<df>].safetensors``) and each process's data position; the final
 weights are also written to ``<output_dir>/``. ``--resume_from_checkpoint latest``
@@ -45,7 +48,7 @@ from clear.data import (
     default_cache_dir,
 )
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
-from clear.features import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
+from clear.features import FAMILIES, LatentEncoder, PromptEncoder, latents_from_moments, resolve_family, vae_scaling
 from clear.shards import atomic_path, index_samples, write_bytes_atomic
 
 logger = logging.getLogger("distill")
@@ -56,6 +59,8 @@ def parse_args(argv=None):
     a = p.add_argument
     # model and CLEAR
     a("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
+    a("--model_family", choices=["auto", *FAMILIES], default="auto",
+      help="auto: read it from the model's model_index.json / transformer config")
     a("--radius", "--window_size", dest="radius", type=int, default=16, help="CLEAR window radius in tokens")
     a("--down_factor", type=int, default=1, help="add (H/df)x(W/df) pooled key/value tokens (1: none)")
     a("--attn_backend", choices=["auto", "dense", "flex"], default="auto",
@@ -63,17 +68,22 @@ def parse_args(argv=None):
     # data
     a("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")
     a("--cache_dir", default=None, help="feature caches (default: <data_root>_cache)")
-    a("--use_cached_prompt_embed", action="store_true", help="read T5/CLIP embeddings (scripts/cache_prompt_embeds.py)")
+    a("--use_cached_prompt_embed", action="store_true",
+      help="read the text encoders' embeddings (scripts/cache_prompt_embeds.py)")
     a("--use_cached_latent", action="store_true", help="read VAE mean/std from scripts/cache_latent_codes.py")
     a("--resolution", type=int, default=1024, help="training images are resized and centre-cropped to this")
-    a("--max_sequence_length", type=int, default=512, help="T5 tokens per prompt (raw prompts and validation)")
+    a("--max_sequence_length", type=int, default=None,
+      help="T5 tokens per prompt (raw prompts and validation); default: FLUX 512, SD3 256")
     a("--dataloader_num_workers", type=int, default=2)
     # objective
     a("--distill_loss_weight", "--alpha", dest="alpha", type=float, default=0.5, help="alpha: weight of L_distill")
     a("--attn_loss_weight", "--beta", dest="beta", type=float, default=0.5, help="beta: weight of L_attn")
-    a("--attn_loss_layers", default="single:4",
-      help="attention layers of L_attn: 'single:N[:offset]', 'double:N[:offset]', block names, or 'none'")
-    a("--guidance_scale", type=float, default=3.5, help="guidance embedding value (FLUX.1-dev is guidance-distilled)")
+    a("--attn_loss_layers", default=None,
+      help="attention layers of L_attn: 'single:N[:offset]', 'double:N[:offset]' (FLUX), 'joint:N[:offset]' (SD3), "
+           "block or attention module names, or 'none'; default: FLUX 'single:4', SD3 'joint:4'")
+    a("--guidance_scale", type=float, default=None,
+      help="FLUX.1-dev: the guidance embedding value in training and validation (default 3.5); SD3: the "
+           "classifier-free guidance of the validation images only (default 7 SD3, 4.5 SD3.5-Medium, 3.5 SD3.5-Large)")
     a("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"], default="none")
     a("--logit_mean", type=float, default=0.0)
     a("--logit_std", type=float, default=1.0)
@@ -152,12 +162,25 @@ def side_by_side(teacher_images, student_images):
 def main(argv=None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, free_memory
 
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    try:
+        family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
+        for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
+            if res is not None:
+                family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
+    args.max_sequence_length = args.max_sequence_length or family.max_sequence_length
+    if args.guidance_scale is None:
+        args.guidance_scale = family.default_guidance_scale(transformer_config)
+    if args.attn_loss_layers is None:
+        args.attn_loss_layers = family.attn_loss_layers
 
     # -- accelerator ---------------------------------------------------------------------
     accelerator = Accelerator(
@@ -203,8 +226,8 @@ def main(argv=None) -> dict:
                              "away first, or resume from 'latest'")
 
     # -- models: frozen teacher, CLEAR student -------------------------------------------
-    teacher = FluxTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
-                                                     dtype=weight_dtype).to(device)
+    teacher = family.transformer_cls().from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
+                                                       dtype=weight_dtype).to(device)
     teacher.requires_grad_(False).eval()
     student = copy.deepcopy(teacher)
     clear.apply_clear(student, radius=args.radius, down_factor=args.down_factor, backend=args.attn_backend)
@@ -216,29 +239,23 @@ def main(argv=None) -> dict:
         student.enable_gradient_checkpointing()
     layers = attention_layers(student, args.attn_loss_layers)
     variant = clear.Variant(args.radius, args.down_factor)
-    guidance = args.guidance_scale if teacher.config.guidance_embeds else None
+    guidance = family.training_guidance(teacher.config, args.guidance_scale)
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path,
                                                                       subfolder="scheduler")
     shift_factor, scaling_factor = vae_scaling(args.pretrained_model_name_or_path)
-    vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae")
-    pixels_per_token = 2 ** (len(vae_config["block_out_channels"]) - 1) * 2
-    for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
-        if res is not None and (res % pixels_per_token or (res // pixels_per_token) % args.down_factor):
-            raise SystemExit(f"{name} {res} must be a multiple of {pixels_per_token * args.down_factor} "
-                             f"({pixels_per_token} pixels per token x down_factor {args.down_factor})")
-    logger.info("student: %s; %d trainable tensors (%.1fM parameters); L_attn on %d layers",
+    logger.info("%s student: %s; %d trainable tensors (%.1fM parameters); L_attn on %d layers (%s)", family.name,
                 student.clear_state.core, len(trainable), sum(p.numel() for p in trainable.values()) / 1e6,
-                len(layers))
+                len(layers), args.attn_loss_layers)
 
     # -- data ----------------------------------------------------------------------------
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
     for wanted, kind in [(args.use_cached_prompt_embed, PROMPT_EMBEDS), (args.use_cached_latent, LATENT_CODES)]:
         if wanted:
-            check_cache(cache_dir, kind)
+            check_cache(cache_dir, kind, family.name)
     dataset = DistillDataset(index_samples(args.data_root), args.resolution, cache_dir, args.use_cached_prompt_embed,
                              args.use_cached_latent)
     prompt_encoder = None if args.use_cached_prompt_embed else PromptEncoder(
-        args.pretrained_model_name_or_path, device, weight_dtype, args.max_sequence_length)
+        args.pretrained_model_name_or_path, device, weight_dtype, args.max_sequence_length, family)
     latent_encoder = None if args.use_cached_latent else LatentEncoder(
         args.pretrained_model_name_or_path, device, weight_dtype)
 
@@ -308,7 +325,7 @@ def main(argv=None) -> dict:
         raise RuntimeError(f"no sample of a whole epoch could be read:\n{bad.report()}")
 
     def model_inputs(batch: dict, generator: torch.Generator):
-        """(x0 latents [B, C, H, W] fp32, T5 embeddings, CLIP pooled embeddings) of one batch."""
+        """(x0 latents [B, C, H, W] fp32, token embeddings, pooled embeddings) of one batch."""
         if args.use_cached_prompt_embed:
             text = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
         else:
@@ -323,25 +340,22 @@ def main(argv=None) -> dict:
     validation = None
     if args.validation_prompt and is_main:
         encoder = prompt_encoder or PromptEncoder(args.pretrained_model_name_or_path, device, weight_dtype,
-                                                  args.max_sequence_length)
-        validation = {"text": encoder(args.validation_prompt), "teacher": None,
+                                                  args.max_sequence_length, family)
+        validation = {"text": encoder(args.validation_prompt, negative=True), "teacher": None,
                       "vae": latent_encoder.vae if latent_encoder else AutoencoderKL.from_pretrained(
                           args.pretrained_model_name_or_path, subfolder="vae", dtype=weight_dtype).to(device)}
         del encoder
         free_memory()
 
     def render(transformer) -> list:
-        pipe = FluxPipeline(scheduler=copy.deepcopy(noise_scheduler), vae=validation["vae"], text_encoder=None,
-                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        pipe = family.pipeline(transformer, validation["vae"], copy.deepcopy(noise_scheduler))
         pipe.set_progress_bar_config(disable=True)
         size = args.validation_resolution or args.resolution
-        text = validation["text"]
         with torch.no_grad(), accelerator.autocast():
-            return [pipe(prompt_embeds=text["prompt_embeds"][i: i + 1], pooled_prompt_embeds=text[
-                "pooled_prompt_embeds"][i: i + 1], height=size, width=size, guidance_scale=args.guidance_scale,
-                num_inference_steps=args.num_validation_inference_steps,
-                generator=torch.Generator(device).manual_seed(args.seed + i)).images[0]
-                for i in range(len(args.validation_prompt))]
+            return [pipe(**{k: v[i: i + 1] for k, v in validation["text"].items()}, height=size, width=size,
+                         guidance_scale=args.guidance_scale, num_inference_steps=args.num_validation_inference_steps,
+                         generator=torch.Generator(device).manual_seed(args.seed + i)).images[0]
+                    for i in range(len(args.validation_prompt))]
 
     def validate(step: int) -> None:
         if validation is not None:
@@ -406,7 +420,8 @@ def main(argv=None) -> dict:
                 with accelerator.autocast():
                     losses = distill_losses(student, teacher, x0, noise, timesteps, sigmas, prompt_embeds, pooled,
                                             layers, guidance, args.alpha, args.beta, args.weighting_scheme,
-                                            noise_scheduler.config.num_train_timesteps, student_module=model)
+                                            noise_scheduler.config.num_train_timesteps, student_module=model,
+                                            family=family)
                 accelerator.backward(losses.total)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)

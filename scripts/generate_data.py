@@ -1,5 +1,10 @@
 """The teacher generates its own training set (CLEAR distils FLUX.1-dev on ~10K images it made).
 
+Works with any supported family's text-to-image pipeline (FLUX.1: FluxPipeline; SD3 / SD3.5:
+StableDiffusion3Pipeline), read from the model (or --model_family); --guidance_scale and
+--max_sequence_length default to the model's own settings (FLUX.1-dev 3.5 / 512; SD3 7,
+SD3.5-Medium 4.5, SD3.5-Large 3.5 (classifier-free) / 256).
+
     torchrun --nproc_per_node=4 scripts/generate_data.py \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
         --prompts prompts.txt --output_dir data/flux_dev_1024
@@ -35,20 +40,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from clear.features import FAMILIES, resolve_family
 from clear.shards import dist_env, split_key, write_bytes_atomic, write_tar_atomic
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default="black-forest-labs/FLUX.1-dev")
+    p.add_argument("--model_family", choices=["auto", *FAMILIES], default="auto",
+                   help="auto: read it from the model's model_index.json / transformer config")
     p.add_argument("--prompts", required=True, help=".txt (one prompt per line), .jsonl, or a text-to-image-2M .tar")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_samples", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--num_inference_steps", type=int, default=28)
-    p.add_argument("--guidance_scale", type=float, default=3.5)
-    p.add_argument("--max_sequence_length", type=int, default=512)
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="default: the model's (FLUX.1-dev 3.5, SD3 7, SD3.5-Medium 4.5, SD3.5-Large 3.5)")
+    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens; default: FLUX 512, SD3 256")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i unless its JSON line gives a seed")
     p.add_argument("--samples_per_shard", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=1, help="images generated per pipeline call")
@@ -133,6 +142,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, local_rank = dist_env()
     output_dir = Path(args.output_dir)
+    try:
+        family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
+        for name, pixels in (("--height", args.height), ("--width", args.width)):
+            family.check_size(args.pretrained_model_name_or_path, pixels, name=name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if args.guidance_scale is None:
+        args.guidance_scale = family.default_guidance_scale(
+            family.transformer_config(args.pretrained_model_name_or_path))
+    args.max_sequence_length = args.max_sequence_length or family.max_sequence_length
     prompts, bad = read_prompts(Path(args.prompts))
     for line in bad:
         print(f"skipped prompt entry {line}", file=sys.stderr)
@@ -161,16 +180,10 @@ def main(argv=None) -> dict:
 
     written = 0
     if any(todo.values()):
-        from diffusers import FluxPipeline
-
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
+        pipe = family.pipeline_cls().from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
-        multiple = pipe.vae_scale_factor * 2
-        if args.height % multiple or args.width % multiple:
-            raise SystemExit(f"--height/--width must be multiples of {multiple} for this model, got "
-                             f"{args.height}x{args.width}")
         bar = tqdm(total=sum(len(v) for v in todo.values()), desc=f"generate (rank {rank})", disable=False)
         for s, pending in todo.items():
             for i in range(0, len(pending), args.batch_size):
