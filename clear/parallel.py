@@ -3,7 +3,7 @@
 Because a CLEAR image query only sees image keys closer than ``radius``, the image can
 be cut into horizontal bands, one per rank; per attention layer a rank only needs the
 ``halo`` rows of keys/values next to its band from each neighbour (plus, for
-``down_factor > 1``, every rank's few pooled tokens). Everything else in the
+``down_factor > 1``, every rank's pooled tokens). Everything else in the
 transformer (norms, MLPs, modulation) is per token, so each rank runs the stock
 diffusers transformer on its own band of image tokens and a replicated copy of the
 text tokens. Text queries see every image key; two ways to handle them:
@@ -19,13 +19,14 @@ text tokens. Text queries see every image key; two ways to handle them:
 ``ClearAttention`` for a :class:`PatchParallelAttention` and adds two forward hooks, one
 that cuts each rank's band out of the full inputs, one that gathers the full output::
 
-    dist.init_process_group("nccl")                 # torchrun --nproc_per_node N ...
+    device = clear.parallel.init_distributed()      # under torchrun --nproc_per_node N
     clear.apply_clear(pipe.transformer, radius=16)
     clear.parallelize(pipe.transformer, text_mode="exact")
     images = clear.patch_parallel_pipeline_call(pipe, prompt=..., generator=same_seed_on_every_rank)
 
 Every rank calls the model with the same full-size inputs and gets the same full-size
-output; inference only. See docs/parallel.md for the design and its communication.
+output; inference only. See docs/parallel.md for the design and its communication;
+``python -m clear.parallel`` measures the bytes of one layer.
 """
 
 from __future__ import annotations
@@ -298,6 +299,8 @@ class PatchParallelAttention:
         self.text_mode = text_mode
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of the process group given to parallelize")
         self.plan: BandPlan | None = None
         self.comm_log: list[Sent] | None = None
         self.cache_size = cache_size
@@ -638,3 +641,68 @@ def expected_comm_bytes(height: int, width: int, world_size: int, rank: int, rad
         merge = batch * text_len * heads * (head_dim if text_mode == "average" else head_dim + 2) * 4
         out["text"] = merge
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring it: python -m clear.parallel (CPU, gloo; one attention call per rank)
+# ----------------------------------------------------------------------------------------
+
+
+def _measure_worker(rank, world, init_file, a, results):
+    torch.manual_seed(rank)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    window = Window(a.radius, a.down_factor)
+    attn = PatchParallelAttention(ClearAttention(a.radius, a.down_factor, "dense"), None, a.text_mode)
+    attn.plan = plan_bands(a.height, a.width, world, rank, window)
+    dtype = getattr(torch, a.dtype)
+    n = a.text_len + attn.plan.band.rows * a.width
+    q, k, v = (torch.randn(1, n, a.heads, a.head_dim, dtype=dtype) for _ in range(3))
+    sw = torch.rand(1, 1, 1, a.down_factor, 1, a.down_factor, 1, dtype=dtype) if a.down_factor > 1 else None
+    attn.comm_log = []
+    with torch.no_grad():
+        attn(q, k, v, TokenLayout(a.text_len, attn.plan.band.rows, a.width), sw)
+    measured = {}
+    for s in attn.comm_log:
+        measured[s.what] = measured.get(s.what, 0) + s.nbytes
+    results[rank] = measured
+    dist.destroy_process_group()
+
+
+def _measure(argv=None):
+    import argparse
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    p = argparse.ArgumentParser(description="Bytes each rank hands to torch.distributed in one patch-parallel CLEAR "
+                                "attention layer (random q/k/v, FLUX.1-dev head dims by default), next to "
+                                "expected_comm_bytes. Sizes in tokens (pixels / 16).")
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--radius", type=float, default=16)
+    p.add_argument("--down_factor", type=int, default=1)
+    p.add_argument("--text_mode", default="exact", choices=TEXT_MODES)
+    p.add_argument("--text_len", type=int, default=512)
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    a = p.parse_args(argv)
+    plan_bands(a.height, a.width, a.ranks, 0, Window(a.radius, a.down_factor))  # fail before spawning
+    results = mp.Manager().dict()
+    mp.spawn(_measure_worker, args=(a.ranks, tempfile.mktemp(), a, results), nprocs=a.ranks)
+    elem = torch.empty(0, dtype=getattr(torch, a.dtype)).element_size()
+    print(f"| rank | kind | measured bytes | expected_comm_bytes |  ({a.height}x{a.width} tokens, r={a.radius:g}, "
+          f"df={a.down_factor}, {a.ranks} ranks, {a.text_mode}, {a.heads}x{a.head_dim} {a.dtype}, "
+          f"{a.text_len} text)")
+    print("|---|---|---|---|")
+    for rank in range(a.ranks):
+        exp = expected_comm_bytes(a.height, a.width, a.ranks, rank, a.radius, a.down_factor, a.text_len, a.heads,
+                                  a.head_dim, 1, elem, a.text_mode)
+        for kind in sorted(set(exp) | set(results[rank])):
+            print(f"| {rank} | {kind} | {results[rank].get(kind, 0)} | {exp.get(kind, 0)} |")
+
+
+if __name__ == "__main__":
+    _measure()
