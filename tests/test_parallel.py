@@ -25,21 +25,23 @@ BATCH, TEXT = 2, 7
 CHANNELS = FLUX_CONFIG["num_attention_heads"] * FLUX_CONFIG["attention_head_dim"]
 LAYERS = FLUX_CONFIG["num_layers"] + FLUX_CONFIG["num_single_layers"]
 
-# name: (ranks, height, width, radius, down_factor, backend); flex runs eagerly on 2x4 tiles (sparse blocks)
+# name: (ranks, height, width, radius, down_factor, backend, proportional_attention);
+# flex runs eagerly on 2x4 tiles (so some blocks are skipped, some full, some partial)
 EXACT = {
-    "2 ranks even": (2, 8, 6, 3, 1, "dense"),
-    "2 ranks uneven r=2.5": (2, 9, 5, 2.5, 1, "dense"),
-    "2 ranks df=2 flex": (2, 8, 10, 3, 2, "flex"),
-    "3 ranks uneven": (3, 11, 4, 3, 1, "dense"),
-    "3 ranks uneven df=2": (3, 10, 6, 2, 2, "dense"),
+    "2 ranks even": (2, 8, 6, 3, 1, "dense", False),
+    "2 ranks uneven r=2.5 proportional": (2, 9, 5, 2.5, 1, "dense", True),
+    "2 ranks df=2 flex": (2, 8, 10, 3, 2, "flex", False),
+    "3 ranks uneven, bands as thin as the halo": (3, 7, 5, 3, 1, "dense", False),
+    "3 ranks uneven df=2": (3, 10, 6, 2, 2, "dense", False),
 }
 # halo volume: same radius and width at two heights, twice the width, a larger radius
 VOLUME = {"base": (8, 6, 3), "taller": (16, 6, 3), "wider": (8, 12, 3), "larger radius": (16, 6, 5)}
 
 
-def _model(radius, down_factor, backend):
+def _model(radius, down_factor, backend, proportional=False):
     model = tiny_flux()
-    clear.apply_clear(model, radius=radius, down_factor=down_factor, backend=backend, tile=(2, 4))
+    clear.apply_clear(model, radius=radius, down_factor=down_factor, backend=backend, tile=(2, 4),
+                      proportional_attention=proportional)
     g = torch.Generator().manual_seed(3)
     for name, p in model.named_parameters():  # learned pooling weights, not the uniform init
         if name.endswith("spatial_weight"):
@@ -92,10 +94,10 @@ def _worker(rank, world, init_file, out_dir):
                             timeout=timedelta(seconds=120))
     pair = dist.new_group([0, 1])
     res = {}
-    for name, (ranks, h, w, r, df, backend) in EXACT.items():
+    for name, (ranks, h, w, r, df, backend, prop) in EXACT.items():
         if rank >= ranks:
             continue
-        model, x = _model(r, df, backend), flux_inputs(h, w, text_len=TEXT, batch=BATCH)
+        model, x = _model(r, df, backend, prop), flux_inputs(h, w, text_len=TEXT, batch=BATCH)
         with torch.no_grad():
             ref = model(**x).sample
         attn = parallelize(model, group=pair if ranks == 2 else None, text_mode="exact")
@@ -197,7 +199,7 @@ def _per_layer(log):
 
 @pytest.mark.parametrize("case", list(EXACT))
 def test_comm_volume_matches_design(results, case):
-    ranks, h, w, r, df, _ = EXACT[case]
+    ranks, h, w, r, df, _, _ = EXACT[case]
     for rank in range(ranks):
         got = results[rank][case]
         per_layer = _per_layer(got["log"])
