@@ -275,6 +275,36 @@ class TileOrder:
         )
 
 
+def _tile_coords(idx, tiles_w, tile_h, tile_w):
+    """(row, col) of tile-order position ``idx`` (tensor arithmetic, usable inside mask_mods)."""
+    bs = tile_h * tile_w
+    tile, within = idx // bs, idx % bs
+    return (tile // tiles_w) * tile_h + within // tile_w, (tile % tiles_w) * tile_w + within % tile_w
+
+
+def _tile_rects(tiles: torch.Tensor, order: "TileOrder", row_offset: int = 0):
+    """Rows ``r0..r1`` and columns ``c0..c1`` covered by tile numbers ``tiles`` (padding included)."""
+    r0 = (tiles // order.tiles_w) * order.tile_h + row_offset
+    c0 = (tiles % order.tiles_w) * order.tile_w
+    return r0, r0 + order.tile_h - 1, c0, c0 + order.tile_w - 1
+
+
+def _rect_classes(q, k, height: int, width: int, bound: int):
+    """``(any, full)`` for query rectangles ``q`` against key rectangles ``k`` (each
+    ``(r0, r1, c0, c1)``, broadcast), keys existing only inside ``height x width``: some /
+    every pair is within the window (``dy^2 + dx^2 < bound``). Exact for rectangles."""
+    qr0, qr1, qc0, qc1 = q
+    kr0, kr1, kc0, kc1 = k
+    vr1, vc1 = kr1.clamp(max=height - 1), kc1.clamp(max=width - 1)
+    gap_r = torch.clamp(torch.maximum(kr0 - qr1, qr0 - vr1), min=0)
+    gap_c = torch.clamp(torch.maximum(kc0 - qc1, qc0 - vc1), min=0)
+    span_r = torch.maximum((qr1 - kr0).abs(), (kr1 - qr0).abs())
+    span_c = torch.maximum((qc1 - kc0).abs(), (kc1 - qc0).abs())
+    any_ = (kr0 < height) & (kc0 < width) & (gap_r**2 + gap_c**2 < bound)
+    full = (kr1 < height) & (kc1 < width) & (span_r**2 + span_c**2 < bound)
+    return any_, full
+
+
 def flex_mask_mod(order: TileOrder, device=None):
     """The mask_mod of the flex sequence (see :class:`TileOrder`), equal to
     :func:`allowed_mask` after reordering. Evaluated only on partial blocks."""
@@ -283,14 +313,8 @@ def flex_mask_mod(order: TileOrder, device=None):
     def mask_mod(b, h, q_idx, kv_idx):
         height, width, tiles_w, tile_h, tile_w = p[0], p[1], p[2], p[3], p[4]
         n_slots, text_end, r2 = p[5], p[6], p[7]
-        bs = tile_h * tile_w
-
-        def coords(idx):
-            tile, within = idx // bs, idx % bs
-            return (tile // tiles_w) * tile_h + within // tile_w, (tile % tiles_w) * tile_w + within % tile_w
-
-        qr, qc = coords(q_idx)
-        kr, kc = coords(kv_idx)
+        qr, qc = _tile_coords(q_idx, tiles_w, tile_h, tile_w)
+        kr, kc = _tile_coords(kv_idx, tiles_w, tile_h, tile_w)
         k_img = kv_idx < n_slots
         k_valid = (kr < height) & (kc < width)
         local = (qr - kr) * (qr - kr) + (qc - kc) * (qc - kc) < r2
@@ -348,14 +372,9 @@ def _block_lists(order: TileOrder, device=None):
     k_text = (torch.clamp(k_hi, max=text_end) - torch.clamp(k_lo, min=n_slots, max=text_end)).clamp(min=0)
     rest = torch.arange(n_tiles, nk, **i64)
 
-    # Tile rectangles: rows r0..r1, cols c0..c1 (queries use them whole; keys only their part inside the grid).
-    def rect(t):
-        r0, c0 = (t // tiles_w) * order.tile_h, (t % tiles_w) * order.tile_w
-        return r0, r0 + order.tile_h - 1, c0, c0 + order.tile_w - 1
-
+    # Tile rectangles (queries use them whole, keys only their part inside the grid).
     t = torch.arange(n_tiles, **i64)
-    _, tr1, _, tc1 = rect(t)
-    tr0, tc0 = tr1 - order.tile_h + 1, tc1 - order.tile_w + 1
+    tr0, tr1, tc0, tc1 = _tile_rects(t, order)
     k_nonempty = (tr0 < lay.height) & (tc0 < lay.width)
     k_complete = (tr1 < lay.height) & (tc1 < lay.width)
 
@@ -365,16 +384,9 @@ def _block_lists(order: TileOrder, device=None):
     kx = (t % tiles_w)[:, None] + offsets[None, :, 1]
     inside = (ky >= 0) & (ky < tiles_h) & (kx >= 0) & (kx < tiles_w)
     kt = torch.where(inside, ky * tiles_w + kx, 0)
-    qr0, qr1, qc0, qc1 = (v[:, None] for v in (tr0, tr1, tc0, tc1))
-    kr0, kr1, kc0, kc1 = tr0[kt], tr1[kt], tc0[kt], tc1[kt]
-    vr1, vc1 = kr1.clamp(max=lay.height - 1), kc1.clamp(max=lay.width - 1)
-    gap_r = torch.clamp(torch.maximum(kr0 - qr1, qr0 - vr1), min=0)
-    gap_c = torch.clamp(torch.maximum(kc0 - qc1, qc0 - vc1), min=0)
-    span_r = torch.maximum((qr1 - kr0).abs(), (kr1 - qr0).abs())
-    span_c = torch.maximum((qc1 - kc0).abs(), (kc1 - qc0).abs())
-    bound = win.radius_sq_bound
-    local_any = inside & k_nonempty[kt] & (gap_r**2 + gap_c**2 < bound)
-    local_full = inside & k_complete[kt] & (span_r**2 + span_c**2 < bound)
+    local_any, local_full = _rect_classes([v[:, None] for v in (tr0, tr1, tc0, tc1)], _tile_rects(kt, order),
+                                          lay.height, lay.width, win.radius_sq_bound)
+    local_any, local_full = inside & local_any, inside & local_full
     cand = torch.cat([kt, rest.expand(n_tiles, -1)], 1)
     img_full = torch.cat([local_full, k_whole.expand(n_tiles, -1)], 1)
     img_partial = torch.cat([local_any & ~local_full, (~k_whole).expand(n_tiles, -1)], 1)
@@ -412,6 +424,58 @@ def analytic_block_mask(order: TileOrder, device=None, with_q_blocks: bool = Tru
         seq_lengths=(order.q_len, order.kv_len),
         compute_q_blocks=with_q_blocks,
     )
+
+
+# ----------------------------------------------------------------------------------------
+# A band of rows (patch parallelism): its image queries against the band plus halo rows
+# ----------------------------------------------------------------------------------------
+
+
+def band_mask_mod(kv_order: TileOrder, row_offset: int, device=None):
+    """Mask of a band's image queries (tile order of the band) against ``[extended band
+    (band plus halos) in tile order | rest]`` keys, where the ``rest`` (text and pooled
+    tokens) is seen by every image query. Query row ``i`` of the band is row
+    ``i + row_offset`` of the extended band. The tile shape of queries and keys is the same."""
+    p = torch.tensor([kv_order.layout.height, kv_order.layout.width, kv_order.tiles_w, kv_order.tile_h,
+                      kv_order.tile_w, kv_order.num_slots, row_offset, kv_order.window.radius_sq_bound],
+                     dtype=torch.int64, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ext_h, width, tiles_w, tile_h, tile_w, kv_slots, off, r2 = (p[i] for i in range(8))
+        qr, qc = _tile_coords(q_idx, tiles_w, tile_h, tile_w)
+        kr, kc = _tile_coords(kv_idx, tiles_w, tile_h, tile_w)
+        local = (qr + off - kr) * (qr + off - kr) + (qc - kc) * (qc - kc) < r2
+        return torch.where(kv_idx < kv_slots, (kr < ext_h) & (kc < width) & local, True)
+
+    return mask_mod
+
+
+def band_block_mask(q_order: TileOrder, kv_order: TileOrder, row_offset: int, n_rest: int, device=None):
+    """The ``BlockMask`` of :func:`band_mask_mod` from tile rectangles (never from a mask):
+    every band tile against every tile of the extended band (a band is thin, so this is
+    small), then ``n_rest`` text and pooled keys that every image query sees. Forward only."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = q_order.block_size
+    kv_len = kv_order.num_slots + n_rest
+    n_kt, nk = kv_order.tiles_h * kv_order.tiles_w, -(-kv_len // bs)
+    i64 = dict(dtype=torch.int64, device=device)
+    q_rect = [x[:, None] for x in _tile_rects(torch.arange(q_order.tiles_h * q_order.tiles_w, **i64), q_order,
+                                              row_offset)]
+    k_rect = [x[None, :] for x in _tile_rects(torch.arange(n_kt, **i64), kv_order)]
+    any_, full = _rect_classes(q_rect, k_rect, kv_order.layout.height, kv_order.layout.width,
+                               kv_order.window.radius_sq_bound)
+    rest_lo = torch.arange(n_kt, nk, **i64) * bs
+    rest_whole = (torch.clamp(rest_lo + bs, max=kv_len) - rest_lo == bs).expand(any_.shape[0], -1)
+    full = torch.cat([full, rest_whole], 1)
+    partial = torch.cat([any_, torch.ones_like(rest_whole)], 1) & ~full
+    cand = torch.arange(nk, **i64).expand(full.shape[0], -1)
+    p_num, p_idx = _compact(cand, partial, nk)
+    f_num, f_idx = _compact(cand, full, nk)
+    return BlockMask.from_kv_blocks(
+        p_num[None, None], p_idx[None, None], f_num[None, None], f_idx[None, None], BLOCK_SIZE=bs,
+        mask_mod=band_mask_mod(kv_order, row_offset, device),
+        seq_lengths=(q_order.num_slots, kv_len), compute_q_blocks=False)
 
 
 def reference_block_mask(order: TileOrder, device=None):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .apply import _forward_signature, model_family
 from .attention import ClearAttention, _compiled_flex, _flex, pool_tokens
-from .geometry import TileOrder, TokenLayout, Window, _compact, grid_from_ids
+from .geometry import TileOrder, TokenLayout, Window, band_block_mask, grid_from_ids
 
 __all__ = [
     "TEXT_MODES",
@@ -209,70 +209,6 @@ def _flex_lse(q, k, v, scale):
     return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
 
 
-def _band_mask_mod(q_order: TileOrder, kv_order: TileOrder, row_offset: int, device=None):
-    """FlexAttention mask of a band's image queries (tile order of the band) against
-    ``[extended band in tile order | text | pooled]`` keys. Query row ``i`` of the band is
-    row ``i + row_offset`` of the extended band (band plus halos)."""
-    p = torch.tensor([kv_order.layout.height, kv_order.layout.width, kv_order.tiles_w, kv_order.tile_h,
-                      kv_order.tile_w, kv_order.num_slots, row_offset, kv_order.window.radius_sq_bound],
-                     dtype=torch.int64, device=device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        ext_h, width, tiles_w, tile_h, tile_w, kv_slots, off, r2 = (p[i] for i in range(8))
-        bs = tile_h * tile_w
-
-        def coords(idx):
-            tile, within = idx // bs, idx % bs
-            return (tile // tiles_w) * tile_h + within // tile_w, (tile % tiles_w) * tile_w + within % tile_w
-
-        qr, qc = coords(q_idx)
-        kr, kc = coords(kv_idx)
-        local = (qr + off - kr) * (qr + off - kr) + (qc - kc) * (qc - kc) < r2
-        return torch.where(kv_idx < kv_slots, (kr < ext_h) & (kc < width) & local, True)
-
-    return mask_mod
-
-
-def _band_block_mask(q_order: TileOrder, kv_order: TileOrder, row_offset: int, n_rest: int, device=None):
-    """The ``BlockMask`` of :func:`_band_mask_mod` from tile rectangles (never from a mask):
-    every band tile against every tile of the extended band (a band is thin, so this is
-    small), then ``n_rest`` text and pooled keys that every image query sees."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    bs, tiles_w, th, tw = q_order.block_size, q_order.tiles_w, q_order.tile_h, q_order.tile_w
-    ext_h, width = kv_order.layout.height, kv_order.layout.width
-    kv_len = kv_order.num_slots + n_rest
-    n_kt, nk = kv_order.tiles_h * tiles_w, -(-kv_len // bs)
-    i64 = dict(dtype=torch.int64, device=device)
-
-    def rect(n_tiles, row_off):
-        t = torch.arange(n_tiles, **i64)
-        r0, c0 = (t // tiles_w) * th + row_off, (t % tiles_w) * tw
-        return r0, r0 + th - 1, c0, c0 + tw - 1
-
-    qr0, qr1, qc0, qc1 = (x[:, None] for x in rect(q_order.tiles_h * tiles_w, row_offset))
-    kr0, kr1, kc0, kc1 = (x[None, :] for x in rect(n_kt, 0))
-    vr1, vc1 = kr1.clamp(max=ext_h - 1), kc1.clamp(max=width - 1)
-    gap_r = torch.clamp(torch.maximum(kr0 - qr1, qr0 - vr1), min=0)
-    gap_c = torch.clamp(torch.maximum(kc0 - qc1, qc0 - vc1), min=0)
-    span_r = torch.maximum((qr1 - kr0).abs(), (kr1 - qr0).abs())
-    span_c = torch.maximum((qc1 - kc0).abs(), (kc1 - qc0).abs())
-    bound = kv_order.window.radius_sq_bound
-    any_ = (kr0 < ext_h) & (kc0 < width) & (gap_r**2 + gap_c**2 < bound)
-    full = (kr1 < ext_h) & (kc1 < width) & (span_r**2 + span_c**2 < bound)
-    rest_lo = torch.arange(n_kt, nk, **i64) * bs  # text and pooled: seen by every image query
-    rest_whole = (torch.clamp(rest_lo + bs, max=kv_len) - rest_lo == bs).expand(any_.shape[0], -1)
-    full = torch.cat([full, rest_whole], 1)
-    partial = torch.cat([any_, torch.ones_like(rest_whole)], 1) & ~full
-    cand = torch.arange(nk, **i64).expand(full.shape[0], -1)
-    p_num, p_idx = _compact(cand, partial, nk)
-    f_num, f_idx = _compact(cand, full, nk)
-    return BlockMask.from_kv_blocks(
-        p_num[None, None], p_idx[None, None], f_num[None, None], f_idx[None, None], BLOCK_SIZE=bs,
-        mask_mod=_band_mask_mod(q_order, kv_order, row_offset, device),
-        seq_lengths=(q_order.num_slots, kv_len), compute_q_blocks=False)
-
-
 @dataclass
 class _BandAttnPlan:
     mask: torch.Tensor | None = None  # dense: [h*W, T + ext*W + P] bool, None when nothing is masked
@@ -404,7 +340,7 @@ class PatchParallelAttention:
             kv_order = TileOrder(TokenLayout(0, ext, w), win, *self.inner.tile)
             bp = _BandAttnPlan(q_slots=q_order.slot_of_token(device), kv_slots=kv_order.slot_of_token(device),
                                q_len=q_order.num_slots, kv_img_len=kv_order.num_slots,
-                               block_mask=_band_block_mask(q_order, kv_order, above, text_len + n_pooled, device))
+                               block_mask=band_block_mask(q_order, kv_order, above, text_len + n_pooled, device))
         self._plans[key] = bp
         while len(self._plans) > self.cache_size:
             self._plans.popitem(last=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -137,7 +136,7 @@ def bench_attention(args, device, dtype) -> list[dict]:
             rec["peak_memory_bytes"] = timer.peak_memory(fn)
         rec["tflops_per_s"] = rec["flops"] / rec["time_s"] / 1e12
         records.append(rec)
-        del q, k, v
+        q = k = v = fn = None  # free before the next size allocates
     return records
 
 

@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from clear.attention import ClearAttention, pool_tokens
-from clear.geometry import TileOrder, TokenLayout, Window, allowed_mask, analytic_block_mask
+from clear.geometry import TokenLayout
 
 
 @pytest.mark.slow
@@ -13,7 +13,7 @@ def test_compiled_flex_with_analytic_block_mask_equals_dense():
     compiled = torch.compile(flex_attention, dynamic=False)
     g = torch.Generator().manual_seed(0)
     for (text, h, w, r, df) in [(40, 24, 40, 5, 1), (13, 16, 20, 3, 4)]:
-        layout, window = TokenLayout(text, h, w), Window(r, df)
+        layout = TokenLayout(text, h, w)
         core = ClearAttention(r, df, backend="flex", tile=(8, 16))
         q, k, v = (torch.randn(2, layout.seq_len, 2, 16, generator=g) for _ in range(3))
         sw = torch.rand(1, 1, 1, df, 1, df, 1, generator=g) if df > 1 else None

@@ -90,7 +90,6 @@ def test_apply_twice_replaces_configuration(flux):
     clear.apply_clear(flux, radius=2)
     clear.apply_clear(flux, radius=3, down_factor=2)
     assert flux.clear_state.radius == 3 and len(flux._forward_pre_hooks) == 1
-    x = flux_inputs(6, 10)
     clear.remove_clear(flux)
     assert all(type(p).__name__ == "FluxAttnProcessor" for p in flux.attn_processors.values())
 
@@ -133,7 +132,6 @@ class PooledReferenceProcessor:
         t = q.shape[2] - n
         k = torch.cat([k, self.pool(k[:, :, t:])], 2)
         v = torch.cat([v, self.pool(v[:, :, t:])], 2)
-        n_pool = k.shape[2] - q.shape[2]
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool)
         for i in range(n):
             for j in range(n):

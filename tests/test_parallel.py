@@ -259,14 +259,14 @@ def test_band_block_mask_equals_flex_own(h, above, below, width, radius, n_rest,
     from torch.nn.attention.flex_attention import create_block_mask
 
     from clear.geometry import TileOrder, TokenLayout
-    from clear.parallel import _band_block_mask, _band_mask_mod
+    from clear.geometry import band_block_mask, band_mask_mod
 
     win = Window(radius)
     q_order = TileOrder(TokenLayout(0, h, width), win, *tile)
     kv_order = TileOrder(TokenLayout(0, above + h + below, width), win, *tile)
     kv_len = kv_order.num_slots + n_rest
-    a = _band_block_mask(q_order, kv_order, above, n_rest)
-    b = create_block_mask(_band_mask_mod(q_order, kv_order, above), None, None, q_order.num_slots, kv_len,
+    a = band_block_mask(q_order, kv_order, above, n_rest)
+    b = create_block_mask(band_mask_mod(kv_order, above), None, None, q_order.num_slots, kv_len,
                           device="cpu", BLOCK_SIZE=q_order.block_size)
     assert torch.equal(a.kv_num_blocks, b.kv_num_blocks)
     assert torch.equal(a.full_kv_num_blocks, b.full_kv_num_blocks)
