@@ -2,15 +2,13 @@
 targets are judged from GPU runs, never from tests)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from scripts_loader import load_script
 
 import clear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import benchmark  # noqa: E402
+benchmark = load_script("benchmark")
 
 
 def _outputs(out):

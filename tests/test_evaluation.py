@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scripts_loader import load_script
 import torch
 from PIL import Image
 from torch import nn
@@ -16,15 +17,6 @@ import clear
 from clear.evaluation import (MANIFEST, METRIC_KEYS, EvalConfig, FeatureNets, ModelImages, Prompt, evaluate,
                               load_prompts, markdown_table, write_report)
 
-
-
-def load_script(name: str):
-    """scripts/NAME.py as a module under a name no installed package can shadow."""
-    spec = importlib.util.spec_from_file_location(f"clear_eval_script_{name}", Path(__file__).resolve().parent.parent
-                                                  / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SIZE = 192  # MS-SSIM needs more than 160 pixels a side

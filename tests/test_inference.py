@@ -2,14 +2,13 @@
 (NTK RoPE, proportional attention, fixed shift) against direct computations, pipelines
 (ControlNet, schnell), early errors and the mask picture. CPU, tiny pipeline."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scripts_loader import load_script
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,20 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu", "--quiet"]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"clear_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return module
-
-
 @pytest.fixture(scope="module")
 def generate_cli():
-    return _script("generate")
+    return load_script("generate")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +214,7 @@ def test_highres_two_non_square_stages_use_ntk_and_proportional_attention(fresh_
 
 def test_highres_cli_writes_every_stage(tiny_flux_pipeline_dir, tmp_path):
     out = tmp_path / "hr.png"
-    written = _script("generate_highres").main(["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "3",
+    written = load_script("generate_highres").main(["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "3",
                                                 "--checkpoint", "none", "--upscale", "48x32,64x48",
                                                 "--upscale_steps", "3", "--vae_tiling", "on", "--out", str(out)])
     assert Image.open(written["stage0"]).size == (48, 32)

@@ -3,14 +3,13 @@ StableDiffusion3Pipeline (an SD3.5-Medium-like transformer with a dual-attention
 SDEdit high-resolution path with StableDiffusion3Img2ImgPipeline, the size limit of SD3's
 positional table, the per-model defaults and the early errors. CPU, tiny pipeline."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scripts_loader import load_script
 import torch
 from PIL import Image
 
@@ -23,20 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu", "--quiet"]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"clear_script_sd3_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return module
-
-
 @pytest.fixture(scope="module")
 def generate_cli():
-    return _script("generate")
+    return load_script("generate")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +191,7 @@ def test_highres_two_non_square_stages_sd3(sd3_pipe):
 
 def test_highres_cli_sd3_writes_every_stage(sd3_dir, tmp_path):
     out = tmp_path / "hr.png"
-    written = _script("generate_highres").main(["--model", sd3_dir, *TINY, "--radius", "3", "--checkpoint", "none",
+    written = load_script("generate_highres").main(["--model", sd3_dir, *TINY, "--radius", "3", "--checkpoint", "none",
                                                 "--upscale", "48x32,64x96", "--upscale_steps", "3",
                                                 "--vae_tiling", "on", "--out", str(out)])
     assert Image.open(written["stage0"]).size == (48, 32)

@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
+from scripts_loader import load_script
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -276,7 +277,6 @@ def test_band_block_mask_equals_flex_own(h, above, below, width, radius, n_rest,
 def test_generate_script_under_torchrun_matches_one_process(tiny_flux_pipeline_dir, tmp_path):
     """`torchrun --nproc_per_node 2 scripts/generate.py --parallel patch` writes (on rank 0 only) the image of
     the single-process script."""
-    import importlib.util
     import socket
     import subprocess
     import sys
@@ -300,9 +300,7 @@ def test_generate_script_under_torchrun_matches_one_process(tiny_flux_pipeline_d
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("patch-parallel x2 (exact)") == 1, run.stdout  # rank 0 alone writes and reports
 
-    spec = importlib.util.spec_from_file_location("clear_script_generate_parallel_test", root / "scripts/generate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("generate")
     script.main([*args, "--out", str(tmp_path / "single.png")])
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("parallel", "single"))
     assert np.abs(a - b).max() <= 1  # equal up to float error and 8-bit rounding
