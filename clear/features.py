@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import model_defaults
+
 
 # ------------------------------------------------------------------------------------------
 # model families
@@ -122,7 +124,7 @@ class FluxFamily(ModelFamily):
         return 2  # FluxPipeline packs 2x2 latents into one token
 
     def default_guidance_scale(self, transformer_config):
-        return 3.5 if transformer_config.get("guidance_embeds") else 0.0
+        return model_defaults("flux", transformer_config).guidance
 
     def training_guidance(self, transformer_config, guidance_scale):
         return guidance_scale if transformer_config.get("guidance_embeds") else None
@@ -170,10 +172,7 @@ class SD3Family(ModelFamily):
         return int(size) if size else None
 
     def default_guidance_scale(self, transformer_config):
-        # the publishers' settings: SD3.5-Medium (dual attention) 4.5, SD3.5-Large (QK norm) 3.5, SD3-Medium 7
-        if transformer_config.get("dual_attention_layers"):
-            return 4.5
-        return 3.5 if transformer_config.get("qk_norm") else 7.0
+        return model_defaults("sd3", transformer_config).guidance
 
     def training_guidance(self, transformer_config, guidance_scale):
         return None

@@ -43,6 +43,8 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from .apply import apply_clear, model_family, remove_clear
+from .models import MODEL_DEFAULTS
+from .models import model_name as _model_name
 from .weights import RELEASED, Variant, download_weights, load_clear_weights
 
 logger = logging.getLogger(__name__)
@@ -82,25 +84,6 @@ FAMILIES = {
 SUPPORTED_PIPELINES = tuple(p for f in FAMILIES.values() for p in f.pipelines)
 SUPPORTED_TRANSFORMERS = tuple(f.transformer for f in FAMILIES.values())
 
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """Sampling settings a released model is meant to be run with."""
-
-    steps: int
-    guidance: float
-    max_sequence_length: int  # T5 tokens
-
-
-# The model publishers' recommended settings (diffusers docs / model cards). SD3.5-Large-Turbo
-# has SD3.5-Large's config: pass steps=4, guidance=0 for it.
-MODEL_DEFAULTS = {
-    "FLUX.1-dev": ModelDefaults(28, 3.5, 512),
-    "FLUX.1-schnell": ModelDefaults(4, 0.0, 256),
-    "SD3-Medium": ModelDefaults(28, 7.0, 256),
-    "SD3.5-Medium": ModelDefaults(40, 4.5, 256),
-    "SD3.5-Large": ModelDefaults(28, 3.5, 256),
-}
 
 # Settings of the released recipe for the upscaling stages.
 DEFAULT_STRENGTH = 0.7
@@ -554,15 +537,8 @@ class Result:
 
 
 def model_name(transformer) -> str:
-    """Which released model a transformer's config is (a key of :data:`MODEL_DEFAULTS`):
-    FLUX.1-dev (guidance embedding) or -schnell; SD3.5-Medium (``dual_attention_layers``),
-    SD3.5-Large (QK norm) or SD3-Medium."""
-    cfg = transformer.config
-    if model_family(transformer) == "flux":
-        return "FLUX.1-dev" if cfg.guidance_embeds else "FLUX.1-schnell"
-    if getattr(cfg, "dual_attention_layers", None):
-        return "SD3.5-Medium"
-    return "SD3.5-Large" if getattr(cfg, "qk_norm", None) else "SD3-Medium"
+    """Which released model a transformer's config is (a key of :data:`clear.models.MODEL_DEFAULTS`)."""
+    return _model_name(model_family(transformer), transformer.config)
 
 
 def default_settings(pipe) -> dict:
