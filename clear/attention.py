@@ -31,11 +31,30 @@ from .geometry import TRAINING_TOKENS, TileOrder, TokenLayout, Window, allowed_m
 BACKENDS = ("auto", "dense", "flex")
 
 
+# Each new (batch, sequence length) recompiles the static-shape flex kernel. Past dynamo's
+# default recompile limit (8) it would silently fall back to eager FlexAttention, which
+# materialises every score: an out-of-memory at 4K. Our calls get a higher limit.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def _with_recompile_limit(fn, limit: int = FLEX_RECOMPILE_LIMIT):
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with dynamo_config.patch(**{name: max(limit, getattr(dynamo_config, name))}):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return _with_recompile_limit(torch.compile(flex_attention, dynamic=False))
 
 
 def _flex(query, key, value, block_mask, scale):

@@ -36,3 +36,17 @@ def test_compiled_flex_with_analytic_block_mask_equals_dense():
                                               BLOCK_SIZE=128, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
         wrong = compiled(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), block_mask=no_partial)
         assert not torch.allclose(wrong.transpose(1, 2).index_select(1, plan.from_flex), dense, atol=1e-3)
+
+
+def test_compiled_flex_calls_get_a_higher_recompile_limit():
+    """Past dynamo's default recompile limit the static-shape kernel would silently run eagerly (materialising every
+    score); CLEAR's calls raise the limit for themselves only."""
+    import torch._dynamo.config as dynamo_config
+
+    from clear.attention import FLEX_RECOMPILE_LIMIT, _with_recompile_limit
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    before = getattr(dynamo_config, name)
+    seen = _with_recompile_limit(lambda: getattr(dynamo_config, name))()
+    assert seen == max(FLEX_RECOMPILE_LIMIT, before) > 8
+    assert getattr(dynamo_config, name) == before  # torch's global setting is untouched
