@@ -111,7 +111,8 @@ def _block_grid_hook(state: ClearState):
 
 
 def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor: int = 1, backend: str = "auto",
-                proportional_attention: bool = False, tile: tuple[int, int] = (8, 16)) -> ClearAttention:
+                proportional_attention: bool = False, tile: tuple[int, int] = (8, 16),
+                kernel_options: dict | None = None) -> ClearAttention:
     """Make every attention layer of ``transformer`` CLEAR attention, in place.
 
     ``radius``: window radius in tokens (image keys with dy^2 + dx^2 < radius^2 are
@@ -123,7 +124,7 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     family = model_family(transformer)
     if getattr(transformer, "clear_state", None) is not None:
         remove_clear(transformer)
-    core = ClearAttention(radius, down_factor, backend, proportional_attention, tile)
+    core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options)
     processor_cls = _FAMILIES[family][0]
     originals = dict(transformer.attn_processors)
     new = {}

@@ -57,11 +57,11 @@ def _compiled_flex():
     return _with_recompile_limit(torch.compile(flex_attention, dynamic=False))
 
 
-def _flex(query, key, value, block_mask, scale):
+def _flex(query, key, value, block_mask, scale, kernel_options=None):
     from torch.nn.attention.flex_attention import flex_attention
 
     if query.is_cuda:
-        return _compiled_flex()(query, key, value, block_mask=block_mask, scale=scale)
+        return _compiled_flex()(query, key, value, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
     with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
@@ -95,13 +95,15 @@ class ClearAttention:
     per-layout plans. Shared by all attention processors of a model."""
 
     def __init__(self, radius: float | None, down_factor: int = 1, backend: str = "auto",
-                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16), cache_size: int = 8):
+                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16), cache_size: int = 8,
+                 kernel_options: dict | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.window = Window(radius, down_factor)
         self.backend = backend
         self.proportional_attention = proportional_attention
         self.tile = tuple(tile)
+        self.kernel_options = dict(kernel_options) if kernel_options else None  # FlexAttention's, on CUDA
         self.cache_size = cache_size
         self._plans: OrderedDict = OrderedDict()
 
@@ -171,7 +173,7 @@ class ClearAttention:
             return self._dense(query, torch.cat([key, pooled_k], 1), torch.cat([value, pooled_v], 1), plan.mask, scale)
         with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         plan = self.plan(layout, "flex", query.device, with_grad)
-        return self._flex(query, key, value, pooled_k, pooled_v, layout, plan, scale)
+        return self._flex(query, key, value, pooled_k, pooled_v, layout, plan, scale, self.kernel_options)
 
     @staticmethod
     def _dense(q, k, v, mask, scale):
@@ -180,10 +182,11 @@ class ClearAttention:
         return out.transpose(1, 2)
 
     @staticmethod
-    def _flex(q, k, v, pooled_k, pooled_v, layout, plan, scale):
+    def _flex(q, k, v, pooled_k, pooled_v, layout, plan, scale, kernel_options=None):
         # one gather each into [image tiles (padded) | text] order, one gather back
         qf, kf, vf = (x.index_select(1, plan.to_flex) for x in (q, k, v))
         if pooled_k is not None:
             kf, vf = torch.cat([kf, pooled_k], 1), torch.cat([vf, pooled_v], 1)
-        out = _flex(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), plan.block_mask, scale)
+        out = _flex(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), plan.block_mask, scale,
+                    kernel_options)
         return out.transpose(1, 2).index_select(1, plan.from_flex)

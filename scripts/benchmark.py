@@ -50,6 +50,11 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def parse_tile(text: str) -> tuple[int, int]:
+    h, _, w = text.partition("x")
+    return int(h), int(w)
+
+
 def variants(radii: str, down_factors: str) -> list[tuple[int | None, int]]:
     out = [(None, 1)]
     for df in (int(d) for d in down_factors.split(",")):
@@ -123,7 +128,7 @@ def bench_attention(args, device, dtype) -> list[dict]:
             fn = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
             rec["backend"] = "sdpa"
         else:
-            core = ClearAttention(radius, df, backend=args.backend)
+            core = ClearAttention(radius, df, backend=args.backend, tile=args.tile, kernel_options=args.kernel_options)
             sw = torch.full((1, 1, 1, df, 1, df, 1), 1 / df**2, device=device, dtype=dtype) if df > 1 else None
             rec["backend"] = core.resolve_backend(device)
             with torch.no_grad():
@@ -180,7 +185,8 @@ def bench_step(args, device, dtype) -> list[dict]:
         if cfg["guidance_embeds"]:
             x["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
         if radius is not None:
-            clear.apply_clear(model, radius, df, backend=args.backend)
+            clear.apply_clear(model, radius, df, backend=args.backend, tile=args.tile,
+                              kernel_options=args.kernel_options)
         rec = dict(height=h_px, width=w_px, tokens=h * w, variant=variant_name(radius, df), radius=radius,
                    down_factor=df, layers=cfg["num_layers"] + cfg["num_single_layers"],
                    attention_flops=clear.attention_flops(h, w, radius, text, df, cfg["num_attention_heads"]
@@ -318,6 +324,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "dense", "flex"])
+    p.add_argument("--tile", type=parse_tile, default=(8, 16), help="flex tile HxW (tokens), one block each")
+    p.add_argument("--kernel-options", type=json.loads, default=None,
+                   help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\' (CUDA)')
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=3)
@@ -338,7 +347,7 @@ def main(argv=None) -> list[dict]:
     else:
         records = flops_table(args)
     env = environment(device)
-    env["dtype"] = str(dtype)
+    env.update(dtype=str(dtype), tile=list(args.tile), kernel_options=args.kernel_options)
     save(args.mode, records, env, Path(args.out))
     print(markdown(args.mode, records, env))
     return records

@@ -23,7 +23,7 @@ def test_attention_benchmark_smoke(tmp_path):
     out = tmp_path / "att"
     benchmark.main(["attention", "--sizes", "128,64x96", "--radii", "2", "--down-factors", "1,2", "--heads", "2",
                     "--head-dim", "16", "--text-len", "8", "--warmup", "0", "--repeats", "1", "--backend", "flex",
-                    "--out", str(out)])
+                    "--tile", "4x8", "--out", str(out)])
     data = _outputs(out)
     names = [(r["height"], r["width"], r["variant"]) for r in data["records"]]
     assert names == [(128, 128, "dense"), (128, 128, "r2"), (128, 128, "r2_df2"),
@@ -35,6 +35,7 @@ def test_attention_benchmark_smoke(tmp_path):
         if r["radius"] is not None:
             assert r["backend"] == "flex" and r["mask_build_s"] > 0
     assert data["environment"]["command"].startswith("python ")
+    assert data["environment"]["tile"] == [4, 8]
 
 
 def test_step_benchmark_smoke(tmp_path):
