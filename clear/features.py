@@ -43,6 +43,13 @@ class ModelFamily:
     t5_tokenizer: str  # the component that limits max_sequence_length
     max_sequence_length: int  # default T5 tokens
     attn_loss_layers: str  # default layers of L_attn (see clear.distill.attention_layers)
+    # inference (clear.inference): pipelines recognised in model_index.json, the SDEdit pipeline,
+    # whether positions are RoPE (NTK scaling applies), whether CLEAR weights are released
+    pipelines: tuple[str, ...] = ()
+    img2img_class: str = ""
+    rope: bool = False
+    released_weights: bool = False
+    example: str = ""
 
     # -- loading -----------------------------------------------------------------------
     def pipeline_cls(self):
@@ -64,7 +71,12 @@ class ModelFamily:
 
         vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        return vae_factor * self._patch(pretrained_model_name_or_path), self._max_grid(pretrained_model_name_or_path)
+        return self.grid_rules(vae_factor, self.transformer_config(pretrained_model_name_or_path))
+
+    def grid_rules(self, vae_factor: int, transformer_config) -> tuple[int, int | None]:
+        """``(pixels per token, most tokens per side or None)`` from the VAE factor and the
+        transformer config (a dict or a loaded model's config)."""
+        raise NotImplementedError
 
     def check_size(self, pretrained_model_name_or_path: str, pixels: int, down_factor: int = 1,
                    name: str = "--resolution") -> None:
@@ -83,11 +95,6 @@ class ModelFamily:
                                    **{c: None for c in self.text_components})
 
     # -- family-specific -----------------------------------------------------------------
-    def _patch(self, pretrained_model_name_or_path: str) -> int:
-        raise NotImplementedError
-
-    def _max_grid(self, pretrained_model_name_or_path: str) -> int | None:
-        return None
 
     def default_guidance_scale(self, transformer_config) -> float:
         """Guidance for generating data and validation images with this model."""
@@ -120,8 +127,8 @@ class FluxFamily(ModelFamily):
     """FLUX.1 (dev, schnell): CLIP pooled + T5 text, 2x2-packed latents with RoPE ids,
     timestep in [0, 1], guidance as an embedding (dev)."""
 
-    def _patch(self, pretrained_model_name_or_path):
-        return 2  # FluxPipeline packs 2x2 latents into one token
+    def grid_rules(self, vae_factor, transformer_config):
+        return vae_factor * 2, None  # FluxPipeline packs 2x2 latents into one token; RoPE has no table
 
     def default_guidance_scale(self, transformer_config):
         return model_defaults("flux", transformer_config).guidance
@@ -164,12 +171,10 @@ class SD3Family(ModelFamily):
     ``[B, C, H, W]`` latents, timestep ``sigma * 1000`` (as SD3's scheduler gives), no guidance
     embedding: classifier-free guidance is for sampling only, training uses none."""
 
-    def _patch(self, pretrained_model_name_or_path):
-        return int(self.transformer_config(pretrained_model_name_or_path)["patch_size"])
-
-    def _max_grid(self, pretrained_model_name_or_path):
-        size = self.transformer_config(pretrained_model_name_or_path).get("pos_embed_max_size")
-        return int(size) if size else None
+    def grid_rules(self, vae_factor, transformer_config):
+        # SD3's fixed table of positions: pos_embed_max_size tokens a side
+        size = transformer_config.get("pos_embed_max_size")
+        return vae_factor * int(transformer_config.get("patch_size", 2)), (int(size) if size else None)
 
     def default_guidance_scale(self, transformer_config):
         return model_defaults("sd3", transformer_config).guidance
@@ -199,10 +204,18 @@ class SD3Family(ModelFamily):
 FAMILIES: dict[str, ModelFamily] = {
     "flux": FluxFamily("flux", "FluxPipeline", "FluxTransformer2DModel",
                        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), "tokenizer_2", 512,
-                       "single:4"),
+                       "single:4",
+                       pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
+                                  "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
+                       img2img_class="FluxImg2ImgPipeline", rope=True, released_weights=True,
+                       example="black-forest-labs/FLUX.1-dev"),
     "sd3": SD3Family("sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
                      ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"),
-                     "tokenizer_3", 256, "joint:4"),
+                     "tokenizer_3", 256, "joint:4",
+                     pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                                "StableDiffusion3InpaintPipeline"),
+                     img2img_class="StableDiffusion3Img2ImgPipeline", rope=False, released_weights=False,
+                     example="stabilityai/stable-diffusion-3.5-large"),
 }
 
 

@@ -1,6 +1,6 @@
 """Inference with CLEAR on stock diffusers pipelines: text-to-image and SDEdit high resolution.
 
-Two families (:data:`FAMILIES`): FLUX.1 (``FluxPipeline``, ``FluxImg2ImgPipeline``,
+Two families (:data:`clear.features.FAMILIES`): FLUX.1 (``FluxPipeline``, ``FluxImg2ImgPipeline``,
 ``FluxControlNetPipeline``; dev or schnell) and SD3 / SD3.5 (``StableDiffusion3Pipeline``;
 SD3-Medium, SD3.5-Medium, SD3.5-Large). One line puts CLEAR on a pipeline::
 
@@ -43,6 +43,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from .apply import apply_clear, model_family, remove_clear
+from .features import FAMILIES, ModelFamily
 from .models import MODEL_DEFAULTS
 from .models import model_name as _model_name
 from .weights import RELEASED, Variant, download_weights, load_clear_weights
@@ -52,37 +53,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 
 
-@dataclass(frozen=True)
-class Family:
-    """A model family clear.inference drives: the pipelines it recognises in ``model_index.json``
-    (``_class_name``) with their transformer class, the diffusers classes that load it and run
-    its SDEdit stages, whether its positions are RoPE (NTK scaling applies) and whether
-    released CLEAR weights exist for it."""
-
-    name: str  # clear.apply's family name
-    transformer: str
-    pipelines: tuple[str, ...]
-    text2img: str
-    img2img: str
-    rope: bool
-    released_weights: bool
-    example: str
-
-
-FAMILIES = {
-    "flux": Family("flux", "FluxTransformer2DModel",
-                   ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
-                    "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
-                   "FluxPipeline", "FluxImg2ImgPipeline", rope=True, released_weights=True,
-                   example="black-forest-labs/FLUX.1-dev"),
-    "sd3": Family("sd3", "SD3Transformer2DModel",
-                  ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
-                  "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", rope=False, released_weights=False,
-                  example="stabilityai/stable-diffusion-3.5-large"),
-}
 # Pipelines (model_index.json ``_class_name``) generate.py can load, and their transformers.
 SUPPORTED_PIPELINES = tuple(p for f in FAMILIES.values() for p in f.pipelines)
-SUPPORTED_TRANSFORMERS = tuple(f.transformer for f in FAMILIES.values())
+SUPPORTED_TRANSFORMERS = tuple(f.transformer_class for f in FAMILIES.values())
 
 
 # Settings of the released recipe for the upscaling stages.
@@ -153,21 +126,21 @@ def check_model(model: str) -> dict:
                          "such as black-forest-labs/FLUX.1-dev after `huggingface-cli login`") from e
     name = config.get("_class_name", "?")
     transformer = (config.get("transformer") or [None, None])[1]
-    if not any(name in f.pipelines and transformer == f.transformer for f in FAMILIES.values()):
-        supported = "; ".join(f"{', '.join(f.pipelines)} with a {f.transformer}" for f in FAMILIES.values())
+    if not any(name in f.pipelines and transformer == f.transformer_class for f in FAMILIES.values()):
+        supported = "; ".join(f"{', '.join(f.pipelines)} with a {f.transformer_class}" for f in FAMILIES.values())
         raise ValueError(f"{model!r} is a {name} (transformer: {transformer}); CLEAR inference supports FLUX.1 and "
                          f"SD3/SD3.5 pipelines ({supported}), e.g. "
                          f"{' or '.join(f.example for f in FAMILIES.values())}")
     return config
 
 
-def pipeline_family(model_or_pipe) -> Family:
-    """The :class:`Family` of a pipeline object, or of a Hub id / local directory (from its
+def pipeline_family(model_or_pipe) -> ModelFamily:
+    """The :class:`clear.features.ModelFamily` of a pipeline object, or of a Hub id / local directory (from its
     ``model_index.json``, checked by :func:`check_model`)."""
     if hasattr(model_or_pipe, "transformer"):
         return FAMILIES[model_family(model_or_pipe.transformer)]
     transformer = (check_model(model_or_pipe).get("transformer") or [None, None])[1]
-    return next(f for f in FAMILIES.values() if f.transformer == transformer)
+    return next(f for f in FAMILIES.values() if f.transformer_class == transformer)
 
 
 def size_rules(model_or_pipe) -> tuple[int, int | None]:
@@ -177,21 +150,10 @@ def size_rules(model_or_pipe) -> tuple[int, int | None]:
     ``patch_size``). Most tokens: SD3's ``pos_embed_max_size`` (its fixed table of positions:
     192 for SD3-Medium and SD3.5-Large = 3072 pixels, 384 for SD3.5-Medium = 6144 pixels);
     ``None`` for FLUX (RoPE has no table)."""
+    family = pipeline_family(model_or_pipe)
     if hasattr(model_or_pipe, "transformer"):
-        factor, cfg = int(model_or_pipe.vae_scale_factor), model_or_pipe.transformer.config
-        family = pipeline_family(model_or_pipe)
-    else:
-        from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-        family = pipeline_family(model_or_pipe)
-        factor = 2 ** (len(AutoencoderKL.load_config(model_or_pipe, subfolder="vae")["block_out_channels"]) - 1)
-        cfg = (SD3Transformer2DModel.load_config(model_or_pipe, subfolder="transformer")
-               if family.name == "sd3" else {})
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    if family.name == "sd3":
-        max_grid = get("pos_embed_max_size")
-        return factor * int(get("patch_size", 2)), (int(max_grid) if max_grid else None)
-    return factor * 2, None
+        return family.grid_rules(int(model_or_pipe.vae_scale_factor), model_or_pipe.transformer.config)
+    return family.size_rules(model_or_pipe)
 
 
 def size_multiple(model_or_pipe) -> int:
@@ -319,9 +281,9 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
         family = pipeline_family(model)
     else:
         transformer = (diffusers.DiffusionPipeline.load_config(model).get("transformer") or [None, None])[1]
-        family = next((f for f in FAMILIES.values() if f.transformer == transformer), FAMILIES["flux"])
+        family = next((f for f in FAMILIES.values() if f.transformer_class == transformer), FAMILIES["flux"])
     device = device or default_device()
-    pipe = getattr(diffusers, family.text2img).from_pretrained(model, dtype=resolve_dtype(dtype, device))
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, dtype=resolve_dtype(dtype, device))
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -473,7 +435,7 @@ def proportional_attention(pipe, enabled: bool = True):
             remove_clear(m)
 
 
-def resolve_ntk_factor(family: Family | str, ntk_factor: float | None) -> float | None:
+def resolve_ntk_factor(family: ModelFamily | str, ntk_factor: float | None) -> float | None:
     """The NTK factor an upscaling stage uses: ``None`` = the family's default
     (:data:`DEFAULT_NTK_FACTOR` for FLUX; for SD3, which has no RoPE, nothing, with a logged
     note). An explicit factor other than 1 on SD3 is an error: it cannot be honoured."""
@@ -512,7 +474,7 @@ def img2img_pipeline(pipe, scheduler=None):
     cast: unlike ``from_pipe``, which casts every shared module to its ``dtype`` argument)."""
     import diffusers
 
-    cls = getattr(diffusers, pipeline_family(pipe).img2img)
+    cls = getattr(diffusers, pipeline_family(pipe).img2img_class)
     names = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in pipe.components.items() if k in names}
     if scheduler is not None:
