@@ -127,7 +127,7 @@ class ClearAttention:
             return plan
         layout.pooled_grid(self.window)  # validates divisibility before any work
         if backend == "dense":
-            needs_mask = not self.window.covers(layout.height, layout.width)
+            needs_mask = self.window.masks_anything(layout.height, layout.width)
             plan = _Plan(mask=allowed_mask(layout, self.window, device) if needs_mask else None)
         else:
             order = TileOrder(layout, self.window, *self.tile)

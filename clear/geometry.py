@@ -64,6 +64,11 @@ class Window:
         """True when every image key is inside every image query's window."""
         return self.radius is None or (height - 1) ** 2 + (width - 1) ** 2 < self.radius**2
 
+    def masks_anything(self, height: int, width: int) -> bool:
+        """False only when every query sees every key: the window covers the grid and there
+        are no pooled tokens (which text queries never see)."""
+        return self.down_factor > 1 or not self.covers(height, width)
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -429,6 +434,21 @@ def analytic_block_mask(order: TileOrder, device=None, with_q_blocks: bool = Tru
 # ----------------------------------------------------------------------------------------
 # A band of rows (patch parallelism): its image queries against the band plus halo rows
 # ----------------------------------------------------------------------------------------
+
+
+def band_allowed_mask(rows: int, width: int, row_offset: int, ext_rows: int, window: Window, text_len: int = 0,
+                      n_pooled: int = 0, device=None) -> torch.Tensor:
+    """Dense mask of a band's ``rows x width`` image queries (row-major) against
+    ``[text | extended band (ext_rows x width, row-major) | pooled]`` keys; query row ``i``
+    is row ``i + row_offset`` of the extended band. Image queries see all text and pooled keys."""
+    q_rows = torch.arange(rows, device=device).repeat_interleave(width) + row_offset
+    q_cols = torch.arange(width, device=device).repeat(rows)
+    k_rows = torch.arange(ext_rows, device=device).repeat_interleave(width)
+    k_cols = torch.arange(width, device=device).repeat(ext_rows)
+    mask = torch.ones(rows * width, text_len + ext_rows * width + n_pooled, dtype=torch.bool, device=device)
+    mask[:, text_len : text_len + ext_rows * width] = (
+        (q_rows[:, None] - k_rows) ** 2 + (q_cols[:, None] - k_cols) ** 2 < window.radius_sq_bound)
+    return mask
 
 
 def band_mask_mod(kv_order: TileOrder, row_offset: int, device=None):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .apply import _forward_signature, model_family
 from .attention import ClearAttention, _compiled_flex, _flex, pool_tokens
-from .geometry import TileOrder, TokenLayout, Window, band_block_mask, grid_from_ids
+from .geometry import TileOrder, TokenLayout, Window, band_allowed_mask, band_block_mask, grid_from_ids
 
 __all__ = [
     "TEXT_MODES",
@@ -327,14 +327,7 @@ class PatchParallelAttention:
             if win.covers(ext, w):
                 bp = _BandAttnPlan()
             else:
-                rows = torch.arange(h, device=device).repeat_interleave(w) + above
-                cols = torch.arange(w, device=device).repeat(h)
-                krows = torch.arange(ext, device=device).repeat_interleave(w)
-                kcols = torch.arange(w, device=device).repeat(ext)
-                local = (rows[:, None] - krows) ** 2 + (cols[:, None] - kcols) ** 2 < win.radius_sq_bound
-                mask = torch.ones(h * w, text_len + ext * w + n_pooled, dtype=torch.bool, device=device)
-                mask[:, text_len : text_len + ext * w] = local
-                bp = _BandAttnPlan(mask=mask)
+                bp = _BandAttnPlan(mask=band_allowed_mask(h, w, above, ext, win, text_len, n_pooled, device))
         else:
             q_order = TileOrder(TokenLayout(0, h, w), win, *self.inner.tile)
             kv_order = TileOrder(TokenLayout(0, ext, w), win, *self.inner.tile)

@@ -145,7 +145,7 @@ class PooledReferenceProcessor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("height,width,radius,df", [(6, 10, 3, 2), (8, 4, 2, 4), (9, 6, 1.5, 3)])
+@pytest.mark.parametrize("height,width,radius,df", [(6, 10, 3, 2), (8, 4, 2, 4), (9, 6, 1.5, 3), (4, 6, 50, 2)])
 def test_down_sampled_variant_equals_independent_reference(backend, height, width, radius, df):
     model = tiny_flux()
     x = flux_inputs(height, width)

@@ -138,3 +138,21 @@ def test_window_validation():
         Window(None, 4)
     with pytest.raises(ValueError, match="not divisible by down_factor=4"):
         TokenLayout(3, 6, 8).pooled_grid(Window(4, 4))
+
+
+@pytest.mark.parametrize("height,width,start,rows,halo,radius,df", [(12, 7, 4, 5, 2, 3, 1), (8, 6, 0, 4, 3, 2.5, 2),
+                                                                     (9, 5, 6, 3, 2, 2, 1)])
+def test_band_mask_is_the_full_grid_mask_restricted(height, width, start, rows, halo, radius, df):
+    """A band's image queries against [text | band + halos | pooled] see exactly what they see in the whole grid
+    (whenever the halos hold every key within the radius)."""
+    from clear.geometry import band_allowed_mask
+
+    text = 3
+    layout, window = TokenLayout(text, height, width), Window(radius, df)
+    full = allowed_mask(layout, window)
+    lo, hi = max(0, start - halo), min(height, start + rows + halo)
+    q = text + torch.arange(start * width, (start + rows) * width)
+    k = torch.cat([torch.arange(text), text + torch.arange(lo * width, hi * width),
+                   layout.seq_len + torch.arange(layout.num_pooled(window))])
+    band = band_allowed_mask(rows, width, start - lo, hi - lo, window, text, layout.num_pooled(window))
+    assert torch.equal(band, full[q][:, k])
