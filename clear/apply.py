@@ -55,10 +55,11 @@ def _sd3_grid(bound: inspect.BoundArguments) -> tuple[int, int]:
     return height // p, width // p
 
 
-# family name -> (processor class, function reading the grid from the forward's arguments)
+# family name -> (processor class, function reading the grid from the forward's arguments,
+# tokens of one attention call at the training resolution 1024²: the L0 of proportional attention)
 _FAMILIES = {
-    "flux": (FluxClearAttnProcessor, _flux_grid),
-    "sd3": (SD3ClearAttnProcessor, _sd3_grid),
+    "flux": (FluxClearAttnProcessor, _flux_grid, 64 * 64 + 512),  # T5 512
+    "sd3": (SD3ClearAttnProcessor, _sd3_grid, 64 * 64 + 77 + 256),  # CLIP 77 + T5 256
 }
 _CLASS_FAMILY = {
     "FluxTransformer2DModel": "flux",
@@ -124,7 +125,8 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     family = model_family(transformer)
     if getattr(transformer, "clear_state", None) is not None:
         remove_clear(transformer)
-    core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options)
+    core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options,
+                          training_tokens=_FAMILIES[family][2])
     processor_cls = _FAMILIES[family][0]
     originals = dict(transformer.attn_processors)
     new = {}

@@ -96,12 +96,13 @@ class ClearAttention:
 
     def __init__(self, radius: float | None, down_factor: int = 1, backend: str = "auto",
                  proportional_attention: bool = False, tile: tuple[int, int] = (8, 16), cache_size: int = 8,
-                 kernel_options: dict | None = None):
+                 kernel_options: dict | None = None, training_tokens: int = TRAINING_TOKENS):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.window = Window(radius, down_factor)
         self.backend = backend
         self.proportional_attention = proportional_attention
+        self.training_tokens = training_tokens  # L0 of the proportional scale: the model's training length
         self.tile = tuple(tile)
         self.kernel_options = dict(kernel_options) if kernel_options else None  # FlexAttention's, on CUDA
         self.cache_size = cache_size
@@ -141,10 +142,11 @@ class ClearAttention:
 
     def scale(self, layout: TokenLayout, head_dim: int) -> float:
         """Softmax scale: ``1/sqrt(d)``, or with proportional attention
-        ``sqrt(log_L0(N) / d)``, N = text + image tokens, L0 = FLUX's training length."""
+        ``sqrt(log_L0(N) / d)``, N = text + image tokens, L0 = the model's training length
+        (FLUX.1 at 1024²: 64² + 512)."""
         if not self.proportional_attention:
             return 1.0 / math.sqrt(head_dim)
-        return math.sqrt(math.log(layout.seq_len) / math.log(TRAINING_TOKENS) / head_dim)
+        return math.sqrt(math.log(layout.seq_len) / math.log(self.training_tokens) / head_dim)
 
     # -- the call ----------------------------------------------------------------------
 

@@ -155,3 +155,13 @@ def test_sd3_grid_must_fit_patches():
     clear.apply_clear(model, radius=2)
     with pytest.raises(ValueError, match="not divisible by the patch size 2"):
         model(**sd3_inputs(9, 8))
+
+
+def test_sd3_proportional_attention_reference_length():
+    """Proportional attention is neutral at each family's own training layout (1024²: 64x64 image tokens plus the
+    text it was trained with: FLUX 512 T5 tokens; SD3 77 CLIP + 256 T5 tokens)."""
+    sd3 = clear.apply_clear(tiny_sd3(), radius=4, proportional_attention=True)
+    flux = clear.apply_clear(tiny_flux(), radius=4, proportional_attention=True)
+    assert sd3.scale(TokenLayout(77 + 256, 64, 64, text_first=False), 64) == pytest.approx(64**-0.5)
+    assert flux.scale(TokenLayout(512, 64, 64), 64) == pytest.approx(64**-0.5)
+    assert sd3.scale(TokenLayout(333, 128, 128, text_first=False), 64) > 64**-0.5
