@@ -57,14 +57,27 @@ def _compiled_flex():
     return _with_recompile_limit(torch.compile(flex_attention, dynamic=False))
 
 
-def _flex(query, key, value, block_mask, scale, kernel_options=None):
-    from torch.nn.attention.flex_attention import flex_attention
+def _flex(query, key, value, block_mask, scale, kernel_options=None, return_lse=False):
+    """FlexAttention on ``[B, H, S, D]``: compiled on CUDA, eager elsewhere. ``return_lse``:
+    also the log-sum-exp ``[B, H, S]`` (for merging partial softmaxes)."""
+    from torch.nn.attention import flex_attention as fa
 
     if query.is_cuda:
-        return _compiled_flex()(query, key, value, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
+        fn = functools.partial(_compiled_flex(), kernel_options=kernel_options)
+    else:
+        fn = fa.flex_attention
+    kwargs = dict(block_mask=block_mask, scale=scale)
+    if return_lse and hasattr(fa, "AuxRequest"):
+        kwargs["return_aux"] = fa.AuxRequest(lse=True)
+    elif return_lse:  # torch < 2.9
+        kwargs["return_lse"] = True
     with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+        out = fn(query, key, value, **kwargs)
+    if not return_lse:
+        return out
+    out, aux = out
+    return out, (aux.lse if hasattr(aux, "lse") else aux)
 
 
 def pool_tokens(x_img: torch.Tensor, height: int, width: int, spatial_weight: torch.Tensor) -> torch.Tensor:

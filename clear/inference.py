@@ -532,17 +532,24 @@ def _timed_call(pipe, **kwargs) -> tuple[object, float]:
     return image, time.perf_counter() - t0
 
 
+def _call_settings(pipe, height, width, steps, guidance, max_sequence_length):
+    """The model's defaults for what the caller left ``None``, the size checked for the
+    pipeline as it is (CLEAR's down factor included), and its CLEAR state (or None)."""
+    d = default_settings(pipe)
+    steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
+    state = getattr(pipe.transformer, "clear_state", None)
+    multiple, max_grid = size_rules(pipe)
+    check_size(height, width, multiple, state.down_factor if state else 1, max_grid)
+    return steps, guidance, max_sequence_length or d["max_sequence_length"], state
+
+
 def generate(pipe, prompt: str, height: int, width: int, steps: int | None = None, guidance: float | None = None,
              seed: int = 0, max_sequence_length: int | None = None, warmup: bool = False, **pipe_kwargs) -> Result:
     """Text-to-image with the pipeline as it is (original or CLEAR). Seeded on the CPU, so
     the same seed gives the same starting noise on any device. ``warmup``: an untimed
     1-step call at the same size first (compilation, autotuning), for fair timings."""
-    d = default_settings(pipe)
-    steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
-    max_sequence_length = max_sequence_length or d["max_sequence_length"]
-    state = getattr(pipe.transformer, "clear_state", None)
-    multiple, max_grid = size_rules(pipe)
-    check_size(height, width, multiple, state.down_factor if state else 1, max_grid)
+    steps, guidance, max_sequence_length, state = _call_settings(pipe, height, width, steps, guidance,
+                                                                 max_sequence_length)
     kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
@@ -570,12 +577,8 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
     the same size first."""
     from PIL import Image
 
-    d = default_settings(pipe)
-    steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
-    max_sequence_length = max_sequence_length or d["max_sequence_length"]
-    state = getattr(pipe.transformer, "clear_state", None)
-    multiple, max_grid = size_rules(pipe)
-    check_size(height, width, multiple, state.down_factor if state else 1, max_grid)
+    steps, guidance, max_sequence_length, state = _call_settings(pipe, height, width, steps, guidance,
+                                                                 max_sequence_length)
     ntk_factor = resolve_ntk_factor(pipeline_family(pipe), ntk_factor)
     if not 0 < strength <= 1 or int(steps * strength) < 1:
         raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "

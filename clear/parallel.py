@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .apply import _forward_signature, model_family
-from .attention import ClearAttention, _compiled_flex, _flex, pool_tokens
+from .attention import ClearAttention, _flex, pool_tokens
 from .geometry import TileOrder, TokenLayout, Window, band_allowed_mask, band_block_mask, grid_from_ids
 
 __all__ = [
@@ -179,7 +179,8 @@ def _attend_lse(q, k, v, scale, backend, max_logits=2**26):
     ``k/v [B, K, H, D]`` -> ``out [B, Tq, H, D]``, ``lse [B, Tq, H]``. ``"flex"``: one
     FlexAttention call (compiled on CUDA); ``"dense"``: explicit float32, heads in chunks."""
     if backend == "flex":
-        return _flex_lse(q, k, v, scale)
+        out, lse = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, scale, return_lse=True)
+        return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
     b, tq, heads, d = q.shape
     step = max(1, max_logits // max(1, b * tq * k.shape[1]))
     outs, lses = [], []
@@ -192,30 +193,12 @@ def _attend_lse(q, k, v, scale, backend, max_logits=2**26):
     return torch.cat(outs, 1).transpose(1, 2), torch.cat(lses, 1).transpose(1, 2)
 
 
-def _flex_lse(q, k, v, scale):
-    import warnings
-
-    from torch.nn.attention import flex_attention as fa
-
-    fn = _compiled_flex() if q.is_cuda else fa.flex_attention
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        if hasattr(fa, "AuxRequest"):
-            out, aux = fn(q, k, v, scale=scale, return_aux=fa.AuxRequest(lse=True))
-            lse = aux.lse
-        else:  # torch < 2.9
-            out, lse = fn(q, k, v, scale=scale, return_lse=True)
-    return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
-
-
 @dataclass
 class _BandAttnPlan:
     mask: torch.Tensor | None = None  # dense: [h*W, T + ext*W + P] bool, None when nothing is masked
-    q_slots: torch.Tensor | None = None  # flex: tile slot of each band token
-    kv_slots: torch.Tensor | None = None  # flex: tile slot of each extended-band token
-    q_len: int = 0
-    kv_img_len: int = 0
+    q_to_flex: torch.Tensor | None = None  # flex: band token of each tile-order query position
+    q_from_flex: torch.Tensor | None = None  # flex: tile-order position of each band token
+    kv_to_flex: torch.Tensor | None = None  # flex: index into [above | band | below | text | pooled] per key
     block_mask: object = None
 
 
@@ -331,8 +314,10 @@ class PatchParallelAttention:
         else:
             q_order = TileOrder(TokenLayout(0, h, w), win, *self.inner.tile)
             kv_order = TileOrder(TokenLayout(0, ext, w), win, *self.inner.tile)
-            bp = _BandAttnPlan(q_slots=q_order.slot_of_token(device), kv_slots=kv_order.slot_of_token(device),
-                               q_len=q_order.num_slots, kv_img_len=kv_order.num_slots,
+            q_to, q_from = q_order.gather_indices(device)
+            kv_img, _ = kv_order.gather_indices(device)
+            kv_rest = ext * w + torch.arange(text_len + n_pooled, device=device)
+            bp = _BandAttnPlan(q_to_flex=q_to, q_from_flex=q_from, kv_to_flex=torch.cat([kv_img, kv_rest]),
                                block_mask=band_block_mask(q_order, kv_order, above, text_len + n_pooled, device))
         self._plans[key] = bp
         while len(self._plans) > self.cache_size:
@@ -349,24 +334,12 @@ class PatchParallelAttention:
             k, v = (torch.cat([p[i] for p in parts], 1).transpose(1, 2) for i in (0, 1))
             out = F.scaled_dot_product_attention(q_img.transpose(1, 2), k, v, attn_mask=bp.mask, scale=scale)
             return out.transpose(1, 2)
-        # flex: [extended band in tile order | text | pooled], each part written in place once
-        b, _, heads, d = q_img.shape
-        n_rest = sum(p[0].shape[1] for p in rest)
-        k, v = (q_img.new_zeros(b, bp.kv_img_len + n_rest, heads, d) for _ in range(2))
-        start = 0
-        for pk, pv in ext:
-            slots = bp.kv_slots[start : start + pk.shape[1]]
-            k.index_copy_(1, slots, pk)
-            v.index_copy_(1, slots, pv)
-            start += pk.shape[1]
-        start = bp.kv_img_len
-        for pk, pv in rest:
-            k[:, start : start + pk.shape[1]] = pk
-            v[:, start : start + pk.shape[1]] = pv
-            start += pk.shape[1]
-        q = q_img.new_zeros(b, bp.q_len, heads, d).index_copy_(1, bp.q_slots, q_img)
-        out = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bp.block_mask, scale).transpose(1, 2)
-        return out.index_select(1, bp.q_slots)
+        # flex: [extended band in tile order | text | pooled], one gather each (see TileOrder.gather_indices)
+        parts = [*ext, *rest]
+        k, v = (torch.cat([p[i] for p in parts], 1).index_select(1, bp.kv_to_flex) for i in (0, 1))
+        q = q_img.index_select(1, bp.q_to_flex)
+        out = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bp.block_mask, scale)
+        return out.transpose(1, 2).index_select(1, bp.q_from_flex)
 
     # -- the call (same as ClearAttention's) -------------------------------------------
 

@@ -24,6 +24,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # this module needs no torch at import time
+    import torch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOOSE_EXTS = IMAGE_EXTS + ("json", "txt")  # loose files that make up samples (tars: every member)
@@ -183,3 +187,12 @@ def dist_env() -> tuple[int, int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not within WORLD_SIZE={world}; launch with torchrun --nproc_per_node=N")
     return rank, world, int(os.environ.get("LOCAL_RANK", 0))
+
+
+def rank_device(local_rank: int, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """This process's device (``cuda:LOCAL_RANK`` when CUDA is there, else the CPU) and the
+    dtype named ``dtype`` (default: bfloat16 on CUDA, float32 on the CPU)."""
+    import torch
+
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from clear.data import PROMPT_EMBEDS, default_cache_dir, read_prompt, write_feature_cache
 from clear.features import FAMILIES, PromptEncoder, resolve_family
-from clear.shards import dist_env, index_samples
+from clear.shards import dist_env, index_samples, rank_device
 
 
 def parse_args(argv=None):
@@ -43,8 +41,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, local_rank = dist_env()
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = rank_device(local_rank, args.dtype)
     cache_dir = args.cache_dir or default_cache_dir(args.data_root)
 
     try:

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clear.features import FAMILIES, resolve_family
-from clear.shards import dist_env, split_key, write_bytes_atomic, write_tar_atomic
+from clear.shards import dist_env, rank_device, split_key, write_bytes_atomic, write_tar_atomic
 
 
 def parse_args(argv=None):
@@ -180,8 +180,7 @@ def main(argv=None) -> dict:
 
     written = 0
     if any(todo.values()):
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        device, dtype = rank_device(local_rank, args.dtype)
         pipe = family.pipeline_cls().from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         bar = tqdm(total=sum(len(v) for v in todo.values()), desc=f"generate (rank {rank})", disable=False)

@@ -34,3 +34,20 @@ def tiny_flux_pipeline_dir(tmp_path_factory):
     from tiny_models import save_tiny_flux_pipeline
 
     return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Clears accelerate's singletons after a test that ran a script's main() in-process."""
+    from scripts_loader import reset_accelerate_state
+
+    yield
+    reset_accelerate_state()
+
+
+@pytest.fixture(scope="module")
+def generate_cli():
+    """scripts/generate.py as a module (call ``.main(argv)``)."""
+    from scripts_loader import load_script
+
+    return load_script("generate")

@@ -1,4 +1,5 @@
-"""Load scripts/NAME.py as a module, under a name no installed package can shadow."""
+"""Run scripts in-process: load scripts/NAME.py as a module (under a name no installed
+package can shadow), and reset accelerate's process-wide state between runs."""
 
 import importlib.util
 import sys
@@ -16,3 +17,11 @@ def load_script(name: str):
     finally:
         sys.path.remove(str(SCRIPTS))
     return module
+
+
+def reset_accelerate_state():
+    """Each in-process ``main()`` that builds an ``Accelerator`` needs accelerate's singletons cleared after it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -23,11 +23,6 @@ TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_lengt
 
 
 @pytest.fixture(scope="module")
-def generate_cli():
-    return load_script("generate")
-
-
-@pytest.fixture(scope="module")
 def tiny_pipe(tiny_flux_pipeline_dir):
     pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
     pipe.set_progress_bar_config(disable=True)

@@ -23,11 +23,6 @@ TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_lengt
 
 
 @pytest.fixture(scope="module")
-def generate_cli():
-    return load_script("generate")
-
-
-@pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
     from tiny_models import tiny_sd3_pipeline
 

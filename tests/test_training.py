@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from scripts_loader import reset_accelerate_state
 import torch
 from safetensors.torch import load_file
 
@@ -43,14 +44,7 @@ DISTILL = ["--resolution", "16", "--radius", "2", "--attn_backend", "dense", "--
            "--mixed_precision", "no", "--report_to", "none"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process distill.main() starts its own Accelerator."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def run_env():
@@ -269,10 +263,7 @@ def distilled(data, tmp_path_factory):
             "--learning_rate", "1e-3", "--validation_prompt", "a red cat", "--validation_steps", "2",
             "--num_validation_inference_steps", "2", "--report_to", "tensorboard"]
     result = distill.main(args)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return dict(out=out, args=args, result=result)
 
 

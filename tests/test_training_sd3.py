@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from scripts_loader import reset_accelerate_state
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -37,20 +38,7 @@ DISTILL = ["--resolution", "16", "--radius", "2", "--attn_backend", "dense", "--
            "--report_to", "none", "--learning_rate", "1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +189,7 @@ def distilled(sd3, tmp_path_factory):
             "--max_train_steps", "3", "--checkpointing_steps", "3", "--validation_prompt", "a red cat",
             "--validation_steps", "3", "--num_validation_inference_steps", "2"]
     result = distill.main(args)
-    reset_accelerate()
+    reset_accelerate_state()
     return dict(out=out, result=result)
 
 
