@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from .geometry import TRAINING_TOKENS, TileOrder, TokenLayout, Window, allowed_mask, analytic_block_mask
 
 BACKENDS = ("auto", "dense", "flex")
+# proportional_attention: False (1/sqrt(d)), True = "release" (the public release's scale: log_L0(10·N) for
+# down-sampled variants, log_L0(N) otherwise) or "plain" (log_L0(N) for every variant)
+PROPORTIONAL = (False, True, "release", "plain")
 
 
 # Each new (batch, sequence length) recompiles the static-shape flex kernel. Past dynamo's
@@ -112,6 +115,8 @@ class ClearAttention:
                  kernel_options: dict | None = None, training_tokens: int = TRAINING_TOKENS):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if proportional_attention not in PROPORTIONAL:
+            raise ValueError(f"proportional_attention must be one of {PROPORTIONAL}, got {proportional_attention!r}")
         self.window = Window(radius, down_factor)
         self.backend = backend
         self.proportional_attention = proportional_attention
@@ -156,10 +161,15 @@ class ClearAttention:
     def scale(self, layout: TokenLayout, head_dim: int) -> float:
         """Softmax scale: ``1/sqrt(d)``, or with proportional attention
         ``sqrt(log_L0(N) / d)``, N = text + image tokens, L0 = the model's training length
-        (FLUX.1 at 1024²: 64² + 512)."""
+        (FLUX.1 at 1024²: 64² + 512). For down-sampled variants (df > 1) the default
+        (``True`` / ``"release"``) is the public release's ``sqrt(log_L0(10·N) / d)``;
+        ``"plain"`` keeps ``log_L0(N)`` for them too."""
         if not self.proportional_attention:
             return 1.0 / math.sqrt(head_dim)
-        return math.sqrt(math.log(layout.seq_len) / math.log(self.training_tokens) / head_dim)
+        n = layout.seq_len
+        if self.proportional_attention != "plain" and self.window.down_factor > 1:
+            n *= 10
+        return math.sqrt(math.log(n) / math.log(self.training_tokens) / head_dim)
 
     # -- the call ----------------------------------------------------------------------
 

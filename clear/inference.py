@@ -22,8 +22,11 @@ refused before anything loads::
                                               clear=clear.inference.ClearSpec(16, checkpoint=path))
 
 Everything that can be checked without loading weights (sizes and their limits, the
-checkpoint's variant and family, the model family, the presence of the weights) is checked
-first, by the ``check_*`` functions, :func:`size_rules` and :func:`resolve_checkpoint`.
+checkpoint's variant, family and dtypes, the model family and path, the presence of the
+weights, radius, steps, guidance, the device, the output path) is checked first, by the
+``check_*`` functions, :func:`size_rules` and :func:`resolve_checkpoint`; the checkpoint's
+values (NaN / inf) when it loads; every generated image before it is returned
+(:class:`NonFiniteImageError`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -44,13 +48,14 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from .apply import apply_clear, model_family, remove_clear
 from .features import FAMILIES, ModelFamily
-from .models import MODEL_DEFAULTS
+from .geometry import Window
+from .models import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH,
+                     MODEL_DEFAULTS)
 from .models import model_name as _model_name
-from .weights import RELEASED, Variant, download_weights, load_clear_weights
+from .weights import (RELEASED, Variant, download_weights, file_variant, hub_unreachable, load_clear_weights,
+                      read_header, unverified_radius_message)
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 
 
 # Pipelines (model_index.json ``_class_name``) generate.py can load, and their transformers.
@@ -58,10 +63,6 @@ SUPPORTED_PIPELINES = tuple(p for f in FAMILIES.values() for p in f.pipelines)
 SUPPORTED_TRANSFORMERS = tuple(f.transformer_class for f in FAMILIES.values())
 
 
-# Settings of the released recipe for the upscaling stages.
-DEFAULT_STRENGTH = 0.7
-DEFAULT_NTK_FACTOR = 10.0  # FLUX; SD3 has no RoPE
-DEFAULT_SHIFT = 3.0  # FLUX.1's and SD3's scheduler ``shift``; used fixed instead of resolution-dependent shifting
 VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this many pixels
 
 
@@ -70,11 +71,13 @@ VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this ma
 # ------------------------------------------------------------------------------------------
 
 
-def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1, max_grid: int | None = None) -> None:
+def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1, max_grid: int | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Image sizes must be multiples of ``multiple`` pixels (FLUX and SD3: 16 = VAE factor 8 x
     patch 2; see :func:`size_rules`), at most ``max_grid`` tokens per side where the model has
-    such a limit (SD3's ``pos_embed_max_size``), and with ``down_factor`` the token grid
-    (pixels / multiple) must be divisible by it."""
+    such a limit (SD3's ``pos_embed_max_size``), at most ``max_pixels`` pixels in all
+    (:data:`DEFAULT_MAX_PIXELS` = 16384²; ``None``: no bound), and with ``down_factor`` the
+    token grid (pixels / multiple) must be divisible by it."""
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v <= 0 or v % multiple:
             fix = f"e.g. {max(multiple, round(v / multiple) * multiple)}" if isinstance(v, int) and v > 0 else ""
@@ -86,12 +89,79 @@ def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1
                          f"than this model's positional embedding table of {max_grid}x{max_grid} tokens "
                          f"(pos_embed_max_size={max_grid} in its transformer config): it generates at most {limit} "
                          f"pixels per side; choose height and width <= {limit}")
+    if max_pixels is not None and height * width > max_pixels:
+        side = math.isqrt(max_pixels)
+        raise ValueError(f"{height}x{width} is {height * width:,} pixels, more than the bound of {max_pixels:,} "
+                         f"(max_pixels, about {side}x{side}): that far out, one image's latents, activations and "
+                         "decoded pixels run out of memory. Choose a smaller size, or raise the bound (--max_pixels, "
+                         "or max_pixels=) if your hardware really holds it")
     if down_factor > 1:
         gh, gw = height // multiple, width // multiple
         if gh % down_factor or gw % down_factor:
             step = multiple * down_factor
             raise ValueError(f"{height}x{width} pixels is a {gh}x{gw} token grid, not divisible by down_factor="
                              f"{down_factor}; with this variant choose sizes that are multiples of {step} pixels")
+
+
+def check_sampling(steps: int | None = None, guidance: float | None = None, strength: float | None = None,
+                   upscale_steps: int | None = None) -> None:
+    """Steps (and upscale steps) are whole numbers >= 1 (``None``: the model's default), guidance is a
+    finite number (``None``: the model's default), and with ``strength`` (SDEdit) 0 < strength <= 1
+    leaves at least one denoising step."""
+    for name, v in (("steps", steps), ("upscale_steps", upscale_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}={v!r}: the number of denoising steps must be a whole number >= 1 (leave it "
+                             "out for the model's default)")
+    if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance)):
+        raise ValueError(f"guidance={guidance!r} is not a finite number; pass e.g. 3.5 (or leave it out for the "
+                         "model's default)")
+    if strength is not None:
+        if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+            raise ValueError(f"strength={strength!r} must be in (0, 1] (the noise level of each upscaling stage)")
+        n = upscale_steps or steps
+        if n is not None and int(n * strength) < 1:
+            raise ValueError(f"strength={strength} with {n} steps leaves no denoising step; use steps >= "
+                             f"{math.ceil(1 / strength)}")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it: ``cuda`` needs a CUDA build of torch and a visible GPU
+    (``cuda:N``: at least N+1 of them), ``mps`` Apple's backend."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a device name ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                             f"{built}; no GPU visible). Use --device cpu, or install a CUDA build of torch on a "
+                             "machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0; choose cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: Apple's MPS backend is not available here; use --device cpu")
+    return dev
+
+
+def check_output_path(path: str | os.PathLike, suffix: str = ".png") -> Path:
+    """An output file that can be written: it ends in ``suffix``, is not a folder, and its folder
+    (or the nearest existing folder above it, in which it would be created) is a writable folder.
+    Nothing is created."""
+    path = Path(path)
+    if suffix and path.suffix.lower() != suffix:
+        raise ValueError(f"--out {path} must end in {suffix}")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is an existing folder; pass a file name inside it, e.g. {path / ('image' + suffix)}")
+    parent = path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is a file, so no folder can be made there; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: the folder {existing} is not writable (read-only or no permission); choose "
+                         "another --out")
+    return path
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -110,20 +180,52 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def _looks_local(model: str) -> bool:
+    """True for a --model that is meant as a folder, not a Hub id (``org/name``): it starts with
+    ``.``, ``/`` or ``~``, has a backslash or more than one ``/``, or its parent folder exists."""
+    m = str(model)
+    return (m.startswith((".", "/", "~")) or os.path.isabs(m) or "\\" in m or m.count("/") > 1
+            or ("/" in m and Path(m).parent.is_dir()))
+
+
+def _no_such_folder(model: str) -> str:
+    path = Path(model).expanduser().absolute()
+    parent = next((p for p in path.parents if p.is_dir()), None)
+    near = ""
+    if parent is not None:
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        near = (f"; the nearest existing folder is {parent}" +
+                (f", which holds: {', '.join(names[:10])}" + (" ..." if len(names) > 10 else "") if names else
+                 " (no folders in it)"))
+    return (f"--model {model}: no such folder ({path} does not exist{near}). Check the spelling, or pass a Hub id "
+            f"such as {DEFAULT_MODEL}")
+
+
 def check_model(model: str) -> dict:
     """Read the pipeline config (``model_index.json``: a small file, no weights) of a Hub id or
     local directory and fail unless it is a FLUX.1 or SD3/SD3.5 pipeline CLEAR inference
-    supports (:data:`FAMILIES`). Returns the config."""
+    supports (:data:`FAMILIES`). A path that does not exist fails as "no such folder" without
+    asking the Hub; offline, only the local Hugging Face cache is read. Returns the config."""
     from diffusers import DiffusionPipeline
 
+    model = str(model)
+    is_dir = Path(model).expanduser().is_dir()
+    if not is_dir and _looks_local(model):
+        raise ValueError(_no_such_folder(model))
+    offline = None if is_dir else hub_unreachable()
     try:
-        config = DiffusionPipeline.load_config(model)
+        config = DiffusionPipeline.load_config(str(Path(model).expanduser()) if is_dir else model,
+                                               local_files_only=offline is not None)
     except Exception as e:
-        where = ("a local directory without model_index.json" if Path(model).is_dir() else
-                 "not a Hub id this machine can reach (offline, gated or misspelled)")
+        if is_dir:
+            where = "a local directory without model_index.json (not a diffusers pipeline saved with save_pretrained)"
+        elif offline is not None:
+            where = f"a Hub id that is not in the local Hugging Face cache, and the Hub is unreachable ({offline})"
+        else:
+            where = "not a Hub id this machine can read (gated, private or misspelled)"
         raise ValueError(f"could not read the pipeline config of {model!r}: it is {where} ({type(e).__name__}: {e}). "
                          "Pass --model a local diffusers pipeline directory (save_pretrained layout) or a Hub id "
-                         "such as black-forest-labs/FLUX.1-dev after `huggingface-cli login`") from e
+                         f"such as {DEFAULT_MODEL} (gated: accept its license on the Hub, then `hf auth login`)") from e
     name = config.get("_class_name", "?")
     transformer = (config.get("transformer") or [None, None])[1]
     if not any(name in f.pipelines and transformer == f.transformer_class for f in FAMILIES.values()):
@@ -161,43 +263,19 @@ def size_multiple(model_or_pipe) -> int:
     return size_rules(model_or_pipe)[0]
 
 
-def _checkpoint_header(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(metadata, {key: shape}) of a safetensors file, without reading its tensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLEAR checkpoint {path} does not exist; pass an existing .safetensors file, "
-                                "'released' to download the released weights, or 'none' for untrained CLEAR")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {}), {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated: delete it and "
-                         "download or save it again") from e
-
-
 def checkpoint_variant(path: str | os.PathLike) -> tuple[float | None, int | None]:
     """(radius, down_factor) a CLEAR checkpoint was made for, from its header only: the
     metadata written by :func:`clear.save_clear_weights`, else the released file name,
     else the shape of ``spatial_weight``. ``None`` where the file does not say."""
-    metadata, shapes = _checkpoint_header(path)
-    pooled = [shape for k, shape in shapes.items() if k.endswith("processor.spatial_weight")]
-    if "clear.radius" in metadata:
-        r = metadata["clear.radius"]
-        return (None if r == "None" else float(r)), int(metadata.get("clear.down_factor", 1))
-    try:
-        v = Variant.parse(str(path))
-        return float(v.radius), v.down_factor
-    except ValueError:
-        return None, (int(pooled[0][3]) if pooled else 1)
+    radius, down_factor, _ = file_variant(path)
+    return radius, down_factor
 
 
 def checkpoint_family(path: str | os.PathLike) -> str | None:
     """The model family (``"flux"``/``"sd3"``) a CLEAR checkpoint was made for, from its header:
     the metadata written by :func:`clear.save_clear_weights`, else FLUX's single-stream block
     keys (the released files); ``None`` where the file does not say."""
-    metadata, shapes = _checkpoint_header(path)
+    metadata, shapes = read_header(path)
     if "clear.family" in metadata:
         return metadata["clear.family"]
     return "flux" if any(k.startswith("single_transformer_blocks.") for k in shapes) else None
@@ -205,13 +283,18 @@ def checkpoint_family(path: str | os.PathLike) -> str | None:
 
 def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1, family: str | None = None) -> None:
     """Fail if the checkpoint was made for another radius or down factor than the chosen
-    variant, or (``family`` given) for another model family."""
+    variant, or (``family`` given) for another model family, if it does not say its radius
+    (no metadata, not a released file name: see :func:`clear.load_clear_weights`), or holds
+    non-float tensors. Reads the header only."""
     file_family = checkpoint_family(path) if family is not None else None
     if file_family is not None and file_family != family:
         raise ValueError(f"{path} holds CLEAR weights for a {file_family} model, but the chosen model is a {family} "
                          f"model; pass a checkpoint trained for this model (scripts/distill.py) or --checkpoint none")
-    file_r, file_df = checkpoint_variant(path)
+    file_r, file_df, known = file_variant(path)
     chosen = Variant(int(radius) if float(radius).is_integer() else radius, down_factor).name
+    if not known:
+        raise ValueError(f"{unverified_radius_message(path)} {chosen}: if it was trained for that variant, rename it "
+                         f"{chosen}.safetensors (or save it with clear.save_clear_weights, which records the radius)")
     if file_df is not None and file_df != down_factor:
         raise ValueError(f"{path} is a checkpoint for down_factor={file_df} but the chosen variant is {chosen} "
                          f"(down_factor={down_factor}); pass --down_factor {file_df} (or the matching --variant), "
@@ -338,6 +421,9 @@ class ClearSpec:
     checkpoint: str | None = None
     backend: str = "auto"
 
+    def __post_init__(self):
+        Window(self.radius, self.down_factor)  # radius > 0 (or None), down_factor >= 1: fails before any loading
+
     @property
     def label(self) -> str:
         if self.radius is None:
@@ -412,17 +498,19 @@ def ntk_rope(models, ntk_factor: float | None):
 
 
 @contextlib.contextmanager
-def proportional_attention(pipe, enabled: bool = True):
+def proportional_attention(pipe, enabled: bool | str = True):
     """Within the block, attention logits are scaled by ``sqrt(log_L0(N) / d)`` (N tokens,
-    L0 = FLUX's training length) in the pipeline's transformer and ControlNets. On a model
-    without CLEAR this puts full-attention CLEAR (``radius=None``) on it for the block."""
+    L0 = the family's training length; down-sampled variants: the release's ``log_L0(10·N)``
+    unless ``enabled="plain"``, see :meth:`clear.ClearAttention.scale`) in the pipeline's
+    transformer and ControlNets. On a model without CLEAR this puts full-attention CLEAR
+    (``radius=None``) on it for the block."""
     added, saved = [], []
     try:
         for m in clear_models(pipe):
             state = getattr(m, "clear_state", None)
             if state is None:
                 if enabled:
-                    apply_clear(m, None, proportional_attention=True)
+                    apply_clear(m, None, proportional_attention=enabled)
                     added.append(m)
             else:
                 saved.append((state.core, state.core.proportional_attention))
@@ -523,33 +611,76 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class NonFiniteImageError(ValueError):
+    """A generation produced NaN or inf values (latents during denoising, or the decoded image):
+    an error instead of a black image."""
+
+
+_NON_FINITE_HINT = ("Likely causes: CLEAR weights that blow up (e.g. a diverged distillation; try another "
+                    "checkpoint), float16 overflow (use --dtype bfloat16 or float32), or a non-finite setting")
+
+
+def _finite_latents_callback(pipe, step, timestep, callback_kwargs):
+    """``callback_on_step_end`` that stops a generation at the first step whose latents are not finite."""
+    latents = callback_kwargs.get("latents")
+    if latents is not None and not torch.isfinite(latents).all():
+        bad = int((~torch.isfinite(latents)).sum())
+        raise NonFiniteImageError(f"the latents hold {bad} NaN/inf values of {latents.numel()} after denoising step "
+                                  f"{step + 1} (timestep {float(timestep):g}): the image would be black or noise, so "
+                                  f"generation stops here and no image is returned. {_NON_FINITE_HINT}")
+    return callback_kwargs
+
+
+def finite_image(pipe, images):
+    """The first image of a pipeline's ``output_type="np"`` output as PIL, after checking that
+    every value is finite (NaN would become black pixels without a word)."""
+    import numpy as np
+
+    arr = np.asarray(images)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise NonFiniteImageError(f"the decoded image holds {bad} NaN/inf values of {arr.size}: it would be saved as "
+                                  f"a black image, so no image is returned. {_NON_FINITE_HINT}")
+    return pipe.numpy_to_pil(arr)[0]
+
+
 def _timed_call(pipe, **kwargs) -> tuple[object, float]:
+    """One pipeline call, timed; the latents are checked after every step and the decoded image
+    at the end (:class:`NonFiniteImageError`)."""
+    if "callback_on_step_end" not in kwargs:
+        kwargs.update(callback_on_step_end=_finite_latents_callback, callback_on_step_end_tensor_inputs=["latents"])
     device = pipe._execution_device
     _sync(device)
     t0 = time.perf_counter()
-    image = pipe(**kwargs).images[0]
+    images = pipe(output_type="np", **kwargs).images
     _sync(device)
-    return image, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return finite_image(pipe, images), seconds
 
 
-def _call_settings(pipe, height, width, steps, guidance, max_sequence_length):
-    """The model's defaults for what the caller left ``None``, the size checked for the
-    pipeline as it is (CLEAR's down factor included), and its CLEAR state (or None)."""
+def _call_settings(pipe, height, width, steps, guidance, max_sequence_length, max_pixels=DEFAULT_MAX_PIXELS):
+    """The model's defaults for what the caller left ``None``, the settings and the size checked
+    for the pipeline as it is (CLEAR's down factor included), and its CLEAR state (or None)."""
+    check_sampling(steps, guidance)
     d = default_settings(pipe)
-    steps, guidance = steps or d["steps"], d["guidance"] if guidance is None else guidance
+    steps = d["steps"] if steps is None else steps
+    guidance = d["guidance"] if guidance is None else guidance
     state = getattr(pipe.transformer, "clear_state", None)
     multiple, max_grid = size_rules(pipe)
-    check_size(height, width, multiple, state.down_factor if state else 1, max_grid)
+    check_size(height, width, multiple, state.down_factor if state else 1, max_grid, max_pixels)
     return steps, guidance, max_sequence_length or d["max_sequence_length"], state
 
 
 def generate(pipe, prompt: str, height: int, width: int, steps: int | None = None, guidance: float | None = None,
-             seed: int = 0, max_sequence_length: int | None = None, warmup: bool = False, **pipe_kwargs) -> Result:
+             seed: int = 0, max_sequence_length: int | None = None, warmup: bool = False,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, **pipe_kwargs) -> Result:
     """Text-to-image with the pipeline as it is (original or CLEAR). Seeded on the CPU, so
     the same seed gives the same starting noise on any device. ``warmup``: an untimed
-    1-step call at the same size first (compilation, autotuning), for fair timings."""
+    1-step call at the same size first (compilation, autotuning), for fair timings. Settings
+    are checked first (:func:`check_sampling`, :func:`check_size` with ``max_pixels``); NaN or
+    inf in the latents or the image raise :class:`NonFiniteImageError`."""
     steps, guidance, max_sequence_length, state = _call_settings(pipe, height, width, steps, guidance,
-                                                                 max_sequence_length)
+                                                                 max_sequence_length, max_pixels)
     kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
@@ -565,24 +696,24 @@ def generate(pipe, prompt: str, height: int, width: int, steps: int | None = Non
 
 def upscale(pipe, image, prompt: str, height: int, width: int, strength: float = DEFAULT_STRENGTH,
             steps: int | None = None, guidance: float | None = None, seed: int = 0,
-            ntk_factor: float | None = None, proportional: bool = True, shift: float | None = DEFAULT_SHIFT,
-            tiling: bool | None = None, max_sequence_length: int | None = None, warmup: bool = False) -> Result:
+            ntk_factor: float | None = None, proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT,
+            tiling: bool | None = None, max_sequence_length: int | None = None, warmup: bool = False,
+            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Result:
     """One SDEdit stage: resize ``image`` to ``height x width`` (Lanczos), encode it, noise it
     to ``strength`` and denoise at the new size with the family's img2img pipeline on ``pipe``'s
     components (original or CLEAR, as the pipeline is). ``steps`` is the full schedule;
     ``int(steps * strength)`` of them run. ``ntk_factor`` (FLUX; ``None`` = 10, 1 = off; SD3
     has no RoPE: leave it ``None``), ``proportional`` attention, a fixed scheduler ``shift``
     (``None`` = the scheduler's own: FLUX's dynamic shift) and VAE ``tiling`` (``None``: on
-    above 2048x2048 pixels) apply to this call only. ``warmup``: an untimed 1-step call at
-    the same size first."""
+    above 2048x2048 pixels) apply to this call only; ``proportional``: ``True`` (the release's
+    scale, see :class:`clear.ClearAttention`), ``"plain"`` or ``False``. ``warmup``: an untimed
+    1-step call at the same size first."""
     from PIL import Image
 
     steps, guidance, max_sequence_length, state = _call_settings(pipe, height, width, steps, guidance,
-                                                                 max_sequence_length)
+                                                                 max_sequence_length, max_pixels)
     ntk_factor = resolve_ntk_factor(pipeline_family(pipe), ntk_factor)
-    if not 0 < strength <= 1 or int(steps * strength) < 1:
-        raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
-                         "use 0 < strength <= 1 and steps >= 1/strength")
+    check_sampling(steps, strength=strength)
     tiling = height * width > VAE_TILING_PIXELS if tiling is None else tiling
     scheduler = fixed_shift_scheduler(pipe.scheduler, shift) if shift is not None else None
     img2img = img2img_pipeline(pipe, scheduler)
@@ -628,9 +759,9 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
                      clear: ClearSpec | None = None, base_model: str = "original", base_image=None,
                      strength: float = DEFAULT_STRENGTH, steps: int | None = None, upscale_steps: int | None = None,
                      guidance: float | None = None, seed: int = 0, ntk_factor: float | None = None,
-                     proportional: bool = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
+                     proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
                      max_sequence_length: int | None = None, warmup: bool = False,
-                     progress: bool = True) -> list[Stage]:
+                     progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[Stage]:
     """The paper's high-resolution recipe: a base image at ``base_size`` (HEIGHT, WIDTH), then
     one :func:`upscale` stage per entry of ``sizes`` (e.g. ``[(2048, 2048), (4096, 4096)]``,
     any aspect ratios). ``clear``: the CLEAR to put on the pipeline before the upscaling
@@ -646,14 +777,14 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
     multiple, max_grid = size_rules(pipe)
     state = getattr(pipe.transformer, "clear_state", None)
     df = clear.down_factor if clear is not None else (state.down_factor if state else 1)
-    check_size(*base_size, multiple, df if (base_model == "clear" or clear is None) else 1, max_grid)
+    check_size(*base_size, multiple, df if (base_model == "clear" or clear is None) else 1, max_grid, max_pixels)
     for h, w in sizes:
-        check_size(h, w, multiple, df, max_grid)
+        check_size(h, w, multiple, df, max_grid, max_pixels)
     ntk_factor = resolve_ntk_factor(pipeline_family(pipe), ntk_factor)
+    check_sampling(steps, guidance)
     d = default_settings(pipe)
-    upscale_steps = upscale_steps or steps or d["steps"]
-    if not 0 < strength <= 1 or int(upscale_steps * strength) < 1:
-        raise ValueError(f"strength={strength} with {upscale_steps} upscale steps leaves no denoising step")
+    upscale_steps = upscale_steps if upscale_steps is not None else (steps if steps is not None else d["steps"])
+    check_sampling(upscale_steps=upscale_steps, strength=strength)
 
     stages = []
     with tqdm(total=len(sizes) + 1, desc="high-res stages", disable=not progress) as bar:
@@ -661,7 +792,7 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
             if clear is not None and base_model == "clear":
                 clear.apply(pipe)
             base = generate(pipe, prompt, *base_size, steps=steps, guidance=guidance, seed=seed,
-                            max_sequence_length=max_sequence_length, warmup=warmup)
+                            max_sequence_length=max_sequence_length, warmup=warmup, max_pixels=max_pixels)
         else:
             base = Result(base_image, 0.0, dict(source="given"))
         stages.append(Stage("base", base.image.height, base.image.width, base))
@@ -673,7 +804,7 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
             bar.set_postfix_str(f"{h}x{w}")
             res = upscale(pipe, image, prompt, h, w, strength=strength, steps=upscale_steps, guidance=guidance,
                           seed=seed, ntk_factor=ntk_factor, proportional=proportional, shift=shift, tiling=tiling,
-                          max_sequence_length=max_sequence_length, warmup=warmup)
+                          max_sequence_length=max_sequence_length, warmup=warmup, max_pixels=max_pixels)
             stages.append(Stage("upscale", h, w, res, source=image))
             image = res.image
             bar.update()

@@ -8,6 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+# This module imports nothing heavy: scripts read these defaults to build their --help.
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+
+# Settings of the released recipe for the upscaling stages.
+DEFAULT_STRENGTH = 0.7
+DEFAULT_NTK_FACTOR = 10.0  # FLUX; SD3 has no RoPE
+DEFAULT_SHIFT = 3.0  # FLUX.1's and SD3's scheduler ``shift``; used fixed instead of resolution-dependent shifting
+
+# Largest image (height x width pixels) generated unless the caller raises it: 16384², four times the
+# largest size this project documents (8192², multi-GPU). FLUX's RoPE has no table to bound the size; far
+# beyond this, one image's latents, activations and decoded pixels exceed any single GPU.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
 
 @dataclass(frozen=True)
 class ModelDefaults:

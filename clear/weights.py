@@ -9,8 +9,11 @@ Module names are diffusers' own, so files load into stock models.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,8 @@ from pathlib import Path
 import torch
 
 from .apply import clear_attention_modules
+
+logger = logging.getLogger(__name__)
 
 HUB_REPO = "Huage001/CLEAR"
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -50,10 +55,41 @@ class Variant:
 RELEASED = {v.name: v for v in (Variant(8), Variant(16), Variant(32), Variant(8, 4), Variant(16, 4))}
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (``HF_HUB_OFFLINE`` is set, or its host
+    name does not resolve), or ``None``. Asked once before a download, so that an offline
+    machine goes straight to the local cache instead of through the hub's retries (five
+    "Retrying in Ns" lines and ~25 s)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"cannot resolve {host}: {e}"
+    return None
+
+
+def _remove_new_dirs(created: list[Path]) -> None:
+    """Undo what a failed ``hf_hub_download(local_dir=...)`` left: the ``.cache/huggingface``
+    folder it makes in ``local_dir``, and the folders themselves where they did not exist before."""
+    for path in reversed(created):  # deepest first
+        if path.name == "huggingface":
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.PathLike = "ckpt",
                      repo_id: str = HUB_REPO) -> str:
     """Path to the released file for ``(radius, down_factor)``, fetched with
-    ``huggingface_hub.hf_hub_download`` into ``local_dir`` unless already there."""
+    ``huggingface_hub.hf_hub_download`` into ``local_dir`` unless already there. Offline (or
+    after a failed download) the Hugging Face cache is tried; a failed download leaves nothing
+    behind in ``local_dir``."""
     variant = Variant(radius, down_factor)
     if repo_id == HUB_REPO and variant.name not in RELEASED:
         raise ValueError(f"no released CLEAR weights for {variant.name}; released: {', '.join(RELEASED)}")
@@ -62,33 +98,64 @@ def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.Path
         return str(target)
     from huggingface_hub import hf_hub_download
 
-    try:
-        return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_dir=str(local_dir))
-    except Exception as e:  # offline, no such file, network error: the HF cache may still have it
-        first = e
+    reason = hub_unreachable()
+    if reason is None:
+        local = Path(local_dir)
+        created = [p for p in (local, local / ".cache", local / ".cache" / "huggingface") if not p.exists()]
+        try:
+            return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_dir=str(local_dir))
+        except Exception as e:  # no such file, gated, network error: the HF cache may still have it
+            _remove_new_dirs(created)
+            reason = f"{type(e).__name__}: {e}"
     try:
         return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_files_only=True)
-    except Exception:
+    except Exception as e:
         raise FileNotFoundError(
-            f"could not get {variant.filename} from the Hub repo {repo_id} ({type(first).__name__}: {first}). "
-            f"Download it by hand and put it at {target}"
-        ) from first
+            f"could not get {variant.filename} from the Hub repo {repo_id} ({reason}), and it is not in the local "
+            f"Hugging Face cache. Download it by hand and put it at {target} (for a gated or private repo, "
+            "`hf auth login` first)"
+        ) from e
 
 
-def clear_state_dict_keys(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters a CLEAR checkpoint holds (and distillation trains), by key."""
-    params = {}
+def _base_layer(layer: torch.nn.Module) -> torch.nn.Module:
+    """The projection itself: under a PEFT (LoRA) adapter, the wrapped ``base_layer``."""
+    return getattr(layer, "base_layer", layer)
+
+
+def _projections(transformer):
+    """(module name, projection name, projection layer) of every CLEAR attention module."""
     for name, attn in clear_attention_modules(transformer).items():
         for proj in _PROJECTIONS:
             try:
-                layer = attn.get_submodule(proj)
+                yield name, proj, attn.get_submodule(proj)
             except AttributeError:
                 continue
-            for p_name, p in layer.named_parameters(recurse=False):
-                params[f"{name}.{proj}.{p_name}"] = p
+
+
+def clear_state_dict_keys(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters a CLEAR checkpoint holds (and distillation trains), by key. Under a
+    PEFT adapter (LoRA on ``to_q/to_k/to_v/to_out.0``) these are the base projections'
+    (``...to_q.base_layer.weight`` in the model, ``...to_q.weight`` in the file); the
+    adapter's own weights are not part of a CLEAR checkpoint."""
+    params = {}
+    for name, proj, layer in _projections(transformer):
+        for p_name, p in _base_layer(layer).named_parameters(recurse=False):
+            params[f"{name}.{proj}.{p_name}"] = p
+    for name, attn in clear_attention_modules(transformer).items():
         if attn.processor.spatial_weight is not None:
             params[f"{name}.processor.spatial_weight"] = attn.processor.spatial_weight
     return params
+
+
+def _check_not_fused(transformer, action: str) -> None:
+    """Refuse to read or write base projections into which a LoRA has been merged (``fuse_lora``)."""
+    fused = sorted(f"{name}.{proj}" for name, proj, layer in _projections(transformer)
+                   if getattr(layer, "merged_adapters", None))
+    if fused:
+        raise ValueError(
+            f"cannot {action} CLEAR weights: a LoRA is fused into the attention projections ({_describe(fused, 3)}), "
+            "so they hold base + LoRA weights mixed. Load CLEAR first and fuse the LoRA afterwards, or call "
+            "unfuse_lora() (pipeline) / unmerge_adapter() (PEFT) first and fuse again after")
 
 
 def _metadata(transformer) -> dict[str, str]:
@@ -102,7 +169,11 @@ def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) ->
     (a temporary file renamed into place), with the radius and family as metadata."""
     from safetensors.torch import save_file
 
+    _check_not_fused(transformer, "save")
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in clear_state_dict_keys(transformer).items()}
+    if not tensors:
+        raise ValueError(f"nothing to save to {path}: the model has no CLEAR attention projections (is CLEAR "
+                         "applied to this model, with the projections as Linear layers?)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -132,18 +203,71 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         ) from e
 
 
-def _file_window(path, tensors, metadata) -> tuple[int | None, int | None]:
-    """(radius, down_factor) the file was made for, from its metadata or released file name."""
+def _file_window(path, metadata, spatial_shapes) -> tuple[float | None, int, bool]:
+    """(radius, down_factor, radius_known) the file was made for: from its metadata (written by
+    :func:`save_clear_weights`), else from a released file name; else the radius is unknown and the
+    down factor is read from the shape of ``spatial_weight`` (1 without it). ``radius`` is ``None``
+    for full attention (metadata ``"None"``) or when unknown."""
     if "clear.radius" in metadata:
         r = metadata["clear.radius"]
-        return (None if r == "None" else float(r)), int(metadata.get("clear.down_factor", 1))
+        return (None if r == "None" else float(r)), int(metadata.get("clear.down_factor", 1)), True
     try:
         v = Variant.parse(str(path))
-        return v.radius, v.down_factor
+        return float(v.radius), v.down_factor, True
     except ValueError:
         pass
-    sw = [t for k, t in tensors.items() if k.endswith("processor.spatial_weight")]
-    return None, (sw[0].shape[3] if sw else 1)
+    return None, (int(spatial_shapes[0][3]) if spatial_shapes else 1), False
+
+
+def file_variant(path: str | os.PathLike) -> tuple[float | None, int, bool]:
+    """(radius, down_factor, radius_known) of a CLEAR checkpoint from its header only (no tensors read)."""
+    metadata, shapes = read_header(path)
+    return _file_window(path, metadata, [s for k, s in shapes.items() if k.endswith("processor.spatial_weight")])
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(metadata, {key: shape}) of a safetensors file, without reading its tensors; fails on
+    tensors that are not floating point (see :func:`check_tensors`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLEAR checkpoint {path} does not exist; pass an existing .safetensors file, "
+                                "'released' to download the released weights, or 'none' for untrained CLEAR")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata, shapes = dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: delete "
+                         "it and download or save it again") from e
+    _check_float(path, {k: d for k, d in dtypes.items() if not d.upper().startswith(("F", "BF"))})
+    return metadata, shapes
+
+
+def unverified_radius_message(path) -> str:
+    return (f"{path} does not say which radius it was trained for (no clear.radius metadata, and its name is not "
+            "a released variant name like clear_local_16.safetensors), so it cannot be checked against the "
+            "chosen window")
+
+
+def _check_float(path, not_float: dict[str, str]) -> None:
+    if not_float:
+        listed = ", ".join(f"{k} ({d})" for k, d in sorted(not_float.items())[:5])
+        raise ValueError(f"{path} holds non-float tensors, which CLEAR weights never are: {listed}"
+                         + (f" and {len(not_float) - 5} more" if len(not_float) > 5 else "")
+                         + "; it is not a CLEAR checkpoint (or a quantized one): use the float file")
+
+
+def check_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not floating point (int8, int32, bool: they would be cast without a word)
+    or that hold NaN / inf, naming the keys."""
+    _check_float(path, {k: str(t.dtype).replace("torch.", "") for k, t in tensors.items()
+                        if not t.is_floating_point()})
+    bad = sorted(k for k, t in tensors.items() if not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(f"{path} holds NaN or inf values in {_describe(bad)}: the weights are broken (e.g. a "
+                         "distillation that diverged); use an earlier checkpoint")
 
 
 def _describe(keys, n=5) -> str:
@@ -165,12 +289,22 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     model to which :func:`clear.apply_clear` has been applied with the matching variant.
     Works with fused QKV projections. Fails, naming the keys and the likely cause, on a
     corrupt file, missing or unexpected keys, shape mismatches, or a file made for
-    another radius / down-sampling factor / model family.
+    another radius / down-sampling factor / model family, non-float tensors (int8, int32,
+    bool) or NaN / inf values.
+
+    ``strict_radius``: the file's radius (metadata, or a released file name) must be the one
+    CLEAR was applied with. A file that does not say its radius (no metadata, another name)
+    is refused too; ``strict_radius=False`` loads it anyway (and a file of another radius),
+    with a logged warning: the caller vouches for the window.
+
+    Under a PEFT adapter (LoRA) the weights go into the base projections (``base_layer``) and
+    the LoRA stays on top; after ``fuse_lora`` loading is refused (load CLEAR first).
 
     ``ignore_extra_blocks``: skip keys of blocks the model does not have. Defaults to True
     for ControlNets, which reuse the transformer's file zero-shot (their blocks are copies
     of its first blocks), and False for everything else."""
     params = clear_state_dict_keys(transformer)
+    _check_not_fused(transformer, "load")
     state = transformer.clear_state
     tensors, metadata = _read(path)
     if ignore_extra_blocks is None:
@@ -178,7 +312,8 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     if ignore_extra_blocks:
         tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer)}
 
-    file_radius, file_df = _file_window(path, tensors, metadata)
+    file_radius, file_df, radius_known = _file_window(
+        path, metadata, [t.shape for k, t in tensors.items() if k.endswith("processor.spatial_weight")])
     if "clear.family" in metadata and metadata["clear.family"] != state.family:
         raise ValueError(f"{path} holds CLEAR weights for a {metadata['clear.family']} model, not {state.family}")
     if file_df != state.down_factor:
@@ -192,6 +327,18 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             f"call clear.apply_clear(transformer, radius={file_radius:g}, ...) (or pass strict_radius=False to "
             "use the weights with another window on purpose)"
         )
+    if not radius_known:
+        if strict_radius:
+            r = state.radius
+            name = Variant(int(r), state.down_factor).filename if r is not None and float(r).is_integer() else None
+            raise ValueError(unverified_radius_message(path) + f" (radius={r}): "
+                             + (f"if it was trained for that radius, rename it {name}, " if name else "")
+                             + "or pass strict_radius=False to load it anyway")
+        logger.warning("%s; loading it into CLEAR radius=%s because strict_radius=False", unverified_radius_message(path),
+                       state.radius)
+    elif not strict_radius and file_radius != state.radius:
+        logger.warning("%s was trained for radius=%s; loading it into CLEAR radius=%s because strict_radius=False",
+                       path, file_radius, state.radius)
 
     missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
     if missing or unexpected:
@@ -206,6 +353,7 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             + (f"unexpected keys: {_describe(unexpected)}; " if unexpected else "")
             + f"likely cause: {hint}"
         )
+    check_tensors(path, tensors)
     bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
            for k, p in params.items() if tensors[k].shape != p.shape]
     if bad:

@@ -10,7 +10,9 @@
 Sizes are HEIGHTxWIDTH pixels, multiples of 16 (SD3: at most pos_embed_max_size x 16 per side,
 3072 for SD3-Medium and SD3.5-Large, 6144 for SD3.5-Medium). Outputs are PNGs whose text chunks hold
 the settings (``PIL.Image.open(path).text``). Everything checkable without weights
-(sizes, model family, checkpoint variant and family, weights present) is checked first.
+(sizes and --max_pixels, radius, steps, guidance, device, --out, model family and path,
+checkpoint variant, family and dtypes, weights present) is checked before anything loads;
+NaN / inf in the checkpoint fail when it loads, in the latents or image before any PNG is written.
 
 The script is four functions so that other front ends can reuse them: ``build_parser``,
 ``resolve_args`` (checks, no heavy work), ``build_pipeline`` (load and put CLEAR on it;
@@ -26,18 +28,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clear import inference as inf  # noqa: E402
-from clear.weights import Variant  # noqa: E402
+# Only light imports here: --help answers without torch or diffusers (clear.models imports neither);
+# the functions below import clear.inference when they run.
+from clear import models as defaults  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=inf.DEFAULT_MODEL, help="Hub id or local diffusers pipeline directory "
-                   f"(default {inf.DEFAULT_MODEL}; FLUX.1-schnell works zero-shot with the FLUX.1-dev weights; "
+    p.add_argument("--model", default=defaults.DEFAULT_MODEL, help="Hub id or local diffusers pipeline directory "
+                   f"(default {defaults.DEFAULT_MODEL}; FLUX.1-schnell works zero-shot with the FLUX.1-dev weights; "
                    "SD3 / SD3.5 (StableDiffusion3Pipeline) with your own --checkpoint)")
     p.add_argument("--prompt", default="a small blue plane flying over snowy mountains at sunrise")
     p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
+    p.add_argument("--max_pixels", type=int, default=defaults.DEFAULT_MAX_PIXELS,
+                   help=f"refuse images larger than this many pixels (default {defaults.DEFAULT_MAX_PIXELS} = 16384²) "
+                        "before anything loads; raise it if your hardware holds more")
     g = p.add_argument_group("CLEAR")
     g.add_argument("--variant", help="released variant name, e.g. clear_local_16 or clear_local_16_down_4 "
                    "(instead of --radius/--down_factor)")
@@ -66,14 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 2048x2048,4096x4096 (any aspect ratio)")
     h.add_argument("--base", default="original", choices=("original", "clear"),
                    help="model for the base image when upscaling (default: original)")
-    h.add_argument("--strength", type=float, default=inf.DEFAULT_STRENGTH, help="noise level of each stage (0.7)")
+    h.add_argument("--strength", type=float, default=defaults.DEFAULT_STRENGTH,
+                   help="noise level of each stage (0.7)")
     h.add_argument("--upscale_steps", type=int, help="full schedule length of each stage (default: --steps)")
     h.add_argument("--ntk_factor", type=float, default=None,
-                   help=f"NTK-scaled RoPE in upscaling stages (FLUX: default {inf.DEFAULT_NTK_FACTOR:g}; 1 = off). "
+                   help=f"NTK-scaled RoPE in upscaling stages (FLUX: default {defaults.DEFAULT_NTK_FACTOR:g}; 1 = off). "
                         "SD3 has no RoPE: leave it out")
     h.add_argument("--no_proportional_attention", action="store_true",
                    help="keep 1/sqrt(d) in upscaling stages instead of the proportional attention scale")
-    h.add_argument("--shift", default=str(inf.DEFAULT_SHIFT),
+    h.add_argument("--proportional_formula", default="release", choices=("release", "plain"),
+                   help="proportional scale in upscaling stages: release (default; the public release's "
+                        "sqrt(log_L0(10N)/d) for down-sampled variants, sqrt(log_L0(N)/d) otherwise) or plain "
+                        "(sqrt(log_L0(N)/d) for every variant)")
+    h.add_argument("--shift", default=str(defaults.DEFAULT_SHIFT),
                    help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for the scheduler's own "
                         "(FLUX: resolution-dependent; SD3: its config's fixed shift)")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
@@ -96,9 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Turn the command line into settings and check everything that needs no weights:
-    variant, model family, sizes (and SD3's largest size), NTK factor, checkpoint (its variant
-    and family; downloaded if 'released'). Fails fast."""
+    """Turn the command line into settings and check everything that needs no weights, cheapest
+    first: variant and radius, steps, guidance, strength, output path, device, model (path, family),
+    sizes (SD3's largest size, --max_pixels), NTK factor, checkpoint (its variant, family and dtypes;
+    downloaded if 'released'). Fails fast."""
+    from clear import inference as inf
+    from clear.geometry import Window
+    from clear.weights import Variant
+
     if args.variant:
         v = Variant.parse(args.variant)
         for name, given, want in (("radius", args.radius, v.radius), ("down_factor", args.down_factor, v.down_factor)):
@@ -107,13 +123,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.radius, args.down_factor = v.radius, v.down_factor
     args.radius = 16.0 if args.radius is None else args.radius
     args.down_factor = 1 if args.down_factor is None else args.down_factor
+    try:
+        Window(args.radius, args.down_factor)
+    except ValueError as e:
+        raise ValueError(f"--radius {args.radius:g} --down_factor {args.down_factor}: {e}") from None
     args.sizes = inf.parse_sizes(args.upscale) if args.upscale else []
+    inf.check_sampling(args.steps, args.guidance, args.strength if args.sizes else None, args.upscale_steps)
     args.shift = None if str(args.shift).lower() == "dynamic" else float(args.shift)
     args.tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
-    args.device = args.device or inf.default_device()
-    args.out = Path(args.out)
-    if args.out.suffix.lower() != ".png":
-        raise ValueError(f"--out {args.out} must end in .png (outputs are PNG files)")
+    args.proportional = False if args.no_proportional_attention else (
+        "plain" if args.proportional_formula == "plain" else True)
+    args.out = inf.check_output_path(args.out, ".png")
+    args.device = str(inf.check_device(args.device)) if args.device else inf.default_device()
 
     if args.parallel == "patch" and (args.compare or args.sizes):
         raise ValueError("--parallel patch generates one image: drop --compare and --upscale")
@@ -124,9 +145,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.ntk_factor = inf.resolve_ntk_factor(args.family, args.ntk_factor)
     multiple, max_grid = inf.size_rules(args.model)
     base_df = args.down_factor if (not args.sizes or args.base == "clear") else 1
-    inf.check_size(args.height, args.width, multiple, base_df, max_grid)
+    inf.check_size(args.height, args.width, multiple, base_df, max_grid, args.max_pixels)
     for hh, ww in args.sizes:
-        inf.check_size(hh, ww, multiple, args.down_factor, max_grid)
+        inf.check_size(hh, ww, multiple, args.down_factor, max_grid, args.max_pixels)
     args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
                                                   family=args.family.name)
     args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
@@ -135,12 +156,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def build_pipeline(args: argparse.Namespace):
     """Load the pipeline (CLEAR is put on it by :func:`run`, after an optional original run)."""
+    from clear import inference as inf
+
     pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, check=False)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     return pipe
 
 
-def _settings(args, result: inf.Result, **extra) -> dict:
+def _settings(args, result, **extra) -> dict:
+    from clear import inference as inf
+
     dtype = str(inf.resolve_dtype(args.dtype, args.device)).replace("torch.", "")
     return dict(model=args.model, checkpoint=args.checkpoint_path or "none", device=str(args.device), dtype=dtype,
                 **result.settings, **extra)
@@ -152,9 +177,11 @@ def _stage_path(out: Path, i: int, h: int, w: int, tag: str = "") -> Path:
 
 def run(args: argparse.Namespace, pipe) -> dict[str, str]:
     """Generate (and compare, and upscale) as the arguments say; returns the written paths."""
+    from clear import inference as inf
+
     out, written = args.out, {}
     gen = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, max_sequence_length=args.max_sequence_length,
-               warmup=args.warmup)
+               warmup=args.warmup, max_pixels=args.max_pixels)
 
     def chain(spec):  # one full run: base image, then the upscaling stages, with `spec` CLEAR
         if not args.sizes:
@@ -164,7 +191,7 @@ def run(args: argparse.Namespace, pipe) -> dict[str, str]:
             return [inf.Stage("base", args.height, args.width, r)]
         return inf.generate_highres(pipe, args.prompt, args.sizes, (args.height, args.width), clear=spec,
                                     base_model=args.base, strength=args.strength, upscale_steps=args.upscale_steps,
-                                    ntk_factor=args.ntk_factor, proportional=not args.no_proportional_attention,
+                                    ntk_factor=args.ntk_factor, proportional=args.proportional,
                                     shift=args.shift, tiling=args.tiling, progress=not args.quiet, **gen)
 
     original = None
@@ -200,6 +227,7 @@ def run_patch_parallel(args: argparse.Namespace) -> dict[str, str]:
 
     import torch
 
+    from clear import inference as inf
     from clear import parallel
 
     args.device = parallel.init_distributed(args.device)
@@ -211,21 +239,22 @@ def run_patch_parallel(args: argparse.Namespace) -> dict[str, str]:
         call = dict(prompt=args.prompt, height=args.height, width=args.width, vae_tiling=args.tiling,
                     guidance_scale=d["guidance"] if args.guidance is None else args.guidance,
                     max_sequence_length=args.max_sequence_length or d["max_sequence_length"])
-        steps = args.steps or d["steps"]
+        steps = d["steps"] if args.steps is None else args.steps
         for n in ([1] if args.warmup else []) + [steps]:
             start = time.perf_counter()
-            out = parallel.patch_parallel_pipeline_call(pipe, num_inference_steps=n, **call,
+            out = parallel.patch_parallel_pipeline_call(pipe, num_inference_steps=n, **call, output_type="np",
                                                         generator=torch.Generator("cpu").manual_seed(args.seed))
             seconds = time.perf_counter() - start
         if out is None:
             return {}
+        image = inf.finite_image(pipe, out.images)  # NaN / inf: an error, not a black PNG
         world = torch.distributed.get_world_size()
         label = f"{args.clear.label} patch-parallel x{world} ({args.text_mode})"
         settings = dict(prompt=args.prompt, height=args.height, width=args.width, steps=steps, seed=args.seed,
                         guidance=call["guidance_scale"], max_sequence_length=call["max_sequence_length"],
                         attention=label, radius=args.radius, down_factor=args.down_factor, backend=args.backend,
                         parallel="patch", world_size=world, text_mode=args.text_mode, seconds=round(seconds, 3))
-        path = inf.save_png(out.images[0], args.out, _settings(args, inf.Result(out.images[0], seconds, settings)))
+        path = inf.save_png(image, args.out, _settings(args, inf.Result(image, seconds, settings)))
         print(f"{label}: {args.height}x{args.width} in {seconds:.2f} s -> {path}")
         return {"image": path}
     finally:
