@@ -8,7 +8,7 @@ from caches written by ``scripts/cache_prompt_embeds.py`` and ``scripts/cache_la
 
 A sample that cannot be read is never replaced by another one: the dataset returns a
 :class:`BadSample` naming it and the reason, ``collate`` leaves it out of the batch, and
-:class:`BadSamples` counts and lists it for the logs and the end-of-run report.
+:class:`BadSamples` counts and lists it once (however often it is met) for the logs and the end-of-run report.
 """
 
 from __future__ import annotations
@@ -47,12 +47,29 @@ class BadSample:
 
 @dataclass
 class BadSamples:
-    """Counts and lists the samples that were skipped, by kind of failure."""
+    """The distinct samples that were skipped, by kind of failure.
+
+    A bad file met again (the next epoch, another batch) is not counted again: ``len`` is the
+    number of distinct samples, ``encounters`` how often one was skipped, and the list (which
+    goes into every checkpoint) stays as long as the number of bad files."""
 
     items: list = field(default_factory=list)
+    encounters: int = 0
 
-    def add(self, bad: BadSample | list) -> None:
-        self.items.extend([bad] if isinstance(bad, BadSample) else bad)
+    def add(self, bad: BadSample | list) -> list[BadSample]:
+        """Record ``bad`` (one or a list); returns those not seen before (to log them once)."""
+        bad = [bad] if isinstance(bad, BadSample) else list(bad)
+        self.encounters += len(bad)
+        seen, new = {b.id for b in self.items}, []
+        for b in bad:
+            if b.id not in seen:
+                seen.add(b.id)
+                new.append(b)
+        self.items.extend(new)
+        return new
+
+    def ids(self) -> list[str]:
+        return [b.id for b in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -63,7 +80,8 @@ class BadSamples:
     def report(self, limit: int = 20) -> str:
         if not self.items:
             return "no bad samples"
-        lines = [f"skipped {len(self.items)} bad sample(s): "
+        again = f" ({self.encounters} times in all)" if self.encounters > len(self.items) else ""
+        lines = [f"skipped {len(self.items)} bad sample(s){again}: "
                  + ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))]
         lines += [f"  {b.id}: {b.reason}" for b in self.items[:limit]]
         if len(self.items) > limit:
@@ -71,10 +89,12 @@ class BadSamples:
         return "\n".join(lines)
 
     def state_dict(self) -> dict:
-        return {"items": [[b.id, b.reason] for b in self.items]}
+        return {"items": [[b.id, b.reason] for b in self.items], "encounters": self.encounters}
 
     def load_state_dict(self, state: dict) -> None:
-        self.items = [BadSample(i, r) for i, r in state["items"]]
+        self.items, self.encounters = [], 0
+        self.add([BadSample(i, r) for i, r in state["items"]])  # (older checkpoints may list a file repeatedly)
+        self.encounters = state.get("encounters", self.encounters)
 
 
 # ------------------------------------------------------------------------------------------

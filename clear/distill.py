@@ -5,7 +5,8 @@
 * ``L_fm``: flow matching, the student's prediction against ``noise - x0``;
 * ``L_distill``: the student's prediction against the teacher's;
 * ``L_attn``: the student's attention-layer outputs against the teacher's, on a chosen set
-  of layers (default: FLUX every 4th single-stream block, SD3 every 4th joint block's ``attn``),
+  of layers (default: FLUX every 4th single-stream block from the second, as the public release
+  trains FLUX.1-dev; SD3 every 4th joint block's ``attn``),
   captured by forward hooks that live only for the duration of one forward
   (:class:`AttentionCapture`), never in module globals.
 
@@ -41,8 +42,9 @@ def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> l
     joint (SD3, the same as double) block, starting at ``offset``, default 0), block names
     (``single_transformer_blocks.3``: its ``attn``) or attention module names (also SD3.5's
     image-only ``transformer_blocks.0.attn2``); ``none`` selects nothing. Default (``None``):
-    the family's, FLUX ``single:4``, SD3 ``joint:4``. The public CLEAR code's choice for
-    FLUX.1-dev (19 double blocks) is ``single:4:1``.
+    the family's, FLUX ``single:4:1``, SD3 ``joint:4``. FLUX's is the public CLEAR release's
+    choice: the attention modules whose index among all of FLUX.1-dev's 57 (19 double, then
+    38 single blocks) is divisible by 4, i.e. single blocks 1, 5, ..., 37.
     """
     if spec is None:
         spec = FAMILIES[model_family(transformer)].attn_loss_layers

@@ -204,7 +204,7 @@ class SD3Family(ModelFamily):
 FAMILIES: dict[str, ModelFamily] = {
     "flux": FluxFamily("flux", "FluxPipeline", "FluxTransformer2DModel",
                        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), "tokenizer_2", 512,
-                       "single:4",
+                       "single:4:1",  # the public release's L_attn layers: FLUX.1-dev single blocks 1, 5, ..., 37
                        pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
                                   "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
                        img2img_class="FluxImg2ImgPipeline", rope=True, released_weights=True,

@@ -49,10 +49,10 @@ def main(argv=None):
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
         family.check_size(args.pretrained_model_name_or_path, args.resolution)
-    except ValueError as e:
+        samples = index_samples(args.data_root)
+    except (ValueError, FileNotFoundError) as e:  # also a missing --data_root or a truncated shard
         raise SystemExit(str(e)) from e
 
-    samples = index_samples(args.data_root)
     encoder = LatentEncoder(args.pretrained_model_name_or_path, device, dtype)
     report = write_feature_cache(samples, LATENT_CODES, cache_dir,
                                  read=functools.partial(read_image, resolution=args.resolution),

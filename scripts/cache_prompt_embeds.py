@@ -46,10 +46,10 @@ def main(argv=None):
 
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
-    except ValueError as e:
+        samples = index_samples(args.data_root)
+    except (ValueError, FileNotFoundError) as e:  # also a missing --data_root or a truncated shard
         raise SystemExit(str(e)) from e
 
-    samples = index_samples(args.data_root)
     encoder = PromptEncoder(args.pretrained_model_name_or_path, device, dtype, args.max_sequence_length, family)
     report = write_feature_cache(samples, PROMPT_EMBEDS, cache_dir, read=read_prompt, encode=encoder,
                                  batch_size=args.batch_size, rank=rank, world_size=world,

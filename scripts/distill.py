@@ -47,11 +47,43 @@ from clear.data import (
     collate,
     default_cache_dir,
 )
+from clear.checkpointing import (
+    CheckpointError,
+    NonFiniteError,
+    OutputDirLock,
+    check_step_finite,
+    check_writable,
+    checkpoint_problem,
+    checkpoint_step,
+    dataset_change,
+    dataset_fingerprint,
+    is_write_failure,
+    latest_complete,
+    list_checkpoints,
+    load_settings,
+    nonfinite_tensors,
+    rotate,
+    save_settings,
+    set_aside,
+    settings_changes,
+    write_failure_message,
+    write_manifest,
+)
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
 from clear.features import FAMILIES, LatentEncoder, PromptEncoder, latents_from_moments, resolve_family, vae_scaling
 from clear.shards import atomic_path, index_samples, write_bytes_atomic
 
 logger = logging.getLogger("distill")
+
+# Settings a resumed run may change without altering the optimisation or the data order (any
+# other change is refused unless --allow_changed_settings; max_train_steps only with a schedule
+# that does not depend on it).
+HARMLESS_SETTINGS = frozenset({
+    "output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "allow_changed_settings",
+    "report_to", "logging_dir", "validation_prompt", "validation_steps", "validation_resolution",
+    "num_validation_inference_steps", "dataloader_num_workers", "data_root", "cache_dir", "attn_backend",
+    "gradient_checkpointing", "allow_tf32", "max_train_steps"})
+_SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup")
 
 
 def parse_args(argv=None):
@@ -80,7 +112,8 @@ def parse_args(argv=None):
     a("--attn_loss_weight", "--beta", dest="beta", type=float, default=0.5, help="beta: weight of L_attn")
     a("--attn_loss_layers", default=None,
       help="attention layers of L_attn: 'single:N[:offset]', 'double:N[:offset]' (FLUX), 'joint:N[:offset]' (SD3), "
-           "block or attention module names, or 'none'; default: FLUX 'single:4', SD3 'joint:4'")
+           "block or attention module names, or 'none'; default: FLUX 'single:4:1' (single blocks 1, 5, ..., 37 "
+           "of FLUX.1-dev, the public release's choice), SD3 'joint:4'")
     a("--guidance_scale", type=float, default=None,
       help="FLUX.1-dev: the guidance embedding value in training and validation (default 3.5); SD3: the "
            "classifier-free guidance of the validation images only (default 7 SD3, 4.5 SD3.5-Medium, 3.5 SD3.5-Large)")
@@ -116,7 +149,11 @@ def parse_args(argv=None):
     a("--output_dir", default="outputs/clear")
     a("--checkpointing_steps", type=int, default=1000)
     a("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    a("--resume_from_checkpoint", default=None,
+      help="a checkpoint folder, or 'latest' (the newest complete one; damaged newer ones are set aside)")
+    a("--allow_changed_settings", action="store_true",
+      help="resume even though settings that alter the optimisation or the data order (learning rate, seed, "
+           "batch size, loss weights, ...) or the dataset differ from the checkpoint's; the changes are logged")
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none")
     a("--logging_dir", default="logs", help="under output_dir")
     a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
@@ -126,6 +163,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.checkpointing_steps < 1 or args.max_train_steps < 1:
         p.error("--checkpointing_steps and --max_train_steps must be >= 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        p.error("--checkpoints_total_limit must be >= 1")
     return args
 
 
@@ -141,10 +180,9 @@ def needs_gloo() -> bool:
     return distributed and not torch.cuda.is_available()
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-<step>``; unfinished ``.tmp`` ones excluded), oldest first."""
-    found = [d for d in output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda d: int(d.name.split("-", 1)[1]))
+def run_settings(args, num_processes: int) -> dict:
+    """What a checkpoint records of the run that wrote it (compared on resume)."""
+    return {**{k: v for k, v in vars(args).items()}, "num_processes": num_processes}
 
 
 def side_by_side(teacher_images, student_images):
@@ -160,11 +198,11 @@ def side_by_side(teacher_images, student_images):
 
 
 def main(argv=None) -> dict:
+    """Arguments, the accelerator and every check that needs no model (family, sizes, data,
+    caches, the output folder and its lock, the checkpoint to resume and its settings); then
+    :func:`train`, holding the output folder's lock until it ends."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, free_memory
 
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -173,7 +211,14 @@ def main(argv=None) -> dict:
         for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
-    except ValueError as e:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
+        for wanted, kind in [(args.use_cached_prompt_embed, PROMPT_EMBEDS), (args.use_cached_latent, LATENT_CODES)]:
+            if wanted:
+                check_cache(cache_dir, kind, family.name)
+        samples = index_samples(args.data_root)
+        dataset = DistillDataset(samples, args.resolution, cache_dir, args.use_cached_prompt_embed,
+                                 args.use_cached_latent)
+    except (ValueError, FileNotFoundError) as e:  # a bad --data_root, a truncated shard, a missing cache
         raise SystemExit(str(e)) from e
     transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
     args.max_sequence_length = args.max_sequence_length or family.max_sequence_length
@@ -191,9 +236,7 @@ def main(argv=None) -> dict:
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else [],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    is_main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if is_deepspeed:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = args.train_batch_size
         if ds.get("gradient_clipping", "auto") == "auto":
@@ -205,25 +248,119 @@ def main(argv=None) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    existing = checkpoints(output_dir)
+    # -- before the heavy work: the output folder is writable and ours, the resume is honest ----
+    lock = OutputDirLock(output_dir)
+    try:
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                check_writable(output_dir)
+                took_over = lock.acquire()
+                if took_over:
+                    logger.warning(took_over)
+            except CheckpointError as e:
+                problem = str(e)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise SystemExit(problem)
+        fingerprint = dataset_fingerprint([s.id for s in samples])
+        settings = run_settings(args, accelerator.num_processes)
+        resume, data_state = choose_resume(args, accelerator, settings, fingerprint)
+        return train(args, accelerator, family, dataset, cache_dir, resume, data_state, settings, fingerprint)
+    except (CheckpointError, NonFiniteError) as e:
+        raise SystemExit(str(e)) from e
+    finally:
+        lock.release()
+
+
+def choose_resume(args, accelerator, settings: dict, fingerprint: dict) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (None: a new run) and this process's data state in it, once
+    the checkpoint is complete and was written with this run's settings and dataset."""
+    output_dir, is_main = Path(args.output_dir), accelerator.is_main_process
+    existing = list_checkpoints(output_dir)
     if existing and not args.resume_from_checkpoint:
         raise SystemExit(f"{output_dir} already holds {', '.join(d.name for d in existing)}: pass "
                          "--resume_from_checkpoint latest to continue that run, or choose another --output_dir")
-    resume = None
+    resume, damaged = None, []
     if args.resume_from_checkpoint == "latest":
-        resume = existing[-1] if existing else None
+        resume, damaged = latest_complete(output_dir)
+        if resume is None and damaged:
+            raise SystemExit(f"no complete checkpoint in {output_dir}: "
+                             + "; ".join(f"{d.name}: {why}" for d, why in damaged)
+                             + ". Move them away to start a new run, or choose another --output_dir")
         if resume is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
     elif args.resume_from_checkpoint:
         resume = Path(args.resume_from_checkpoint)
-        if not resume.is_dir() or not resume.name.split("-", 1)[-1].isdigit():
+        if not resume.is_dir() or checkpoint_step(resume) is None:
             raise SystemExit(f"--resume_from_checkpoint {resume} is not a checkpoint folder (checkpoint-<step>)")
-        later = [d.name for d in existing if int(d.name.split("-", 1)[1]) > int(resume.name.split("-", 1)[1])]
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise SystemExit(f"--resume_from_checkpoint {resume} is damaged ({problem}): resume from an earlier one")
+        later = [d.name for d in existing if checkpoint_step(d) > checkpoint_step(resume)]
         if resume.parent.resolve() == output_dir.resolve() and later:
             raise SystemExit(f"resuming from {resume.name} would overwrite the later {', '.join(later)}: move them "
                              "away first, or resume from 'latest'")
+    accelerator.wait_for_everyone()  # every process has chosen before damaged checkpoints move
+    for folder, problem in damaged:
+        if is_main:
+            aside = set_aside(folder)
+            logger.warning("%s is damaged (%s): resuming from %s instead; the damaged one is kept as %s",
+                           folder.name, problem, resume.name, aside.name)
+    accelerator.wait_for_everyone()
+    if resume is None:
+        return None, None
+
+    saved = load_settings(resume)
+    if saved is None:
+        logger.warning("%s records no run settings (written by an older version): the settings of this run "
+                       "cannot be compared with it", resume)
+    else:
+        harmless = HARMLESS_SETTINGS if args.lr_scheduler in _SCHEDULES_WITHOUT_LENGTH else (
+            HARMLESS_SETTINGS - {"max_train_steps"})  # the schedule's length
+        refused, allowed = settings_changes(saved, settings, harmless)
+        if refused and not args.allow_changed_settings:
+            raise SystemExit(f"{resume} was written with other settings, and these change the optimisation or the "
+                             "data order:\n  " + "\n  ".join(refused) + "\nresume with the checkpoint's values, or "
+                             "pass --allow_changed_settings to continue with the new ones")
+        if refused:
+            logger.warning("--allow_changed_settings: resuming %s with changed settings:\n  %s", resume,
+                           "\n  ".join(refused))
+        if allowed:
+            logger.info("resuming %s; changed settings that do not alter the training: %s", resume, "; ".join(allowed))
+
+    state_file = resume / f"data_state.rank{accelerator.process_index}.json"
+    if not state_file.is_file():
+        raise SystemExit(f"{resume} has no {state_file.name}: it was written by another number of processes; "
+                         f"resume with the same number of processes as the run that wrote it")
+    data_state = json.loads(state_file.read_text())
+    change = dataset_change(data_state.get("dataset"), fingerprint)
+    if change and not args.allow_changed_settings:
+        raise SystemExit(f"the dataset in {args.data_root} changed since {resume.name} was written: {change}. The "
+                         "saved data position refers to the old data: restore it, or start a new run in another "
+                         "--output_dir (--allow_changed_settings continues at the same position in the new data)")
+    if change:
+        logger.warning("--allow_changed_settings: the dataset changed since %s (%s); continuing at the same "
+                       "position in the new data", resume.name, change)
+    return resume, data_state
+
+
+def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | None, data_state: dict | None,
+          settings: dict, fingerprint: dict) -> dict:
+    """Models, optimizer, resume, the loop (loss, step, log, validation, checkpoint), export."""
+    from accelerate.utils import DistributedType, gather_object
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, free_memory
+
+    output_dir = Path(args.output_dir)
+    is_main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # -- models: frozen teacher, CLEAR student -------------------------------------------
     teacher = family.transformer_cls().from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
@@ -247,13 +384,7 @@ def main(argv=None) -> dict:
                 student.clear_state.core, len(trainable), sum(p.numel() for p in trainable.values()) / 1e6,
                 len(layers), args.attn_loss_layers)
 
-    # -- data ----------------------------------------------------------------------------
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
-    for wanted, kind in [(args.use_cached_prompt_embed, PROMPT_EMBEDS), (args.use_cached_latent, LATENT_CODES)]:
-        if wanted:
-            check_cache(cache_dir, kind, family.name)
-    dataset = DistillDataset(index_samples(args.data_root), args.resolution, cache_dir, args.use_cached_prompt_embed,
-                             args.use_cached_latent)
+    # -- data (indexed and checked in main) -------------------------------------------------
     prompt_encoder = None if args.use_cached_prompt_embed else PromptEncoder(
         args.pretrained_model_name_or_path, device, weight_dtype, args.max_sequence_length, family)
     latent_encoder = None if args.use_cached_latent else LatentEncoder(
@@ -295,15 +426,10 @@ def main(argv=None) -> dict:
 
     # -- resume --------------------------------------------------------------------------
     start_step, bad, samples_drawn = 0, BadSamples(), 0
-    if resume is not None:
-        state_file = resume / f"data_state.rank{rank}.json"
-        if not state_file.is_file():
-            raise SystemExit(f"{resume} has no {state_file.name}: it was written by another number of processes; "
-                             f"resume with the same number of processes as the run that wrote it")
+    if resume is not None:  # (chosen and checked in main)
         logger.info("resuming from %s", resume)
         accelerator.load_state(str(resume), **({"load_module_strict": False} if is_deepspeed else {}))
-        start_step = int(resume.name.split("-", 1)[1])
-        data_state = json.loads(state_file.read_text())
+        start_step = checkpoint_step(resume)
         samples_drawn = data_state["samples_drawn"]
         bad.load_state_dict(data_state["bad_samples"])
 
@@ -317,9 +443,8 @@ def main(argv=None) -> dict:
         for _ in range(math.ceil(len(dataset) / args.train_batch_size) + 1):
             batch = next(loader)
             samples_drawn += args.train_batch_size
-            for b in batch["bad"]:
+            for b in bad.add(batch["bad"]):  # each bad file is logged once, when first met
                 logger.warning("skipping bad sample %s: %s", b.id, b.reason)
-            bad.add(batch["bad"])
             if batch["ids"]:
                 return batch
         raise RuntimeError(f"no sample of a whole epoch could be read:\n{bad.report()}")
@@ -375,24 +500,48 @@ def main(argv=None) -> dict:
         accelerator.wait_for_everyone()
 
     # -- checkpoints ---------------------------------------------------------------------
+    def check_weights_finite(step: int) -> None:
+        bad_weights = nonfinite_tensors(clear.clear_state_dict_keys(model))
+        if bad_weights:
+            raise NonFiniteError(f"step {step}: the CLEAR weights {', '.join(bad_weights[:3])}"
+                                 f"{' ...' if len(bad_weights) > 3 else ''} are not finite; nothing was saved. "
+                                 "Lower --learning_rate and resume from the last checkpoint")
+
+    last_saved = resume
+
     def save_checkpoint(step: int) -> Path:
+        """Only finite weights are saved; a checkpoint is complete (manifest written) before it gets
+        its name, and only then do older ones rotate out."""
+        nonlocal last_saved
+        check_weights_finite(step)
         final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
         if is_main and tmp.exists():
-            shutil.rmtree(tmp)  # an unfinished save of a killed run
+            shutil.rmtree(tmp)  # an unfinished save of a killed run (this run holds the folder's lock)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed else {}))
-        write_bytes_atomic(tmp / f"data_state.rank{rank}.json",
-                           json.dumps({"samples_drawn": samples_drawn, "bad_samples": bad.state_dict()}).encode())
-        if is_main:
-            clear.save_clear_weights(model, tmp / variant.filename)
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed else {}))
+            write_bytes_atomic(tmp / f"data_state.rank{rank}.json",
+                               json.dumps({"samples_drawn": samples_drawn, "bad_samples": bad.state_dict(),
+                                           "dataset": fingerprint}).encode())
+            if is_main:
+                clear.save_clear_weights(model, tmp / variant.filename)
+                save_settings(tmp, settings)
+            accelerator.wait_for_everyone()
+            if is_main:
+                write_manifest(tmp)
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(write_failure_message(final, e)) from e
         if is_main:
             tmp.rename(final)
-            kept = checkpoints(output_dir)
-            for old in kept[: max(0, len(kept) - args.checkpoints_total_limit)] if args.checkpoints_total_limit else []:
-                shutil.rmtree(old)
+            if args.checkpoints_total_limit:
+                rotate(output_dir, args.checkpoints_total_limit)
             logger.info("saved %s", final)
         accelerator.wait_for_everyone()
+        last_saved = final
         return final
 
     # -- the loop ------------------------------------------------------------------------
@@ -403,9 +552,10 @@ def main(argv=None) -> dict:
     logger.info("%d samples; batch %d = %d per process x %d accumulation x %d processes; steps %d -> %d",
                 len(dataset), total, args.train_batch_size, args.gradient_accumulation_steps,
                 accelerator.num_processes, start_step, args.max_train_steps)
-    history = []
+    history, n_bad = [], 0
     bar = tqdm(total=args.max_train_steps, initial=start_step, desc="distill",
                disable=not accelerator.is_local_main_process)
+    n_bad_here = len(bad)
     for step in range(start_step, args.max_train_steps):
         sums = torch.zeros(4, device=device)
         for micro in range(args.gradient_accumulation_steps):
@@ -423,15 +573,19 @@ def main(argv=None) -> dict:
                                             noise_scheduler.config.num_train_timesteps, student_module=model,
                                             family=family)
                 accelerator.backward(losses.total)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.sync_gradients:  # the same global norm on every process: all stop together
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    check_step_finite(step + 1, {"gradient norm": grad_norm}, last_saved)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([losses.total, losses.fm, losses.distill, losses.attn]).detach().float()
         means = accelerator.reduce(sums / args.gradient_accumulation_steps, reduction="mean").tolist()
-        n_bad = int(accelerator.reduce(torch.tensor(len(bad), device=device), reduction="sum").item())
         global_step = step + 1
+        check_step_finite(global_step, dict(zip(("loss", "loss_fm", "loss_distill", "loss_attn"), means)), last_saved)
+        if step == start_step or accelerator.reduce(torch.tensor(len(bad) - n_bad_here, device=device), "sum") > 0:
+            n_bad = len(set(gather_object(bad.ids())))  # distinct files over all processes
+        n_bad_here = len(bad)
         logs = dict(zip(("loss", "loss_fm", "loss_distill", "loss_attn"), means), lr=lr_scheduler.get_last_lr()[0],
                     bad_samples=n_bad)
         history.append(logs)
@@ -446,8 +600,14 @@ def main(argv=None) -> dict:
 
     # -- export --------------------------------------------------------------------------
     weights = output_dir / variant.filename
+    check_weights_finite(max(start_step, args.max_train_steps))
     if is_main:
-        clear.save_clear_weights(model, weights)
+        try:
+            clear.save_clear_weights(model, weights)
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            raise CheckpointError(write_failure_message(weights, e).replace("the checkpoint", "the weights")) from e
         logger.info("CLEAR weights: %s", weights)
     if len(bad):
         logger.warning("process %d: %s", rank, bad.report())
