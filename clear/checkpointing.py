@@ -275,7 +275,9 @@ def write_failure_message(path: str | os.PathLike, err: BaseException) -> str:
         free = "free space unknown"
     full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
     cause = "the disk is full" if full else "a write failed"
-    detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    detail = str(err)
+    if isinstance(err, OSError) and err.strerror:
+        detail = err.strerror + (f": {err.filename}" if err.filename else "")
     return (f"could not write the checkpoint {path}: {cause} ({detail}); {free}. The earlier checkpoints are "
             "intact: free some space (or lower --checkpoints_total_limit, or use an --output_dir on a larger "
             "disk), then resume with --resume_from_checkpoint latest")

@@ -117,6 +117,24 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_deepspeed_divergence_stops_before_saving(data, tmp_path):
+    """Under DeepSpeed ZeRO-2 (fp32, CPU) the optimizer step runs inside backward: the check reads the
+    global gradient norm DeepSpeed returns and the losses, and stops before the checkpoint of that step."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "deepspeed_cpu.yaml"), str(REPO / "scripts" / "distill.py"),
+           *distill_args(data, out, "--learning_rate", "1e30", "--max_grad_norm", "1e30", "--max_train_steps", "4",
+                         "--checkpointing_steps", "1", "--checkpoints_total_limit", "1")]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "training diverged at step 2: " in proc.stderr, proc.stderr[-5000:]
+    assert "the last checkpoint, checkpoint-1, holds finite weights" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no final weights, no temp folder, no lock
+    weights = load_file(str(out / "checkpoint-1" / "clear_local_2.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
     for step in (1, 2, 3):
         folder = tmp_path / f"checkpoint-{step}"
@@ -253,7 +271,7 @@ def test_an_unwritable_output_dir_is_refused_before_loading_models(data, tmp_pat
     assert no_training == []
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "optimizer.bin"),
                                    RuntimeError("basic_ios::clear: iostream error")], ids=["ENOSPC", "iostream"])
 def test_a_full_disk_names_the_checkpoint_and_the_free_space(data, tmp_path, monkeypatch, error):
     from accelerate import Accelerator
@@ -268,7 +286,7 @@ def test_a_full_disk_names_the_checkpoint_and_the_free_space(data, tmp_path, mon
     with pytest.raises(SystemExit) as e:
         distill.main(distill_args(data, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
     message = str(e.value.code)
-    cause = "the disk is full (No space left on device)" if isinstance(error, OSError) else \
+    cause = "the disk is full (No space left on device: optimizer.bin)" if isinstance(error, OSError) else \
         "a write failed (basic_ios::clear: iostream error)"
     assert message.startswith(f"could not write the checkpoint {out / 'checkpoint-1'}: {cause}; "), message
     assert " free on that disk. The earlier checkpoints are intact" in message
