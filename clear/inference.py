@@ -153,7 +153,8 @@ def check_output_path(path: str | os.PathLike, suffix: str = ".png") -> Path:
     if suffix and path.suffix.lower() != suffix:
         raise ValueError(f"--out {path} must end in {suffix}")
     if path.is_dir():
-        raise ValueError(f"--out {path} is an existing folder; pass a file name inside it, e.g. {path / ('image' + suffix)}")
+        raise ValueError(f"--out {path} is an existing folder; pass a file name inside it, "
+                         f"e.g. {path / ('image' + suffix)}")
     parent = path.absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():

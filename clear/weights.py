@@ -334,8 +334,8 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             raise ValueError(unverified_radius_message(path) + f" (radius={r}): "
                              + (f"if it was trained for that radius, rename it {name}, " if name else "")
                              + "or pass strict_radius=False to load it anyway")
-        logger.warning("%s; loading it into CLEAR radius=%s because strict_radius=False", unverified_radius_message(path),
-                       state.radius)
+        logger.warning("%s; loading it into CLEAR radius=%s because strict_radius=False",
+                       unverified_radius_message(path), state.radius)
     elif not strict_radius and file_radius != state.radius:
         logger.warning("%s was trained for radius=%s; loading it into CLEAR radius=%s because strict_radius=False",
                        path, file_radius, state.radius)

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise level of each stage (0.7)")
     h.add_argument("--upscale_steps", type=int, help="full schedule length of each stage (default: --steps)")
     h.add_argument("--ntk_factor", type=float, default=None,
-                   help=f"NTK-scaled RoPE in upscaling stages (FLUX: default {defaults.DEFAULT_NTK_FACTOR:g}; 1 = off). "
+                   help="NTK-scaled RoPE in upscaling stages "
+                        f"(FLUX: default {defaults.DEFAULT_NTK_FACTOR:g}; 1 = off). "
                         "SD3 has no RoPE: leave it out")
     h.add_argument("--no_proportional_attention", action="store_true",
                    help="keep 1/sqrt(d) in upscaling stages instead of the proportional attention scale")

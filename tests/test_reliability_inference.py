@@ -268,7 +268,8 @@ def test_unwritable_out_refused_before_any_denoising_step(generate_cli, tiny_flu
     folder = tmp_path / "existing.png"
     folder.mkdir()
     msg = _run_cli(generate_cli, [*base, "--out", str(folder)], monkeypatch)
-    assert msg == f"error: --out {folder} is an existing folder; pass a file name inside it, e.g. {folder / 'image.png'}"
+    assert msg == (f"error: --out {folder} is an existing folder; pass a file name inside it, "
+                   f"e.g. {folder / 'image.png'}")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
     msg = _run_cli(generate_cli, [*base, "--out", str(a_file / "sub" / "img.png")], monkeypatch)
@@ -348,8 +349,8 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(weights, "hub_unreachable", lambda: None)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"\(ConnectionError: connection reset by peer\), and it is not in the local Hugging "
-                                                r"Face cache\. Download it by hand and put it at "
+    with pytest.raises(FileNotFoundError, match=r"\(ConnectionError: connection reset by peer\), and it is not in the "
+                                                r"local Hugging Face cache\. Download it by hand and put it at "
                                                 r"ckpt/clear_local_16\.safetensors \(for a gated or private repo, "
                                                 r"`hf auth login` first\)"):
         clear.download_weights(16)
