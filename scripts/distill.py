@@ -16,8 +16,13 @@ families (text encoders, latent layout, how the transformer is called) lives in
 weights are also written to ``<output_dir>/``. ``--resume_from_checkpoint latest``
 continues at the same step, optimizer state and data position.
 
-Reads top to bottom: arguments, accelerator, models, data, optimizer, resume, the loop
-(loss, step, log, validation, checkpoint), export.
+Before any model loads, ``main`` checks the data, the output folder (writable, locked by this
+run) and, when resuming, that the checkpoint is complete and was written with this run's
+settings and dataset (``clear.checkpointing``); every step stops on a non-finite loss or
+gradient before anything of it is saved.
+
+Reads top to bottom: arguments and checks (``main``, ``choose_resume``), then ``train``:
+models, data, optimizer, resume, the loop (loss, step, log, validation, checkpoint), export.
 """
 
 from __future__ import annotations
