@@ -282,24 +282,27 @@ def checkpoint_family(path: str | os.PathLike) -> str | None:
     return "flux" if any(k.startswith("single_transformer_blocks.") for k in shapes) else None
 
 
-def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1, family: str | None = None) -> None:
-    """Fail if the checkpoint was made for another radius or down factor than the chosen
-    variant, or (``family`` given) for another model family, if it does not say its radius
-    (no metadata, not a released file name: see :func:`clear.load_clear_weights`), or holds
-    non-float tensors. Reads the header only."""
+def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1, family: str | None = None,
+                     strict_radius: bool = True) -> None:
+    """Fail if the checkpoint was made for another down factor than the chosen variant, or
+    (``family`` given) for another model family, or holds non-float tensors; with
+    ``strict_radius`` also if it was made for another radius or does not say its radius (no
+    metadata, not a released file name: see :func:`clear.load_clear_weights`). Reads the header only."""
     file_family = checkpoint_family(path) if family is not None else None
     if file_family is not None and file_family != family:
         raise ValueError(f"{path} holds CLEAR weights for a {file_family} model, but the chosen model is a {family} "
                          f"model; pass a checkpoint trained for this model (scripts/distill.py) or --checkpoint none")
     file_r, file_df, known = file_variant(path)
     chosen = Variant(int(radius) if float(radius).is_integer() else radius, down_factor).name
-    if not known:
-        raise ValueError(f"{unverified_radius_message(path)} {chosen}: if it was trained for that variant, rename it "
-                         f"{chosen}.safetensors (or save it with clear.save_clear_weights, which records the radius)")
     if file_df is not None and file_df != down_factor:
         raise ValueError(f"{path} is a checkpoint for down_factor={file_df} but the chosen variant is {chosen} "
                          f"(down_factor={down_factor}); pass --down_factor {file_df} (or the matching --variant), "
                          "or a checkpoint made for the chosen variant")
+    if not strict_radius:
+        return
+    if not known:
+        raise ValueError(f"{unverified_radius_message(path)} {chosen}: if it was trained for that variant, rename it "
+                         f"{chosen}.safetensors (or save it with clear.save_clear_weights, which records the radius)")
     if file_r is not None and float(file_r) != float(radius):
         raise ValueError(f"{path} is a checkpoint for radius={file_r:g} but the chosen variant is {chosen} "
                          f"(radius={radius:g}); pass --radius {file_r:g} (or the matching --variant), "
@@ -389,24 +392,27 @@ def clear_models(pipe) -> list[torch.nn.Module]:
 
 
 def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoint: str | os.PathLike | None = None,
-                      backend: str = "auto", proportional_attention: bool = False, controlnet_weights: bool = True):
+                      backend: str = "auto", proportional_attention: bool | str = False,
+                      controlnet_weights: bool = True, strict_radius: bool = True):
     """Put CLEAR on a FLUX or SD3 pipeline in one line: :func:`clear.apply_clear` on
     ``pipe.transformer`` and on each ControlNet, then load ``checkpoint`` (a path, e.g. from
     :func:`resolve_checkpoint`; ``None`` = untrained CLEAR) into the transformer and, unless
     ``controlnet_weights=False``, zero-shot into each ControlNet too (its blocks are copies of
     the transformer's first ones; it takes the blocks it has). Works for FLUX.1-schnell with
     the FLUX.1-dev weights. Loading a checkpoint overwrites the attention projections:
-    generate with the original model first. Returns the transformer's :class:`clear.ClearAttention`."""
+    generate with the original model first. ``strict_radius=False``: load a checkpoint that does
+    not say its radius, or says another one (see :func:`clear.load_clear_weights`).
+    Returns the transformer's :class:`clear.ClearAttention`."""
     if checkpoint is not None:
         if radius is None:
             raise ValueError("a CLEAR checkpoint needs a local window: pass the radius it was trained for")
-        check_checkpoint(checkpoint, radius, down_factor, pipeline_family(pipe).name)
+        check_checkpoint(checkpoint, radius, down_factor, pipeline_family(pipe).name, strict_radius)
     models = clear_models(pipe)
     cores = [apply_clear(m, radius, down_factor, backend=backend, proportional_attention=proportional_attention)
              for m in models]
     if checkpoint is not None:
         for m in models if controlnet_weights else models[:1]:
-            load_clear_weights(m, checkpoint)
+            load_clear_weights(m, checkpoint, strict_radius=strict_radius)
     return cores[0]
 
 

@@ -196,6 +196,9 @@ def test_unverifiable_radius_needs_acknowledgement(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"does not say which radius.*clear_local_16: if it was trained for that "
                                          r"variant, rename it clear_local_16\.safetensors"):
         inf.check_checkpoint(path, 16, 1, "flux")  # before any pipeline loads
+    inf.check_checkpoint(path, 16, 1, "flux", strict_radius=False)  # acknowledged
+    with pytest.raises(ValueError, match=r"down_factor=1 but the chosen variant is clear_local_16_down_2"):
+        inf.check_checkpoint(path, 16, 2, "flux", strict_radius=False)  # what the file does say is still checked
     with caplog.at_level(logging.WARNING, logger="clear.weights"):
         clear.load_clear_weights(model, path, strict_radius=False)
     assert "cannot be checked against the chosen window; loading it into CLEAR radius=8" in caplog.text
