@@ -373,3 +373,16 @@ def test_settings_changes_separates_harmless_ones():
                                         {"learning_rate": 1e-3, "seed": 1, "report_to": "wandb"}, {"report_to"})
     assert refused == ["gone: was 1, now '(not set)'", "seed: was 0, now 1"]
     assert allowed == ["report_to: was 'none', now 'wandb'"]
+
+
+def test_bad_samples_state_stays_one_entry_per_file():
+    from clear.data import BadSample, BadSamples
+
+    bad = BadSamples()
+    first = [BadSample("a", "bad image: x"), BadSample("b", "bad json: y")]
+    assert bad.add(first) == first and bad.add(BadSample("a", "bad image: x")) == [] and bad.add(first) == []
+    assert len(bad) == 2 and bad.encounters == 5 and bad.state_dict()["items"] == [["a", "bad image: x"],
+                                                                                   ["b", "bad json: y"]]
+    old = BadSamples()  # a checkpoint written before the count was per file lists every encounter
+    old.load_state_dict({"items": [["a", "bad image: x"], ["a", "bad image: x"], ["b", "bad json: y"]]})
+    assert old.ids() == ["a", "b"] and old.encounters == 3
