@@ -583,3 +583,42 @@ def test_clear_after_fused_lora_refused(tmp_path):
     assert not (tmp_path / "fused.safetensors").exists()
     model.unfuse_lora()  # after unfusing, loading works again and the LoRA stays on top
     clear.load_clear_weights(model, path)
+
+
+def test_pipeline_load_lora_weights_either_order_and_fuse(tmp_path):
+    """The diffusers path users take (``pipe.load_lora_weights``, ``pipe.fuse_lora``) on a tiny FluxPipeline."""
+    from safetensors.torch import load_file
+    from tiny_models import tiny_flux_pipeline
+
+    path = _clear_file(tmp_path / "clear_local_2.safetensors")
+    x = flux_inputs(6, 10, guidance=True)
+    outputs = []
+    for clear_first in (True, False):
+        pipe = tiny_flux_pipeline()
+        t = pipe.transformer
+        g = torch.Generator().manual_seed(0)
+        lora = {}
+        for name, m in t.named_modules():
+            if name.endswith(tuple(f"attn.{p}" for p in LORA_TARGETS)):
+                lora[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.2
+                lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.2
+        if clear_first:
+            clear.apply_clear(t, 2)
+            clear.load_clear_weights(t, path)
+        pipe.load_lora_weights(lora, adapter_name="style")
+        if not clear_first:
+            clear.apply_clear(t, 2)
+            clear.load_clear_weights(t, path)
+        with torch.no_grad():
+            outputs.append(t(**x).sample)
+        saved = load_file(clear.save_clear_weights(t, tmp_path / f"saved_{clear_first}.safetensors"))
+        assert all(torch.equal(saved[k], v) for k, v in load_file(path).items()) and len(saved) == 28
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+    pipe.fuse_lora()
+    with pytest.raises(ValueError, match="a LoRA is fused into the attention projections"):
+        clear.load_clear_weights(t, path)
+    pipe.unfuse_lora()
+    clear.load_clear_weights(t, path)
+    with torch.no_grad():
+        torch.testing.assert_close(t(**x).sample, outputs[1], rtol=0, atol=0)  # unfused: the same model again
