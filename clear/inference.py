@@ -364,17 +364,13 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
     :func:`check_model` (already done) and trusts the config's transformer class."""
     import diffusers
 
-    # offline (a Hub id, the Hub unreachable): read the local cache only, without the hub's retries
-    local_only = not Path(str(model)).expanduser().is_dir() and hub_unreachable() is not None
     if check:
         family = pipeline_family(model)
     else:
-        config = diffusers.DiffusionPipeline.load_config(model, local_files_only=local_only)
-        transformer = (config.get("transformer") or [None, None])[1]
+        transformer = (diffusers.DiffusionPipeline.load_config(model).get("transformer") or [None, None])[1]
         family = next((f for f in FAMILIES.values() if f.transformer_class == transformer), FAMILIES["flux"])
     device = device or default_device()
-    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, dtype=resolve_dtype(dtype, device),
-                                                                    local_files_only=local_only)
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, dtype=resolve_dtype(dtype, device))
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -368,6 +368,7 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_unresolvable_hub_fails_at_once_without_retries(tmp_path, monkeypatch, capfd, caplog):
     from huggingface_hub import constants
 
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
     assert weights.hub_unreachable().startswith("cannot resolve hub.invalid")
@@ -382,6 +383,35 @@ def test_unresolvable_hub_fails_at_once_without_retries(tmp_path, monkeypatch, c
     assert time.perf_counter() - start < 5  # the hub's retries alone take ~25 s
     assert "Retrying" not in caplog.text + "".join(capfd.readouterr())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_hub_model_generates_with_the_hub_unreachable(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                             monkeypatch, capfd, caplog):
+    """A Hub id in the local cache, no network (host does not resolve), HF_HUB_OFFLINE not set: configs and
+    weights come from the cache at once, without the hub's retries."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    repo = Path(constants.HF_HUB_CACHE) / f"models--clear-tests--tiny-flux-{os.getpid()}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    try:
+        shutil.copytree(tiny_flux_pipeline_dir, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        out = tmp_path / "img.png"
+        start = time.perf_counter()
+        with caplog.at_level(logging.DEBUG):
+            written = generate_cli.main(["--model", f"clear-tests/tiny-flux-{os.getpid()}", *TINY, "--radius", "2",
+                                         "--checkpoint", "none", "--out", str(out)])
+        assert written == {"image": str(out)} and Image.open(out).size == (48, 32)
+        assert time.perf_counter() - start < 60  # the hub's retries: ~25 s for each file read
+        assert "Retrying" not in caplog.text + "".join(capfd.readouterr())
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
 
 
 @pytest.mark.parametrize("script", ["generate", "generate_highres"])
