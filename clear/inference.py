@@ -364,12 +364,12 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
     :func:`check_model` (already done) and trusts the config's transformer class."""
     import diffusers
 
+    device = str(check_device(device)) if device else default_device()  # before anything is read
     if check:
         family = pipeline_family(model)
     else:
         transformer = (diffusers.DiffusionPipeline.load_config(model).get("transformer") or [None, None])[1]
         family = next((f for f in FAMILIES.values() if f.transformer_class == transformer), FAMILIES["flux"])
-    device = device or default_device()
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(model, dtype=resolve_dtype(dtype, device))
     if offload:
         pipe.enable_model_cpu_offload(device=device)

@@ -262,6 +262,8 @@ def test_cuda_without_cuda_refused_before_loading(generate_cli, tiny_flux_pipeli
     assert "Use --device cpu" in msg
     msg = _run_cli(generate_cli, [*argv, "--device", "gpu0"], monkeypatch)
     assert msg.startswith("error: --device 'gpu0' is not a device name")
+    with pytest.raises(ValueError, match="CUDA is not available on this machine"):  # the Python API too
+        inf.load_pipeline(tiny_flux_pipeline_dir, "cuda:1")
     assert no_loading == []
 
 
