@@ -188,19 +188,20 @@ def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) ->
 
 
 def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata): the header checked first (:func:`read_header`), then every tensor read."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLEAR checkpoint {path} does not exist")
+    metadata, _ = read_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
     except Exception as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: delete it and "
-            "download or save it again"
-        ) from e
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path, error) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: delete "
+                      "it and download or save it again")
 
 
 def _file_window(path, metadata, spatial_shapes) -> tuple[float | None, int, bool]:
@@ -239,9 +240,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
             metadata, shapes = dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: delete "
-                         "it and download or save it again") from e
-    _check_float(path, {k: d for k, d in dtypes.items() if not d.upper().startswith(("F", "BF"))})
+        raise _unreadable(path, e) from e
+    _check_float(path, {k: _dtype_name(d) for k, d in dtypes.items() if not d.upper().startswith(("F", "BF"))})
     return metadata, shapes
 
 
@@ -249,6 +249,12 @@ def unverified_radius_message(path) -> str:
     return (f"{path} does not say which radius it was trained for (no clear.radius metadata, and its name is not "
             "a released variant name like clear_local_16.safetensors), so it cannot be checked against the "
             "chosen window")
+
+
+def _dtype_name(code: str) -> str:
+    """safetensors' dtype code as torch names it: I8 -> int8, U8 -> uint8, BOOL -> bool."""
+    code = code.upper()
+    return "bool" if code == "BOOL" else re.sub(r"^U", "uint", re.sub(r"^I", "int", code)).lower()
 
 
 def _check_float(path, not_float: dict[str, str]) -> None:
