@@ -4,10 +4,11 @@
 sharing one :class:`ClearAttention`, and registers a forward pre-hook that reads the
 image grid from each forward's own inputs (FLUX: ``img_ids``, SD3: the latent shape),
 finds or builds the plan of each attention layout of that forward, and leaves both on the
-model's :class:`ClearState` for the processors, until the forward ends. Nothing is kept
-between forwards but the per-layout plan cache, so resolutions and batch sizes change freely.
+model's :class:`ClearState` for the processors (and for blocks that gradient checkpointing
+re-runs in the backward). Each forward replaces them, so resolutions and batch sizes change
+freely; the per-layout plan cache is bounded.
 
-``torch.compile``: both hooks are ``torch.compiler.disable``d. ``torch.compile(model)``,
+``torch.compile``: the hook is ``torch.compiler.disable``d. ``torch.compile(model)``,
 ``model.compile()`` and ``compile_repeated_blocks()`` run a module's hooks outside its
 compiled frame, so they read ``img_ids`` eagerly and no plan is built in compiled code.
 The processors reach grid and plans through module attributes, which dynamo specialises:
@@ -36,8 +37,10 @@ class ClearState:
     family: str
     original_processors: dict
     hooks: list
-    grid: tuple[int, int] | None = None  # image grid of the forward running now (None between forwards)
-    plans: dict | None = None  # its attention plans by text length (None: each call looks its plan up)
+    # Image grid of the latest forward and its attention plans by text length (plans None: each call
+    # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
+    grid: tuple[int, int] | None = None
+    plans: dict | None = None
     declared_repeated_blocks: bool = False  # apply_clear set the model's _repeated_blocks (regional compilation)
 
     @property
@@ -134,12 +137,6 @@ def _grid_hook(module, args, kwargs):
     state.grid = grid
 
 
-@torch.compiler.disable
-def _end_hook(module, args, output):
-    """After the forward: attention calls outside a forward of the model fail loudly again."""
-    module.clear_state.grid = module.clear_state.plans = None
-
-
 def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor: int = 1, backend: str = "auto",
                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16),
                 kernel_options: dict | None = None) -> ClearAttention:
@@ -166,7 +163,6 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
         new[name] = processor_cls(core, state).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)
     state.hooks.append(transformer.register_forward_pre_hook(_grid_hook, with_kwargs=True))
-    state.hooks.append(transformer.register_forward_hook(_end_hook, always_call=True))
     if not getattr(transformer, "_repeated_blocks", None):
         transformer._repeated_blocks = list(_REPEATED_BLOCKS[family])  # on the instance; remove_clear drops it
         state.declared_repeated_blocks = True

@@ -27,7 +27,7 @@ class ClearProcessorBase(nn.Module):
     def __init__(self, core: ClearAttention, state=None):
         super().__init__()
         self.core = core
-        self.state = state  # the model's ClearState: grid and plans of the forward running now
+        self.state = state  # the model's ClearState: grid and plans of the latest forward
         df = core.window.down_factor
         if df > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, df, 1, df, 1), 1.0 / df**2))
@@ -46,7 +46,7 @@ class ClearProcessorBase(nn.Module):
         state = self.state
         if state is None or state.grid is None:
             raise RuntimeError(
-                "a CLEAR processor was called outside a forward of its model, which gives it the image grid; apply "
+                "a CLEAR processor was called before any forward of its model, which gives it the image grid; apply "
                 "CLEAR to the whole model with clear.apply_clear(transformer, ...) and call the model itself"
             )
         for plan in (state.plans or {}).values():
