@@ -2,9 +2,18 @@
 
 :func:`apply_clear` replaces every attention processor of the model with a CLEAR one
 sharing one :class:`ClearAttention`, and registers a forward pre-hook that reads the
-image grid from each forward's own inputs (FLUX: ``img_ids``) and hands it to the
-processors through ``joint_attention_kwargs``. Nothing is kept between forwards but the
-per-layout mask cache, so resolutions and batch sizes change freely.
+image grid from each forward's own inputs (FLUX: ``img_ids``, SD3: the latent shape),
+finds or builds the plan of each attention layout of that forward, and leaves both on the
+model's :class:`ClearState` for the processors (and for blocks that gradient checkpointing
+re-runs in the backward). Each forward replaces them, so resolutions and batch sizes change
+freely; the per-layout plan cache is bounded.
+
+``torch.compile``: the hook is ``torch.compiler.disable``d. ``torch.compile(model)``,
+``model.compile()`` and ``compile_repeated_blocks()`` run a module's hooks outside its
+compiled frame, so they read ``img_ids`` eagerly and no plan is built in compiled code.
+The processors reach grid and plans through module attributes, which dynamo specialises:
+it guards on the grid's ints (one graph per resolution, reused when the resolution comes
+back) and takes the plans' tensors as inputs.
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ class ClearState:
     family: str
     original_processors: dict
     hooks: list
-    grid: tuple[int, int] | None = None  # image grid of the latest forward (for block-level hooks)
+    # Image grid of the latest forward and its attention plans by text length (plans None: each call
+    # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
+    grid: tuple[int, int] | None = None
+    plans: dict | None = None
+    declared_repeated_blocks: bool = False  # apply_clear set the model's _repeated_blocks (regional compilation)
 
     @property
     def radius(self):
@@ -55,6 +68,19 @@ def _sd3_grid(bound: inspect.BoundArguments) -> tuple[int, int]:
     return height // p, width // p
 
 
+def _flux_text_lens(bound: inspect.BoundArguments) -> tuple[int, ...]:
+    return (bound.arguments["encoder_hidden_states"].shape[1],)
+
+
+def _sd3_text_lens(bound: inspect.BoundArguments) -> tuple[int, ...]:
+    joint = bound.arguments["encoder_hidden_states"].shape[1]
+    dual = getattr(bound.arguments["self"].config, "dual_attention_layers", None)
+    return (joint, 0) if dual else (joint,)  # SD3.5's attn2 of dual-attention blocks is image-only
+
+
+# family name -> (text lengths of the attention calls of a forward, whether text comes first)
+_LAYOUTS = {"flux": (_flux_text_lens, True), "sd3": (_sd3_text_lens, False)}
+
 # family name -> (processor class, function reading the grid from the forward's arguments,
 # tokens of one attention call at the training resolution 1024²: the L0 of proportional attention)
 _FAMILIES = {
@@ -66,9 +92,12 @@ _CLASS_FAMILY = {
     "FluxControlNetModel": "flux",
     "SD3Transformer2DModel": "sd3",
 }
-# Models whose forward does not hand joint_attention_kwargs to their blocks: the grid is
-# injected into each block's call instead.
-_BLOCK_LEVEL = {"FluxControlNetModel"}
+# The repeated blocks of models whose diffusers class declares none, so that diffusers'
+# regional compilation (``model.compile_repeated_blocks()``) works on them with CLEAR.
+_REPEATED_BLOCKS = {
+    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+    "sd3": ("JointTransformerBlock",),
+}
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -85,30 +114,27 @@ def _forward_signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
+def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, grid) -> dict | None:
+    """The plan of every attention layout of this forward, by text length (``None`` when
+    patch parallelism replaced the attention: its bands have their own plans)."""
+    if getattr(module, "clear_parallel", None) is not None:
+        return None
+    text_lens, text_first = _LAYOUTS[state.family]
+    with_grad = torch.is_grad_enabled() and (
+        any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
+        or any(p.requires_grad for p in module.parameters()))
+    device = bound.arguments["hidden_states"].device
+    return {t: state.core.layout_plan(TokenLayout(t, *grid, text_first), device, with_grad) for t in text_lens(bound)}
+
+
+@torch.compiler.disable  # runs eagerly, outside the compiled frame: see the module docstring
 def _grid_hook(module, args, kwargs):
     state: ClearState = module.clear_state
-    sig = _forward_signature(type(module))
-    bound = sig.bind_partial(module, *args, **kwargs)
+    bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
     grid = _FAMILIES[state.family][1](bound)
     TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
+    state.plans = _forward_plans(module, state, bound, grid)
     state.grid = grid
-    jak = dict(bound.arguments.get("joint_attention_kwargs") or {})
-    jak["clear_grid"] = grid
-    pos = list(sig.parameters).index("joint_attention_kwargs") - 1  # without self
-    if pos < len(args):
-        args = args[:pos] + (jak,) + args[pos + 1 :]
-    else:
-        kwargs = {**kwargs, "joint_attention_kwargs": jak}
-    return args, kwargs
-
-
-def _block_grid_hook(state: ClearState):
-    def hook(module, args, kwargs):
-        jak = dict(kwargs.get("joint_attention_kwargs") or {})
-        jak["clear_grid"] = state.grid
-        return args, {**kwargs, "joint_attention_kwargs": jak}
-
-    return hook
 
 
 def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor: int = 1, backend: str = "auto",
@@ -129,18 +155,17 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
                           training_tokens=_FAMILIES[family][2])
     processor_cls = _FAMILIES[family][0]
     originals = dict(transformer.attn_processors)
+    state = ClearState(core, family, originals, [])
     new = {}
     for name in originals:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         ref = attn.to_q.weight
-        new[name] = processor_cls(core).to(device=ref.device, dtype=ref.dtype)
+        new[name] = processor_cls(core, state).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)
-    state = ClearState(core, family, originals, [])
     state.hooks.append(transformer.register_forward_pre_hook(_grid_hook, with_kwargs=True))
-    if any(cls.__name__ in _BLOCK_LEVEL for cls in type(transformer).__mro__):
-        for name, block in transformer.named_modules():
-            if name.count(".") == 1 and name.split(".")[0] in ("transformer_blocks", "single_transformer_blocks"):
-                state.hooks.append(block.register_forward_pre_hook(_block_grid_hook(state), with_kwargs=True))
+    if not getattr(transformer, "_repeated_blocks", None):
+        transformer._repeated_blocks = list(_REPEATED_BLOCKS[family])  # on the instance; remove_clear drops it
+        state.declared_repeated_blocks = True
     transformer.clear_state = state
     return core
 
@@ -152,6 +177,8 @@ def remove_clear(transformer: torch.nn.Module) -> None:
         raise ValueError("this model has no CLEAR attention to remove")
     for hook in state.hooks:
         hook.remove()
+    if state.declared_repeated_blocks:
+        del transformer._repeated_blocks
     transformer.set_attn_processor(dict(state.original_processors))
     transformer.clear_state = None
 

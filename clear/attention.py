@@ -12,7 +12,13 @@ Backends:
   supports backward; the oracle every fast path is tested against.
 * ``"flex"``: FlexAttention over image tokens reordered into compact tiles, with a
   block mask built analytically from tile geometry. Compiled on CUDA.
-* ``"auto"``: ``flex`` on CUDA, ``dense`` elsewhere (FlexAttention has no CPU backward).
+* ``"auto"``: ``flex`` on CUDA; on CPU ``flex`` (its compiled kernel) for inference on grids of
+  at least :data:`CPU_FLEX_MIN_TOKENS` image tokens, where it beats dense, else ``dense``
+  (FlexAttention has no CPU backward).
+
+Under ``torch.compile`` the plan of each layout is built outside the traced code (by the
+forward pre-hook of :func:`clear.apply_clear`, which dynamo does not trace) and handed in
+with ``plan=``; the traced call only reads its tensors.
 """
 
 from __future__ import annotations
@@ -53,6 +59,11 @@ def _with_recompile_limit(fn, limit: int = FLEX_RECOMPILE_LIMIT):
     return run
 
 
+# ``auto`` on CPU: image tokens from which compiled FlexAttention beats dense SDPA for inference
+# (measured with scripts/benchmark.py attention --compile full, see docs/benchmarks.md).
+CPU_FLEX_MIN_TOKENS = 64 * 64
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -60,23 +71,25 @@ def _compiled_flex():
     return _with_recompile_limit(torch.compile(flex_attention, dynamic=False))
 
 
-def _flex(query, key, value, block_mask, scale, kernel_options=None, return_lse=False):
-    """FlexAttention on ``[B, H, S, D]``: compiled on CUDA, eager elsewhere. ``return_lse``:
-    also the log-sum-exp ``[B, H, S]`` (for merging partial softmaxes)."""
+def _flex(query, key, value, block_mask, scale, kernel_options=None, return_lse=False, compiled=None):
+    """FlexAttention on ``[B, H, S, D]``: compiled on CUDA (or when ``compiled``), eager
+    elsewhere; inside a region already being compiled, the plain op (the enclosing compile
+    fuses it). ``return_lse``: also the log-sum-exp ``[B, H, S]`` (for merging partial softmaxes)."""
     from torch.nn.attention import flex_attention as fa
 
-    if query.is_cuda:
-        fn = functools.partial(_compiled_flex(), kernel_options=kernel_options)
-    else:
-        fn = fa.flex_attention
     kwargs = dict(block_mask=block_mask, scale=scale)
     if return_lse and hasattr(fa, "AuxRequest"):
         kwargs["return_aux"] = fa.AuxRequest(lse=True)
     elif return_lse:  # torch < 2.9
         kwargs["return_lse"] = True
-    with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = fn(query, key, value, **kwargs)
+    if torch.compiler.is_compiling():
+        out = fa.flex_attention(query, key, value, kernel_options=kernel_options, **kwargs)
+    elif query.is_cuda if compiled is None else compiled:
+        out = _compiled_flex()(query, key, value, kernel_options=kernel_options, **kwargs)
+    else:
+        with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = fa.flex_attention(query, key, value, **kwargs)
     if not return_lse:
         return out
     out, aux = out
@@ -99,6 +112,8 @@ def pool_tokens(x_img: torch.Tensor, height: int, width: int, spatial_weight: to
 class _Plan:
     """Everything one layout needs, built once and reused by every layer."""
 
+    layout: TokenLayout
+    backend: str  # "dense" or "flex"
     mask: torch.Tensor | None = None  # dense: [Sq, Skv] bool, None when no masking is needed
     order: TileOrder | None = None  # flex
     to_flex: torch.Tensor | None = None  # flex: natural index of each tile-order query position
@@ -133,10 +148,23 @@ class ClearAttention:
 
     # -- plans -------------------------------------------------------------------------
 
-    def resolve_backend(self, device: torch.device) -> str:
-        if self.backend == "auto":
-            return "flex" if device.type == "cuda" else "dense"
-        return self.backend
+    def resolve_backend(self, device: torch.device, layout: TokenLayout | None = None, with_grad: bool = True) -> str:
+        """The backend a call runs: ``dense``/``flex`` as asked; ``auto`` is flex on CUDA and, on
+        CPU, flex for inference (``with_grad`` False) on a grid of at least
+        :data:`CPU_FLEX_MIN_TOKENS` image tokens (compiled FlexAttention beats dense there), dense
+        otherwise. Depends only on Python values, so it never breaks a compiled graph."""
+        if self.backend != "auto":
+            return self.backend
+        if device.type == "cuda":
+            return "flex"
+        big = layout is not None and layout.num_image >= CPU_FLEX_MIN_TOKENS
+        return "flex" if big and not with_grad and self.window.radius is not None else "dense"
+
+    def layout_plan(self, layout: TokenLayout, device: torch.device, with_grad: bool) -> _Plan:
+        """The plan a call with this layout runs (backend resolved), from the cache. Called
+        outside compiled code by the model's forward pre-hook; its result is passed as ``plan=``."""
+        backend = "dense" if self.window.radius is None else self.resolve_backend(device, layout, with_grad)
+        return self.plan(layout, backend, device, with_grad and backend == "flex")
 
     def plan(self, layout: TokenLayout, backend: str, device: torch.device, with_grad: bool = False) -> _Plan:
         key = (layout, backend, str(device), with_grad)
@@ -147,11 +175,11 @@ class ClearAttention:
         layout.pooled_grid(self.window)  # validates divisibility before any work
         if backend == "dense":
             needs_mask = self.window.masks_anything(layout.height, layout.width)
-            plan = _Plan(mask=allowed_mask(layout, self.window, device) if needs_mask else None)
+            plan = _Plan(layout, backend, mask=allowed_mask(layout, self.window, device) if needs_mask else None)
         else:
             order = TileOrder(layout, self.window, *self.tile)
             to_flex, from_flex = order.gather_indices(device)
-            plan = _Plan(order=order, to_flex=to_flex, from_flex=from_flex,
+            plan = _Plan(layout, backend, order=order, to_flex=to_flex, from_flex=from_flex,
                          block_mask=analytic_block_mask(order, device, with_q_blocks=with_grad))
         self._plans[key] = plan
         while len(self._plans) > self.cache_size:
@@ -174,8 +202,9 @@ class ClearAttention:
     # -- the call ----------------------------------------------------------------------
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
-                 spatial_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``query/key/value``: ``[B, S, heads, D]`` in natural order; returns the same shape."""
+                 spatial_weight: torch.Tensor | None = None, plan: _Plan | None = None) -> torch.Tensor:
+        """``query/key/value``: ``[B, S, heads, D]`` in natural order; returns the same shape.
+        ``plan``: this layout's :meth:`layout_plan`, built outside compiled code (default: looked up here)."""
         if query.shape[1] != layout.seq_len:
             raise ValueError(f"attention got {query.shape[1]} tokens but the layout {layout} has {layout.seq_len}")
         win = self.window
@@ -183,9 +212,12 @@ class ClearAttention:
         if (spatial_weight is None) != (win.down_factor == 1):
             raise ValueError("spatial_weight must be given exactly when down_factor > 1")
         scale = self.scale(layout, query.shape[-1])
-        backend = self.resolve_backend(query.device)
-        if win.radius is None or (backend == "dense" and win.down_factor == 1):
-            plan = self.plan(layout, "dense", query.device)
+        if plan is None:
+            with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            plan = self.layout_plan(layout, query.device, with_grad)
+        elif plan.layout != layout:
+            raise ValueError(f"the plan for {plan.layout} was handed to an attention call with layout {layout}")
+        if win.radius is None or (plan.backend == "dense" and win.down_factor == 1):
             return self._dense(query, key, value, plan.mask, scale)
 
         img = layout.image_slice
@@ -193,12 +225,11 @@ class ClearAttention:
         if win.down_factor > 1:
             pooled_k = pool_tokens(key[:, img], layout.height, layout.width, spatial_weight)
             pooled_v = pool_tokens(value[:, img], layout.height, layout.width, spatial_weight)
-        if backend == "dense":
-            plan = self.plan(layout, "dense", query.device)
+        if plan.backend == "dense":
             return self._dense(query, torch.cat([key, pooled_k], 1), torch.cat([value, pooled_v], 1), plan.mask, scale)
-        with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        plan = self.plan(layout, "flex", query.device, with_grad)
-        return self._flex(query, key, value, pooled_k, pooled_v, layout, plan, scale, self.kernel_options)
+        # auto chose flex for its compiled kernel's speed: use that kernel on CPU too
+        return self._flex(query, key, value, pooled_k, pooled_v, layout, plan, scale, self.kernel_options,
+                          compiled=query.is_cuda or self.backend == "auto")
 
     @staticmethod
     def _dense(q, k, v, mask, scale):
@@ -207,11 +238,11 @@ class ClearAttention:
         return out.transpose(1, 2)
 
     @staticmethod
-    def _flex(q, k, v, pooled_k, pooled_v, layout, plan, scale, kernel_options=None):
+    def _flex(q, k, v, pooled_k, pooled_v, layout, plan, scale, kernel_options=None, compiled=None):
         # one gather each into [image tiles (padded) | text] order, one gather back
         qf, kf, vf = (x.index_select(1, plan.to_flex) for x in (q, k, v))
         if pooled_k is not None:
             kf, vf = torch.cat([kf, pooled_k], 1), torch.cat([vf, pooled_v], 1)
         out = _flex(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), plan.block_mask, scale,
-                    kernel_options)
+                    kernel_options, compiled=compiled)
         return out.transpose(1, 2).index_select(1, plan.from_flex)

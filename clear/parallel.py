@@ -344,7 +344,8 @@ class PatchParallelAttention:
     # -- the call (same as ClearAttention's) -------------------------------------------
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
-                 spatial_weight: torch.Tensor | None = None) -> torch.Tensor:
+                 spatial_weight: torch.Tensor | None = None, plan=None) -> torch.Tensor:
+        # ``plan`` (a whole-grid plan) is never handed in: apply_clear's hook builds none while parallel
         plan = self.plan
         if plan is None:
             raise RuntimeError("PatchParallelAttention was called outside a forward of the parallelized model; "

@@ -1,9 +1,10 @@
 """diffusers attention processors that route attention through :class:`ClearAttention`.
 
 A processor does only what is specific to a model family: where the projections live
-and how text and image tokens are laid out. The grid of image tokens reaches it with
-each forward (``clear_grid``, added to ``joint_attention_kwargs`` by the hook that
-:func:`clear.apply_clear` installs); the text length is whatever is left of the sequence.
+and how text and image tokens are laid out. The grid of image tokens, and the plan of each
+attention layout, reach it with each forward through the model's ``ClearState`` (set by the
+hook that :func:`clear.apply_clear` installs, outside compiled code); the text length is
+whatever is left of the sequence.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ class ClearProcessorBase(nn.Module):
     module's learned pooling weights ``spatial_weight`` of shape ``(1, 1, 1, df, 1, df, 1)``
     (state-dict key ``<attention module>.processor.spatial_weight``, as released)."""
 
-    def __init__(self, core: ClearAttention):
+    def __init__(self, core: ClearAttention, state=None):
         super().__init__()
         self.core = core
+        self.state = state  # the model's ClearState: grid and plans of the latest forward
         df = core.window.down_factor
         if df > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, df, 1, df, 1), 1.0 / df**2))
@@ -35,15 +37,25 @@ class ClearProcessorBase(nn.Module):
     def extra_repr(self) -> str:
         return repr(self.core)
 
-    @staticmethod
-    def _check_call(attention_mask, clear_grid):
+    def _layout_and_plan(self, attention_mask, seq_len: int, text_first: bool):
+        """This call's layout and the forward's plan for it. The layout is made of Python ints
+        read through module attributes, so under ``torch.compile`` it is a guarded constant even
+        when the sequence length is symbolic (the comparison guards on the length)."""
         if attention_mask is not None:
             raise ValueError("CLEAR defines its own attention pattern; an explicit attention_mask is not supported")
-        if clear_grid is None:
+        state = self.state
+        if state is None or state.grid is None:
             raise RuntimeError(
-                "a CLEAR processor was called without the image grid of the forward; apply CLEAR to the whole model "
-                "with clear.apply_clear(transformer, ...) rather than setting processors by hand"
+                "a CLEAR processor was called before any forward of its model, which gives it the image grid; apply "
+                "CLEAR to the whole model with clear.apply_clear(transformer, ...) and call the model itself"
             )
+        for plan in (state.plans or {}).values():
+            if plan.layout.seq_len == seq_len:
+                return plan.layout, plan
+        height, width = state.grid
+        if seq_len < height * width:
+            raise ValueError(f"{seq_len} tokens cannot hold a {height}x{width} image grid")
+        return TokenLayout(seq_len - height * width, height, width, text_first), None
 
 
 class FluxClearAttnProcessor(ClearProcessorBase):
@@ -51,8 +63,7 @@ class FluxClearAttnProcessor(ClearProcessorBase):
     blocks (separate text stream) and single-stream blocks (``[text | image]`` concatenated)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, clear_grid=None):
-        self._check_call(attention_mask, clear_grid)
+                 image_rotary_emb=None):
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
@@ -65,12 +76,9 @@ class FluxClearAttnProcessor(ClearProcessorBase):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        height, width = clear_grid
-        text_len = query.shape[1] - height * width
-        if text_len < 0:
-            raise ValueError(f"{query.shape[1]} tokens cannot hold a {height}x{width} image grid")
-        layout = TokenLayout(text_len, height, width, text_first=True)
-        out = self.core(query, key, value, layout, self.spatial_weight).flatten(2, 3).to(query.dtype)
+        layout, plan = self._layout_and_plan(attention_mask, query.shape[1], text_first=True)
+        text_len = layout.text_len
+        out = self.core(query, key, value, layout, self.spatial_weight, plan).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
             return out
@@ -99,8 +107,7 @@ class SD3ClearAttnProcessor(ClearProcessorBase):
     RoPE) and SD3.5's image-only ``attn2`` of dual-attention blocks (pure local attention,
     plus pooled tokens when ``down_factor > 1``)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, clear_grid=None):
-        self._check_call(attention_mask, clear_grid)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         q, k, v, eq, ek, ev = _sd3_projections(attn, hidden_states, encoder_hidden_states)
 
         def heads(t):
@@ -120,11 +127,11 @@ class SD3ClearAttnProcessor(ClearProcessorBase):
                 ek = attn.norm_added_k(ek)
             q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
 
-        height, width = clear_grid
-        if n_image != height * width:
-            raise ValueError(f"{n_image} image tokens cannot form the {height}x{width} grid of this forward")
-        layout = TokenLayout(q.shape[1] - n_image, height, width, text_first=False)
-        out = self.core(q, k, v, layout, self.spatial_weight).flatten(2, 3).to(q.dtype)
+        layout, plan = self._layout_and_plan(attention_mask, q.shape[1], text_first=False)
+        if n_image != layout.num_image:
+            raise ValueError(f"{n_image} image tokens cannot form the {layout.height}x{layout.width} grid of this "
+                             "forward")
+        out = self.core(q, k, v, layout, self.spatial_weight, plan).flatten(2, 3).to(q.dtype)
 
         out, enc_out = out[:, :n_image], out[:, n_image:]
         out = attn.to_out[1](attn.to_out[0](out))

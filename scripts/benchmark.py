@@ -7,11 +7,18 @@
     python scripts/benchmark.py step --sizes 1024,4096,8192 --radii 8,16 --out benchmarks/step_h100
     # attention TFLOPs per layer for the paper's settings (no device needed)
     python scripts/benchmark.py flops --out benchmarks/flops
+    # under torch.compile: the whole transformer (full) or its repeated blocks (regional)
+    python scripts/benchmark.py step --compile regional --sizes 1024,4096 --radii 16 --out benchmarks/step_regional
 
 Each run writes ``<out>.json`` (records + environment + command), ``<out>.md`` (a markdown
 table) and ``<out>.png`` (log-log time against resolution). Sizes are image pixels (square
 unless ``HxW``); tokens are pixels / 16. On CUDA, times are medians of CUDA-event timings
 after warm-up; elsewhere, medians of wall-clock times (CPU runs are smoke tests).
+
+``--compile full`` compiles the timed call with ``torch.compile(..., fullgraph=True)`` (attention:
+the attention call with its plan built outside; step: the whole transformer), ``--compile
+regional`` (step) runs ``transformer.compile_repeated_blocks(fullgraph=True)``. ``compile_s``
+is the first call's time minus the steady one: compile (and plan building) time.
 """
 
 from __future__ import annotations
@@ -123,26 +130,55 @@ def bench_attention(args, device, dtype) -> list[dict]:
                    for _ in range(3))
         rec = dict(height=h_px, width=w_px, tokens=layout.num_image, variant=variant_name(radius, df), radius=radius,
                    down_factor=df, flops=clear.attention_flops(h, w, radius, text, df, heads * head_dim))
+        rec["compile"] = args.compile
         if radius is None:
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            fn = lambda: F.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+            fn = compiled(lambda: F.scaled_dot_product_attention(qt, kt, vt), args.compile)
             rec["backend"] = "sdpa"
+            with torch.no_grad():
+                rec["first_call_s"] = timer.once(fn)
         else:
             core = ClearAttention(radius, df, backend=args.backend, tile=args.tile, kernel_options=args.kernel_options)
             sw = torch.full((1, 1, 1, df, 1, df, 1), 1 / df**2, device=device, dtype=dtype) if df > 1 else None
-            rec["backend"] = core.resolve_backend(device)
             with torch.no_grad():
-                rec["mask_build_s"] = timer.once(lambda: core.plan(layout, rec["backend"], device))
+                rec["mask_build_s"] = timer.once(lambda: core.layout_plan(layout, device, with_grad=False))
                 core._plans.clear()
-                rec["first_call_s"] = timer.once(lambda: core(q, k, v, layout, sw))
-            fn = lambda: core(q, k, v, layout, sw)  # noqa: E731
+                t0 = time.perf_counter()
+                plan = core.layout_plan(layout, device, with_grad=False)  # built outside the compiled call
+                fn = compiled(lambda: core(q, k, v, layout, sw, plan), args.compile)
+                fn()
+                rec["first_call_s"] = time.perf_counter() - t0
+            rec["backend"] = plan.backend
         with torch.no_grad():
             rec["time_s"] = timer.median(fn)
             rec["peak_memory_bytes"] = timer.peak_memory(fn)
+        rec["compile_s"] = rec["first_call_s"] - rec["time_s"]
         rec["tflops_per_s"] = rec["flops"] / rec["time_s"] / 1e12
         records.append(rec)
         q = k = v = fn = None  # free before the next size allocates
     return records
+
+
+def compiled(fn, mode: str):
+    """``fn`` for ``--compile none|full`` (attention calls)."""
+    if mode == "none":
+        return fn
+    if mode != "full":
+        raise SystemExit(f"--compile {mode} applies to step only; attention takes none or full")
+    torch._dynamo.reset()  # every record compiles afresh: its compile time is its own
+    return torch.compile(fn, fullgraph=True)
+
+
+def compile_transformer(model, mode: str):
+    """The callable to time for ``--compile none|full|regional`` (a whole transformer)."""
+    torch._dynamo.reset()
+    for m in model.modules():  # undo an earlier record's regional compilation
+        m._compiled_call_impl = None
+    if mode == "full":
+        return torch.compile(model, fullgraph=True)
+    if mode == "regional":
+        model.compile_repeated_blocks(fullgraph=True)
+    return model
 
 
 def flux_model(args, device, dtype):
@@ -156,6 +192,8 @@ def flux_model(args, device, dtype):
         cfg["num_layers"] = args.num_layers
     if args.num_single_layers is not None:
         cfg["num_single_layers"] = args.num_single_layers
+    if not args.tiny:
+        cfg["num_attention_heads"] = args.heads  # step: width = heads x 128 (FLUX.1-dev: 24)
     with torch.device(device):
         model = FluxTransformer2DModel(**cfg)
     return model.to(dtype).eval(), cfg
@@ -188,14 +226,19 @@ def bench_step(args, device, dtype) -> list[dict]:
             clear.apply_clear(model, radius, df, backend=args.backend, tile=args.tile,
                               kernel_options=args.kernel_options)
         rec = dict(height=h_px, width=w_px, tokens=h * w, variant=variant_name(radius, df), radius=radius,
-                   down_factor=df, layers=cfg["num_layers"] + cfg["num_single_layers"],
+                   down_factor=df, layers=cfg["num_layers"] + cfg["num_single_layers"], compile=args.compile,
                    attention_flops=clear.attention_flops(h, w, radius, text, df, cfg["num_attention_heads"]
                                                          * cfg["attention_head_dim"]))
-        fn = lambda: model(**x)  # noqa: E731
+        if radius is not None:
+            lay = TokenLayout(text, h, w)
+            rec["backend"] = model.clear_state.core.layout_plan(lay, device, with_grad=False).backend
+        target = compile_transformer(model, args.compile)
+        fn = lambda: target(**x)  # noqa: E731
         with torch.no_grad():
             rec["first_call_s"] = timer.once(fn)
             rec["time_s"] = timer.median(fn)
             rec["peak_memory_bytes"] = timer.peak_memory(fn)
+        rec["compile_s"] = rec["first_call_s"] - rec["time_s"]
         if radius is not None:
             clear.remove_clear(model)
         records.append(rec)
@@ -253,16 +296,18 @@ def markdown(mode: str, records: list[dict], env: dict) -> str:
                 ("fraction_of_full", "of full")]
     elif mode == "attention":
         cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("backend", "backend"),
-                ("time_s", "ms"), ("tflops_per_s", "useful TFLOP/s"), ("mask_build_s", "mask build ms"),
-                ("first_call_s", "first call ms"), ("peak_memory_bytes", "peak GiB")]
+                ("compile", "compile"), ("time_s", "ms"), ("tflops_per_s", "useful TFLOP/s"),
+                ("mask_build_s", "mask build ms"), ("first_call_s", "first call ms"), ("compile_s", "compile ms"),
+                ("peak_memory_bytes", "peak GiB")]
     else:
-        cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("time_s", "step s"),
-                ("speedup_vs_dense", "speed-up"), ("first_call_s", "first call s"), ("peak_memory_bytes", "peak GiB")]
+        cols = [("height", "H px"), ("width", "W px"), ("tokens", "tokens"), ("variant", "variant"),
+                ("backend", "backend"), ("compile", "compile"), ("time_s", "step s"), ("speedup_vs_dense", "speed-up"),
+                ("first_call_s", "first call s"), ("compile_s", "compile s"), ("peak_memory_bytes", "peak GiB")]
 
     def fmt(key, value):
         if value is None:
             return "–"
-        if key in ("time_s", "mask_build_s", "first_call_s") and mode == "attention":
+        if key in ("time_s", "mask_build_s", "first_call_s", "compile_s") and mode == "attention":
             return f"{value * 1e3:.2f}"
         if key == "peak_memory_bytes":
             return f"{value / 2**30:.2f}"
@@ -320,7 +365,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sizes", default="1024,2048,4096,8192", help="pixels, e.g. 1024,2048x4096")
     p.add_argument("--radii", default="8,16,32")
     p.add_argument("--down-factors", default="1,4")
-    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--heads", type=int, default=24, help="attention heads (step: of head size 128)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "dense", "flex"])
@@ -334,6 +379,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--num-layers", type=int, default=None, help="step: double-stream blocks (FLUX.1-dev: 19)")
     p.add_argument("--num-single-layers", type=int, default=None, help="step: single-stream blocks (FLUX.1-dev: 38)")
     p.add_argument("--tiny", action="store_true", help="step: a tiny model (CPU smoke test)")
+    p.add_argument("--compile", default="none", choices=["none", "full", "regional"],
+                   help="torch.compile(fullgraph=True) the timed call (full) or the repeated blocks (regional, step)")
     p.add_argument("--out", required=True, help="output path without suffix; writes .json, .md, .png")
     args = p.parse_args(argv)
 

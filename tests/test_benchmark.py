@@ -55,3 +55,18 @@ def test_flops_table_and_size_validation(tmp_path):
     assert by[(8192, "r8")]["fraction_of_full"] < 0.005  # the paper's "99.5% fewer attention computations"
     with pytest.raises(SystemExit, match="not a multiple of 16"):
         benchmark.main(["flops", "--sizes", "1000", "--out", str(tmp_path / "g")])
+
+
+def test_attention_benchmark_compiled_and_compile_choices(tmp_path):
+    out = tmp_path / "attc"
+    records = benchmark.main(["attention", "--sizes", "64", "--radii", "2", "--down-factors", "1", "--heads", "2",
+                              "--head-dim", "16", "--text-len", "8", "--warmup", "0", "--repeats", "1", "--backend",
+                              "dense", "--compile", "full", "--out", str(out)])
+    assert [(r["variant"], r["backend"], r["compile"]) for r in records] == [("dense", "sdpa", "full"),
+                                                                             ("r2", "dense", "full")]
+    for r in records:
+        assert r["compile_s"] == pytest.approx(r["first_call_s"] - r["time_s"])
+    assert "| compile |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="applies to step only"):
+        benchmark.main(["attention", "--sizes", "64", "--radii", "2", "--compile", "regional",
+                        "--out", str(tmp_path / "x")])
