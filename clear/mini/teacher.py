@@ -213,6 +213,9 @@ def set_latent_stats(vae, seed: int, n: int = 256) -> dict:
 def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128) -> dict:
     """Latents (scaled and shifted as the pipeline un-does them), T5 and CLIP embeddings of ``n`` training
     scenes (seeds ``seed * n ... ``, all below ``S.HELD_OUT_SEED0``)."""
+    if (seed + 1) * n > S.HELD_OUT_SEED0:
+        raise ValueError(f"training seeds {seed * n}..{(seed + 1) * n - 1} reach the held-out seeds "
+                         f"(from {S.HELD_OUT_SEED0}): use fewer scenes or a smaller seed")
     lat, emb, pooled = [], [], []
     t0 = time.time()
     for i in range(0, n, batch_size):
@@ -376,12 +379,12 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default="outputs/mini_teacher",
                    help="checkpoints, logs and the encoded dataset (a rerun resumes from here)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-scenes", type=int, default=20000)
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--train-scenes", type=int, default=12000)
+    p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--vae-crop", type=int, default=32, help="VAE training crop in pixels (0: whole images)")
     p.add_argument("--vae-batch-size", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--steps", type=int, default=3000, help="transformer training steps")
+    p.add_argument("--steps", type=int, default=2000, help="transformer training steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-scenes", type=int, default=32)
@@ -393,9 +396,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train_teacher(out=MINI_DIR, work_dir="outputs/mini_teacher", seed: int = 0, train_scenes: int = 20000,
-                  vae_steps: int = 600, vae_crop: int = 32, vae_batch_size: int = 16, vae_lr: float = 2e-3,
-                  steps: int = 3000,
+def train_teacher(out=MINI_DIR, work_dir="outputs/mini_teacher", seed: int = 0, train_scenes: int = 12000,
+                  vae_steps: int = 700, vae_crop: int = 32, vae_batch_size: int = 16, vae_lr: float = 2e-3,
+                  steps: int = 2000,
                   batch_size: int = 16, lr: float = 1e-3, eval_scenes: int = 32, early_out_step: int = 0,
                   command: str = "") -> dict:
     """All stages; returns the metrics written to ``<out>/metrics.json``."""
