@@ -232,15 +232,17 @@ def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128) -> dict:
     return {"latents": torch.cat(lat), "prompt_embeds": torch.cat(emb), "pooled": torch.cat(pooled)}
 
 
-def sample_sigmas(g: torch.Generator, n: int, shift: float) -> torch.Tensor:
-    """Logit-normal timesteps shifted like the pipeline's scheduler at the training size."""
-    s = torch.sigmoid(torch.randn(n, generator=g))
-    return shift * s / (1 + (shift - 1) * s)
+def sample_sigmas(g: torch.Generator, n: int, shift: float, kind: str = "uniform") -> torch.Tensor:
+    """Timesteps shifted like the pipeline's scheduler at the training size: ``uniform`` (every noise level,
+    the high ones included: sampling starts there and draws the layout) or ``logit-normal`` (SD3's; it
+    rarely samples sigma > 0.9 and left a 800-step teacher unable to start from pure noise)."""
+    u = torch.rand(n, generator=g) if kind == "uniform" else torch.sigmoid(torch.randn(n, generator=g))
+    return shift * u / (1 + (shift - 1) * u)
 
 
 def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int, lr: float, seed: int,
                       ema_decay: float = 0.998, warmup: int = 200, checkpoint_every_s: float = 180.0,
-                      on_checkpoint=None) -> None:
+                      on_checkpoint=None, timesteps: str = "uniform") -> None:
     """Flow matching: x_t = (1 - s) x_0 + s e, target e - x_0, FLUX packing and ids; AdamW, cosine LR,
     EMA. Resumes from ``work/transformer_state.pt``; the EMA weights end up in ``pipe.transformer``."""
     import copy
@@ -273,7 +275,7 @@ def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int,
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x0 = pipe._pack_latents(data["latents"][idx].float(), batch_size, c, h, w)
         noise = torch.randn(x0.shape, generator=g)
-        sigma = sample_sigmas(g, batch_size, shift)
+        sigma = sample_sigmas(g, batch_size, shift, timesteps)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (
@@ -384,9 +386,11 @@ def parse_args(argv=None):
     p.add_argument("--vae-crop", type=int, default=32, help="VAE training crop in pixels (0: whole images)")
     p.add_argument("--vae-batch-size", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--steps", type=int, default=2000, help="transformer training steps")
+    p.add_argument("--steps", type=int, default=1800, help="transformer training steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--timesteps", choices=("uniform", "logit-normal"), default="uniform",
+                   help="noise-level distribution of transformer training (shifted as the scheduler shifts)")
     p.add_argument("--eval-scenes", type=int, default=32)
     p.add_argument("--early-out-step", type=int, default=0,
                    help="also save the EMA pipeline to --out at the first checkpoint after this step (0: never)")
@@ -398,8 +402,9 @@ def parse_args(argv=None):
 
 def train_teacher(out=MINI_DIR, work_dir="outputs/mini_teacher", seed: int = 0, train_scenes: int = 12000,
                   vae_steps: int = 700, vae_crop: int = 32, vae_batch_size: int = 16, vae_lr: float = 2e-3,
-                  steps: int = 2000,
-                  batch_size: int = 16, lr: float = 1e-3, eval_scenes: int = 32, early_out_step: int = 0,
+                  steps: int = 1800,
+                  batch_size: int = 16, lr: float = 1e-3, timesteps: str = "uniform", eval_scenes: int = 32,
+                  early_out_step: int = 0,
                   command: str = "") -> dict:
     """All stages; returns the metrics written to ``<out>/metrics.json``."""
     out, work = Path(out), Path(work_dir)
@@ -407,7 +412,7 @@ def train_teacher(out=MINI_DIR, work_dir="outputs/mini_teacher", seed: int = 0, 
     t0 = time.time()
     pipe = build_pipeline(seed)
     metrics: dict = {"command": command, "seed": seed, "train_scenes": train_scenes, "steps": steps,
-                     "batch_size": batch_size, "lr": lr, "vae_steps": vae_steps,
+                     "batch_size": batch_size, "lr": lr, "timesteps": timesteps, "vae_steps": vae_steps,
                      "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
                      "transformer_config": {k: v for k, v in pipe.transformer.config.items()
                                             if not k.startswith("_")}}
@@ -442,7 +447,8 @@ def train_teacher(out=MINI_DIR, work_dir="outputs/mini_teacher", seed: int = 0, 
             print(f"[transformer] early pipeline (step {step}) saved to {out}", flush=True)
 
     t1 = time.time()
-    train_transformer(pipe, data, work, steps, batch_size, lr, seed, on_checkpoint=on_checkpoint)
+    train_transformer(pipe, data, work, steps, batch_size, lr, seed, on_checkpoint=on_checkpoint,
+                      timesteps=timesteps)
     metrics["transformer_s_this_run"] = time.time() - t1
     rows = [json.loads(line) for line in open(work / "transformer_log.jsonl")]
     metrics["final_loss_mean_last_200_steps"] = float(np.mean([r["loss"] for r in rows if r["step"] >= steps - 200]))
