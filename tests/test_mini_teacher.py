@@ -11,7 +11,8 @@ from clear.mini import scenes as S
 
 def _scene(**kw):
     base = dict(background="yellow", layout="relation", relation="left of",
-                shapes=(S.Shape("circle", "red", 0.27, 0.5, S.SIZE_TWO), S.Shape("square", "blue", 0.73, 0.5, S.SIZE_TWO)))
+                shapes=(S.Shape("circle", "red", 0.27, 0.5, S.SIZE_TWO),
+                        S.Shape("square", "blue", 0.73, 0.5, S.SIZE_TWO)))
     return S.Scene(**{**base, **kw})
 
 
