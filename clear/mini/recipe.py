@@ -76,22 +76,26 @@ class Settings:
     out: Path = Path("outputs/mini")
     size: int = T.SIZE  # training size in pixels (16 x 16 tokens of 4 pixels)
     scale: int = 2  # the larger size is size * scale per side
-    steps: int = T.STEPS  # sampling steps (training data, evaluation, SDEdit schedule)
+    steps: int = 20  # sampling steps (training data, evaluation, SDEdit schedule; the teacher's default is 28)
     guidance: float = T.GUIDANCE  # the teacher's guidance embedding
     max_sequence_length: int = T.MAX_SEQUENCE_LENGTH  # T5 tokens the teacher was trained with
     radius: int = 4
     down_factor: int = 2
-    train_samples: int = 512
+    train_samples: int = 192
     data_batch: int = 16
+    # Distillation. The paper weights L_fm + 0.5 L_distill + 0.5 L_attn over 10K steps of batch 32; in a few hundred
+    # steps the flow-matching term's sampling noise drowns the signal, so L_distill and L_attn weigh 10 each here.
+    # Measured on the early teacher (16 held-out prompts x 8 sigmas, distilled / zero-shot velocity error):
+    # 150 steps: alpha = beta = 0.5 -> 0.69, 10 -> 0.39, 100 -> 0.38; lr 3e-3 (alpha = beta = 10) -> 0.36; 300 steps -> 0.32.
     distill_steps: int = 300
-    distill_steps_df: int = 300
+    distill_steps_df: int = 100
     distill_batch: int = 8
-    learning_rate: float = 1e-3
-    lr_warmup_steps: int = 20
-    distill_loss_weight: float = 0.5
-    attn_loss_weight: float = 0.5
-    eval_prompts: int = 32
-    eval_prompts_large: int = 16  # at 2x (direct and SDEdit)
+    learning_rate: float = 3e-3
+    lr_warmup_steps: int = 10
+    distill_loss_weight: float = 10.0
+    attn_loss_weight: float = 10.0
+    eval_prompts: int = 24
+    eval_prompts_large: int = 8  # at 2x (direct and SDEdit)
     grid_prompts: int = 6
     sigmas: int = 8  # timesteps of the velocity error, evenly spread over (0, 1)
     sdedit_strength: float = 0.7
@@ -118,7 +122,7 @@ class Settings:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
 
-QUICK = dict(train_samples=48, data_batch=16, distill_steps=40, distill_steps_df=10, distill_batch=4,
+QUICK = dict(train_samples=32, data_batch=16, distill_steps=40, distill_steps_df=8, distill_batch=4,
              lr_warmup_steps=5, eval_prompts=6, eval_prompts_large=2, grid_prompts=3, sigmas=4, steps=8)
 
 
@@ -357,7 +361,8 @@ def run(s: Settings) -> dict:
                 folder = s.work / "eval" / str(size) / v.key
                 argv = ["--prompts", str(s.work / "prompts" / f"{name}.jsonl"), "--out", str(folder), "--model",
                         s.model, "--label", v.label, "--height", str(size), "--width", str(size), "--steps",
-                        str(s.steps), "--guidance", str(s.guidance), "--seed", str(eval_seed(s)), "--device", "cpu", *common]
+                        str(s.steps), "--guidance", str(s.guidance), "--seed", str(eval_seed(s)), "--device", "cpu",
+                        "--batch_size", "8", *common]
                 if v.radius is not None:
                     argv += ["--radius", str(v.radius), "--down_factor", str(v.down_factor), "--checkpoint",
                              checkpoint_of(v), "--backend", backends[(size, v.down_factor)]]

@@ -142,7 +142,8 @@ def markdown(metrics: dict) -> str:
         f"({metrics['data']['distinct_train_captions']} distinct; {metrics['data']['train_captions_left_out']} "
         f"draws equal to a held-out caption left out). Students: CLEAR r = {s['radius']} (and df = "
         f"{s['down_factor']}), {s['distill_steps']} (df: {s['distill_steps_df']}) steps of batch "
-        f"{s['distill_batch']}, AdamW lr {s['learning_rate']:g}, cosine schedule. Held-out prompts and seeds "
+        f"{s['distill_batch']}, AdamW lr {s['learning_rate']:g}, cosine schedule, loss L_fm + "
+        f"{s['distill_loss_weight']:g}·L_distill + {s['attn_loss_weight']:g}·L_attn. Held-out prompts and seeds "
         f"(never in the distillation data): {s['eval_prompts']} at {s['size']} px, {s['eval_prompts_large']} at "
         f"2x; {s['steps']} sampling steps.", "",
         "## Bars", "",
