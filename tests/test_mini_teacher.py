@@ -132,6 +132,7 @@ def test_shipped_teacher_is_the_documented_model(shipped):
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth")]  # safetensors only
 
 
+@pytest.mark.slow
 def test_shipped_teacher_follows_prompts(shipped):
     """A fixed batch of held-out scenes, generated with the pipeline's own sampler and defaults, scores far
     above what images of other scenes score (chance)."""
