@@ -144,3 +144,43 @@ def test_shipped_teacher_follows_prompts(shipped):
     got = float(np.mean([S.score(im, s) for im, s in zip(images, held)]))
     chance = S.chance_score(n=200, seed=5)
     assert got > chance + 0.1, (got, chance)
+
+
+# ------------------------------------------------------------------------------------------
+# Training code
+# ------------------------------------------------------------------------------------------
+
+def test_teacher_training_resumes_exactly(tmp_path):
+    """A run interrupted after a checkpoint and started again ends with the same weights (raw and EMA) as
+    an uninterrupted run: each step's batch, noise and timesteps come from the step's own generator."""
+    import torch
+
+    from clear.mini import teacher as T
+
+    small = dict(num_layers=1, num_single_layers=1)
+    pipe = T.build_pipeline(seed=0, transformer_config=small)
+    pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    data = T.encode_dataset(pipe, 8, seed=0, batch_size=8)
+    assert data["latents"].shape == (8, 4, 32, 32) and data["prompt_embeds"].shape == (8, T.MAX_SEQUENCE_LENGTH, 64)
+    init = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    def run(work, crash_at=None):
+        pipe.transformer.load_state_dict(init)
+
+        def crash(step, ema):
+            if step == crash_at:
+                raise KeyboardInterrupt
+
+        T.train_transformer(pipe, data, work, steps=4, batch_size=2, lr=1e-3, seed=0, warmup=2,
+                            checkpoint_every_s=0.0, on_checkpoint=crash)
+        return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", crash_at=2)
+    assert torch.load(tmp_path / "b" / "transformer_state.pt", weights_only=False)["step"] == 2
+    resumed = run(tmp_path / "b")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not all(torch.equal(straight[k], init[k]) for k in init)
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "a" / "transformer_log.jsonl")]
+    assert logged == [0, 3]

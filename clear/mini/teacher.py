@@ -155,6 +155,8 @@ def train_vae(vae, work: Path, steps: int, batch_size: int, lr: float, seed: int
               checkpoint_every_s: float = 180.0) -> dict:
     """Train ``vae`` on rendered training scenes (seeds < ``S.HELD_OUT_SEED0``); set its scaling and shift
     factors from latent statistics. Resumes from ``work/vae_state.pt``; returns the held-out PSNR."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     state_path, log_path = work / "vae_state.pt", work / "vae_log.jsonl"
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start = 0
@@ -252,6 +254,8 @@ def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int,
     model = pipe.transformer
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     state_path, log_path = work / "transformer_state.pt", work / "transformer_log.jsonl"
     start = 0
     if state_path.exists():
