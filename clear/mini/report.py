@@ -91,6 +91,7 @@ def collect(s, variants, *, counts, velocity, evaluations, following, mse, secon
         "settings": s.as_dict(),
         "data": counts,
         "teacher": {"model": s.model, "parameters": sum(p.numel() for p in teacher.parameters()),
+                    "transformer_sha256": _sha256(Path(s.model, "transformer", "diffusion_pytorch_model.safetensors")),
                     "attention_dim": teacher.config.num_attention_heads * teacher.config.attention_head_dim},
         "variants": {v.key: v.label for v in variants},
         "sizes": sizes,
@@ -103,6 +104,12 @@ def collect(s, variants, *, counts, velocity, evaluations, following, mse, secon
             f"{s.sigmas} for j < {s.sigmas}; 2x uses the teacher's direct 2x images"),
         "commands": commands,
     }
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _fmt(value, decimals: int) -> str:
@@ -137,7 +144,7 @@ def markdown(metrics: dict) -> str:
         f"{m['torch_threads']} torch threads), torch {m['torch']}; wall time {metrics['wall_seconds'] / 60:.1f} min "
         f"(load average at the end: {', '.join(f'{x:.1f}' for x in m['load_average_at_end'] or [])}).", "",
         f"Teacher: `{metrics['teacher']['model']}` ({metrics['teacher']['parameters'] / 1e6:.2f}M-parameter "
-        f"`FluxTransformer2DModel`), {s['size']} px = {metrics['sizes'][str(s['size'])]['tokens'][0]}² tokens. "
+        f"`FluxTransformer2DModel`, weights sha256 {(metrics['teacher']['transformer_sha256'] or '?')[:12]}), {s['size']} px = {metrics['sizes'][str(s['size'])]['tokens'][0]}² tokens. "
         f"Distillation data: {metrics['data']['train']} images the teacher generated from training captions "
         f"({metrics['data']['distinct_train_captions']} distinct; {metrics['data']['train_captions_left_out']} "
         f"draws equal to a held-out caption left out). Students: CLEAR r = {s['radius']} (and df = "
