@@ -33,6 +33,10 @@ def parse_args(argv=None):
                    help="CLEAR radius for --clear folders without generation.json (for GFLOPs)")
     p.add_argument("--down_factor", type=int, default=1, help="with --radius")
     p.add_argument("--text_len", type=int, default=512, help="T5 tokens, for folders without generation.json")
+    p.add_argument("--pixels_per_token", type=int, default=EvalConfig.tokens_per_pixel_side,
+                   help="image pixels per token side, for GFLOPs (FLUX.1, SD3: 16 = VAE x8, 2x2 patches)")
+    p.add_argument("--attention_dim", type=int, default=EvalConfig.dim,
+                   help="attention width (heads x head dim), for GFLOPs (FLUX.1: 3072)")
     p.add_argument("--metrics", default=None, help=f"comma-separated subset of: {','.join(METRIC_KEYS)}")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N paired images")
     p.add_argument("--batch_size", type=int, default=16)
@@ -59,7 +63,8 @@ def main(argv=None, nets=None) -> dict:
     candidates = [ModelImages.from_folder(f, n, text_len=args.text_len, **variant) for f, n in zip(args.clear, names[1:])]
     config = EvalConfig(metrics=tuple(args.metrics.split(",")) if args.metrics else None, clip_model=args.clip_model,
                         dino_model=args.dino_model, depth_model=args.depth_model, lpips_net=args.lpips_net,
-                        is_splits=args.is_splits, batch_size=args.batch_size, workers=args.workers, device=args.device)
+                        is_splits=args.is_splits, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                        dim=args.attention_dim, tokens_per_pixel_side=args.pixels_per_token)
     prompts = load_prompts(args.prompts) if args.prompts else None
     results = evaluate(original, candidates, real=args.real, prompts=prompts, conditions=args.conditions,
                        config=config, nets=nets, limit=args.limit, progress=not args.no_progress)

@@ -383,3 +383,27 @@ def test_generate_resume_and_evaluate_cli(tiny_flux_pipeline_dir, tmp_path, nets
     assert row["metrics"]["clip_t"] is not None
     assert json.loads((out / "metrics.json").read_text())["images"]["evaluated"] == 3
     assert "| CLEAR r=2 |" in (out / "table.md").read_text()
+
+
+def test_evaluate_cli_gflops_for_other_token_sizes_and_widths(tmp_path):
+    """--pixels_per_token / --attention_dim: GFLOPs of a model that is not FLUX.1 (e.g. the mini teacher,
+    4 pixels per token, width 64) come from its own token grid and width."""
+    evaluate_cli = load_script("evaluate")
+    rng = np.random.default_rng(0)
+    for name, radius in (("orig", None), ("local", 4)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for stem in STEMS[:2]:
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
+        (folder / MANIFEST).write_text(json.dumps({"settings": {"label": name, "radius": radius, "down_factor": 1,
+                                                                "max_sequence_length": 32}}))
+    common = ["--original", str(tmp_path / "orig"), "--clear", str(tmp_path / "local"), "--metrics", "psnr,gflops",
+              "--workers", "0", "--device", "cpu", "--no_progress"]
+    res = evaluate_cli.main(common + ["--out", str(tmp_path / "a"), "--pixels_per_token", "4", "--attention_dim", "64"])
+    assert res["models"]["local"]["metrics"]["gflops"] == pytest.approx(
+        clear.attention_flops(16, 24, 4, text_len=32, dim=64) / 1e9)
+    assert res["models"]["orig"]["metrics"]["gflops"] == pytest.approx(
+        clear.attention_flops(16, 24, None, text_len=32, dim=64) / 1e9)
+    default = evaluate_cli.main(common + ["--out", str(tmp_path / "b")])  # FLUX.1: 16 pixels per token, width 3072
+    assert default["models"]["local"]["metrics"]["gflops"] == pytest.approx(
+        clear.attention_flops(4, 6, 4, text_len=32, dim=3072) / 1e9)

@@ -1,0 +1,185 @@
+"""The mini recipe (``python -m clear.mini``): its measurements on tiny pipelines, its outputs, and a
+reduced run of the real command on the shipped teacher (ckpt/mini)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import clear
+from clear.mini import measure, recipe, report
+from clear.mini.scenes import caption, held_out_scenes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------
+
+def test_dispatch(monkeypatch):
+    from clear.mini import __main__ as cli
+    from clear.mini import teacher
+
+    seen = {}
+    monkeypatch.setattr(teacher, "main", lambda argv: seen.setdefault("teacher", argv))
+    monkeypatch.setattr(recipe, "main", lambda argv: seen.setdefault("recipe", argv))
+    cli.main(["train-teacher", "--steps", "3"])
+    cli.main(["run", "--quick"])
+    assert seen == {"teacher": ["--steps", "3"], "recipe": ["--quick"]}
+    seen.clear()
+    cli.main([])
+    assert seen == {"recipe": []}
+
+
+def test_settings_full_quick_and_overrides():
+    full = recipe.parse_args([])
+    quick = recipe.parse_args(["--quick", "--distill_steps", "7", "--out", "x"])
+    assert full.model.endswith("ckpt/mini") and not full.quick and full.distill_steps == recipe.Settings.distill_steps
+    assert quick.quick and quick.distill_steps == 7 and quick.train_samples == recipe.QUICK["train_samples"]
+    assert quick.out == Path("x") and quick.work == Path("x/work") and quick.large == 2 * quick.size
+    assert [v.key for v in full.variants()] == ["teacher", "zero_shot", "distilled", f"distilled_df{full.down_factor}"]
+    assert full.variants()[3].weights_name() == f"clear_local_{full.radius}_down_{full.down_factor}"
+
+
+def test_training_prompts_never_hold_a_held_out_caption(tmp_path):
+    s = recipe.Settings(model="unused", out=tmp_path, train_samples=300, eval_prompts=40, eval_prompts_large=10)
+    counts = recipe.write_prompts(s)
+    train = [json.loads(x)["prompt"] for x in (tmp_path / "work/prompts/train.jsonl").read_text().splitlines()]
+    held = recipe.read_held_out(s, "eval")
+    assert len(train) == counts["train"] == 300 and len(held) == 40
+    assert len(recipe.read_held_out(s, "eval_large")) == 10
+    assert not {r["prompt"] for r in held} & set(train)
+    assert [r["prompt"] for r in held] == [caption(sc) for sc in held_out_scenes(40, seed=0)]
+    assert held[3]["scene"] == held_out_scenes(40, seed=0)[3]  # the scene survives the JSON round trip
+
+
+# ------------------------------------------------------------------------------------------
+# Measurements, on a tiny random pipeline
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_models import save_tiny_flux_pipeline
+
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+def test_velocity_error_is_zero_for_the_teacher_and_a_covering_window(tiny_dir):
+    teacher = measure.load_transformer(tiny_dir)
+    students = {"same": measure.load_transformer(tiny_dir, base=teacher),
+                "covering": measure.load_transformer(tiny_dir, radius=64, base=teacher),  # sees every key
+                "local": measure.load_transformer(tiny_dir, radius=1, base=teacher)}
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "white")]
+    out = measure.velocity_errors(tiny_dir, teacher, students, ["a red cat", "a blue dog", "a house"], images,
+                                  [0.25, 0.75], seed=0, max_sequence_length=16, batch_size=2, progress=False)
+    assert out["same"]["mse"] < 1e-12 and out["covering"]["mse"] < 1e-10  # float noise only
+    assert out["local"]["mse"] > 1e-6 and 0 < out["local"]["relative"] < math.inf
+    assert set(out["local"]["per_sigma"]) == {"0.250", "0.750"}
+    assert out["local"]["mse"] == pytest.approx(sum(out["local"]["per_sigma"].values()) / 2)
+    # the same seed gives the same noise: deterministic
+    again = measure.velocity_errors(tiny_dir, teacher, {"local": students["local"]}, ["a red cat", "a blue dog",
+                                    "a house"], images, [0.25, 0.75], seed=0, max_sequence_length=16, batch_size=2,
+                                    progress=False)
+    assert again["local"]["mse"] == out["local"]["mse"]
+
+
+def test_pick_backend_times_every_backend(tiny_dir):
+    teacher = measure.load_transformer(tiny_dir)
+    best, times = measure.pick_backend(teacher, 2, 1, size=32, pixels_per_token=4, text_len=8, repeats=1)
+    assert set(times) == {"dense", "flex"} and best == min(times, key=times.get)
+    assert getattr(teacher, "clear_state", None) is None  # the base model is untouched
+
+
+def test_image_mse_and_prompt_following(tmp_path):
+    from clear.mini.scenes import render, score
+
+    scenes = held_out_scenes(3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for i, sc in enumerate(scenes):
+        render(sc, 64).save(a / f"h{i}.png")
+        Image.new("RGB", (64, 64), (255, 255, 255)).save(b / f"h{i}.png")
+    pf = measure.prompt_following(a, {f"h{i}": sc for i, sc in enumerate(scenes)})
+    assert pf["mean"] == pytest.approx(sum(score(render(sc, 64), sc) for sc in scenes) / 3) and pf["mean"] > 0.9
+    assert measure.image_mse(a, a) == {"mse": 0.0, "images": 3}
+    expected = sum(((torch.tensor(list(render(sc, 64).getdata())).float() / 255 - 1) ** 2).mean().item()
+                   for sc in scenes) / 3
+    assert measure.image_mse(a, b)["mse"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="lacks the images"):
+        measure.prompt_following(a, {"missing": scenes[0]})
+
+
+# ------------------------------------------------------------------------------------------
+# Report pieces
+# ------------------------------------------------------------------------------------------
+
+def test_grid_and_loss_plot(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    rows = [(f"prompt {i}", [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]) for i in range(2)]
+    grid = report.grid_image(rows, ["teacher", "CLEAR zero-shot", "CLEAR distilled"], panel=192)
+    assert grid.width >= 3 * 192 and grid.height >= 2 * 192
+    assert grid.getpixel((grid.width // 2, grid.height // 4))[1] > 100  # a green panel in the middle column
+
+    run = tmp_path / "run"
+    writer = SummaryWriter(str(run / "logs" / "clear-distill"))
+    for step in range(1, 6):
+        writer.add_scalar("loss", 1.0 / step, step)
+        writer.add_scalar("loss_distill", 0.1 / step, step)
+    writer.close()
+    hist = report.loss_history(run)
+    assert hist["loss_distill"] == [(s, pytest.approx(0.1 / s)) for s in range(1, 6)]
+    report.loss_plot({"r=4": hist}, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size[0] > 400
+    with pytest.raises(FileNotFoundError, match="no TensorBoard logs"):
+        report.loss_history(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------
+# The reduced run of the real command, on the shipped teacher
+# ------------------------------------------------------------------------------------------
+
+# The full run's distilled / zero-shot velocity-error ratio is far below this (docs/mini.md); the quick run's
+# few distillation steps must already clear it.
+QUICK_RATIO = 0.8
+
+
+@pytest.mark.slow
+def test_quick_run(tmp_path):
+    from clear.mini.__main__ import main
+    from clear.mini.teacher import MINI_DIR
+
+    assert (MINI_DIR / "model_index.json").is_file(), f"the shipped teacher is missing from {MINI_DIR}"
+    out = tmp_path / "mini"
+    metrics = main(["--quick", "--out", str(out)])
+    for name in ("report.md", "metrics.json", "loss.png", "grid_64.png", "grid_128.png", "grid_128_sdedit.png"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["bars"]["velocity"]["ratio"] == pytest.approx(metrics["bars"]["velocity"]["ratio"])
+    rows = on_disk["sizes"]["64"]["rows"]
+    ratio = rows["distilled"]["velocity_mse"] / rows["zero_shot"]["velocity_mse"]
+    assert ratio < QUICK_RATIO, f"distilled / zero-shot held-out velocity error {ratio:.3f}"
+    assert 0 < rows["teacher"]["prompt_following"] <= 1 and 0 < on_disk["chance_prompt_following"]["64"] < 1
+    for table in on_disk["sizes"].values():
+        assert set(table["rows"]) == {"teacher", "zero_shot", "distilled", "distilled_df2"}
+        assert all(r["psnr"] is not None and r["seconds_per_image"] > 0 for k, r in table["rows"].items()
+                   if k != "teacher")
+    # FLOPs per layer: the teacher's full attention costs more than the window
+    assert rows["teacher"]["attention_mflops"] > rows["distilled"]["attention_mflops"] > 0
+    # the project's own entry points ran
+    commands = "\n".join(on_disk["commands"])
+    for script in ("generate_data", "cache_prompt_embeds", "cache_latent_codes", "generate_eval_set", "evaluate"):
+        assert f"scripts/{script}.py" in commands
+    assert "accelerate launch --config_file configs/cpu.yaml" in commands and "scripts/distill.py" in commands
+    assert len(on_disk["loss_history"]["CLEAR r=4 distilled"]["loss_distill"]) == recipe.QUICK["distill_steps"]
+    text = (out / "report.md").read_text()
+    assert "| CLEAR r=4 distilled |" in text and "held-out velocity error" in text
+    # the grid: one block per grid prompt, three labelled columns
+    grid = Image.open(out / "grid_64.png")
+    assert grid.width >= 3 * 192 and grid.height >= recipe.QUICK["grid_prompts"] * 192
