@@ -146,7 +146,8 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     seen); ``None`` keeps full attention (useful with ``proportional_attention``).
     ``down_factor``: add (H/df)*(W/df) pooled key/value tokens with learned weights.
     ``backend``: ``"dense"`` (mask + SDPA, the oracle), ``"flex"`` (tiled FlexAttention)
-    or ``"auto"`` (flex on CUDA, dense elsewhere). Applying again replaces the previous
+    or ``"auto"`` (flex on CUDA; on CPU flex for inference on grids of at least
+    ``CPU_FLEX_MIN_TOKENS`` image tokens, dense otherwise). Applying again replaces the previous
     CLEAR configuration. Returns the shared :class:`ClearAttention`."""
     family = model_family(transformer)
     if getattr(transformer, "clear_state", None) is not None:

@@ -29,6 +29,15 @@ COLUMNS = [  # (row key, header, decimals)
 ]
 
 
+
+def _shown_path(path) -> str:
+    """A path as a reader of the report can use it: relative to the current folder when inside it."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
 def _tables(s, variants, velocity, evaluations, following, mse, seconds, pixels_per_token) -> dict:
     sizes = {}
     for size_key, prompts in ((str(s.size), s.eval_prompts), (str(s.large), s.eval_prompts_large),
@@ -90,7 +99,7 @@ def collect(s, variants, *, counts, velocity, evaluations, following, mse, secon
         "step_seconds": step_seconds,
         "settings": s.as_dict(),
         "data": counts,
-        "teacher": {"model": s.model, "parameters": sum(p.numel() for p in teacher.parameters()),
+        "teacher": {"model": _shown_path(s.model), "parameters": sum(p.numel() for p in teacher.parameters()),
                     "transformer_sha256": _sha256(Path(s.model, "transformer", "diffusion_pytorch_model.safetensors")),
                     "attention_dim": teacher.config.num_attention_heads * teacher.config.attention_head_dim},
         "variants": {v.key: v.label for v in variants},
