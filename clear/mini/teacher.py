@@ -161,7 +161,7 @@ def train_vae(vae, work: Path, steps: int, batch_size: int, lr: float, seed: int
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start = 0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start = st["step"]
@@ -259,7 +259,7 @@ def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int,
     state_path, log_path = work / "transformer_state.pt", work / "transformer_log.jsonl"
     start = 0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -434,7 +434,7 @@ def train_teacher(out=MINI_DIR, work_dir="outputs/mini_teacher", seed: int = 0, 
     print(f"[vae] {metrics['vae']}", flush=True)
     data_path = work / f"data_{seed}_{train_scenes}.pt"
     if data_path.exists():
-        data = torch.load(data_path)
+        data = torch.load(data_path, weights_only=True)
     else:
         data = encode_dataset(pipe, train_scenes, seed)
         _save_state(data_path, data)
