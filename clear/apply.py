@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from .attention import ClearAttention
-from .geometry import TokenLayout, grid_from_ids
-from .processors import ClearProcessorBase, FluxClearAttnProcessor, SD3ClearAttnProcessor
+from .families import ModelFamily, ModelSpec, family_of
+from .geometry import TokenLayout
+from .processors import ClearProcessorBase
 
 
 @dataclass
@@ -34,9 +35,11 @@ class ClearState:
     """What :func:`apply_clear` attaches to a model (as ``model.clear_state``)."""
 
     core: ClearAttention
-    family: str
+    family: str  # the family's name (checkpoint metadata)
     original_processors: dict
     hooks: list
+    model_family: ModelFamily | None = None  # everything family-specific: grid reader, text layouts, block names
+    spec: ModelSpec | None = None  # the model: its training length is the L0 of proportional attention
     # Image grid of the latest forward and its attention plans by text length (plans None: each call
     # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
     grid: tuple[int, int] | None = None
@@ -52,61 +55,9 @@ class ClearState:
         return self.core.window.down_factor
 
 
-def _flux_grid(bound: inspect.BoundArguments) -> tuple[int, int]:
-    img_ids = bound.arguments.get("img_ids")
-    if img_ids is None:
-        raise ValueError("CLEAR needs img_ids in the FLUX forward to know the image grid")
-    return grid_from_ids(img_ids)
-
-
-def _sd3_grid(bound: inspect.BoundArguments) -> tuple[int, int]:
-    model, latents = bound.arguments["self"], bound.arguments["hidden_states"]
-    p = model.config.patch_size
-    height, width = latents.shape[-2:]
-    if height % p or width % p:
-        raise ValueError(f"the latent size {height}x{width} is not divisible by the patch size {p}")
-    return height // p, width // p
-
-
-def _flux_text_lens(bound: inspect.BoundArguments) -> tuple[int, ...]:
-    return (bound.arguments["encoder_hidden_states"].shape[1],)
-
-
-def _sd3_text_lens(bound: inspect.BoundArguments) -> tuple[int, ...]:
-    joint = bound.arguments["encoder_hidden_states"].shape[1]
-    dual = getattr(bound.arguments["self"].config, "dual_attention_layers", None)
-    return (joint, 0) if dual else (joint,)  # SD3.5's attn2 of dual-attention blocks is image-only
-
-
-# family name -> (text lengths of the attention calls of a forward, whether text comes first)
-_LAYOUTS = {"flux": (_flux_text_lens, True), "sd3": (_sd3_text_lens, False)}
-
-# family name -> (processor class, function reading the grid from the forward's arguments,
-# tokens of one attention call at the training resolution 1024²: the L0 of proportional attention)
-_FAMILIES = {
-    "flux": (FluxClearAttnProcessor, _flux_grid, 64 * 64 + 512),  # T5 512
-    "sd3": (SD3ClearAttnProcessor, _sd3_grid, 64 * 64 + 77 + 256),  # CLIP 77 + T5 256
-}
-_CLASS_FAMILY = {
-    "FluxTransformer2DModel": "flux",
-    "FluxControlNetModel": "flux",
-    "SD3Transformer2DModel": "sd3",
-}
-# The repeated blocks of models whose diffusers class declares none, so that diffusers'
-# regional compilation (``model.compile_repeated_blocks()``) works on them with CLEAR.
-_REPEATED_BLOCKS = {
-    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
-    "sd3": ("JointTransformerBlock",),
-}
-
-
 def model_family(model: torch.nn.Module) -> str:
-    for cls in type(model).__mro__:
-        if cls.__name__ in _CLASS_FAMILY:
-            return _CLASS_FAMILY[cls.__name__]
-    raise TypeError(
-        f"CLEAR does not support {type(model).__name__}; supported: {', '.join(sorted(_CLASS_FAMILY))}"
-    )
+    """The name of the model family of a transformer or ControlNet (:func:`clear.families.family_of`)."""
+    return family_of(model).name
 
 
 @functools.cache
@@ -119,19 +70,20 @@ def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, gri
     patch parallelism replaced the attention: its bands have their own plans)."""
     if getattr(module, "clear_parallel", None) is not None:
         return None
-    text_lens, text_first = _LAYOUTS[state.family]
+    family = state.model_family
     with_grad = torch.is_grad_enabled() and (
         any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
         or any(p.requires_grad for p in module.parameters()))
     device = bound.arguments["hidden_states"].device
-    return {t: state.core.layout_plan(TokenLayout(t, *grid, text_first), device, with_grad) for t in text_lens(bound)}
+    return {t: state.core.layout_plan(TokenLayout(t, *grid, family.text_first), device, with_grad)
+            for t in family.text_lens(bound)}
 
 
 @torch.compiler.disable  # runs eagerly, outside the compiled frame: see the module docstring
 def _grid_hook(module, args, kwargs):
     state: ClearState = module.clear_state
     bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
-    grid = _FAMILIES[state.family][1](bound)
+    grid = state.model_family.grid(bound)
     TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
     state.plans = _forward_plans(module, state, bound, grid)
     state.grid = grid
@@ -148,24 +100,26 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     ``backend``: ``"dense"`` (mask + SDPA, the oracle), ``"flex"`` (tiled FlexAttention)
     or ``"auto"`` (flex on CUDA; on CPU flex for inference on grids of at least
     ``CPU_FLEX_MIN_TOKENS`` image tokens, dense otherwise). Applying again replaces the previous
-    CLEAR configuration. Returns the shared :class:`ClearAttention`."""
-    family = model_family(transformer)
+    CLEAR configuration. The model's family (:func:`clear.families.family_of`) gives the processor
+    and the grid reader; its spec (the released model) the L0 of proportional attention, the
+    model's training length. Returns the shared :class:`ClearAttention`."""
+    family = family_of(transformer)
+    spec = family.spec(transformer.config)
     if getattr(transformer, "clear_state", None) is not None:
         remove_clear(transformer)
     core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options,
-                          training_tokens=_FAMILIES[family][2])
-    processor_cls = _FAMILIES[family][0]
+                          training_tokens=spec.training_tokens)
     originals = dict(transformer.attn_processors)
-    state = ClearState(core, family, originals, [])
+    state = ClearState(core, family.name, originals, [], family, spec)
     new = {}
     for name in originals:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         ref = attn.to_q.weight
-        new[name] = processor_cls(core, state).to(device=ref.device, dtype=ref.dtype)
+        new[name] = family.processor(core, state).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)
     state.hooks.append(transformer.register_forward_pre_hook(_grid_hook, with_kwargs=True))
     if not getattr(transformer, "_repeated_blocks", None):
-        transformer._repeated_blocks = list(_REPEATED_BLOCKS[family])  # on the instance; remove_clear drops it
+        transformer._repeated_blocks = list(family.repeated_blocks)  # on the instance; remove_clear drops it
         state.declared_repeated_blocks = True
     transformer.clear_state = state
     return core

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .geometry import TRAINING_TOKENS, TileOrder, TokenLayout, Window, allowed_mask, analytic_block_mask
+from .geometry import TileOrder, TokenLayout, Window, allowed_mask, analytic_block_mask
 
 BACKENDS = ("auto", "dense", "flex")
 # proportional_attention: False (1/sqrt(d)), True = "release" (the public release's scale: log_L0(10·N) for
@@ -127,7 +127,7 @@ class ClearAttention:
 
     def __init__(self, radius: float | None, down_factor: int = 1, backend: str = "auto",
                  proportional_attention: bool = False, tile: tuple[int, int] = (8, 16), cache_size: int = 8,
-                 kernel_options: dict | None = None, training_tokens: int = TRAINING_TOKENS):
+                 kernel_options: dict | None = None, training_tokens: int = 64 * 64 + 512):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if proportional_attention not in PROPORTIONAL:
@@ -135,7 +135,9 @@ class ClearAttention:
         self.window = Window(radius, down_factor)
         self.backend = backend
         self.proportional_attention = proportional_attention
-        self.training_tokens = training_tokens  # L0 of the proportional scale: the model's training length
+        # L0 of the proportional scale: the model's training length (apply_clear passes its ModelSpec's); by hand
+        # FLUX.1-dev's, 64x64 image tokens at 1024^2 + 512 text tokens
+        self.training_tokens = training_tokens
         self.tile = tuple(tile)
         self.kernel_options = dict(kernel_options) if kernel_options else None  # FlexAttention's, on CUDA
         self.cache_size = cache_size

@@ -11,8 +11,8 @@
   (:class:`AttentionCapture`), never in module globals.
 
 What differs between model families (how the transformer takes noisy latents, timesteps and
-text, and the layout it predicts in) comes from :mod:`clear.features`' ``FAMILIES``, chosen by
-the teacher's class; the objective itself is the same for FLUX and SD3 / SD3.5.
+text, the layout it predicts in, its block streams) comes from its family (:mod:`clear.families`),
+chosen by the teacher's class; the objective itself is the same for FLUX and SD3 / SD3.5.
 
 All three are weighted per sample with diffusers' SD3/FLUX ``compute_loss_weighting_for_sd3``,
 and timesteps are drawn with ``compute_density_for_timestep_sampling``. Only the parameters
@@ -26,12 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .apply import clear_attention_modules, model_family
-from .features import FAMILIES, ModelFamily
+from .apply import clear_attention_modules
+from .families import ModelFamily, family_of, get_family
 from .weights import clear_state_dict_keys
-
-# block lists by stream; SD3's blocks are all joint (``double`` and ``joint`` are the same blocks)
-_STREAMS = {"single": "single_transformer_blocks", "double": "transformer_blocks", "joint": "transformer_blocks"}
 
 
 def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> list[str]:
@@ -46,20 +43,21 @@ def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> l
     choice: the attention modules whose index among all of FLUX.1-dev's 57 (19 double, then
     38 single blocks) is divisible by 4, i.e. single blocks 1, 5, ..., 37.
     """
+    family = family_of(transformer)
     if spec is None:
-        spec = FAMILIES[model_family(transformer)].attn_loss_layers
+        spec = family.attn_loss_layers
     modules = [n for n, m in transformer.named_modules() if hasattr(m, "processor")]
     attn_names = [n for n in modules if n.endswith(".attn")]
     if spec.strip().lower() in ("", "none"):
         return []
     chosen: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
-        m = re.fullmatch(r"(single|double|joint):(\d+)(?::(\d+))?", item)
+        m = re.fullmatch(r"(\w+):(\d+)(?::(\d+))?", item)
         if m:
-            prefix, every, offset = _STREAMS[m.group(1)], int(m.group(2)), int(m.group(3) or 0)
+            prefix, every, offset = family.stream_blocks(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
             if every < 1:
                 raise ValueError(f"attention layer spec {item!r}: the step must be >= 1")
-            found = [n for n in attn_names if n.startswith(prefix + ".")]
+            found = [n for n in attn_names if prefix is not None and n.startswith(prefix + ".")]
             found = [n for n in found if (i := int(n.split(".")[1])) >= offset and (i - offset) % every == 0]
         else:
             name = item if item in modules else item + ".attn"
@@ -138,12 +136,12 @@ def flux_inputs(latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: t
                 pooled_prompt_embeds: torch.Tensor, guidance: float | None, num_train_timesteps: int = 1000) -> dict:
     """Keyword arguments of ``FluxTransformer2DModel.forward`` for latents ``[B, C, H, W]``
     (packed into 2x2 patches as ``FluxPipeline`` does)."""
-    return FAMILIES["flux"].transformer_inputs(latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
+    return get_family("flux").transformer_inputs(latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
                                                num_train_timesteps)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
-    return FAMILIES["flux"].output_layout(latents)
+    return get_family("flux").output_layout(latents)
 
 
 @dataclass
@@ -177,7 +175,7 @@ def distill_losses(student, teacher, x0: torch.Tensor, noise: torch.Tensor, time
     value, for models that have one (FLUX.1-dev), ignored by SD3."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-    family = family or FAMILIES[model_family(teacher)]
+    family = family or family_of(teacher)
     s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)
     noisy = (1.0 - s) * x0 + s * noise
     inputs = family.transformer_inputs(noisy, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,

@@ -34,11 +34,6 @@ __all__ = [
     "reference_block_mask",
 ]
 
-# Training length of FLUX.1 at 1024^2: 64x64 image tokens + 512 text tokens. Used by the
-# proportional attention scale (resolution extrapolation).
-TRAINING_TOKENS = 64 * 64 + 512
-
-
 @dataclass(frozen=True)
 class Window:
     """The attention window: ``radius`` in grid tokens (``None`` = full attention) and

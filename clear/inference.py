@@ -1,6 +1,6 @@
 """Inference with CLEAR on stock diffusers pipelines: text-to-image and SDEdit high resolution.
 
-Two families (:data:`clear.features.FAMILIES`): FLUX.1 (``FluxPipeline``, ``FluxImg2ImgPipeline``,
+Two families (:data:`clear.families.FAMILIES`): FLUX.1 (``FluxPipeline``, ``FluxImg2ImgPipeline``,
 ``FluxControlNetPipeline``; dev or schnell) and SD3 / SD3.5 (``StableDiffusion3Pipeline``;
 SD3-Medium, SD3.5-Medium, SD3.5-Large). One line puts CLEAR on a pipeline::
 
@@ -43,15 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.models.embeddings import get_1d_rotary_pos_embed
-from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from .apply import apply_clear, model_family, remove_clear
-from .features import FAMILIES, ModelFamily
+from .apply import apply_clear, remove_clear
+from .families import FAMILIES, ModelFamily, family_of, family_of_checkpoint, get_family
+from .families import flux as _flux
+from .families.flux import NTKFluxPosEmbed, set_ntk_rope  # noqa: F401 (public names of clear.inference)
 from .geometry import Window
-from .models import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH,
-                     MODEL_DEFAULTS)
-from .models import model_name as _model_name
+from .models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH  # noqa: F401
 from .weights import (RELEASED, Variant, download_weights, file_variant, hub_unreachable, load_clear_weights,
                       read_header, unverified_radius_message)
 
@@ -238,12 +236,11 @@ def check_model(model: str) -> dict:
 
 
 def pipeline_family(model_or_pipe) -> ModelFamily:
-    """The :class:`clear.features.ModelFamily` of a pipeline object, or of a Hub id / local directory (from its
+    """The :class:`clear.families.ModelFamily` of a pipeline object, or of a Hub id / local directory (from its
     ``model_index.json``, checked by :func:`check_model`)."""
     if hasattr(model_or_pipe, "transformer"):
-        return FAMILIES[model_family(model_or_pipe.transformer)]
-    transformer = (check_model(model_or_pipe).get("transformer") or [None, None])[1]
-    return next(f for f in FAMILIES.values() if f.transformer_class == transformer)
+        return family_of(model_or_pipe)
+    return family_of(check_model(model_or_pipe))
 
 
 def size_rules(model_or_pipe) -> tuple[int, int | None]:
@@ -276,10 +273,7 @@ def checkpoint_family(path: str | os.PathLike) -> str | None:
     """The model family (``"flux"``/``"sd3"``) a CLEAR checkpoint was made for, from its header:
     the metadata written by :func:`clear.save_clear_weights`, else FLUX's single-stream block
     keys (the released files); ``None`` where the file does not say."""
-    metadata, shapes = read_header(path)
-    if "clear.family" in metadata:
-        return metadata["clear.family"]
-    return "flux" if any(k.startswith("single_transformer_blocks.") for k in shapes) else None
+    return family_of_checkpoint(*read_header(path))
 
 
 def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 1, family: str | None = None,
@@ -446,62 +440,11 @@ class ClearSpec:
 # ------------------------------------------------------------------------------------------
 
 
-class NTKFluxPosEmbed(FluxPosEmbed):
-    """FLUX's rotary embedding with NTK-aware scaling: the base ``theta`` of every axis is
-    multiplied by ``ntk_factor`` (diffusers' ``get_1d_rotary_pos_embed(..., ntk_factor=)``),
-    which stretches the wavelengths so that positions beyond the training grid stay in range."""
-
-    def __init__(self, theta: int, axes_dim, ntk_factor: float):
-        super().__init__(theta, axes_dim)
-        self.ntk_factor = float(ntk_factor)
-
-    def forward(self, ids: torch.Tensor):
-        pos = ids.float()
-        freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
-        cos_out, sin_out = [], []
-        for i in range(ids.shape[-1]):
-            cos, sin = get_1d_rotary_pos_embed(self.axes_dim[i], pos[:, i], theta=self.theta, use_real=True,
-                                               repeat_interleave_real=True, freqs_dtype=freqs_dtype,
-                                               ntk_factor=self.ntk_factor)
-            cos_out.append(cos)
-            sin_out.append(sin)
-        return torch.cat(cos_out, dim=-1).to(ids.device), torch.cat(sin_out, dim=-1).to(ids.device)
-
-    def extra_repr(self) -> str:
-        return f"theta={self.theta}, axes_dim={list(self.axes_dim)}, ntk_factor={self.ntk_factor:g}"
-
-
-def set_ntk_rope(model: torch.nn.Module, ntk_factor: float) -> None:
-    """Make ``model.pos_embed`` (FLUX transformer or ControlNet) NTK-scaled by ``ntk_factor``;
-    ``1`` restores a plain ``FluxPosEmbed``. Nothing else of the model changes."""
-    pe = model.pos_embed
-    if not isinstance(pe, FluxPosEmbed):
-        raise TypeError(f"{type(model).__name__}.pos_embed is a {type(pe).__name__}, not FLUX's FluxPosEmbed: "
-                        "NTK scaling applies to RoPE only (SD3's positions are a fixed table, not RoPE)")
-    if float(ntk_factor) == 1.0:
-        model.pos_embed = FluxPosEmbed(pe.theta, pe.axes_dim)
-    else:
-        model.pos_embed = NTKFluxPosEmbed(pe.theta, pe.axes_dim, ntk_factor)
-
-
-@contextlib.contextmanager
 def ntk_rope(models, ntk_factor: float | None):
     """Within the block, the given model(s) (or a pipeline's transformer and ControlNets)
-    use NTK-scaled RoPE; the original ``pos_embed`` objects are put back afterwards.
-    ``ntk_factor`` 1 or ``None``: nothing changes (any model)."""
-    if hasattr(models, "transformer"):
-        models = clear_models(models)
-    elif isinstance(models, torch.nn.Module):
-        models = [models]
-    saved = [(m, m.pos_embed) for m in models]
-    try:
-        if ntk_factor is not None and float(ntk_factor) != 1.0:
-            for m in models:
-                set_ntk_rope(m, ntk_factor)
-        yield
-    finally:
-        for m, pe in saved:
-            m.pos_embed = pe
+    use NTK-scaled RoPE (:func:`clear.families.flux.ntk_rope`); the original ``pos_embed``
+    objects are put back afterwards. ``ntk_factor`` 1 or ``None``: nothing changes (any model)."""
+    return _flux.ntk_rope(clear_models(models) if hasattr(models, "transformer") else models, ntk_factor)
 
 
 @contextlib.contextmanager
@@ -534,16 +477,7 @@ def resolve_ntk_factor(family: ModelFamily | str, ntk_factor: float | None) -> f
     """The NTK factor an upscaling stage uses: ``None`` = the family's default
     (:data:`DEFAULT_NTK_FACTOR` for FLUX; for SD3, which has no RoPE, nothing, with a logged
     note). An explicit factor other than 1 on SD3 is an error: it cannot be honoured."""
-    family = FAMILIES[family] if isinstance(family, str) else family
-    if family.rope:
-        return DEFAULT_NTK_FACTOR if ntk_factor is None else float(ntk_factor)
-    if ntk_factor is not None and float(ntk_factor) != 1.0:
-        raise ValueError(f"ntk_factor={float(ntk_factor):g}: {family.name} models have no RoPE (their positions are "
-                         "a fixed table of sin-cos embeddings cropped to the image), so NTK-scaled RoPE does not "
-                         "apply; leave --ntk_factor out (or pass 1)")
-    if ntk_factor is None:
-        logger.info("%s has no RoPE: NTK-scaled RoPE does not apply and is skipped", family.name)
-    return None
+    return get_family(family).resolve_ntk_factor(ntk_factor)
 
 
 def fixed_shift_scheduler(scheduler, shift: float):
@@ -594,16 +528,15 @@ class Result:
 
 
 def model_name(transformer) -> str:
-    """Which released model a transformer's config is (a key of :data:`clear.models.MODEL_DEFAULTS`)."""
-    return _model_name(model_family(transformer), transformer.config)
+    """Which released model a transformer's config is (the name of its :class:`clear.families.ModelSpec`)."""
+    return family_of(transformer).spec(transformer.config).name
 
 
 def default_settings(pipe) -> dict:
-    """Steps, guidance and text length for the pipeline's model (:data:`MODEL_DEFAULTS`):
+    """Steps, guidance and text length for the pipeline's model (its :class:`clear.families.ModelSpec`):
     FLUX.1-dev 28 / 3.5 / 512, FLUX.1-schnell 4 / 0 / 256, SD3-Medium 28 / 7 / 256,
-    SD3.5-Medium 40 / 4.5 / 256, SD3.5-Large 28 / 3.5 / 256."""
-    d = MODEL_DEFAULTS[model_name(pipe.transformer)]
-    return dict(steps=d.steps, guidance=d.guidance, max_sequence_length=d.max_sequence_length)
+    SD3.5-Medium 40 / 4.5 / 256, SD3.5-Large 28 / 3.5 / 256 (the mini model of ckpt/mini: 28 / 3.5 / 32)."""
+    return family_of(pipe).spec(pipe.transformer.config).defaults()
 
 
 def clear_label(pipe) -> str:

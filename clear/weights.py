@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .apply import clear_attention_modules
+from .families import family_of_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -281,12 +282,14 @@ def _describe(keys, n=5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _extra_block(key: str, model: torch.nn.Module) -> bool:
+def _extra_block(key: str, model: torch.nn.Module, block_lists: tuple[str, ...]) -> bool:
     """True for a key of a block index the model does not have (e.g. a transformer file
-    loaded into a ControlNet, whose blocks are copies of the transformer's first ones)."""
-    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", key)
-    blocks = getattr(model, m.group(1), None) if m else None
-    return blocks is not None and int(m.group(2)) >= len(blocks)
+    loaded into a ControlNet, whose blocks are copies of the transformer's first ones);
+    ``block_lists``: the model family's (``transformer_blocks``, ...)."""
+    name, _, rest = key.partition(".")
+    index = rest.split(".", 1)[0]
+    blocks = getattr(model, name, None) if name in block_lists and index.isdigit() else None
+    return blocks is not None and int(index) >= len(blocks)
 
 
 def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, strict_radius: bool = True,
@@ -316,7 +319,7 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     if ignore_extra_blocks is None:
         ignore_extra_blocks = "ControlNet" in type(transformer).__name__
     if ignore_extra_blocks:
-        tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer)}
+        tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer, state.model_family.block_lists)}
 
     file_radius, file_df, radius_known = _file_window(
         path, metadata, [t.shape for k, t in tensors.items() if k.endswith("processor.spatial_weight")])
@@ -349,9 +352,7 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
     if missing or unexpected:
         hint = "the file is for another model (different number of blocks or module names)"
-        if any(k.startswith("single_transformer_blocks") for k in tensors) != any(
-            k.startswith("single_transformer_blocks") for k in params
-        ):
+        if family_of_checkpoint({}, tensors) != family_of_checkpoint({}, params):  # by the block names they use
             hint = "the file is for another model family (FLUX vs SD3)"
         raise ValueError(
             f"{path} does not match this model: "

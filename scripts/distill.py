@@ -10,7 +10,7 @@ down_factor)`` whose CLEAR parameters alone train, on ``L_fm + alpha*L_distill +
 (see ``clear/distill.py``). The model family (FLUX.1, SD3 / SD3.5) is read from the model's
 ``model_index.json`` / transformer config (or ``--model_family``); what differs between
 families (text encoders, latent layout, how the transformer is called) lives in
-``clear.features.FAMILIES``. Every ``--checkpointing_steps`` the accelerate state goes to
+``clear.families``. Every ``--checkpointing_steps`` the accelerate state goes to
 ``<output_dir>/checkpoint-<step>/`` together with the CLEAR weights in the released layout
 (``clear_local_<r>[_down_<df>].safetensors``) and each process's data position; the final
 weights are also written to ``<output_dir>/``. ``--resume_from_checkpoint latest``
@@ -75,7 +75,8 @@ from clear.checkpointing import (
     write_manifest,
 )
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
-from clear.features import FAMILIES, LatentEncoder, PromptEncoder, latents_from_moments, resolve_family, vae_scaling
+from clear.encoders import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
+from clear.families import FAMILIES, resolve_family
 from clear.shards import atomic_path, index_samples, write_bytes_atomic
 
 logger = logging.getLogger("distill")
@@ -110,7 +111,8 @@ def parse_args(argv=None):
     a("--use_cached_latent", action="store_true", help="read VAE mean/std from scripts/cache_latent_codes.py")
     a("--resolution", type=int, default=1024, help="training images are resized and centre-cropped to this")
     a("--max_sequence_length", type=int, default=None,
-      help="T5 tokens per prompt (raw prompts and validation); default: FLUX 512, SD3 256")
+      help="T5 tokens per prompt (raw prompts and validation); default: the model's (FLUX.1-dev 512, "
+           "FLUX.1-schnell 256, SD3 256)")
     a("--dataloader_num_workers", type=int, default=2)
     # objective
     a("--distill_loss_weight", "--alpha", dest="alpha", type=float, default=0.5, help="alpha: weight of L_distill")
@@ -226,7 +228,7 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:  # a bad --data_root, a truncated shard, a missing cache
         raise SystemExit(str(e)) from e
     transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
-    args.max_sequence_length = args.max_sequence_length or family.max_sequence_length
+    args.max_sequence_length = args.max_sequence_length or family.spec(transformer_config).max_sequence_length
     if args.guidance_scale is None:
         args.guidance_scale = family.default_guidance_scale(transformer_config)
     if args.attn_loss_layers is None:

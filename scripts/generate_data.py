@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clear.features import FAMILIES, resolve_family
+from clear.families import FAMILIES, resolve_family
 from clear.shards import dist_env, rank_device, split_key, write_bytes_atomic, write_tar_atomic
 
 
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=28)
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="default: the model's (FLUX.1-dev 3.5, SD3 7, SD3.5-Medium 4.5, SD3.5-Large 3.5)")
-    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens; default: FLUX 512, SD3 256")
+    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens; default: the model's (FLUX.1-dev 512, FLUX.1-schnell 256, SD3 256)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i unless its JSON line gives a seed")
     p.add_argument("--samples_per_shard", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=1, help="images generated per pipeline call")
@@ -148,10 +148,9 @@ def main(argv=None) -> dict:
             family.check_size(args.pretrained_model_name_or_path, pixels, name=name)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    if args.guidance_scale is None:
-        args.guidance_scale = family.default_guidance_scale(
-            family.transformer_config(args.pretrained_model_name_or_path))
-    args.max_sequence_length = args.max_sequence_length or family.max_sequence_length
+    spec = family.model_spec(args.pretrained_model_name_or_path)  # the model's own guidance and T5 length
+    args.guidance_scale = spec.guidance if args.guidance_scale is None else args.guidance_scale
+    args.max_sequence_length = args.max_sequence_length or spec.max_sequence_length
     prompts, bad = read_prompts(Path(args.prompts))
     for line in bad:
         print(f"skipped prompt entry {line}", file=sys.stderr)

@@ -121,12 +121,15 @@ def shipped():
 
 def test_shipped_teacher_is_the_documented_model(shipped):
     from clear.mini import teacher as T
-    from clear.models import model_name
+    from clear.families import family_of
 
     cfg = dict(shipped.transformer.config)
     assert {k: cfg[k] for k in T.TRANSFORMER_CONFIG} == {k: (list(v) if isinstance(v, tuple) else v)
                                                          for k, v in T.TRANSFORMER_CONFIG.items()}
-    assert model_name("flux", cfg) == "FLUX.1-dev" and shipped.vae_scale_factor == 2
+    # a known model of the FLUX family, with its own T5 length and training length (16x16 tokens at 64 px + 32)
+    spec = family_of(shipped).spec(cfg)
+    assert spec.name == "CLEAR-mini" and shipped.vae_scale_factor == 2
+    assert (spec.max_sequence_length, spec.training_tokens) == (T.MAX_SEQUENCE_LENGTH, (T.SIZE // 4) ** 2 + 32)
     files = [p for p in T.MINI_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 15e6
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth")]  # safetensors only

@@ -27,7 +27,7 @@ from clear.checkpointing import (
     write_manifest,
 )
 from clear.distill import attention_layers
-from clear.features import FAMILIES
+from clear.families import FAMILIES
 from test_training import DISTILL, REPO, data, run_env  # noqa: F401 (data: the shared module fixture)
 from tiny_models import tiny_flux
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import clear
 from clear.data import LATENT_CODES, PROMPT_EMBEDS, check_cache, read_image
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
-from clear.features import FAMILIES, resolve_family
+from clear.families import FAMILIES, resolve_family
 from clear.shards import index_samples
 from tiny_models import tiny_flux, tiny_sd3, tiny_sd3_pipeline
 

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 import clear
 from clear.attention import BACKENDS
 from clear.evaluation import list_images, read_image
-from clear.features import FAMILIES, LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
+from clear.encoders import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
+from clear.families import FAMILIES
 
 FLUX = FAMILIES["flux"]
 

@@ -1,0 +1,156 @@
+"""Turn prompts and images into what a diffusion transformer consumes, with the pipeline's own encoders.
+
+* :class:`PromptEncoder`: the pipeline's text encoders (FLUX: CLIP pooled + T5 tokens; SD3:
+  CLIP-L + CLIP-G + T5), as its own ``encode_prompt``, at the T5 length of the model being used
+  (its :class:`clear.families.ModelSpec`: FLUX.1-dev 512, FLUX.1-schnell 256, SD3 256).
+* :class:`LatentEncoder`: the VAE posterior of an image (mean and std), which the cache
+  stores so that training can still sample ``z = mean + std * eps`` afresh every step.
+* :func:`latents_from_moments`: that sample, shifted and scaled as the transformer expects.
+* :func:`plan_cache` / :func:`run_cache`: the one implementation behind ``scripts/cache_prompt_embeds.py`` and
+  ``scripts/cache_latent_codes.py``.
+
+Used by the data and cache scripts, by ``scripts/distill.py`` when it reads raw prompts and
+images, and to encode the validation prompts once. What differs between families comes from
+:mod:`clear.families`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import (LATENT_CODES, PROMPT_EMBEDS, CacheReport, default_cache_dir, read_image, read_prompt,
+                   write_feature_cache)
+from .families import ModelFamily, resolve_family
+from .shards import dist_env, index_samples, rank_device
+
+
+class PromptEncoder:
+    """The text half of a pipeline (its text encoders and tokenizers), loaded without the
+    transformer and the VAE. ``family``: a name or :class:`ModelFamily`; default: detected.
+    ``max_sequence_length``: T5 tokens; default: the model's (its spec: FLUX.1-dev 512,
+    FLUX.1-schnell 256, SD3 256)."""
+
+    def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32,
+                 max_sequence_length: int | None = None, family: str | ModelFamily | None = None):
+        self.family = resolve_family(family, pretrained_model_name_or_path)
+        self.pipe = self.family.pipeline_cls().from_pretrained(pretrained_model_name_or_path, transformer=None,
+                                                               vae=None, dtype=dtype).to(device)
+        self.device = torch.device(device)
+        self.max_sequence_length = (max_sequence_length
+                                    or self.family.model_spec(pretrained_model_name_or_path).max_sequence_length)
+        limit = getattr(self.pipe, self.family.t5_tokenizer).model_max_length
+        if self.max_sequence_length > limit:
+            raise ValueError(f"max_sequence_length={self.max_sequence_length} exceeds the T5 tokenizer's {limit}")
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` and ``pooled_prompt_embeds`` (plus the empty prompt's ``negative_*``
+        with ``negative=True`` where the family samples with classifier-free guidance)."""
+        return self.family.encode_prompt(self.pipe, prompts, self.device, self.max_sequence_length, negative)
+
+
+class LatentEncoder:
+    """The pipeline's VAE encoder: images in ``[-1, 1]`` -> posterior mean and std."""
+
+    def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32):
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder="vae",
+                                                 dtype=dtype).to(device).eval()
+        self.vae.requires_grad_(False)
+        self.device, self.dtype = torch.device(device), dtype
+
+    @property
+    def config(self):
+        return self.vae.config
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return {"latent_mean": dist.mean, "latent_std": dist.std}
+
+
+def vae_scaling(pretrained_model_name_or_path: str) -> tuple[float, float]:
+    """``(shift_factor, scaling_factor)`` of the pipeline's VAE, read from its config only."""
+    from diffusers import AutoencoderKL
+
+    cfg = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
+    return float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"])
+
+
+def latents_from_moments(mean: torch.Tensor, std: torch.Tensor, shift_factor: float, scaling_factor: float,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """A sample of the VAE posterior, in the transformer's latent space: ``(mean + std * eps - shift) * scale``."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return ((mean.float() + std.float() * eps) - shift_factor) * scaling_factor
+
+
+# ------------------------------------------------------------------------------------------
+# the feature caches (scripts/cache_prompt_embeds.py, scripts/cache_latent_codes.py)
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheJob:
+    """One rank's share of caching ``kind`` (:data:`clear.data.PROMPT_EMBEDS` or
+    :data:`clear.data.LATENT_CODES`) for a training set, checked before any weights load."""
+
+    kind: str
+    model: str
+    family: ModelFamily
+    samples: list
+    cache_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    max_sequence_length: int | None  # prompt embeddings: T5 tokens (the model's own)
+    resolution: int | None  # latent codes: image size
+
+    @property
+    def label(self) -> str:
+        what = "prompt embeddings" if self.kind == PROMPT_EMBEDS else "latent codes"
+        return f"{what} in {self.cache_dir}"
+
+
+def plan_cache(kind: str, pretrained_model_name_or_path: str, data_root, cache_dir=None, model_family="auto",
+               batch_size: int = 8, dtype: str | None = None, max_sequence_length: int | None = None,
+               resolution: int | None = None) -> CacheJob:
+    """Everything checked that can be without weights: the family (read from the model or given),
+    the size (latent codes), the samples; this process's rank and device (torchrun / accelerate
+    environment). ``max_sequence_length`` ``None``: the model's own (:class:`clear.families.ModelSpec`)."""
+    if kind not in (PROMPT_EMBEDS, LATENT_CODES):
+        raise ValueError(f"unknown cache kind {kind!r}; use {PROMPT_EMBEDS!r} or {LATENT_CODES!r}")
+    rank, world, local_rank = dist_env()
+    device, torch_dtype = rank_device(local_rank, dtype)
+    family = resolve_family(model_family, pretrained_model_name_or_path)
+    if kind == LATENT_CODES:
+        family.check_size(pretrained_model_name_or_path, resolution)
+    elif max_sequence_length is None:
+        max_sequence_length = family.model_spec(pretrained_model_name_or_path).max_sequence_length
+    samples = index_samples(data_root)
+    return CacheJob(kind, str(pretrained_model_name_or_path), family, samples,
+                    Path(cache_dir or default_cache_dir(data_root)), rank, world, device, torch_dtype, batch_size,
+                    max_sequence_length if kind == PROMPT_EMBEDS else None,
+                    resolution if kind == LATENT_CODES else None)
+
+
+def run_cache(job: CacheJob, progress: bool = True) -> CacheReport:
+    """Encode and write the job's samples that have no cache file yet (resumable; each file atomic),
+    with the model, family and T5 length or resolution in each file's metadata."""
+    metadata = {"model": job.model, "family": job.family.name}
+    if job.kind == PROMPT_EMBEDS:
+        encoder = PromptEncoder(job.model, job.device, job.dtype, job.max_sequence_length, job.family)
+        read, encode = read_prompt, encoder
+        metadata["max_sequence_length"] = encoder.max_sequence_length
+    else:
+        vae = LatentEncoder(job.model, job.device, job.dtype)
+        read, encode = functools.partial(read_image, resolution=job.resolution), lambda im: vae(torch.stack(im))
+        metadata["resolution"] = job.resolution
+    return write_feature_cache(job.samples, job.kind, job.cache_dir, read=read, encode=encode,
+                               batch_size=job.batch_size, rank=job.rank, world_size=job.world_size,
+                               metadata=metadata, progress=progress)

@@ -1,0 +1,190 @@
+"""What every model family says about itself: :class:`ModelFamily` (one per family file) and
+:class:`ModelSpec` (one released model of a family: its sampling defaults, text length and
+training length L0).
+
+A family file (``clear/families/flux.py``, ``sd3.py``) defines its attention processor, a
+:class:`ModelFamily` subclass implementing the methods below, and one instance of it named
+``FAMILY``; the registry (:mod:`clear.families`) lists those instances. Latents are always
+``[B, C, H, W]`` (VAE layout) outside :meth:`ModelFamily.transformer_inputs`;
+:meth:`ModelFamily.output_layout` puts a latent-shaped target into the layout the transformer
+predicts in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One released model of a family: how it is recognised from its transformer config, the
+    sampling settings its publisher recommends (diffusers docs / model cards), its T5 length
+    (used alike by data generation, caches, training and inference) and its training length
+    ``training_tokens`` (text + image tokens of one attention call at the training size: the
+    L0 of proportional attention, see :meth:`clear.ClearAttention.scale`)."""
+
+    name: str
+    recognise: Callable[[Mapping], bool]  # transformer config -> whether it is this model
+    steps: int
+    guidance: float
+    max_sequence_length: int  # T5 tokens
+    training_tokens: int  # L0
+
+    def defaults(self) -> dict:
+        """``steps``, ``guidance`` and ``max_sequence_length`` as a dict (``clear.inference.default_settings``)."""
+        return dict(steps=self.steps, guidance=self.guidance, max_sequence_length=self.max_sequence_length)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything that differs between model families, for applying CLEAR, training and inference.
+    Subclasses implement the methods that raise :class:`NotImplementedError`."""
+
+    name: str  # clear.model_family's name, the --model_family value, checkpoints' clear.family metadata
+    pipeline_class: str  # the text-to-image pipeline (diffusers class name)
+    transformer_class: str  # the transformer a pipeline of this family holds (model_index.json)
+    model_classes: tuple[str, ...]  # classes CLEAR applies to (a model's MRO is searched for them)
+    processor: type  # the attention processor (a clear.processors.ClearProcessorBase)
+    text_first: bool  # whether text tokens come before image tokens in the joint sequence
+    specs: tuple[ModelSpec, ...]  # released models, the first whose recognise() holds is the one
+    # stream name (attn_loss_layers' "single:4") -> the model's block list; its block lists are checkpoint key prefixes
+    streams: tuple[tuple[str, str], ...]
+    repeated_blocks: tuple[str, ...]  # block classes for diffusers' regional compilation
+    text_components: tuple[str, ...]  # pipeline components that encode prompts
+    t5_tokenizer: str  # the component that limits max_sequence_length
+    attn_loss_layers: str  # default layers of L_attn (see clear.distill.attention_layers)
+    # inference: pipelines recognised in model_index.json, the SDEdit pipeline, whether positions are RoPE
+    # (NTK scaling applies), whether CLEAR weights are released, a Hub id for messages
+    pipelines: tuple[str, ...] = ()
+    img2img_class: str = ""
+    rope: bool = False
+    released_weights: bool = False
+    example: str = ""
+
+    # -- the released models -------------------------------------------------------------
+    def spec(self, transformer_config: Mapping) -> ModelSpec:
+        """The released model a transformer config (a dict or a loaded model's config) is."""
+        for spec in self.specs:
+            if spec.recognise(transformer_config):
+                return spec
+        raise ValueError(f"no {self.name} model spec recognises this transformer config; known: "
+                         f"{', '.join(s.name for s in self.specs)}")
+
+    def model_spec(self, pretrained_model_name_or_path: str) -> ModelSpec:
+        """The released model a pipeline folder / Hub id is, from its transformer config (no weights read)."""
+        return self.spec(self.transformer_config(pretrained_model_name_or_path))
+
+    def default_guidance_scale(self, transformer_config) -> float:
+        """Guidance for generating data and validation images with this model."""
+        return self.spec(transformer_config).guidance
+
+    # -- block names ---------------------------------------------------------------------
+    @property
+    def block_lists(self) -> tuple[str, ...]:
+        """The model's block lists (``transformer_blocks``, ...): the first part of every checkpoint key."""
+        return tuple(dict.fromkeys(blocks for _, blocks in self.streams))
+
+    def stream_blocks(self, stream: str) -> str | None:
+        return dict(self.streams).get(stream)
+
+    # -- loading -------------------------------------------------------------------------
+    def pipeline_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def transformer_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
+
+    def transformer_config(self, pretrained_model_name_or_path: str) -> dict:
+        return self.transformer_cls().load_config(pretrained_model_name_or_path, subfolder="transformer")
+
+    def pipeline(self, transformer, vae, scheduler):
+        """The text-to-image pipeline around these components, without text encoders (prompts go in as embeddings)."""
+        return self.pipeline_cls()(transformer=transformer, vae=vae, scheduler=scheduler,
+                                   **{c: None for c in self.text_components})
+
+    # -- sizes ---------------------------------------------------------------------------
+    def size_rules(self, pretrained_model_name_or_path: str) -> tuple[int, int | None]:
+        """``(pixels per token, most tokens per side or None)``, from the configs only."""
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return self.grid_rules(vae_factor, self.transformer_config(pretrained_model_name_or_path))
+
+    def grid_rules(self, vae_factor: int, transformer_config) -> tuple[int, int | None]:
+        """``(pixels per token, most tokens per side or None)`` from the VAE factor and the
+        transformer config (a dict or a loaded model's config)."""
+        raise NotImplementedError
+
+    def check_size(self, pretrained_model_name_or_path: str, pixels: int, down_factor: int = 1,
+                   name: str = "--resolution") -> None:
+        """Fail, saying what to use, unless ``pixels`` makes a token grid this model takes (with ``down_factor``)."""
+        per_token, max_grid = self.size_rules(pretrained_model_name_or_path)
+        if pixels % per_token or (pixels // per_token) % down_factor:
+            raise ValueError(f"{name} {pixels} must be a multiple of {per_token * down_factor} ({per_token} pixels "
+                             f"per token x down_factor {down_factor})")
+        if max_grid is not None and pixels // per_token > max_grid:
+            raise ValueError(f"{name} {pixels} is {pixels // per_token} tokens per side; this {self.name} model has "
+                             f"positions for at most {max_grid} ({max_grid * per_token} pixels)")
+
+    # -- a forward, as apply_clear's hook sees it ----------------------------------------
+    def grid(self, bound: inspect.BoundArguments) -> tuple[int, int]:
+        """The image grid (tokens high, wide) of a forward, from its bound arguments."""
+        raise NotImplementedError
+
+    def text_lens(self, bound: inspect.BoundArguments) -> tuple[int, ...]:
+        """The text length of each attention layout of a forward (one per kind of attention call)."""
+        raise NotImplementedError
+
+    # -- training ------------------------------------------------------------------------
+    def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
+        """The guidance the transformer takes in training (an embedded guidance value, or None)."""
+        raise NotImplementedError
+
+    def encode_prompt(self, pipe, prompts: list[str], device, max_sequence_length: int,
+                      negative: bool = False) -> dict[str, torch.Tensor]:
+        """``{"prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, P]}`` as the pipeline's
+        ``encode_prompt`` gives them; ``negative``: also the empty prompt's, for classifier-free
+        guidance (``negative_*``), where the family uses it. Keys are pipeline call arguments."""
+        raise NotImplementedError
+
+    def transformer_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+                           pooled_prompt_embeds: torch.Tensor, guidance: float | None,
+                           num_train_timesteps: int = 1000) -> dict:
+        """Keyword arguments of the transformer's forward for noisy latents ``[B, C, H, W]`` at the
+        scheduler's ``timesteps`` (``sigma * num_train_timesteps``)."""
+        raise NotImplementedError
+
+    def output_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> the layout of the transformer's prediction."""
+        raise NotImplementedError
+
+    # -- resolution extrapolation ----------------------------------------------------------
+    def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
+        """The NTK factor an upscaling stage uses. Without RoPE (this default): nothing, with a
+        logged note; an explicit factor other than 1 is an error, it cannot be honoured."""
+        if ntk_factor is not None and float(ntk_factor) != 1.0:
+            raise ValueError(f"ntk_factor={float(ntk_factor):g}: {self.name} models have no RoPE (their positions are "
+                             "a fixed table of sin-cos embeddings cropped to the image), so NTK-scaled RoPE does not "
+                             "apply; leave --ntk_factor out (or pass 1)")
+        if ntk_factor is None:
+            logger.info("%s has no RoPE: NTK-scaled RoPE does not apply and is skipped", self.name)
+        return None
+
+    def ntk_rope(self, models, ntk_factor: float | None):
+        """A context in which ``models`` use NTK-scaled RoPE (families with RoPE override this);
+        factor ``None`` or 1 changes nothing on any model."""
+        self.resolve_ntk_factor(1.0 if ntk_factor is None else ntk_factor)
+        return contextlib.nullcontext()
