@@ -15,7 +15,7 @@ from PIL import Image
 
 import clear
 import clear.inference as inf
-from clear.processors import SD3ClearAttnProcessor
+from clear.families.sd3 import SD3ClearAttnProcessor
 
 ROOT = Path(__file__).resolve().parent.parent
 # the tiny pipeline: VAE factor 2 x patch 2 = 4 pixels per token, pos_embed_max_size 32 -> at most 128 pixels

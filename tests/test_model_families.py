@@ -1,5 +1,6 @@
-"""Whole pipelines of every supported family run with CLEAR: SD3.5 (three text encoders, dual attention),
-FLUX ControlNet (zero-shot with the transformer's CLEAR weights) and FLUX.1-schnell-like (no guidance embedding)."""
+"""Whole pipelines of every supported family run with CLEAR (parametrized over the registry): SD3.5 (three text
+encoders, dual attention) and FLUX.1-schnell-like (no guidance embedding); FLUX ControlNet (zero-shot with the
+transformer's CLEAR weights)."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 import clear
+import clear.families
 from tiny_models import tiny_flux_controlnet_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
 KW = dict(prompt="a small cat", height=32, width=48, num_inference_steps=2, output_type="np", max_sequence_length=16)
@@ -16,20 +18,42 @@ def run(pipe, **extra):
     return pipe(**KW, **extra, generator=torch.Generator().manual_seed(0)).images
 
 
-def test_sd3_pipeline_end_to_end(tmp_path):
+def _sd3_pipeline(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     tiny_sd3_pipeline().save_pretrained(tmp_path)
-    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path)
-    ref = run(pipe)
+    return StableDiffusion3Pipeline.from_pretrained(tmp_path)
+
+
+def _schnell_pipeline(tmp_path):
+    from diffusers import FluxPipeline
+
+    tiny_flux_pipeline(guidance_embeds=False).save_pretrained(tmp_path)
+    pipe = FluxPipeline.from_pretrained(tmp_path)
+    assert not pipe.transformer.config.guidance_embeds
+    return pipe
+
+
+# family -> (a saved and reloaded tiny pipeline, its call's extra arguments, attention modules that must run CLEAR):
+# SD3.5-like (three text encoders; the image-only attn2 of the dual-attention block runs CLEAR too) and
+# FLUX.1-schnell-like (no guidance embedding)
+PIPELINES = {"sd3": (_sd3_pipeline, {}, ".attn2"), "flux": (_schnell_pipeline, dict(guidance_scale=0.0),
+                                                            "single_transformer_blocks.")}
+
+
+@pytest.mark.parametrize("family", list(clear.families.FAMILIES))
+def test_pipeline_end_to_end(family, tmp_path):
+    make, extra, module = PIPELINES[family]
+    pipe = make(tmp_path)
+    assert clear.model_family(pipe.transformer) == family
+    ref = run(pipe, **extra)
     clear.apply_clear(pipe.transformer, radius=100)  # covers the 8x12 token grid
-    np.testing.assert_allclose(run(pipe), ref, atol=1e-5)
+    np.testing.assert_allclose(run(pipe, **extra), ref, atol=1e-5)
     clear.apply_clear(pipe.transformer, radius=2, down_factor=2)
-    local = run(pipe)
+    local = run(pipe, **extra)
     assert local.shape == (1, 32, 48, 3) and np.isfinite(local).all()
     assert np.abs(local - ref).max() > 1e-4
-    # the image-only attn2 of the dual-attention block runs CLEAR too
-    assert any(".attn2" in name for name in clear.clear_attention_modules(pipe.transformer))
+    assert any(module in name for name in clear.clear_attention_modules(pipe.transformer))
 
 
 def test_flux_controlnet_pipeline_zero_shot(tmp_path):
@@ -72,16 +96,3 @@ def test_controlnet_extra_blocks_only_skipped_on_purpose(tmp_path):
     save_file(extra, tmp_path / "clear_local_2.safetensors")
     with pytest.raises(ValueError, match=r"unexpected keys: transformer_blocks\.7\.attn\.to_q\.weight"):
         clear.load_clear_weights(pipe.transformer, tmp_path / "clear_local_2.safetensors")
-
-
-def test_schnell_like_pipeline_without_guidance(tmp_path):
-    from diffusers import FluxPipeline
-
-    tiny_flux_pipeline(guidance_embeds=False).save_pretrained(tmp_path)
-    pipe = FluxPipeline.from_pretrained(tmp_path)
-    assert not pipe.transformer.config.guidance_embeds
-    ref = run(pipe, guidance_scale=0.0)
-    clear.apply_clear(pipe.transformer, radius=100)
-    np.testing.assert_allclose(run(pipe, guidance_scale=0.0), ref, atol=1e-5)
-    clear.apply_clear(pipe.transformer, radius=2, down_factor=2)
-    assert np.abs(run(pipe, guidance_scale=0.0) - ref).max() > 1e-4
