@@ -394,29 +394,27 @@ def test_attention_capture_is_scoped_and_survives_gradient_checkpointing():
 # distill.py
 # ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def distilled(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("distill") / "run"
+def _distill_cached(data, out, *args):
+    """distill.py on the cached features of ``data`` into ``out``, with validation images."""
     args = ["--pretrained_model_name_or_path", data["pipeline"], "--data_root", str(data["root"] / "data"),
-            "--output_dir", str(out), "--use_cached_prompt_embed", "--use_cached_latent", *DISTILL,
-            "--gradient_accumulation_steps", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
-            "--learning_rate", "1e-3", "--validation_prompt", "a red cat", "--validation_steps", "2",
-            "--num_validation_inference_steps", "2", "--report_to", "tensorboard"]
+            "--output_dir", str(out), "--use_cached_prompt_embed", "--use_cached_latent", *args,
+            "--validation_prompt", "a red cat", "--num_validation_inference_steps", "2"]
     result = distill.main(args)
     reset_accelerate_state()
     return dict(out=out, args=args, result=result)
+
+
+@pytest.fixture(scope="module")
+def distilled(data, tmp_path_factory):
+    return _distill_cached(data, tmp_path_factory.mktemp("distill") / "run", *DISTILL, "--gradient_accumulation_steps",
+                           "2", "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
+                           "--validation_steps", "2", "--report_to", "tensorboard")
 
 
 @pytest.fixture(scope="module")
 def distilled_sd3(sd3, tmp_path_factory):
-    out = tmp_path_factory.mktemp("distill-sd3") / "run"
-    args = ["--pretrained_model_name_or_path", sd3["pipeline"], "--data_root", str(sd3["root"] / "data"),
-            "--output_dir", str(out), "--use_cached_prompt_embed", "--use_cached_latent", *DISTILL_SD3,
-            "--max_train_steps", "3", "--checkpointing_steps", "3", "--validation_prompt", "a red cat",
-            "--validation_steps", "3", "--num_validation_inference_steps", "2"]
-    result = distill.main(args)
-    reset_accelerate_state()
-    return dict(out=out, args=args, result=result)
+    return _distill_cached(sd3, tmp_path_factory.mktemp("distill-sd3") / "run", *DISTILL_SD3, "--max_train_steps",
+                           "3", "--checkpointing_steps", "3", "--validation_steps", "3")
 
 
 def _tiny_of(family):
