@@ -189,6 +189,13 @@ def test_specs_recognise_the_released_models():
         assert family.specs[-1].recognise({}), f"{family.name}: its last spec must take any config"
 
 
+def test_ntk_factor_follows_the_family_rope():
+    assert get_family("flux").resolve_ntk_factor(None) == 10.0 and get_family("flux").resolve_ntk_factor(1) == 1.0
+    assert get_family("sd3").resolve_ntk_factor(None) is None and get_family("sd3").resolve_ntk_factor(1) is None
+    with pytest.raises(ValueError, match="ntk_factor=4: sd3 models have no RoPE"):
+        get_family("sd3").resolve_ntk_factor(4)
+
+
 @pytest.fixture(scope="module")
 def schnell_dir(tmp_path_factory):
     from diffusers import FluxPipeline

@@ -12,13 +12,14 @@ predicts in.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+
+from ..models import DEFAULT_NTK_FACTOR
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,11 @@ class ModelFamily:
 
     # -- resolution extrapolation ----------------------------------------------------------
     def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
-        """The NTK factor an upscaling stage uses. Without RoPE (this default): nothing, with a
-        logged note; an explicit factor other than 1 is an error, it cannot be honoured."""
+        """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.models.DEFAULT_NTK_FACTOR`
+        (10), 1 = off. Without: nothing, with a logged note; an explicit factor other than 1 is an error, it
+        cannot be honoured."""
+        if self.rope:
+            return DEFAULT_NTK_FACTOR if ntk_factor is None else float(ntk_factor)
         if ntk_factor is not None and float(ntk_factor) != 1.0:
             raise ValueError(f"ntk_factor={float(ntk_factor):g}: {self.name} models have no RoPE (their positions are "
                              "a fixed table of sin-cos embeddings cropped to the image), so NTK-scaled RoPE does not "
@@ -183,8 +187,3 @@ class ModelFamily:
             logger.info("%s has no RoPE: NTK-scaled RoPE does not apply and is skipped", self.name)
         return None
 
-    def ntk_rope(self, models, ntk_factor: float | None):
-        """A context in which ``models`` use NTK-scaled RoPE (families with RoPE override this);
-        factor ``None`` or 1 changes nothing on any model."""
-        self.resolve_ntk_factor(1.0 if ntk_factor is None else ntk_factor)
-        return contextlib.nullcontext()

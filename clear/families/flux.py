@@ -19,7 +19,6 @@ from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embe
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed, _get_qkv_projections
 
 from ..geometry import grid_from_ids
-from ..models import DEFAULT_NTK_FACTOR
 from ..processors import ClearProcessorBase
 from .base import ModelFamily, ModelSpec
 
@@ -162,10 +161,6 @@ class FluxFamily(ModelFamily):
 
         b, c, h, w = latents.shape
         return FluxPipeline._pack_latents(latents, b, c, h, w)
-
-    def resolve_ntk_factor(self, ntk_factor):
-        """``None``: :data:`clear.models.DEFAULT_NTK_FACTOR` (10); 1: off."""
-        return DEFAULT_NTK_FACTOR if ntk_factor is None else float(ntk_factor)
 
 
 def _is_mini(config) -> bool:
