@@ -38,8 +38,8 @@ class ClearState:
     family: str  # the family's name (checkpoint metadata)
     original_processors: dict
     hooks: list
-    model_family: ModelFamily | None = None  # everything family-specific: grid reader, text layouts, block names
-    spec: ModelSpec | None = None  # the model: its training length is the L0 of proportional attention
+    model_family: ModelFamily  # everything family-specific: grid reader, text layouts, block names
+    spec: ModelSpec  # the released model: its training length is the L0 of proportional attention
     # Image grid of the latest forward and its attention plans by text length (plans None: each call
     # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
     grid: tuple[int, int] | None = None
