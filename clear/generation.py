@@ -200,7 +200,7 @@ def generate_dataset(load_pipe: Callable[[], Any], items: Sequence[Item], output
     **meta}``); process ``rank`` of ``world`` makes the shards with ``s % world == rank``.
 
     Each image is first staged (``output_dir/.staging/shard-xxxxx/``, the ``.json`` after the
-    ``.jpg``), and a shard is packed once all of its images are there, so a killed job resumes:
+    ``.jpg``), and a shard is packed as soon as all of its images are there, so a killed job resumes:
     finished shards and staged images are skipped. ``settings`` (plus a digest of the items) are
     checked against ``output_dir/.generation.json``. ``load_pipe()`` is called only when
     something is left to generate; ``call``: the pipeline's sampling arguments.
@@ -215,30 +215,40 @@ def generate_dataset(load_pipe: Callable[[], Any], items: Sequence[Item], output
     shards = {s: (output_dir / f"shard-{s:05d}.tar", output_dir / ".staging" / f"shard-{s:05d}",
                   list(items[s * samples_per_shard:(s + 1) * samples_per_shard]))
               for s in share(range(n_shards), rank, world)}
-    todo = []
-    for path, staging, shard_items in shards.values():
+    todo = []  # (shard, item) not yet staged, in shard order
+    for s, (path, staging, shard_items) in shards.items():
         if not path.exists():
             staged = staged_keys(staging)
-            todo += [(staging, it) for it in shard_items if it.key not in staged]
+            todo += [(s, it) for it in shard_items if it.key not in staged]
     done = sum(len(v[2]) for v in shards.values()) - len(todo)
+    left = Counter(s for s, _ in todo)
 
+    def pack(s: int) -> None:
+        path, staging, shard_items = shards[s]
+        write_tar(path, [(it.key, {"jpg": (staging / f"{it.key}.jpg").read_bytes(),
+                                   "json": (staging / f"{it.key}.json").read_bytes()}) for it in shard_items])
+        shutil.rmtree(staging)
+
+    for s, (path, _, _) in shards.items():
+        if not path.exists() and not left[s]:  # staged completely by a killed run
+            pack(s)
     if todo:
-        staging_of = {it.key: staging for staging, it in todo}
+        shard_of = {it.key: s for s, it in todo}
 
         def save(it: Item, image) -> None:
+            s = shard_of[it.key]
+            staging = shards[s][1]
             buf = io.BytesIO()
             image.save(buf, format="JPEG", quality=jpeg_quality)
-            write_bytes(staging_of[it.key] / f"{it.key}.jpg", buf.getvalue())
-            write_bytes(staging_of[it.key] / f"{it.key}.json",
+            write_bytes(staging / f"{it.key}.jpg", buf.getvalue())
+            write_bytes(staging / f"{it.key}.json",
                         json.dumps({"key": it.key, "prompt": it.prompt, "seed": it.seed, **(meta or {})}).encode())
+            left[s] -= 1
+            if not left[s]:
+                pack(s)
 
         run(load_pipe(), [it for _, it in todo], save, call, batch_size=batch_size, progress=progress,
             desc=f"generate (rank {rank})")
-    for path, staging, shard_items in shards.values():
-        if not path.exists():
-            write_tar(path, [(it.key, {"jpg": (staging / f"{it.key}.jpg").read_bytes(),
-                                       "json": (staging / f"{it.key}.json").read_bytes()}) for it in shard_items])
-            shutil.rmtree(staging)
     try:
         (output_dir / ".staging").rmdir()  # only when empty: other ranks may still be staging
     except OSError:
