@@ -205,7 +205,6 @@ class _ClipForTorchmetrics(nn.Module):
         return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
-
 # ----------------------------------------------------------------------------------------
 # The metrics, and the columns of the paper's table
 # ----------------------------------------------------------------------------------------
