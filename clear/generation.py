@@ -205,6 +205,8 @@ def generate_dataset(load_pipe: Callable[[], Any], items: Sequence[Item], output
     checked against ``output_dir/.generation.json``. ``load_pipe()`` is called only when
     something is left to generate; ``call``: the pipeline's sampling arguments.
     Returns ``{"written", "skipped", "shards"}``."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(json.dumps([[it.key, it.prompt, it.seed] for it in items]).encode()).hexdigest()
