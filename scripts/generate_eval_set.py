@@ -83,11 +83,11 @@ def preflight(args):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before the heavy imports: --help answers at once
     from clear import inference as inf
     from clear.evaluation import load_prompts
     from clear.generation import generate_images
 
-    args = parse_args(argv)
     prompts = load_prompts(args.prompts, num=args.num, sample_seed=args.sample_seed)
     try:
         device, spec = preflight(args)
