@@ -21,6 +21,9 @@ shards with s % W == r. Each image is first written atomically to
 its images exist, so a killed job resumes where it stopped: finished shards and staged
 images are skipped. The settings are recorded in <output_dir>/.generation.json; resuming
 with different settings is refused.
+
+The loop is clear.generation.generate_dataset: each image is drawn with a CPU generator seeded
+with its seed, so an image does not depend on the device, --batch_size or the rank count.
 """
 
 from __future__ import annotations
