@@ -8,7 +8,8 @@ from clear import inference
 from clear.devices import DTYPE_CHOICES, DTYPES, check_device, rank_device, resolve_device, resolve_dtype
 
 
-@pytest.mark.parametrize("names,dtype", [(("bf16", "bfloat16"), torch.bfloat16), (("fp16", "float16", "half"), torch.float16),
+@pytest.mark.parametrize("names,dtype", [(("bf16", "bfloat16"), torch.bfloat16),
+                                         (("fp16", "float16", "half"), torch.float16),
                                          (("fp32", "float32", "float"), torch.float32)])
 def test_dtype_names(names, dtype):
     for name in names:
