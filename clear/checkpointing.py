@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .shards import write_bytes_atomic
+from .files import write_bytes
 
 MANIFEST = "manifest.json"
 SETTINGS = "run_settings.json"
@@ -62,7 +62,7 @@ def write_manifest(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    write_bytes_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1).encode())
+    write_bytes(folder / MANIFEST, json.dumps({"files": files}, indent=1).encode())
 
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
@@ -314,7 +314,7 @@ def settings_changes(saved: dict, current: dict, harmless: set | frozenset = fro
 
 
 def save_settings(folder: str | os.PathLike, settings: dict) -> None:
-    write_bytes_atomic(Path(folder) / SETTINGS, json.dumps(settings, indent=1, sort_keys=True).encode())
+    write_bytes(Path(folder) / SETTINGS, json.dumps(settings, indent=1, sort_keys=True).encode())
 
 
 def load_settings(folder: str | os.PathLike) -> dict | None:

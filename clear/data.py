@@ -318,7 +318,7 @@ def write_feature_cache(samples: list[Sample], kind: str, cache_dir, read, encod
     Every sample's features go to ``<cache_dir>/<kind>/<id>.safetensors``, written atomically."""
     from tqdm.auto import tqdm
 
-    from .shards import save_safetensors_atomic
+    from .files import save_safetensors
 
     report = CacheReport()
     mine = samples[rank::world_size]
@@ -336,7 +336,7 @@ def write_feature_cache(samples: list[Sample], kind: str, cache_dir, read, encod
         if inputs:
             features = encode(inputs)
             for j, sid in enumerate(ids):
-                save_safetensors_atomic({n: t[j] for n, t in features.items()}, feature_path(cache_dir, kind, sid),
+                save_safetensors({n: t[j] for n, t in features.items()}, feature_path(cache_dir, kind, sid),
                                         metadata={k: str(v) for k, v in (metadata or {}).items()})
             report.written += len(ids)
         bar.update(min(batch_size, len(todo) - start))

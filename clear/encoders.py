@@ -25,7 +25,8 @@ import torch
 from .data import (LATENT_CODES, PROMPT_EMBEDS, CacheReport, default_cache_dir, read_image, read_prompt,
                    write_feature_cache)
 from .families import ModelFamily, resolve_family
-from .shards import dist_env, index_samples, rank_device
+from .devices import rank_device
+from .shards import dist_env, index_samples
 
 
 class PromptEncoder:

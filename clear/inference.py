@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,24 +122,10 @@ def check_sampling(steps: int | None = None, guidance: float | None = None, stre
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """The device, if this machine has it: ``cuda`` needs a CUDA build of torch and a visible GPU
-    (``cuda:N``: at least N+1 of them), ``mps`` Apple's backend."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a device name ({e}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"{built}; no GPU visible). Use --device cpu, or install a CUDA build of torch on a "
-                             "machine with a GPU")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered from 0; choose cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {device}: Apple's MPS backend is not available here; use --device cpu")
-    return dev
+    """The device, if this machine has it (:func:`clear.devices.check_device`)."""
+    from .devices import check_device as _check_device
+
+    return _check_device(device)
 
 
 def check_output_path(path: str | os.PathLike, suffix: str = ".png") -> Path:
@@ -334,20 +319,17 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from .devices import default_device as _default_device
+
+    return _default_device()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``None`` -> bfloat16 on CUDA, float32 elsewhere; names like ``"bf16"``/``"float16"`` accepted."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if str(dtype) not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32")
-    return names[str(dtype)]
+    """``None`` -> bfloat16 on CUDA, float32 elsewhere; names like ``"bf16"``/``"float16"`` accepted
+    (:func:`clear.devices.resolve_dtype`)."""
+    from .devices import resolve_dtype as _resolve_dtype
+
+    return _resolve_dtype(dtype, device)
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -771,19 +753,11 @@ def png_metadata(settings: dict):
 
 
 def save_png(image, path: str | os.PathLike, settings: dict | None = None) -> str:
-    """Write ``image`` as PNG atomically (temporary file renamed into place) with ``settings``
+    """Write ``image`` as PNG atomically (:func:`clear.files.save_image`) with ``settings``
     in its text chunks; read them back with ``PIL.Image.open(path).text``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=png_metadata(settings or {}))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(path)
+    from .files import save_image
+
+    return str(save_image(image, path, "PNG", pnginfo=png_metadata(settings or {})))
 
 
 def _font(size: int):

@@ -10,24 +10,16 @@ Every sample has an id unique under the data root: ``<tar path without .tar>/<ke
 a tar member, ``<relative path of the key>`` for loose files. Feature caches mirror ids
 (``<cache_dir>/<kind>/<id>.safetensors``), so caches stay valid when shards are added.
 
-Writes are atomic (a temporary file in the same folder, renamed into place): a killed job
-leaves either the old state or the new file, never a truncated one.
+Writes go through :mod:`clear.files` (atomic, with the permissions of a plain write): a killed
+job leaves either the old state or the new file, never a truncated one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tarfile
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # this module needs no torch at import time
-    import torch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOOSE_EXTS = IMAGE_EXTS + ("json", "txt")  # loose files that make up samples (tars: every member)
@@ -119,64 +111,6 @@ def index_samples(root: str | os.PathLike) -> list[Sample]:
 
 
 # ------------------------------------------------------------------------------------------
-# atomic writes
-# ------------------------------------------------------------------------------------------
-
-def _file_mode() -> int:
-    """The permissions a plain ``open(path, "w")`` would give (0o666 less the umask)."""
-    try:
-        with open("/proc/self/status") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = 0o022
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on
-    failure removed. Parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Each tensor is copied to its own compact CPU buffer (rows of a batch become separate files)."""
-    import torch
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-def write_tar_atomic(path: str | os.PathLike, samples: list[tuple[str, dict]]) -> None:
-    """Write a webdataset shard: ``samples`` is ``[(key, {ext: bytes}), ...]``, members are
-    ``<key>.<ext>`` in the given order."""
-    now = time.time()
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tf:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), now, 0o644
-                tf.addfile(info, io.BytesIO(data))
-
-
-# ------------------------------------------------------------------------------------------
 # torchrun sharding
 # ------------------------------------------------------------------------------------------
 
@@ -187,12 +121,3 @@ def dist_env() -> tuple[int, int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not within WORLD_SIZE={world}; launch with torchrun --nproc_per_node=N")
     return rank, world, int(os.environ.get("LOCAL_RANK", 0))
-
-
-def rank_device(local_rank: int, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """This process's device (``cuda:LOCAL_RANK`` when CUDA is there, else the CPU) and the
-    dtype named ``dtype`` (default: bfloat16 on CUDA, float32 on the CPU)."""
-    import torch
-
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return device, getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,24 +167,14 @@ def _metadata(transformer) -> dict[str, str]:
 def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
     """Write the CLEAR parameters of ``transformer`` in the released layout, atomically
     (a temporary file renamed into place), with the radius and family as metadata."""
-    from safetensors.torch import save_file
+    from .files import save_safetensors
 
     _check_not_fused(transformer, "save")
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in clear_state_dict_keys(transformer).items()}
     if not tensors:
         raise ValueError(f"nothing to save to {path}: the model has no CLEAR attention projections (is CLEAR "
                          "applied to this model, with the projections as Linear layers?)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=_metadata(transformer))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(path)
+    return str(save_safetensors(tensors, path, metadata=_metadata(transformer)))
 
 
 def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -40,6 +38,8 @@ from tqdm import tqdm
 
 import clear
 from clear.attention import ClearAttention
+from clear.devices import DTYPE_CHOICES, resolve_device, resolve_dtype
+from clear.files import atomic_path, write_bytes
 from clear.geometry import TokenLayout
 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -340,22 +340,15 @@ def plot(mode: str, records: list[dict], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save(mode: str, records: list[dict], env: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(dict(mode=mode, environment=env, records=records),
-                                                      indent=1).encode())
-    write_atomic(out.with_suffix(".md"), markdown(mode, records, env).encode())
+    write_bytes(out.with_suffix(".json"), json.dumps(dict(mode=mode, environment=env, records=records),
+                                                     indent=1).encode())
+    write_bytes(out.with_suffix(".md"), markdown(mode, records, env).encode())
     plot(mode, records, out.with_suffix(".png"))
 
 
@@ -372,8 +365,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tile", type=parse_tile, default=(8, 16), help="flex tile HxW (tokens), one block each")
     p.add_argument("--kernel-options", type=json.loads, default=None,
                    help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\' (CUDA)')
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--num-layers", type=int, default=None, help="step: double-stream blocks (FLUX.1-dev: 19)")
@@ -384,9 +377,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", required=True, help="output path without suffix; writes .json, .md, .png")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.mode == "attention":
         records = bench_attention(args, device, dtype)
     elif args.mode == "step":

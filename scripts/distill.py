@@ -77,7 +77,8 @@ from clear.checkpointing import (
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
 from clear.encoders import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
 from clear.families import FAMILIES, resolve_family
-from clear.shards import atomic_path, index_samples, write_bytes_atomic
+from clear.files import save_image, write_bytes
+from clear.shards import index_samples
 
 logger = logging.getLogger("distill")
 
@@ -495,8 +496,7 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
                 validation["teacher"] = render(teacher)
             grid = side_by_side(validation["teacher"], render(model))
             path = output_dir / "validation" / f"step-{step:06d}.png"
-            with atomic_path(path) as tmp:
-                grid.save(tmp, format="PNG")
+            save_image(grid, path)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.log_images({"validation (teacher | student)": np.asarray(grid)[None]}, step,
@@ -527,9 +527,9 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
         accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed else {}))
-            write_bytes_atomic(tmp / f"data_state.rank{rank}.json",
-                               json.dumps({"samples_drawn": samples_drawn, "bad_samples": bad.state_dict(),
-                                           "dataset": fingerprint}).encode())
+            write_bytes(tmp / f"data_state.rank{rank}.json",
+                        json.dumps({"samples_drawn": samples_drawn, "bad_samples": bad.state_dict(),
+                                    "dataset": fingerprint}).encode())
             if is_main:
                 clear.save_clear_weights(model, tmp / variant.filename)
                 save_settings(tmp, settings)

@@ -21,27 +21,21 @@ shards with s % W == r. Each image is first written atomically to
 its images exist, so a killed job resumes where it stopped: finished shards and staged
 images are skipped. The settings are recorded in <output_dir>/.generation.json; resuming
 with different settings is refused.
+
+The loop is clear.generation.generate_dataset: each image is drawn with a CPU generator seeded
+with its seed, so an image does not depend on the device, --batch_size or the rank count.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
-import json
-import math
-import re
-import shutil
 import sys
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
+from clear.devices import DTYPE_CHOICES, rank_device
 from clear.families import FAMILIES, resolve_family
-from clear.shards import dist_env, rank_device, split_key, write_bytes_atomic, write_tar_atomic
+from clear.generation import generate_dataset, read_training_prompts
+from clear.shards import dist_env
 
 
 def parse_args(argv=None):
@@ -62,80 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--samples_per_shard", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=1, help="images generated per pipeline call")
     p.add_argument("--jpeg_quality", type=int, default=95)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="default: bfloat16 on CUDA, float32 otherwise")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on CUDA, float32 otherwise")
     return p.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    key: str
-    prompt: str
-    seed: int | None = None
-
-
-_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def read_prompts(path: Path) -> tuple[list[Prompt], list[str]]:
-    """The prompts of a .txt / .jsonl / .tar file, and a list of the entries that were unusable."""
-    prompts, bad = [], []
-    if path.suffix == ".tar":
-        from clear.data import BadSampleError, read_prompt
-        from clear.shards import index_samples
-
-        for sample in index_samples(path):
-            try:
-                prompts.append(Prompt(re.sub(r"[^A-Za-z0-9_-]", "_", sample.id), read_prompt(sample)))
-            except BadSampleError as e:
-                bad.append(f"{path}:{sample.id}: {e}")
-    elif path.suffix in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                prompt = entry["prompt"]
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise ValueError("empty prompt")
-                key = str(entry["key"]) if "key" in entry else None
-                if key is not None and not _KEY.fullmatch(key):
-                    raise ValueError(f"key {key!r} may only hold letters, digits, '_' and '-'")
-                seed = entry.get("seed")
-                prompts.append(Prompt(key, prompt, None if seed is None else int(seed)))
-            except (ValueError, KeyError, TypeError) as e:
-                bad.append(f"{path}:{n}: {type(e).__name__}: {e}")
-    else:
-        prompts = [Prompt(None, line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [Prompt(p.key or f"{i:08d}", p.prompt, p.seed) for i, p in enumerate(prompts)]
-    dup = sorted(k for k, n in Counter(p.key for p in prompts).items() if n > 1)
-    if dup:
-        raise ValueError(f"{path} gives the same key to several prompts: {', '.join(dup[:5])}; keys must be unique")
-    return prompts, bad
-
-
-def check_manifest(output_dir: Path, settings: dict) -> None:
-    """Record the settings that define the data set, or refuse to resume with other ones."""
-    manifest = output_dir / ".generation.json"
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        diff = [f"{k}: was {old.get(k)!r}, now {v!r}" for k, v in settings.items() if old.get(k) != v]
-        if diff:
-            raise SystemExit(f"{output_dir} was generated with other settings ({'; '.join(diff)}). Resume with the "
-                             "same settings, or pass a new --output_dir.")
-    else:
-        write_bytes_atomic(manifest, json.dumps(settings, indent=1).encode())
-
-
-def staged_keys(staging: Path) -> set[str]:
-    """Keys whose image and metadata are both staged (the .json is written last)."""
-    return {split_key(p.name)[0] for p in staging.glob("*.json")} if staging.is_dir() else set()
-
-
-def pack_shard(shard_path: Path, staging: Path, items: list[Prompt]) -> None:
-    write_tar_atomic(shard_path, [(p.key, {"jpg": (staging / f"{p.key}.jpg").read_bytes(),
-                                           "json": (staging / f"{p.key}.json").read_bytes()}) for p in items])
-    shutil.rmtree(staging)
 
 
 def main(argv=None) -> dict:
@@ -151,68 +73,35 @@ def main(argv=None) -> dict:
     spec = family.model_spec(args.pretrained_model_name_or_path)  # the model's own guidance and T5 length
     args.guidance_scale = spec.guidance if args.guidance_scale is None else args.guidance_scale
     args.max_sequence_length = args.max_sequence_length or spec.max_sequence_length
-    prompts, bad = read_prompts(Path(args.prompts))
+    prompts, bad = read_training_prompts(args.prompts, base_seed=args.seed)
     for line in bad:
         print(f"skipped prompt entry {line}", file=sys.stderr)
     prompts = prompts[: args.num_samples]
     if not prompts:
         raise SystemExit(f"no usable prompts in {args.prompts}")
-    base_seed = args.seed
-    prompts = [Prompt(p.key, p.prompt, base_seed + i if p.seed is None else p.seed) for i, p in enumerate(prompts)]
 
-    digest = hashlib.sha256(json.dumps([[p.key, p.prompt, p.seed] for p in prompts]).encode()).hexdigest()
-    settings = {"model": args.pretrained_model_name_or_path, "prompts_digest": digest, "num_samples": len(prompts),
-                "height": args.height, "width": args.width, "num_inference_steps": args.num_inference_steps,
-                "guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
-                "samples_per_shard": args.samples_per_shard}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    check_manifest(output_dir, settings)
-
-    n_shards = math.ceil(len(prompts) / args.samples_per_shard)
-    mine = [s for s in range(n_shards) if s % world == rank]
-    shard_path = {s: output_dir / f"shard-{s:05d}.tar" for s in mine}
-    staging = {s: output_dir / ".staging" / f"shard-{s:05d}" for s in mine}
-    items = {s: prompts[s * args.samples_per_shard: (s + 1) * args.samples_per_shard] for s in mine}
-    todo = {s: [p for p in items[s] if p.key not in staged_keys(staging[s])]
-            for s in mine if not shard_path[s].exists()}
-    done = sum(len(items[s]) for s in mine) - sum(len(v) for v in todo.values())
-
-    written = 0
-    if any(todo.values()):
+    def load_pipe():
         device, dtype = rank_device(local_rank, args.dtype)
         pipe = family.pipeline_cls().from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
-        bar = tqdm(total=sum(len(v) for v in todo.values()), desc=f"generate (rank {rank})", disable=False)
-        for s, pending in todo.items():
-            for i in range(0, len(pending), args.batch_size):
-                batch = pending[i: i + args.batch_size]
-                images = pipe(prompt=[p.prompt for p in batch], height=args.height, width=args.width,
-                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                              max_sequence_length=args.max_sequence_length,
-                              generator=[torch.Generator(device).manual_seed(p.seed) for p in batch]).images
-                for p, image in zip(batch, images):
-                    buf = io.BytesIO()
-                    image.save(buf, format="JPEG", quality=args.jpeg_quality)
-                    meta = {"key": p.key, "prompt": p.prompt, "seed": p.seed, "width": args.width,
-                            "height": args.height, "model": args.pretrained_model_name_or_path,
-                            "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
-                    write_bytes_atomic(staging[s] / f"{p.key}.jpg", buf.getvalue())
-                    write_bytes_atomic(staging[s] / f"{p.key}.json", json.dumps(meta).encode())
-                written += len(batch)
-                bar.update(len(batch))
-        bar.close()
-    for s in mine:
-        if not shard_path[s].exists():
-            pack_shard(shard_path[s], staging[s], items[s])
+        return pipe
+
+    call = dict(height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+    meta = dict(width=args.width, height=args.height, model=args.pretrained_model_name_or_path,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
     try:
-        (output_dir / ".staging").rmdir()  # only when empty: other ranks may still be staging
-    except OSError:
-        pass
+        out = generate_dataset(load_pipe, prompts, output_dir, dict(model=args.pretrained_model_name_or_path, **call),
+                               call, samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
+                               jpeg_quality=args.jpeg_quality, meta=meta, rank=rank, world=world)
+    except ValueError as e:  # other settings than the folder's
+        raise SystemExit(str(e)) from e
+    written, done, shard_path = out["written"], out["skipped"], [Path(p) for p in out["shards"]]
 
     print(f"rank {rank}/{world}: {written} images generated, {done} already there, shards "
-          f"{', '.join(p.name for p in shard_path.values()) or '(none for this rank)'} in {output_dir}; "
+          f"{', '.join(p.name for p in shard_path) or '(none for this rank)'} in {output_dir}; "
           f"{len(bad)} unusable prompt entries skipped")
-    return {"written": written, "skipped": done, "shards": [str(p) for p in shard_path.values()], "bad_prompts": bad}
+    return {**out, "bad_prompts": bad}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Generate one model's evaluation images: one PNG per prompt, seed = --seed + index.
 
+Any supported family (FLUX.1, SD3/SD3.5): the pipeline is loaded through clear.inference, after
+its pre-flight checks (model, sizes, device, checkpoint header); --steps, --guidance and
+--max_sequence_length default to the model's own settings.
+
     # the original FLUX.1-dev
     python scripts/generate_eval_set.py --prompts captions_val2014.json --num 5000 --sample_seed 0 \\
         --out eval/flux_1024
@@ -17,12 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-import clear
-from clear.evaluation import generate_images, load_prompts
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from clear.devices import DTYPE_CHOICES
 
 
 def parse_args(argv=None):
@@ -32,24 +31,25 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=None, help="number of prompts (default: all)")
     p.add_argument("--sample_seed", type=int, default=None,
                    help="with --num: a seeded random subset instead of the first --num prompts")
-    p.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="diffusers FluxPipeline id or folder")
+    p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
+                   help="diffusers FLUX.1 or SD3/SD3.5 pipeline: Hub id or folder")
     p.add_argument("--radius", type=float, default=None, help="CLEAR window radius in tokens (default: original model)")
     p.add_argument("--down_factor", type=int, default=1, help="CLEAR pooled-token factor (with --radius)")
     p.add_argument("--checkpoint", default="released",
-                   help="with --radius: 'released' (clear.download_weights), 'none' (no fine-tuned weights: "
-                        "zero-shot CLEAR) or a .safetensors path")
+                   help="with --radius: 'released' (clear.download_weights; FLUX.1-dev), 'none' (no fine-tuned "
+                        "weights: zero-shot CLEAR) or a .safetensors path")
     p.add_argument("--ckpt_dir", default="ckpt", help="where released weights are downloaded")
     p.add_argument("--backend", default="auto", choices=["auto", "dense", "flex"])
     p.add_argument("--label", default=None, help="row name in the evaluation table (default: from the variant)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's (FLUX.1-dev 28, SD3.5-Medium 40, ...)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (FLUX.1-dev 3.5, SD3 7, ...)")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed --seed + i")
-    p.add_argument("--max_sequence_length", type=int, default=512)
+    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens; default: the model's")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cuda', 'cpu', ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 else")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bfloat16 on CUDA, float32 else")
     p.add_argument("--cpu_offload", action="store_true", help="enable_model_cpu_offload (less GPU memory)")
     p.add_argument("--shard", default="0/1", help="i/n: generate only prompts with index %% n == i")
     p.add_argument("--no_progress", action="store_true")
@@ -64,58 +64,58 @@ def parse_args(argv=None):
     return args
 
 
-def variant_label(radius, down_factor) -> str:
-    if radius is None:
-        return "original"
-    r = int(radius) if float(radius).is_integer() else radius
-    return f"CLEAR r={r}" + (f", down {down_factor}" if down_factor > 1 else "")
+def preflight(args):
+    """Every check that needs no weights: device, model, sizes, sampling, the CLEAR variant and its
+    checkpoint (header only). Returns (device, CLEAR spec or None)."""
+    from clear import inference as inf
+    from clear.devices import resolve_device
 
-
-def load_pipeline(args):
-    """A diffusers FluxPipeline, with CLEAR applied and its weights loaded when --radius is given."""
-    from diffusers import FluxPipeline
-
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype)
-    checkpoint = None
-    if args.radius is not None:
-        clear.apply_clear(pipe.transformer, radius=args.radius, down_factor=args.down_factor, backend=args.backend)
-        if args.checkpoint == "released":
-            if not float(args.radius).is_integer():
-                raise SystemExit(f"no released weights for radius {args.radius}; pass --checkpoint PATH or none")
-            checkpoint = clear.download_weights(int(args.radius), args.down_factor, local_dir=args.ckpt_dir)
-        elif args.checkpoint != "none":
-            checkpoint = args.checkpoint
-        if checkpoint is not None:
-            clear.load_clear_weights(pipe.transformer, checkpoint)
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, checkpoint, dtype
+    device = resolve_device(args.device)
+    inf.check_sampling(args.steps, args.guidance)
+    family = inf.pipeline_family(args.model)  # reads model_index.json only; fails on unsupported models
+    multiple, max_grid = inf.size_rules(args.model)
+    inf.check_size(args.height, args.width, multiple, args.down_factor if args.radius is not None else 1, max_grid)
+    if args.radius is None:
+        return device, None
+    checkpoint = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
+                                        family=family.name)
+    return device, inf.ClearSpec(args.radius, args.down_factor, checkpoint, args.backend)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the heavy imports: --help answers at once
+    from clear import inference as inf
+    from clear.evaluation import load_prompts
+    from clear.generation import generate_images
+
     prompts = load_prompts(args.prompts, num=args.num, sample_seed=args.sample_seed)
-    pipe, checkpoint, dtype = load_pipeline(args)
+    try:
+        device, spec = preflight(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    pipe = inf.load_pipeline(args.model, str(device), args.dtype, offload=args.cpu_offload, check=False)
+    pipe.set_progress_bar_config(disable=True)
+    if spec is not None:
+        spec.apply(pipe)
+    d = inf.default_settings(pipe)
+    steps = d["steps"] if args.steps is None else args.steps
+    guidance = d["guidance"] if args.guidance is None else args.guidance
+    max_sequence_length = args.max_sequence_length or d["max_sequence_length"]
     settings = {
-        "label": args.label or (Path(args.model).name if args.radius is None else variant_label(args.radius, args.down_factor)),
+        "label": args.label or (Path(args.model).name if spec is None else spec.label),
         "model": args.model,
         "radius": args.radius,
         "down_factor": args.down_factor,
-        "checkpoint": None if checkpoint is None else Path(checkpoint).name,
-        "backend": args.backend if args.radius is not None else None,
+        "checkpoint": None if spec is None or spec.checkpoint is None else Path(spec.checkpoint).name,
+        "backend": args.backend if spec is not None else None,
         "prompts_file": Path(args.prompts).name,
         "num": args.num,
         "sample_seed": args.sample_seed,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(inf.resolve_dtype(args.dtype, str(device))).removeprefix("torch."),
     }
     counts = generate_images(pipe, prompts, args.out, settings, height=args.height, width=args.width,
-                             num_inference_steps=args.steps, guidance_scale=args.guidance, base_seed=args.seed,
-                             max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
+                             num_inference_steps=steps, guidance_scale=guidance, base_seed=args.seed,
+                             max_sequence_length=max_sequence_length, batch_size=args.batch_size,
                              shard=args.shard, progress=not args.no_progress)
     print(f"{args.out}: generated {counts['generated']}, already there {counts['skipped']}, "
           f"this shard {counts['total']} of {len(prompts)} prompts")

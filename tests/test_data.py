@@ -20,7 +20,8 @@ from clear.data import (
     read_image,
     read_prompt,
 )
-from clear.shards import Sample, index_samples, split_key, write_tar_atomic
+from clear.files import write_tar
+from clear.shards import Sample, index_samples, split_key
 
 
 def jpeg(color=(200, 30, 30), size=(20, 12)) -> bytes:
@@ -80,7 +81,7 @@ def test_index_errors(tmp_path):
 
 
 def test_write_tar_atomic_round_trip(tmp_path):
-    write_tar_atomic(tmp_path / "s.tar", [("a", {"jpg": jpeg(), "json": b'{"prompt": "p"}'}), ("b", {"json": b"{}"})])
+    write_tar(tmp_path / "s.tar", [("a", {"jpg": jpeg(), "json": b'{"prompt": "p"}'}), ("b", {"json": b"{}"})])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar"]  # no temporary file left
     ids = {s.id: s for s in index_samples(tmp_path / "s.tar")}
     assert set(ids) == {"a", "b"} and read_prompt(ids["a"]) == "p"

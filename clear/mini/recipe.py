@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from clear.evaluation import MANIFEST, atomic_write_text
+from clear.files import write_text
+from clear.generation import MANIFEST, Item, record_settings
 
 from . import teacher as T
 
@@ -230,10 +231,10 @@ def write_prompts(s: Settings) -> dict:
             continue
         train.append(text)
     prompts = s.work / "prompts"
-    atomic_write_text(prompts / "train.jsonl", "".join(json.dumps({"key": f"t{i:06d}", "prompt": t}) + "\n"
-                                                       for i, t in enumerate(train)))
+    write_text(prompts / "train.jsonl", "".join(json.dumps({"key": f"t{i:06d}", "prompt": t}) + "\n"
+                                                for i, t in enumerate(train)))
     for name, n in (("eval", s.eval_prompts), ("eval_large", s.eval_prompts_large)):
-        atomic_write_text(prompts / f"{name}.jsonl", "".join(
+        write_text(prompts / f"{name}.jsonl", "".join(
             json.dumps({"key": f"h{i:04d}", "prompt": caption(sc), "scene": sc.to_json()}) + "\n"
             for i, sc in enumerate(held[:n])))
     return {"train": len(train), "held_out": len(held), "train_captions_left_out": left_out,
@@ -286,9 +287,8 @@ def write_sdedit_folder(s: Settings, pipe, variant: Variant, rows: list[dict], b
                 "num_inference_steps": s.steps, "max_sequence_length": s.max_sequence_length,
                 "strength": s.sdedit_strength, "ntk_factor": 1, "proportional_attention": False,
                 "shift": "the scheduler's", "source": str(base), "base_seed": eval_seed(s)}
-    manifest = {"settings": settings, "items": [{"key": r["key"], "prompt": r["prompt"], "seed": eval_seed(s) + i}
-                                                for i, r in enumerate(rows)]}
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    record_settings(out / MANIFEST, settings,
+                    [Item(r["key"], r["prompt"], eval_seed(s) + i) for i, r in enumerate(rows)])
     seconds = []
     for i, r in enumerate(tqdm(rows, desc=f"SDEdit {s.large}px {variant.key}", unit="img")):
         target = out / f"{r['key']}.png"

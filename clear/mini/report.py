@@ -13,8 +13,8 @@ import logging
 import math
 from pathlib import Path
 
-from clear.evaluation import _json_safe, atomic_write_text
-from clear.shards import atomic_path
+from clear.evaluation import _json_safe
+from clear.files import atomic_path, save_image, write_text
 
 COLUMNS = [  # (row key, header, decimals)
     ("velocity_mse", "velocity MSE ↓", 4),
@@ -312,13 +312,12 @@ def write_all(s, metrics: dict, folders: dict) -> None:
                     images.append(im.convert("RGB"))
             rows.append((p["prompt"], images))
         grid = grid_image(rows, [table["rows"][k]["label"] for k in keys])
-        with atomic_path(out / f"grid_{size_key}.png") as tmp:
-            grid.save(tmp, format="PNG")
+        save_image(grid, out / f"grid_{size_key}.png")
     runs = {metrics["variants"][k]: loss_history(s.work / "distill" / k) for k in metrics["variants"]
             if (s.work / "distill" / k).is_dir()}
     for label, hist in runs.items():
         metrics.setdefault("loss_history", {})[label] = {tag: [v for _, v in h] for tag, h in hist.items()
                                                          if tag in ("loss", "loss_distill")}
     loss_plot(runs, out / "loss.png")
-    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=1, default=str, allow_nan=False) + "\n")
-    atomic_write_text(out / "report.md", markdown(metrics))
+    write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=1, default=str, allow_nan=False) + "\n")
+    write_text(out / "report.md", markdown(metrics))

@@ -144,7 +144,7 @@ def _log(path: Path, **row) -> None:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    from clear.shards import atomic_path
+    from clear.files import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -1,4 +1,5 @@
-"""Evaluation: the paper's metrics, protocol and attention FLOPs.
+"""The evaluation protocol: prompts, pairing image folders by file stem, :func:`evaluate`
+(the paper's Table 2) and the report (JSON + markdown).
 
 The protocol (Table 2 of the paper): one caption per image of a COCO-2014 validation
 subset; every model generates one image per caption with the same seed; then
@@ -10,54 +11,33 @@ subset; every model generates one image per caption with the same seed; then
   (:func:`clear.attention_flops`); for ControlNet, the RMSE between each condition image
   and the condition re-extracted from the generated image.
 
-Metrics come from torchmetrics (FID, IS, LPIPS, CLIPScore, SSIM, MS-SSIM, PSNR, cosine
-similarity) and from transformers models (CLIP, DINO); nothing here re-derives a metric.
-Every network is injectable (:class:`FeatureNets`) so the tests use tiny random models.
-A metric that cannot run (a package missing, images too small, ...) is reported as
-unavailable with the reason, in the JSON and under the table; it is never estimated.
-
-Images are paired across folders by file stem (``000000391895.png`` in every folder).
-:func:`generate_images` writes such folders (``{key}.png``, seed = base seed + index)
-and :func:`load_prompts` reads COCO caption files, ``.txt`` and ``.jsonl`` prompt lists.
+Images are paired across folders by file stem (``000000391895.png`` in every folder), as
+:func:`clear.generation.generate_images` writes them; :func:`load_prompts` reads COCO
+caption files, ``.txt`` and ``.jsonl`` prompt lists.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import tempfile
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .geometry import attention_flops
-
-__all__ = [
-    "Prompt",
-    "load_prompts",
-    "ModelImages",
-    "EvalConfig",
-    "FeatureNets",
-    "COLUMNS",
-    "METRIC_KEYS",
-    "evaluate",
-    "markdown_table",
-    "write_report",
-    "generate_images",
-    "MANIFEST",
-    "IMAGE_EXTENSIONS",
-]
+from ..devices import resolve_device
+from ..files import write_text
+from ..generation import MANIFEST
+from ..geometry import attention_flops
+from .metrics import (_DESCRIPTION, COLUMNS, METRIC_KEYS, EvalConfig, FeatureNets, Unavailable, _clip_job, _dino_job,
+                      _fid_job, _image_pair_job, _is_job, _Job, _lpips_job, _resolve, _rmse_job)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MANIFEST = "generation.json"  # written by generate_images next to the images it made
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,361 +226,19 @@ class _PairedImages(torch.utils.data.Dataset):
         return stem, images, None
 
 
-# ----------------------------------------------------------------------------------------
-# Networks behind the learned metrics
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig:
-    """What to compute and with which models. ``metrics``: a subset of :data:`METRIC_KEYS`."""
-
-    metrics: tuple[str, ...] | None = None  # None = all
-    clip_model: str = "openai/clip-vit-large-patch14"
-    dino_model: str = "facebook/dino-vits16"
-    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
-    lpips_net: str = "alex"
-    fid_feature: int = 2048
-    is_splits: int = 10
-    batch_size: int = 16
-    workers: int = 0
-    device: str = "auto"
-    dim: int = 3072  # FLUX.1 attention width (heads x head_dim), for GFLOPs
-    tokens_per_pixel_side: int = 16  # FLUX: VAE x8, then 2x2 patches
-
-
-@dataclass
-class FeatureNets:
-    """The networks behind the learned metrics. Anything left None is built on first use:
-    torchmetrics' defaults for FID/IS (torch-fidelity's InceptionV3) and LPIPS, the Hub
-    models of :class:`EvalConfig` for CLIP, DINO and depth. Built and injected networks are
-    kept here, moved to the evaluation device, so one object serves several evaluations.
-
-    * ``fid``: uint8 ``[N, 3, H, W]`` -> features ``[N, F]`` (torchmetrics ``feature=``).
-    * ``inception``: uint8 ``[N, 3, H, W]`` -> class logits ``[N, K]`` for the Inception Score.
-    * ``lpips``: ``net(img1, img2, normalize=True)`` on float ``[0, 1]`` images -> ``[N, ...]`` distances
-      (the signature of torchmetrics' LPIPS network).
-    * ``clip``: ``(CLIPModel, CLIPProcessor)``; ``dino``: ``(model, image processor)``, the CLS token of
-      ``last_hidden_state`` is the embedding.
-    * ``condition``: uint8 ``[N, 3, H, W]`` -> condition maps in ``[0, 1]``, ``[N, 1, H, W]`` (for ControlNet
-      RMSE; default: a depth-estimation model).
-    """
-
-    fid: nn.Module | None = None
-    inception: nn.Module | None = None
-    lpips: nn.Module | None = None
-    clip: tuple[Any, Any] | None = None
-    dino: tuple[Any, Any] | None = None
-    condition: Callable[[Tensor], Tensor] | None = None
-
-
-class _Unavailable(Exception):
-    """A metric that cannot be computed here; the message says why and what to install."""
-
-
-_FIDELITY_MISSING = ("needs torch-fidelity and torchvision, not installed here: pip install torch-fidelity torchvision "
-                     "(the torchvision build that matches your torch)")
-
-
-def _resolve(nets: FeatureNets, name: str, config: EvalConfig, device: torch.device, failures: dict[str, str]):
-    """``getattr(nets, name)``, building the default once; raises :class:`_Unavailable`."""
-    if name in failures:
-        raise _Unavailable(failures[name])
-    net = getattr(nets, name)
-    if net is not None:  # injected: put it on the evaluation device
-        if isinstance(net, nn.Module):
-            net = net.to(device)
-        elif isinstance(net, tuple) and isinstance(net[0], nn.Module):
-            net = (net[0].to(device), *net[1:])
-        if name == "fid":
-            net = _with_num_features(net, device)
-        setattr(nets, name, net)
-        return net
-    try:
-        net = _DEFAULT_BUILDERS[name](config, device)
-    except _Unavailable as e:
-        failures[name] = str(e)
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. no network for the Hub: reported per metric
-        failures[name] = f"could not load the {name} network: {type(e).__name__}: {str(e)[:300]}"
-        raise _Unavailable(failures[name]) from e
-    setattr(nets, name, net)
-    return net
-
-
-class _Features(nn.Module):
-    """An FID feature network with its ``num_features`` stated, so torchmetrics does not
-    probe it with a CPU dummy image (which fails once the network is on a GPU)."""
-
-    def __init__(self, net: nn.Module, num_features: int):
-        super().__init__()
-        self.net, self.num_features = net, num_features
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
-
-
-def _with_num_features(net: nn.Module, device) -> _Features:
-    if isinstance(net, _Features):
-        return net
-    num = getattr(net, "num_features", None)
-    if num is None:
-        with torch.inference_mode():
-            num = net(torch.randint(0, 255, (1, 3, 299, 299), dtype=torch.uint8, device=device)).shape[-1]
-    return _Features(net, int(num))
-
-
-def _build_fid(config: EvalConfig, device):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    try:
-        return _Features(FrechetInceptionDistance(feature=config.fid_feature).inception, config.fid_feature).to(device)
-    except ModuleNotFoundError as e:
-        raise _Unavailable(f"FID's InceptionV3 {_FIDELITY_MISSING}") from e
-
-
-def _build_inception(config: EvalConfig, device):
-    from torchmetrics.image.inception import InceptionScore
-
-    try:
-        with _quiet_is_warning():
-            return InceptionScore(feature="logits_unbiased").inception.to(device)
-    except ModuleNotFoundError as e:
-        raise _Unavailable(f"the Inception Score's InceptionV3 {_FIDELITY_MISSING}") from e
-
-
-def _build_lpips(config: EvalConfig, device):
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    try:
-        return LearnedPerceptualImagePatchSimilarity(net_type=config.lpips_net, normalize=True).net.to(device)
-    except ModuleNotFoundError as e:
-        raise _Unavailable(f"LPIPS ({config.lpips_net}) needs torchvision for its ImageNet backbone, not installed here: "
-                           "pip install torchvision (the build that matches your torch)") from e
-
-
-def _build_clip(config: EvalConfig, device):
-    from transformers import CLIPModel, CLIPProcessor
-
-    return CLIPModel.from_pretrained(config.clip_model).eval(), CLIPProcessor.from_pretrained(config.clip_model)
-
-
-def _build_dino(config: EvalConfig, device):
-    from transformers import AutoImageProcessor, AutoModel
-
-    return AutoModel.from_pretrained(config.dino_model).eval().to(device), AutoImageProcessor.from_pretrained(config.dino_model)
-
-
-def _build_condition(config: EvalConfig, device):
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
-
-    model = AutoModelForDepthEstimation.from_pretrained(config.depth_model).eval().to(device)
-    processor = AutoImageProcessor.from_pretrained(config.depth_model)
-
-    def depth(images: Tensor) -> Tensor:
-        """Relative depth, min-max normalised per image to [0, 1], at the images' size."""
-        inputs = processor(images=list(images.cpu()), return_tensors="pt")
-        pred = model(pixel_values=inputs["pixel_values"].to(device)).predicted_depth[:, None].float()
-        pred = torch.nn.functional.interpolate(pred, size=images.shape[-2:], mode="bicubic", align_corners=False)
-        lo, hi = pred.amin(dim=(1, 2, 3), keepdim=True), pred.amax(dim=(1, 2, 3), keepdim=True)
-        return (pred - lo) / (hi - lo).clamp_min(1e-8)
-
-    return depth
-
-
-_DEFAULT_BUILDERS = {"fid": _build_fid, "inception": _build_inception, "lpips": _build_lpips,
-                     "clip": _build_clip, "dino": _build_dino, "condition": _build_condition}
-
-
-class _ClipForTorchmetrics(nn.Module):
-    """A transformers CLIPModel as torchmetrics' CLIPScore reads it: ``get_*_features``
-    returning tensors (transformers >= 5 returns output objects holding the projected
-    embedding in ``pooler_output``)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    @staticmethod
-    def _tensor(out):
-        return out if isinstance(out, Tensor) else out.pooler_output
-
-    def get_image_features(self, pixel_values):
-        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
-
-    def get_text_features(self, input_ids, attention_mask=None):
-        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-
-
-# ----------------------------------------------------------------------------------------
-# The metrics, and the columns of the paper's table
-# ----------------------------------------------------------------------------------------
-
-# (key, column header, group, higher is better, decimals). Keys are the JSON keys.
-COLUMNS = [
-    ("fid_original", "FID ↓", "vs. original", False, 2),
-    ("lpips_original", "LPIPS ↓", "vs. original", False, 3),
-    ("clip_i", "CLIP-I ↑", "vs. original", True, 2),
-    ("dino", "DINO ↑", "vs. original", True, 2),
-    ("psnr", "PSNR ↑", "vs. original", True, 2),
-    ("ssim", "SSIM ↑", "vs. original", True, 3),
-    ("ms_ssim", "MS-SSIM ↑", "vs. original", True, 3),
-    ("fid_real", "FID (real) ↓", "vs. real", False, 2),
-    ("lpips_real", "LPIPS (real) ↓", "vs. real", False, 3),
-    ("clip_t", "CLIP-T ↑", "text", True, 2),
-    ("inception_score", "IS ↑", "quality", True, 2),
-    ("gflops", "GFLOPs ↓", "cost", False, 2),
-    ("rmse_condition", "RMSE ↓", "ControlNet", False, 2),
-]
-METRIC_KEYS = tuple(c[0] for c in COLUMNS)
-_DESCRIPTION = {
-    "fid_original": "FID between this model's and the original model's images (torchmetrics, InceptionV3 pool features)",
-    "lpips_original": "mean LPIPS to the original model's image of the same prompt and seed (torchmetrics)",
-    "clip_i": "mean 100 x cosine similarity of CLIP image embeddings to the original model's image (torchmetrics CLIPScore)",
-    "dino": "mean 100 x cosine similarity of DINO CLS embeddings to the original model's image",
-    "psnr": "mean per-image PSNR (dB, data range 1) to the original model's image (torchmetrics)",
-    "ssim": "mean SSIM (11x11 Gaussian, data range 1) to the original model's image (torchmetrics)",
-    "ms_ssim": "mean MS-SSIM (5 scales, data range 1) to the original model's image (torchmetrics)",
-    "fid_real": "FID against the real images (resized and center-cropped to the generated size)",
-    "lpips_real": "mean LPIPS to the real image of the same caption (resized and center-cropped)",
-    "clip_t": "CLIPScore: mean 100 x max(cosine(image, caption), 0) (torchmetrics)",
-    "inception_score": "Inception Score (torchmetrics, logits_unbiased), mean over splits; std in inception_score_std",
-    "gflops": "attention GFLOPs of one layer at this resolution and variant: clear.attention_flops / 1e9",
-    "rmse_condition": "mean per-image RMSE (0-255 scale) between the condition image and the condition re-extracted "
-                      "from the generated image",
-}
-
-
-@dataclass
-class _Job:
-    """One metric of one model: ``update(batch)`` per batch of images, ``compute()`` at the end."""
-
-    model: str
-    key: str
-    update: Callable[[dict], None]
-    compute: Callable[[], dict[str, float]]
-    failed: str | None = None
-
-
-def _floats(images: Tensor) -> Tensor:
-    return images.float() / 255.0
-
-
-# Job builders: (model, key, net, ref, device, ...) -> _Job; ``ref`` is the role the model's
-# images are compared with (another model, "real", "__condition__") or None.
-
-
-def _image_pair_job(model: str, key: str, net, ref: str, device, factory: Callable[[], Any]) -> _Job:
-    """A torchmetrics image metric ``metric(preds=model's images, target=ref's)`` on [0, 1] floats."""
-    metric = factory().to(device)
-
-    def update(batch):
-        metric.update(_floats(batch[model]), _floats(batch[ref]))
-    return _Job(model, key, update, lambda: {key: float(metric.compute())})
-
-
-def _fid_job(model: str, key: str, net, ref: str, device) -> _Job:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=net).to(device)  # net: a _Features (no dummy forward)
-
-    def update(batch):
-        metric.update(batch[ref], real=True)
-        metric.update(batch[model], real=False)
-    return _Job(model, key, update, lambda: {key: float(metric.compute())})
-
-
-def _lpips_job(model: str, key: str, net, ref: str, device) -> _Job:
-    from torchmetrics import MeanMetric
-
-    mean = MeanMetric().to(device)
-
-    def update(batch):
-        mean.update(net(_floats(batch[model]), _floats(batch[ref]), normalize=True).flatten().float())
-    return _Job(model, key, update, lambda: {key: float(mean.compute())})
-
-
-def _clip_job(model: str, key: str, clip, ref: str | None, device) -> _Job:
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
-    clip_model, processor = clip
-    metric = CLIPScore(model_name_or_path=lambda: (_ClipForTorchmetrics(clip_model), processor)).to(device)
-
-    def update(batch):
-        metric.update(batch[model], batch["__prompts__"] if ref is None else batch[ref])
-    return _Job(model, key, update, lambda: {key: float(metric.compute())})
-
-
-def _dino_job(model: str, key: str, dino, ref: str, device) -> _Job:
-    from torchmetrics import CosineSimilarity
-
-    net, processor = dino
-    metric = CosineSimilarity(reduction="mean").to(device)
-
-    def embed(images):
-        inputs = processor(images=list(images.cpu()), return_tensors="pt")
-        return net(pixel_values=inputs["pixel_values"].to(device, next(net.parameters()).dtype)).last_hidden_state[:, 0]
-
-    def update(batch):
-        metric.update(embed(batch[model]).float(), embed(batch[ref]).float())
-    return _Job(model, key, update, lambda: {key: 100.0 * float(metric.compute())})
-
-
-@contextlib.contextmanager
-def _quiet_is_warning():
-    """torchmetrics warns that IS keeps every feature in memory: 1008 logits per image is fine."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        yield
-
-
-def _is_job(model: str, key: str, net, ref, device, splits: int = 10) -> _Job:
-    from torchmetrics.image.inception import InceptionScore
-
-    with _quiet_is_warning():
-        metric = InceptionScore(feature=net, splits=splits).to(device)
-
-    def compute():
-        with torch.random.fork_rng(devices=[]):  # IS shuffles before splitting: make it repeatable
-            torch.manual_seed(0)
-            mean, std = metric.compute()
-        return {"inception_score": float(mean), "inception_score_std": float(std)}
-    return _Job(model, key, lambda batch: metric.update(batch[model]), compute)
-
-
-def _rmse_job(model: str, key: str, extractor, ref: str, device) -> _Job:
-    from torchmetrics import MeanMetric
-    from torchmetrics.functional import mean_squared_error
-
-    mean = MeanMetric().to(device)
-
-    def update(batch):
-        pred = extractor(batch[model]).float().clamp(0, 1)
-        cond = _floats(batch[ref]).mean(dim=1, keepdim=True)
-        if pred.shape != cond.shape:
-            raise ValueError(f"the condition extractor returned {tuple(pred.shape)}, expected {tuple(cond.shape)}")
-        per_image = torch.stack([mean_squared_error(p, c, squared=False) for p, c in zip(pred, cond)])
-        mean.update(255.0 * per_image)
-    return _Job(model, key, update, lambda: {key: float(mean.compute())})
-
-
 def _gflops(m: ModelImages, size: tuple[int, int], config: EvalConfig) -> float:
     if not m.variant_known:
-        raise _Unavailable(f"the attention variant of {m.folder} is unknown (no {MANIFEST}); give its radius "
+        raise Unavailable(f"the attention variant of {m.folder} is unknown (no {MANIFEST}); give its radius "
                            "(scripts/evaluate.py --radius/--down_factor)")
     t = config.tokens_per_pixel_side
     if size[0] % t or size[1] % t:
-        raise _Unavailable(f"{size[0]}x{size[1]} pixels is not a whole number of {t}x{t}-pixel tokens")
+        raise Unavailable(f"{size[0]}x{size[1]} pixels is not a whole number of {t}x{t}-pixel tokens")
     try:
         return attention_flops(size[1] // t, size[0] // t, m.radius, text_len=m.text_len, down_factor=m.down_factor,
                                dim=config.dim) / 1e9
     except ValueError as e:  # e.g. a token grid not divisible by the down factor
-        raise _Unavailable(str(e)) from None
+        raise Unavailable(str(e)) from None
 
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -632,7 +270,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
         raise ValueError(f"model names must be unique and not 'real', got {names}")
     if not candidates:
         raise ValueError("give at least one model to compare with the original")
-    device = _device(config.device)
+    device = resolve_device(config.device)
 
     # --- pair the folders by stem ------------------------------------------------------
     paths = {m.name: list_images(m.folder) for m in models}
@@ -677,7 +315,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
         try:
             module = None if net is None else _resolve(nets, net, config, device, failures)
             jobs.append(builder(model, key, module, ref, device, **kwargs))
-        except _Unavailable as e:
+        except Unavailable as e:
             notes[model][key] = f"unavailable: {e}"
 
     from torchmetrics.image import (MultiScaleStructuralSimilarityIndexMeasure, PeakSignalNoiseRatio,
@@ -752,7 +390,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
         if "gflops" in requested:
             try:
                 results[m.name]["gflops"] = _gflops(m, size, config)
-            except _Unavailable as e:
+            except Unavailable as e:
                 notes[m.name]["gflops"] = f"unavailable: {e}"
         else:
             notes[m.name]["gflops"] = "not requested"
@@ -866,88 +504,10 @@ def _json_safe(obj):
     return obj
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_report(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``out_dir/metrics.json`` (strict JSON: infinities as the strings "inf"/"-inf") and
-    ``out_dir/table.md``; both written atomically."""
+    ``out_dir/table.md``; both written atomically (:mod:`clear.files`)."""
     out_dir = Path(out_dir)
-    js = atomic_write_text(out_dir / "metrics.json", json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
-    md = atomic_write_text(out_dir / "table.md", markdown_table(results))
+    js = write_text(out_dir / "metrics.json", json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    md = write_text(out_dir / "table.md", markdown_table(results))
     return js, md
-
-
-# ----------------------------------------------------------------------------------------
-# Generating the image folders
-# ----------------------------------------------------------------------------------------
-
-
-def generate_images(pipe, prompts: Sequence[Prompt], out_dir: str | os.PathLike, settings: dict, *,
-                    height: int, width: int, num_inference_steps: int, guidance_scale: float, base_seed: int = 0,
-                    max_sequence_length: int = 512, batch_size: int = 1, shard: tuple[int, int] = (0, 1),
-                    progress: bool = True) -> dict[str, int]:
-    """Write ``out_dir/{key}.png`` for every prompt with seed ``base_seed + index`` (a CPU
-    generator per image, so the image does not depend on the batch size or the device
-    type), skipping images already there; each file is written to a temporary name and
-    renamed, so an interrupted run leaves no partial image and can simply be restarted.
-    ``shard=(i, n)`` makes only the prompts with ``index % n == i`` (one process per GPU).
-
-    ``settings`` (model, variant, resolution, ...) go into ``out_dir/generation.json``
-    with every prompt's key and seed; resuming into a folder made with other settings
-    fails instead of mixing images. Returns counts: generated, skipped, total."""
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index, count = shard
-    if not (0 <= index < count):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
-    settings = dict(settings, height=height, width=width, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, base_seed=base_seed, max_sequence_length=max_sequence_length)
-    settings = json.loads(json.dumps(settings))  # normalise tuples etc. as they come back from the file
-    manifest = out_dir / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())["settings"]
-        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                if old.get(k) != settings.get(k)]
-        if diff:
-            raise ValueError(f"{out_dir} holds images made with other settings ({'; '.join(diff)}); "
-                             "use another folder, or delete it to start over")
-    items = [{"key": p.key, "prompt": p.text, "seed": base_seed + i} for i, p in enumerate(prompts)]
-    atomic_write_text(manifest, json.dumps({"settings": settings, "items": items}, indent=1) + "\n")
-
-    todo = [it for i, it in enumerate(items) if i % count == index and not (out_dir / f"{it['key']}.png").exists()]
-    mine = sum(1 for i in range(len(items)) if i % count == index)
-    bar = tqdm(total=len(todo), desc=f"generating {out_dir.name}", unit="img", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        images = pipe(prompt=[it["prompt"] for it in chunk], height=height, width=width,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      max_sequence_length=max_sequence_length, output_type="pil",
-                      generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in chunk]).images
-        for it, image in zip(chunk, images):
-            target = out_dir / f"{it['key']}.png"
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
-            os.close(fd)
-            try:
-                image.save(tmp, format="PNG")
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        bar.update(len(chunk))
-    bar.close()
-    return {"generated": len(todo), "skipped": mine - len(todo), "total": mine}
