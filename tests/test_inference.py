@@ -193,15 +193,20 @@ def test_released_checkpoint_from_ckpt_dir_is_loaded(generate_cli, tiny_flux_pip
     assert np.abs(_pixels(trained["image"]) - _pixels(untrained["image"])).max() > 0
 
 
-def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
-    from diffusers import FluxPipeline
+def forbid_loading(monkeypatch):
+    """From here on, loading a FLUX or SD3 pipeline fails the test: the settings must be checked first."""
 
     def boom(*a, **k):
         raise AssertionError("the pipeline was loaded before the settings were checked")
 
-    monkeypatch.setattr(FluxPipeline, "from_pretrained", boom)
-    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    for name in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", boom)
 
+
+def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli, tmp_path, monkeypatch):
+    forbid_loading(monkeypatch)
+    base = ["--model", family_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    # 4 pixels per token in both tiny pipelines (VAE factor 2 x patch 2)
     with pytest.raises(ValueError, match=r"height=30 is not a positive multiple of 4"):
         generate_cli.main([*base, "--height", "30", "--width", "48", "--checkpoint", "none"])
     with pytest.raises(ValueError, match=r"not divisible by down_factor=4.*multiples of 16"):
@@ -209,6 +214,11 @@ def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir,
                            "--checkpoint", "none"])
     with pytest.raises(ValueError, match=r"multiple of 4"):
         generate_cli.main([*base, "--height", "32", "--width", "48", "--checkpoint", "none", "--upscale", "64x90"])
+
+
+def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
+    forbid_loading(monkeypatch)
+    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
 
     ck = save_checkpoint(tmp_path / "mine.safetensors", radius=8, down_factor=2)
     with pytest.raises(ValueError, match=r"radius=8 but the chosen variant is clear_local_16_down_2.*--radius 8"):
