@@ -111,9 +111,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the command line into settings and check everything that needs no weights, cheapest
     first: variant and radius, steps, guidance, strength, output path, device, then the library's
     plan (:func:`clear.inference.plan_generation`: the model's path and family from its configs;
-    every size once, with SD3's largest size and --max_pixels; the NTK factor), then the checkpoint (its variant, family and dtypes; downloaded if 'released'). Fails fast."""
-    from dataclasses import replace
-
+    every size once, with SD3's largest size and --max_pixels; the NTK factor), then the checkpoint
+    (its variant, family and dtypes; downloaded if 'released'). Fails fast."""
     from clear import inference as inf
     from clear.geometry import Window
     from clear.weights import Variant
@@ -153,8 +152,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
     args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
                                                   family=args.family.name)
-    args.clear = replace(spec, checkpoint=args.checkpoint_path)
-    args.plan = replace(plan, clear=args.clear)
+    args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
+    args.plan = plan.with_clear(args.clear)
     return args
 
 
@@ -181,14 +180,12 @@ def _stage_path(out: Path, i: int, h: int, w: int, tag: str = "") -> Path:
 
 def run(args: argparse.Namespace, pipe) -> dict[str, str]:
     """Generate (and compare, and upscale) as the arguments say; returns the written paths."""
-    from dataclasses import replace
-
     from clear import inference as inf
 
     out, written = args.out, {}
 
     def chain(spec):  # one full run of the plan (base image, then any upscaling stages) with `spec` CLEAR
-        return inf.run_plan(pipe, args.prompt, replace(args.plan, clear=spec), seed=args.seed, warmup=args.warmup,
+        return inf.run_plan(pipe, args.prompt, args.plan.with_clear(spec), seed=args.seed, warmup=args.warmup,
                             progress=not args.quiet)
 
     original = None

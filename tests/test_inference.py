@@ -523,6 +523,22 @@ def test_cli_resolves_the_family_once_and_checks_each_size_once(family, family_d
     assert counts == dict(pipeline_family=1, size_rules=1, model_spec=1, resolve_ntk_factor=1, check_size=3)
 
 
+def test_plan_resolves_defaults_and_swaps_only_the_clear_it_was_checked_for(tiny_flux_pipeline_dir):
+    spec = inf.ClearSpec(2, 2)
+    plan = inf.plan_generation(tiny_flux_pipeline_dir, (32, 48), [(48, 64)], clear=spec, upscale_steps=8)
+    assert plan.info == inf.describe_pipeline(tiny_flux_pipeline_dir) and plan.info.model == "FLUX.1-dev"
+    assert (plan.steps, plan.upscale_steps, plan.guidance, plan.max_sequence_length) == (28, 8, 3.5, 512)
+    assert plan.ntk_factor == 10.0 and plan.sizes == ((48, 64),) and plan.clear is spec
+    assert inf.plan_generation(plan.info, (32, 48)).ntk_factor is None  # no upscaling stage: no NTK
+    assert plan.with_clear(None).clear is None and plan.with_clear(None).sizes == plan.sizes
+    assert plan.with_clear(inf.ClearSpec(2, 2, "w.safetensors")).clear.checkpoint == "w.safetensors"
+    with pytest.raises(ValueError, match=r"checked for CLEAR r=2 df=2 on a pipeline with original, not for "
+                                         r"CLEAR r=2 df=4: make a new plan"):
+        plan.with_clear(inf.ClearSpec(2, 4))
+    with pytest.raises(ValueError, match="not divisible by down_factor=4"):  # a new plan checks for its window
+        inf.plan_generation(plan.info, (32, 48), [(48, 40)], clear=inf.ClearSpec(2, 4))
+
+
 # ------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------

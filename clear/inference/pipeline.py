@@ -214,9 +214,8 @@ def remove_from_pipeline(pipe) -> None:
 class Plan:
     """One generation, resolved and checked by :func:`plan_generation` before anything runs: a
     base image at ``base_size``, then one SDEdit stage per entry of ``sizes``, the model's
-    defaults filled in. :func:`clear.inference.run_plan` runs it without checking again.
-    ``clear`` may be replaced (``dataclasses.replace``) by ``None`` (the pipeline as it is: the
-    sizes were checked for the stricter window) or by the same window with its checkpoint."""
+    defaults filled in. :func:`clear.inference.run_plan` runs it without checking again, for any
+    prompt and seed; :meth:`with_clear` gives the same plan with another CLEAR it was checked for."""
 
     info: PipelineInfo
     base_size: tuple[int, int]
@@ -232,6 +231,18 @@ class Plan:
     proportional: bool | str
     shift: float | None  # None: the scheduler's own
     tiling: bool | None  # None: VAE tiling above VAE_TILING_PIXELS
+
+    def with_clear(self, clear: ClearSpec | None) -> Plan:
+        """This plan with ``clear`` instead of its own: ``None`` (the original model of a pipeline
+        described without CLEAR: the sizes were checked for the stricter window) or the same
+        window (e.g. with its checkpoint path). Another window needs a new :func:`plan_generation`."""
+        window = None if clear is None else (clear.radius, clear.down_factor)
+        if (clear is None and self.info.clear is not None) or (
+                clear is not None and (self.clear is None or window != (self.clear.radius, self.clear.down_factor))):
+            raise ValueError(f"this plan was checked for {self.clear.label if self.clear else 'no CLEAR'} on a "
+                             f"pipeline with {self.info.label}, not for {clear.label if clear else 'the original'}: "
+                             "make a new plan with plan_generation(..., clear=...)")
+        return replace(self, clear=clear)
 
 
 def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: ClearSpec | None = None,
