@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Turn the command line into settings and check everything that needs no weights, cheapest
-    first: variant and radius, steps, guidance, strength, output path, device, model (path, family),
-    sizes (SD3's largest size, --max_pixels), NTK factor, checkpoint (its variant, family and dtypes;
-    downloaded if 'released'). Fails fast."""
+    first: variant and radius, steps, guidance, strength, output path, device, then the library's
+    plan (:func:`clear.inference.plan_generation`: the model's path and family from its configs;
+    every size once, with SD3's largest size and --max_pixels; the NTK factor), then the checkpoint
+    (its variant, family and dtypes; downloaded if 'released'). Fails fast."""
     from clear import inference as inf
     from clear.geometry import Window
     from clear.weights import Variant
@@ -136,22 +137,23 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         "plain" if args.proportional_formula == "plain" else True)
     args.out = inf.check_output_path(args.out, ".png")
     args.device = str(inf.check_device(args.device)) if args.device else inf.default_device()
-
     if args.parallel == "patch" and (args.compare or args.sizes):
         raise ValueError("--parallel patch generates one image: drop --compare and --upscale")
-    args.family = inf.pipeline_family(args.model)  # reads model_index.json only; fails on unsupported models
+
+    spec = inf.ClearSpec(args.radius, args.down_factor, None, args.backend)
+    plan = inf.plan_generation(  # reads the configs only; fails on unsupported models
+        args.model, (args.height, args.width), args.sizes, clear=spec,
+        base_model=args.base if args.sizes else "clear", strength=args.strength, steps=args.steps,
+        upscale_steps=args.upscale_steps, guidance=args.guidance, ntk_factor=args.ntk_factor,
+        proportional=args.proportional, shift=args.shift, tiling=args.tiling,
+        max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels)
+    args.family, args.ntk_factor = plan.info.family, plan.ntk_factor
     if args.parallel == "patch" and args.family.name != "flux":
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
-    if args.sizes or args.ntk_factor is not None:  # an explicit factor SD3 cannot honour fails here
-        args.ntk_factor = inf.resolve_ntk_factor(args.family, args.ntk_factor)
-    multiple, max_grid = inf.size_rules(args.model)
-    base_df = args.down_factor if (not args.sizes or args.base == "clear") else 1
-    inf.check_size(args.height, args.width, multiple, base_df, max_grid, args.max_pixels)
-    for hh, ww in args.sizes:
-        inf.check_size(hh, ww, multiple, args.down_factor, max_grid, args.max_pixels)
     args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
                                                   family=args.family.name)
     args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
+    args.plan = plan.with_clear(args.clear)
     return args
 
 
@@ -159,7 +161,7 @@ def build_pipeline(args: argparse.Namespace):
     """Load the pipeline (CLEAR is put on it by :func:`run`, after an optional original run)."""
     from clear import inference as inf
 
-    pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, check=False)
+    pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, info=args.plan.info)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     return pipe
 
@@ -181,19 +183,10 @@ def run(args: argparse.Namespace, pipe) -> dict[str, str]:
     from clear import inference as inf
 
     out, written = args.out, {}
-    gen = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, max_sequence_length=args.max_sequence_length,
-               warmup=args.warmup, max_pixels=args.max_pixels)
 
-    def chain(spec):  # one full run: base image, then the upscaling stages, with `spec` CLEAR
-        if not args.sizes:
-            if spec is not None:
-                spec.apply(pipe)
-            r = inf.generate(pipe, args.prompt, args.height, args.width, **gen)
-            return [inf.Stage("base", args.height, args.width, r)]
-        return inf.generate_highres(pipe, args.prompt, args.sizes, (args.height, args.width), clear=spec,
-                                    base_model=args.base, strength=args.strength, upscale_steps=args.upscale_steps,
-                                    ntk_factor=args.ntk_factor, proportional=args.proportional,
-                                    shift=args.shift, tiling=args.tiling, progress=not args.quiet, **gen)
+    def chain(spec):  # one full run of the plan (base image, then any upscaling stages) with `spec` CLEAR
+        return inf.run_plan(pipe, args.prompt, args.plan.with_clear(spec), seed=args.seed, warmup=args.warmup,
+                            progress=not args.quiet)
 
     original = None
     if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
@@ -223,9 +216,8 @@ def run(args: argparse.Namespace, pipe) -> dict[str, str]:
 
 def run_patch_parallel(args: argparse.Namespace) -> dict[str, str]:
     """``--parallel patch``, one process per GPU under torchrun: every rank denoises its band
-    of image rows; rank 0 decodes and writes the PNG (other ranks return ``{}``)."""
-    import time
-
+    of image rows (:func:`clear.inference.generate_patch_parallel`); rank 0 writes the PNG (other
+    ranks return ``{}``)."""
     import torch
 
     from clear import inference as inf
@@ -234,29 +226,12 @@ def run_patch_parallel(args: argparse.Namespace) -> dict[str, str]:
     args.device = parallel.init_distributed(args.device)
     try:
         pipe = build_pipeline(args)
-        args.clear.apply(pipe)
-        parallel.parallelize(pipe.transformer, text_mode=args.text_mode)
-        d = inf.default_settings(pipe)
-        call = dict(prompt=args.prompt, height=args.height, width=args.width, vae_tiling=args.tiling,
-                    guidance_scale=d["guidance"] if args.guidance is None else args.guidance,
-                    max_sequence_length=args.max_sequence_length or d["max_sequence_length"])
-        steps = d["steps"] if args.steps is None else args.steps
-        for n in ([1] if args.warmup else []) + [steps]:
-            start = time.perf_counter()
-            out = parallel.patch_parallel_pipeline_call(pipe, num_inference_steps=n, **call, output_type="np",
-                                                        generator=torch.Generator("cpu").manual_seed(args.seed))
-            seconds = time.perf_counter() - start
-        if out is None:
+        res = inf.generate_patch_parallel(pipe, args.prompt, args.plan, seed=args.seed, warmup=args.warmup,
+                                          text_mode=args.text_mode)
+        if res is None:
             return {}
-        image = inf.finite_image(pipe, out.images)  # NaN / inf: an error, not a black PNG
-        world = torch.distributed.get_world_size()
-        label = f"{args.clear.label} patch-parallel x{world} ({args.text_mode})"
-        settings = dict(prompt=args.prompt, height=args.height, width=args.width, steps=steps, seed=args.seed,
-                        guidance=call["guidance_scale"], max_sequence_length=call["max_sequence_length"],
-                        attention=label, radius=args.radius, down_factor=args.down_factor, backend=args.backend,
-                        parallel="patch", world_size=world, text_mode=args.text_mode, seconds=round(seconds, 3))
-        path = inf.save_png(image, args.out, _settings(args, inf.Result(image, seconds, settings)))
-        print(f"{label}: {args.height}x{args.width} in {seconds:.2f} s -> {path}")
+        path = inf.save_png(res.image, args.out, _settings(args, res))
+        print(f"{res.settings['attention']}: {args.height}x{args.width} in {res.seconds:.2f} s -> {path}")
         return {"image": path}
     finally:
         torch.distributed.destroy_process_group()

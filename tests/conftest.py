@@ -36,6 +36,17 @@ def tiny_flux_pipeline_dir(tmp_path_factory):
     return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_dir(tmp_path_factory):
+    """A tiny SD3.5-Medium-like pipeline saved with save_pretrained (VAE factor 2 x patch 2 = 4 pixels per
+    token, pos_embed_max_size 32: at most 128 pixels per side)."""
+    from tiny_models import tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline().save_pretrained(str(path))
+    return str(path)
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """Clears accelerate's singletons after a test that ran a script's main() in-process."""

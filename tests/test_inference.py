@@ -1,11 +1,15 @@
 """Inference: scripts/generate.py end to end, the SDEdit high-resolution path, its options
 (NTK RoPE, proportional attention, fixed shift) against direct computations, pipelines
-(ControlNet, schnell), early errors and the mask picture. CPU, tiny pipeline."""
+(ControlNet, schnell), early errors, resolving once and the mask picture. Scenarios every
+family shares run on each (``family``: the tiny FLUX.1-dev-like and SD3.5-Medium-like
+pipelines); SD3-only ones are in tests/test_inference_sd3.py. CPU, tiny pipelines."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 from scripts_loader import load_script
@@ -20,6 +24,15 @@ from clear.geometry import TokenLayout, Window, allowed_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu", "--quiet"]
+
+# What differs per family in the shared scenarios: classes, and the defaults of the tiny pipelines' models
+# (FLUX.1-dev-like: guidance 3.5; SD3.5-Medium-like: 4.5)
+FAMILY = {
+    "flux": dict(pipeline="FluxPipeline", img2img="FluxImg2ImgPipeline", processor="FluxClearAttnProcessor",
+                 guidance=3.5),
+    "sd3": dict(pipeline="StableDiffusion3Pipeline", img2img="StableDiffusion3Img2ImgPipeline",
+                processor="SD3ClearAttnProcessor", guidance=4.5),
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +49,24 @@ def fresh_pipe(tiny_flux_pipeline_dir):
     return pipe
 
 
+@pytest.fixture(params=sorted(FAMILY))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def family_dir(family, request):
+    """The family's tiny pipeline, saved (tests/conftest.py)."""
+    return request.getfixturevalue(f"tiny_{family}_pipeline_dir")
+
+
+@pytest.fixture
+def family_pipe(family_dir):
+    pipe = inf.load_pipeline(family_dir, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _eval(pipe):
     """Pipelines built in memory (not from_pretrained) have T5 in training mode: dropout on."""
     for m in pipe.components.values():
@@ -48,17 +79,37 @@ def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
-def _save_checkpoint(path, radius, down_factor=1, seed=3):
-    """A CLEAR checkpoint for the tiny transformer with perturbed (non-original) weights."""
-    from tiny_models import tiny_flux
+def save_checkpoint(path, radius, down_factor=1, seed=3, family="flux"):
+    """A CLEAR checkpoint for the family's tiny transformer with perturbed (non-original) weights."""
+    from tiny_models import tiny_flux, tiny_sd3
 
-    model = tiny_flux()
+    model = tiny_flux() if family == "flux" else tiny_sd3(dual_attention_layers=(0,), qk_norm="rms_norm")
     clear.apply_clear(model, radius, down_factor)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in clear.clear_state_dict_keys(model).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return clear.save_clear_weights(model, path)
+
+
+
+def record_forwards(transformer, log):
+    """A pre-hook logging, per transformer forward, what it runs with: the token grid, the timestep,
+    the attention processors, the NTK factor of its positions and its CLEAR state."""
+
+    def hook(module, args, kwargs):
+        state = getattr(module, "clear_state", None)
+        if "img_ids" in kwargs:  # FLUX: the positions of the packed latents
+            grid = clear.geometry.grid_from_ids(kwargs["img_ids"])
+        else:  # SD3: latents [B, C, H, W], patch x patch pixels of them per token
+            h, w = kwargs["hidden_states"].shape[-2:]
+            grid = (h // module.config.patch_size, w // module.config.patch_size)
+        log.append(dict(grid=grid, timestep=float(kwargs["timestep"][0]),
+                        processors={type(p).__name__ for p in module.attn_processors.values()},
+                        ntk=getattr(module.pos_embed, "ntk_factor", 1.0), radius=state.radius if state else "off",
+                        proportional=state.core.proportional_attention if state else False))
+
+    return transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -83,13 +134,34 @@ def test_generate_cli_writes_png_with_settings(generate_cli, tiny_flux_pipeline_
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary file
 
 
-def test_compare_grid_and_covering_radius_reproduces_original(generate_cli, tiny_flux_pipeline_dir, tmp_path):
-    out = tmp_path / "cmp.png"
-    written = generate_cli.main(["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "100", "--checkpoint", "none",
-                                 "--compare", "--out", str(out)])
+def test_cli_compare_and_a_checkpoint_of_the_family(family, family_dir, generate_cli, tmp_path):
+    parser = generate_cli.build_parser()
+    args = generate_cli.resolve_args(parser.parse_args(
+        ["--model", family_dir, "--prompt", "a red house", *TINY, "--radius", "100", "--checkpoint", "none",
+         "--compare", "--seed", "5", "--out", str(tmp_path / "cmp.png")]))
+    assert args.family.name == family and args.ntk_factor is None
+    pipe = generate_cli.build_pipeline(args)
+    assert type(pipe).__name__ == FAMILY[family]["pipeline"]
+    log = []
+    hook = record_forwards(pipe.transformer, log)
+    try:
+        written = generate_cli.run(args, pipe)
+    finally:
+        hook.remove()
     assert set(written) == {"image", "original", "compare"}
+    # 2 steps of the original model, then 2 with CLEAR on every attention layer (SD3: joint and attn2)
+    processor = FAMILY[family]["processor"]
+    assert [e["radius"] for e in log] == ["off", "off", 100, 100]
+    assert processor not in log[0]["processors"] and log[2]["processors"] == {processor}
+    assert all(e["grid"] == (8, 12) for e in log)
+    im = Image.open(written["image"])
+    assert im.size == (48, 32) and Image.open(written["original"]).size == (48, 32)
     # radius 100 covers the 8x12 token grid: CLEAR is the original model, bit for bit
     assert np.array_equal(_pixels(written["image"]), _pixels(written["original"]))
+    settings = json.loads(im.text["clear:settings"])
+    # the model's defaults (guidance) unless given
+    assert settings["guidance"] == FAMILY[family]["guidance"] and settings["steps"] == 2 and settings["seed"] == 5
+    assert settings["attention"] == "CLEAR r=100" and settings["max_sequence_length"] == 16
     grid = Image.open(written["compare"])
     assert grid.width >= 2 * 48 and grid.height > 32  # two panels side by side under their labels
     meta = json.loads(grid.text["clear:settings"])
@@ -102,10 +174,18 @@ def test_compare_grid_and_covering_radius_reproduces_original(generate_cli, tiny
              if np.array_equal(g[y:y + 32, x:x + 48], orig)]
     assert found
 
+    # a small window with trained (here: perturbed) weights of the family changes the image; the file is loaded
+    ckpt = save_checkpoint(tmp_path / f"{family}_r2.safetensors", radius=2, family=family)
+    out = generate_cli.main(["--model", family_dir, "--prompt", "a red house", *TINY, "--radius", "2", "--seed", "5",
+                             "--checkpoint", ckpt, "--out", str(tmp_path / "r2.png")])
+    local = Image.open(out["image"])
+    assert local.size == (48, 32) and json.loads(local.text["clear:settings"])["checkpoint"] == ckpt
+    assert np.abs(_pixels(out["image"]) - _pixels(written["original"])).max() > 0
+
 
 def test_released_checkpoint_from_ckpt_dir_is_loaded(generate_cli, tiny_flux_pipeline_dir, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    _save_checkpoint(ckpt_dir / "clear_local_16.safetensors", radius=16)  # what download_weights would have put there
+    save_checkpoint(ckpt_dir / "clear_local_16.safetensors", radius=16)  # what download_weights would have put there
     base = ["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "16"]
     trained = generate_cli.main([*base, "--ckpt_dir", str(ckpt_dir), "--out", str(tmp_path / "t.png")])
     untrained = generate_cli.main([*base, "--checkpoint", "none", "--out", str(tmp_path / "u.png")])
@@ -113,15 +193,20 @@ def test_released_checkpoint_from_ckpt_dir_is_loaded(generate_cli, tiny_flux_pip
     assert np.abs(_pixels(trained["image"]) - _pixels(untrained["image"])).max() > 0
 
 
-def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
-    from diffusers import FluxPipeline
+def forbid_loading(monkeypatch):
+    """From here on, loading a FLUX or SD3 pipeline fails the test: the settings must be checked first."""
 
     def boom(*a, **k):
         raise AssertionError("the pipeline was loaded before the settings were checked")
 
-    monkeypatch.setattr(FluxPipeline, "from_pretrained", boom)
-    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    for name in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", boom)
 
+
+def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli, tmp_path, monkeypatch):
+    forbid_loading(monkeypatch)
+    base = ["--model", family_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    # 4 pixels per token in both tiny pipelines (VAE factor 2 x patch 2)
     with pytest.raises(ValueError, match=r"height=30 is not a positive multiple of 4"):
         generate_cli.main([*base, "--height", "30", "--width", "48", "--checkpoint", "none"])
     with pytest.raises(ValueError, match=r"not divisible by down_factor=4.*multiples of 16"):
@@ -130,7 +215,12 @@ def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir,
     with pytest.raises(ValueError, match=r"multiple of 4"):
         generate_cli.main([*base, "--height", "32", "--width", "48", "--checkpoint", "none", "--upscale", "64x90"])
 
-    ck = _save_checkpoint(tmp_path / "mine.safetensors", radius=8, down_factor=2)
+
+def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
+    forbid_loading(monkeypatch)
+    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+
+    ck = save_checkpoint(tmp_path / "mine.safetensors", radius=8, down_factor=2)
     with pytest.raises(ValueError, match=r"radius=8 but the chosen variant is clear_local_16_down_2.*--radius 8"):
         generate_cli.main([*base, "--height", "32", "--width", "32", "--radius", "16", "--down_factor", "2",
                            "--checkpoint", ck])
@@ -166,25 +256,40 @@ def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir,
 # ------------------------------------------------------------------------------------------
 
 
-def test_highres_two_non_square_stages_use_ntk_and_proportional_attention(fresh_pipe):
-    pipe = fresh_pipe
-    original_pe = pipe.transformer.pos_embed
-    seen, times = [], []
+def _upscale_timesteps(family, shift):
+    """The timesteps the transformer sees in the last 2 steps of a 4-step img2img schedule with a fixed
+    ``shift`` (strength 0.5). FLUX's img2img passes sigmas from 1 to 1/4 and the transformer gets the
+    sigma; SD3's passes none: diffusers spaces them from 1 to the shifted sigma_min, then shifts
+    (timesteps = 1000 sigma)."""
+    if family == "flux":
+        sigmas = np.linspace(1.0, 1 / 4, 4)[2:]
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigma_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+    sigmas = np.linspace(1.0, sigma_min, 4)[2:]
+    return 1000 * shift * sigmas / (1 + (shift - 1) * sigmas)
 
-    def record(module, args, kwargs):  # what each transformer forward actually runs with
-        state = getattr(module, "clear_state", None)
-        pe = module.pos_embed
-        times.append(float(kwargs["timestep"][0]))
-        seen.append(dict(grid=clear.geometry.grid_from_ids(kwargs["img_ids"]),
-                         ntk=getattr(pe, "ntk_factor", 1.0),
-                         radius=state.radius if state else "off",
-                         proportional=state.core.proportional_attention if state else False))
 
-    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+def test_highres_two_non_square_stages(family, family_pipe):
+    pipe = family_pipe
+    original_pe, scheduler_shift = pipe.transformer.pos_embed, pipe.scheduler.config.shift
+    img2img_cls = getattr(diffusers, FAMILY[family]["img2img"])
+    real_call = img2img_cls.__call__
+    img2img_calls = []
+
+    def spy(self, *a, **k):
+        img2img_calls.append((self.transformer is pipe.transformer, self.vae is pipe.vae, k["height"], k["width"]))
+        return real_call(self, *a, **k)
+
+    # FLUX: NTK x10 and the default fixed shift 3; SD3 (no RoPE) a fixed shift 2 (its scheduler's: 3)
+    options, shift, ntk = (dict(ntk_factor=10), 3.0, 10.0) if family == "flux" else (dict(shift=2.0), 2.0, 1.0)
+    log = []
+    hook = record_forwards(pipe.transformer, log)
     try:
-        stages = inf.generate_highres(pipe, "a small blue plane", sizes=[(48, 64), (64, 96)], base_size=(32, 48),
-                                      clear=inf.ClearSpec(2, 2), strength=0.5, steps=2, upscale_steps=4, seed=1,
-                                      ntk_factor=10, max_sequence_length=16, progress=False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(img2img_cls, "__call__", spy)
+            stages = inf.generate_highres(pipe, "a small blue plane", sizes=[(48, 64), (64, 96)], base_size=(32, 48),
+                                          clear=inf.ClearSpec(2, 2), strength=0.5, steps=2, upscale_steps=4, seed=1,
+                                          max_sequence_length=16, progress=False, **options)
     finally:
         hook.remove()
 
@@ -192,33 +297,41 @@ def test_highres_two_non_square_stages_use_ntk_and_proportional_attention(fresh_
                                                              ("upscale", 64, 96)]
     assert [s.image.size for s in stages] == [(48, 32), (64, 48), (96, 64)]
     assert stages[1].source is stages[0].image and stages[2].source is stages[1].image
-    # base: the original model, plain RoPE; upscaling: CLEAR r=2, NTK x10, proportional attention; 2 steps each
-    assert seen[:2] == [dict(grid=(8, 12), ntk=1.0, radius="off", proportional=False)] * 2
-    assert seen[2:4] == [dict(grid=(12, 16), ntk=10.0, radius=2, proportional=True)] * 2
-    assert seen[4:] == [dict(grid=(16, 24), ntk=10.0, radius=2, proportional=True)] * 2
-    # everything is put back: the very same pos_embed object, the plain softmax scale
+    # diffusers' img2img pipeline of the family on the very same components, once per stage
+    assert img2img_calls == [(True, True, 48, 64), (True, True, 64, 96)]
+    # base: the original model, plain positions; upscaling: CLEAR r=2 df=2, proportional attention, FLUX's NTK;
+    # 2 steps each
+    assert [(e["grid"], e["radius"], e["proportional"], e["ntk"]) for e in log] == (
+        [((8, 12), "off", False, 1.0)] * 2 + [((12, 16), 2, True, ntk)] * 2 + [((16, 24), 2, True, ntk)] * 2)
+    # the fixed shift: strength 0.5 runs the last 2 steps of a 4-step schedule
+    np.testing.assert_allclose([e["timestep"] for e in log[2:4]], _upscale_timesteps(family, shift), rtol=1e-5)
+    np.testing.assert_allclose([e["timestep"] for e in log[4:]], _upscale_timesteps(family, shift), rtol=1e-5)
+    # everything is put back: the very same pos_embed object, the plain softmax scale, the pipeline's scheduler
     assert pipe.transformer.pos_embed is original_pe
     assert pipe.transformer.clear_state.core.proportional_attention is False
-    assert stages[2].result.settings["shift"] == 3.0 and stages[2].result.settings["strength"] == 0.5
-    # upscaling stages: a 4-step schedule, fixed shift 3, strength 0.5 runs its last 2 steps
-    sigmas = np.linspace(1.0, 1 / 4, 4)[2:]
-    shifted = 3.0 * sigmas / (1 + 2.0 * sigmas)
-    np.testing.assert_allclose(times[2:4], shifted, rtol=1e-5)
-    np.testing.assert_allclose(times[4:], shifted, rtol=1e-5)
+    assert pipe.scheduler.config.shift == scheduler_shift and (family != "sd3" or scheduler_shift == 3.0)
+    settings = stages[2].result.settings
+    assert settings["shift"] == shift and settings["strength"] == 0.5 and settings["proportional_attention"] is True
+    assert settings["source_size"] == "48x64" and settings["guidance"] == FAMILY[family]["guidance"]
+    # SD3: no RoPE to scale, so NTK is not applied (and the settings say so)
+    assert settings["ntk_factor"] == (10.0 if family == "flux" else None)
 
 
-def test_highres_cli_writes_every_stage(tiny_flux_pipeline_dir, tmp_path):
+def test_highres_cli_writes_every_stage(family, family_dir, tmp_path):
     out = tmp_path / "hr.png"
-    written = load_script("generate_highres").main(["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "3",
-                                                "--checkpoint", "none", "--upscale", "48x32,64x48",
-                                                "--upscale_steps", "3", "--vae_tiling", "on", "--out", str(out)])
+    last = {"flux": "64x48", "sd3": "64x96"}[family]
+    written = load_script("generate_highres").main(["--model", family_dir, *TINY, "--radius", "3",
+                                                    "--checkpoint", "none", "--upscale", f"48x32,{last}",
+                                                    "--upscale_steps", "3", "--vae_tiling", "on", "--out", str(out)])
     assert Image.open(written["stage0"]).size == (48, 32)
     assert Image.open(written["stage1"]).size == (32, 48)
     final = Image.open(written["image"])
-    assert final.size == (48, 64)
+    h, w = map(int, last.split("x"))
+    assert final.size == (w, h)
     settings = json.loads(final.text["clear:settings"])
     assert settings["stages"] == 3 and settings["source_size"] == "48x32" and settings["vae_tiling"] is True
-    assert settings["ntk_factor"] == 10.0 and settings["proportional_attention"] is True
+    assert settings["proportional_attention"] is True and settings["attention"] == "CLEAR r=3"
+    assert settings["ntk_factor"] == (10.0 if family == "flux" else None)
 
 
 def test_ntk_rope_matches_direct_computation(flux):
@@ -292,16 +405,19 @@ def test_fixed_shift_scheduler_matches_direct_computation(tiny_pipe):
     np.testing.assert_allclose(sched.sigmas[:-1].numpy(), expected, rtol=1e-6)
 
 
-def test_img2img_pipeline_shares_components_without_casting(tiny_pipe):
-    pipe = tiny_pipe
+def test_img2img_pipeline_shares_components_without_casting(family, family_pipe):
+    pipe = family_pipe
+    shift = pipe.scheduler.config.shift
     pipe.vae.to(torch.float64)
-    try:
-        img2img = inf.img2img_pipeline(pipe)
-        assert type(img2img).__name__ == "FluxImg2ImgPipeline"
-        assert img2img.transformer is pipe.transformer and img2img.vae is pipe.vae
-        assert pipe.vae.dtype == torch.float64  # from_pipe(dtype=float32 default) would have cast it
-    finally:
-        pipe.vae.to(torch.float32)
+    img2img = inf.img2img_pipeline(pipe, inf.fixed_shift_scheduler(pipe.scheduler, 2.0))
+    assert type(img2img).__name__ == FAMILY[family]["img2img"]
+    assert img2img.transformer is pipe.transformer and img2img.vae is pipe.vae
+    assert all(img2img.components[k] is v for k, v in pipe.components.items()
+               if k in img2img.components and k != "scheduler")  # every text encoder too (SD3: text_encoder_3)
+    assert pipe.vae.dtype == torch.float64  # from_pipe(dtype=float32 default) would have cast it
+    assert img2img.scheduler.config.shift == 2.0 and pipe.scheduler.config.shift == shift
+    assert family != "sd3" or shift == 3.0
+    assert inf.img2img_pipeline(pipe).scheduler is pipe.scheduler  # no scheduler given: the pipeline's own
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,7 +438,7 @@ def test_controlnet_pipeline_one_line(tmp_path):
     assert pipe.transformer.clear_state is not None and pipe.controlnet.clear_state is not None
     np.testing.assert_allclose(pipe(**kw, generator=torch.Generator().manual_seed(0)).images, ref, atol=1e-5)
 
-    ckpt = _save_checkpoint(tmp_path / "clear_local_2_down_2.safetensors", radius=2, down_factor=2)
+    ckpt = save_checkpoint(tmp_path / "clear_local_2_down_2.safetensors", radius=2, down_factor=2)
     inf.apply_to_pipeline(pipe, radius=2, down_factor=2, checkpoint=ckpt)
     assert pipe.controlnet.clear_state.radius == 2 and pipe.transformer.clear_state.down_factor == 2
     from safetensors.torch import load_file
@@ -342,7 +458,7 @@ def test_controlnet_pipeline_one_line(tmp_path):
 def test_schnell_zero_shot_with_dev_weights(tmp_path):
     from tiny_models import tiny_flux_pipeline
 
-    dev_ckpt = _save_checkpoint(tmp_path / "dev_r2.safetensors", radius=2)  # made on a guidance-embedding "dev"
+    dev_ckpt = save_checkpoint(tmp_path / "dev_r2.safetensors", radius=2)  # made on a guidance-embedding "dev"
     pipe = tiny_flux_pipeline(guidance_embeds=False)
     _eval(pipe)
     assert inf.default_settings(pipe) == dict(steps=4, guidance=0.0, max_sequence_length=256)
@@ -353,6 +469,75 @@ def test_schnell_zero_shot_with_dev_weights(tmp_path):
         torch.testing.assert_close(pipe.transformer.get_parameter(k), t)
     res = inf.generate(pipe, "a cat", 32, 48, steps=2, max_sequence_length=16)
     assert res.image.size == (48, 32) and res.settings["guidance"] == 0.0 and res.settings["radius"] == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Resolving once: the family and the size rules are read once, every size is checked once
+# ------------------------------------------------------------------------------------------
+
+RESOLVERS = ("pipeline_family", "size_rules", "model_spec", "resolve_ntk_factor", "check_size")
+
+
+def count_calls(monkeypatch, names=RESOLVERS) -> dict:
+    """Counts the calls of clear.inference's functions ``names``, wherever in the package they are called from."""
+    counts = dict.fromkeys(names, 0)
+    modules = [m for n, m in sys.modules.items() if n == "clear.inference" or n.startswith("clear.inference.")]
+    for name in names:
+        original = getattr(inf, name)
+
+        def counted(*a, _name=name, _original=original, **k):
+            counts[_name] += 1
+            return _original(*a, **k)
+
+        patched = [m for m in modules if getattr(m, name, None) is original]
+        assert len(patched) >= 2, (name, patched)  # defined in one module, called from another
+        for m in patched:
+            monkeypatch.setattr(m, name, counted)
+    return counts
+
+
+def test_two_stage_highres_resolves_the_family_once_and_checks_each_size_once(family, family_pipe, monkeypatch):
+    counts = count_calls(monkeypatch)
+    stages = inf.generate_highres(family_pipe, "a cat", [(48, 64), (64, 96)], (32, 48), clear=inf.ClearSpec(2, 2),
+                                  steps=1, upscale_steps=2, strength=0.5, max_sequence_length=16, progress=False)
+    assert [s.image.size for s in stages] == [(48, 32), (64, 48), (96, 64)]
+    assert stages[-1].result.settings["radius"] == 2 and stages[0].result.settings["attention"] == "original"
+    # one description of the pipeline, the base size and the two stages checked once each
+    assert counts == dict(pipeline_family=1, size_rules=1, model_spec=1, resolve_ntk_factor=1, check_size=3)
+    # a description the caller already has: nothing is resolved again
+    info = inf.describe_pipeline(family_pipe)
+    assert info.family.name == family and info.pixels_per_token == 4 and info.clear.radius == 2
+    assert info.max_grid == (None if family == "flux" else 32) and info.guidance == FAMILY[family]["guidance"]
+    counts.update(dict.fromkeys(counts, 0))
+    inf.generate(family_pipe, "a cat", 32, 48, steps=1, max_sequence_length=16, info=info)
+    assert counts == dict(pipeline_family=0, size_rules=0, model_spec=0, resolve_ntk_factor=0, check_size=1)
+
+
+def test_cli_resolves_the_family_once_and_checks_each_size_once(family, family_dir, generate_cli, tmp_path,
+                                                                monkeypatch):
+    counts = count_calls(monkeypatch)
+    written = generate_cli.main(["--model", family_dir, *TINY, "--radius", "2", "--down_factor", "2", "--checkpoint",
+                                 "none", "--upscale", "48x64,64x96", "--upscale_steps", "2", "--strength", "0.5",
+                                 "--out", str(tmp_path / "hr.png")])
+    assert Image.open(written["image"]).size == (96, 64) and set(written) == {"stage0", "stage1", "image"}
+    # read from the configs before loading, passed to the loading and to every stage: once each
+    assert counts == dict(pipeline_family=1, size_rules=1, model_spec=1, resolve_ntk_factor=1, check_size=3)
+
+
+def test_plan_resolves_defaults_and_swaps_only_the_clear_it_was_checked_for(tiny_flux_pipeline_dir):
+    spec = inf.ClearSpec(2, 2)
+    plan = inf.plan_generation(tiny_flux_pipeline_dir, (32, 48), [(48, 64)], clear=spec, upscale_steps=8)
+    assert plan.info == inf.describe_pipeline(tiny_flux_pipeline_dir) and plan.info.model == "FLUX.1-dev"
+    assert (plan.steps, plan.upscale_steps, plan.guidance, plan.max_sequence_length) == (28, 8, 3.5, 512)
+    assert plan.ntk_factor == 10.0 and plan.sizes == ((48, 64),) and plan.clear is spec
+    assert inf.plan_generation(plan.info, (32, 48)).ntk_factor is None  # no upscaling stage: no NTK
+    assert plan.with_clear(None).clear is None and plan.with_clear(None).sizes == plan.sizes
+    assert plan.with_clear(inf.ClearSpec(2, 2, "w.safetensors")).clear.checkpoint == "w.safetensors"
+    with pytest.raises(ValueError, match=r"checked for CLEAR r=2 df=2 on a pipeline with original, not for "
+                                         r"CLEAR r=2 df=4: make a new plan"):
+        plan.with_clear(inf.ClearSpec(2, 4))
+    with pytest.raises(ValueError, match="not divisible by down_factor=4"):  # a new plan checks for its window
+        inf.plan_generation(plan.info, (32, 48), [(48, 40)], clear=inf.ClearSpec(2, 4))
 
 
 # ------------------------------------------------------------------------------------------
