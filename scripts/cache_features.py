@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from clear.devices import DTYPE_CHOICES
 from clear.families import FAMILIES
 
 
@@ -20,8 +21,8 @@ def main(kind: str, doc: str, argv=None, batch_size: int = 8, extra=None):
     p.add_argument("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or a .tar")
     p.add_argument("--cache_dir", default=None, help="default: <data_root>_cache")
     p.add_argument("--batch_size", type=int, default=batch_size)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="encoders and stored features; default: bfloat16 on CUDA, float32 otherwise")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="encoders and stored features; auto: bfloat16 on CUDA, float32 otherwise")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)

@@ -373,7 +373,7 @@ def run(s: Settings) -> dict:
                 log.run_script("generate_eval_set", argv)
                 folders[(str(size), v.key)] = folder
 
-    pipes, seconds = {}, {}
+    seconds = {}
     with log.step("SDEdit 2x and timings"):
         for v in variants:
             pipe = inf.load_pipeline(s.model, device="cpu", dtype=torch.float32)
