@@ -4,8 +4,8 @@ A plan gathers queries and keys into tile order (:class:`clear.geometry.TileOrde
 padded to whole blocks, then text, then pooled tokens) and holds a ``BlockMask`` built
 analytically from tile rectangles (:func:`clear.geometry.analytic_block_mask`,
 :func:`clear.geometry.band_block_mask`), so blocks outside the window are never computed; the
-output is gathered back to natural order. Compiled on CUDA (or when ``Options.compiled``),
-eager elsewhere; inside a region already being compiled, the plain op (the enclosing compile
+output is gathered back to natural order. Compiled on CUDA (or when ``Options.compiled``, except
+with the log-sum-exp on CPU, which the compiled CPU kernel does not return), eager elsewhere; inside a region already being compiled, the plain op (the enclosing compile
 fuses it). FlexAttention has no backward on CPU. Tensors are ``[B, S, heads, D]``.
 """
 
@@ -109,7 +109,7 @@ def attend(query, key, value, scale: float, *, return_lse: bool = False, options
         kwargs["return_lse"] = True
     if torch.compiler.is_compiling():
         out = fa.flex_attention(q, k, v, kernel_options=options.kernel_options, **kwargs)
-    elif q.is_cuda or options.compiled:
+    elif (q.is_cuda or options.compiled) and not (return_lse and q.device.type == "cpu"):  # CPU kernel: no lse
         out = _compiled_flex()(q, k, v, kernel_options=options.kernel_options, **kwargs)
     else:
         with warnings.catch_warnings():  # eager (unfused) flex is expected off CUDA
