@@ -33,7 +33,7 @@ from . import backends
 from .backends import CPU_FLEX_MIN_TOKENS, Options
 from .geometry import BandLayout, TokenLayout, Window
 
-__all__ = ["ClearAttention", "pool_tokens", "CPU_FLEX_MIN_TOKENS", "PROPORTIONAL", "BACKENDS"]
+__all__ = ["ClearAttention", "pool_tokens", "CPU_FLEX_MIN_TOKENS", "PROPORTIONAL"]
 
 # proportional_attention: False (1/sqrt(d)), True = "release" (the public release's scale: log_L0(10·N) for
 # down-sampled variants, log_L0(N) otherwise) or "plain" (log_L0(N) for every variant)
@@ -93,8 +93,9 @@ class ClearAttention:
         :func:`clear.backends.resolve` (flex on CUDA; on CPU flex for inference, ``with_grad``
         False, on a grid of at least :data:`CPU_FLEX_MIN_TOKENS` image tokens, dense otherwise).
         Depends only on Python values, so it never breaks a compiled graph."""
-        return backends.resolve(self.backend, torch.device(device).type, layout.num_image if layout is not None else None,
-                                with_grad, windowed=self.window.radius is not None)
+        num_image = layout.num_image if layout is not None else None
+        return backends.resolve(self.backend, torch.device(device).type, num_image, with_grad,
+                                windowed=self.window.radius is not None)
 
     def options(self, device: torch.device) -> Options:
         """What every plan of this core gets: the tile, the kernel options, and whether flex runs

@@ -11,7 +11,8 @@
     python scripts/benchmark.py step --compile regional --sizes 1024,4096 --radii 16 --out benchmarks/step_regional
     # patch parallelism: bytes each of 8 ranks hands to torch.distributed in one attention layer
     # (CPU, gloo; random q/k/v), next to clear.parallel.expected_comm_bytes
-    python scripts/benchmark.py comm --ranks 8 --sizes 2048x1024 --radii 16 --down-factors 1 --dtype bf16 --out benchmarks/comm
+    python scripts/benchmark.py comm --ranks 8 --sizes 2048x1024 --radii 16 --down-factors 1 --dtype bf16 \
+        --out benchmarks/comm
 
 Each run writes ``<out>.json`` (records + environment + command), ``<out>.md`` (a markdown
 table) and, except for ``comm``, ``<out>.png`` (log-log time against resolution). Sizes are image

@@ -100,7 +100,8 @@ def test_comm_mode_measures_the_designed_bytes(tmp_path):
             assert {k: r["expected_bytes"] for (d, rk, k), r in by.items() if (d, rk) == (df, rank)} == expected
     # the halo: K and V of 2 rows x 6 tokens x 16 channels in bf16, to the one neighbour
     assert by[(1, 0, "halo")]["measured_bytes"] == 2 * 2 * 6 * 16 * 2
-    table = "| rank | kind | measured bytes | expected_comm_bytes |  (8x6 tokens, r=3, df=2, 2 ranks, exact, 2x8 bfloat16, 5 text)"
+    table = ("| rank | kind | measured bytes | expected_comm_bytes |  (8x6 tokens, r=3, df=2, 2 ranks, exact, "
+             "2x8 bfloat16, 5 text)")
     assert table in run.stdout and table in out.with_suffix(".md").read_text()
     assert "| 1 | pooled | 384 | 384 |" in run.stdout  # 2 x (2x3 pooled tokens) x 16 channels x 2 bytes
     assert not out.with_suffix(".png").exists()

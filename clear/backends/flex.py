@@ -5,8 +5,8 @@ padded to whole blocks, then text, then pooled tokens) and holds a ``BlockMask``
 analytically from tile rectangles (:func:`clear.geometry.analytic_block_mask`,
 :func:`clear.geometry.band_block_mask`), so blocks outside the window are never computed; the
 output is gathered back to natural order. Compiled on CUDA (or when ``Options.compiled``, except
-with the log-sum-exp on CPU, which the compiled CPU kernel does not return), eager elsewhere; inside a region already being compiled, the plain op (the enclosing compile
-fuses it). FlexAttention has no backward on CPU. Tensors are ``[B, S, heads, D]``.
+with the log-sum-exp on CPU, which the compiled CPU kernel does not return), eager elsewhere;
+inside a region already being compiled, the plain op (the enclosing compile fuses it). FlexAttention has no backward on CPU. Tensors are ``[B, S, heads, D]``.
 """
 
 from __future__ import annotations
