@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "Window",
     "TokenLayout",
+    "BandLayout",
     "TileOrder",
     "grid_from_ids",
     "allowed_mask",
@@ -429,6 +430,37 @@ def analytic_block_mask(order: TileOrder, device=None, with_q_blocks: bool = Tru
 # ----------------------------------------------------------------------------------------
 # A band of rows (patch parallelism): its image queries against the band plus halo rows
 # ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """One patch-parallel attention call for the image queries of a band of ``rows x width``
+    tokens: its keys are ``[text | extended band | pooled]``, the extended band being ``above``
+    halo rows, the band, and ``below`` halo rows (row-major), ``n_pooled`` pooled tokens last."""
+
+    text_len: int
+    rows: int
+    width: int
+    above: int = 0
+    below: int = 0
+    n_pooled: int = 0
+
+    def __post_init__(self):
+        if min(self.text_len, self.above, self.below, self.n_pooled) < 0 or self.rows < 1 or self.width < 1:
+            raise ValueError(f"invalid band layout {self}")
+
+    @property
+    def ext_rows(self) -> int:
+        return self.above + self.rows + self.below
+
+    @property
+    def num_queries(self) -> int:
+        return self.rows * self.width
+
+    @property
+    def num_keys(self) -> int:
+        return self.text_len + self.ext_rows * self.width + self.n_pooled
+
 
 
 def band_allowed_mask(rows: int, width: int, row_offset: int, ext_rows: int, window: Window, text_len: int = 0,

@@ -26,23 +26,22 @@ that cuts each rank's band out of the full inputs, one that gathers the full out
 
 Every rank calls the model with the same full-size inputs and gets the same full-size
 output; inference only. See docs/parallel.md for the design and its communication;
-``python -m clear.parallel`` measures the bytes of one layer.
+``python scripts/benchmark.py comm`` measures the bytes of one layer.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from . import backends
 from .apply import _forward_signature, model_family
-from .attention import ClearAttention, _flex, pool_tokens
-from .geometry import TileOrder, TokenLayout, Window, band_allowed_mask, band_block_mask, grid_from_ids
+from .attention import ClearAttention, pool_tokens
+from .geometry import BandLayout, TokenLayout, Window, grid_from_ids
 
 __all__ = [
     "TEXT_MODES",
@@ -174,42 +173,15 @@ class Sent:
     nbytes: int
 
 
-def _attend_lse(q, k, v, scale, backend, max_logits=2**26):
-    """Softmax attention and its log-sum-exp (float32), no mask. ``q [B, Tq, H, D]``,
-    ``k/v [B, K, H, D]`` -> ``out [B, Tq, H, D]``, ``lse [B, Tq, H]``. ``"flex"``: one
-    FlexAttention call (compiled on CUDA); ``"dense"``: explicit float32, heads in chunks."""
-    if backend == "flex":
-        out, lse = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, scale, return_lse=True)
-        return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
-    b, tq, heads, d = q.shape
-    step = max(1, max_logits // max(1, b * tq * k.shape[1]))
-    outs, lses = [], []
-    for h in range(0, heads, step):
-        qh, kh, vh = (t[:, :, h : h + step].transpose(1, 2).float() for t in (q, k, v))
-        logits = (qh @ kh.transpose(-1, -2)) * scale  # [B, h, Tq, K]
-        lse = logits.logsumexp(-1)
-        outs.append((logits - lse[..., None]).exp() @ vh)
-        lses.append(lse)
-    return torch.cat(outs, 1).transpose(1, 2), torch.cat(lses, 1).transpose(1, 2)
-
-
-@dataclass
-class _BandAttnPlan:
-    mask: torch.Tensor | None = None  # dense: [h*W, T + ext*W + P] bool, None when nothing is masked
-    q_to_flex: torch.Tensor | None = None  # flex: band token of each tile-order query position
-    q_from_flex: torch.Tensor | None = None  # flex: tile-order position of each band token
-    kv_to_flex: torch.Tensor | None = None  # flex: index into [above | band | below | text | pooled] per key
-    block_mask: object = None
-
-
 class PatchParallelAttention:
     """Takes the place of a model's :class:`ClearAttention` in every processor (same call),
     for the band of image rows this rank owns. Holds the process group, the text mode,
-    the wrapped single-process core (window, backend, scale), the current forward's
-    :class:`BandPlan` (set by the input hook of :func:`parallelize`) and, when
-    ``comm_log`` is a list, a :class:`Sent` record of every message."""
+    the wrapped single-process core (window, backend, scale, and the plan cache its band plans
+    share), the current forward's :class:`BandPlan` (set by the input hook of :func:`parallelize`)
+    and, when ``comm_log`` is a list, a :class:`Sent` record of every message. Image and text
+    attention run through the backend registry (:mod:`clear.backends`)."""
 
-    def __init__(self, inner: ClearAttention, group=None, text_mode: str = "exact", cache_size: int = 8):
+    def __init__(self, inner: ClearAttention, group=None, text_mode: str = "exact"):
         if text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
         halo_rows(inner.window)  # a local window is required
@@ -222,8 +194,6 @@ class PatchParallelAttention:
             raise ValueError("this process is not a member of the process group given to parallelize")
         self.plan: BandPlan | None = None
         self.comm_log: list[Sent] | None = None
-        self.cache_size = cache_size
-        self._plans: OrderedDict = OrderedDict()
 
     def __repr__(self):
         return (f"PatchParallelAttention({self.inner!r}, rank={self.rank}/{self.world_size}, "
@@ -277,16 +247,18 @@ class PatchParallelAttention:
         counts = [(b.rows // df) * (w // df) for b in plan.bands]
         return self._all_gather_dim(pooled, counts, "pooled", 2)  # [2, B, P, H, D]
 
-    def _text_attention(self, q_txt, k_txt, v_txt, k_img, v_img, scale, backend):
-        """Text queries against all text keys and all image keys of all ranks."""
+    def _text_attention(self, q_txt, k_txt, v_txt, k_img, v_img, scale, backend: backends.Backend):
+        """Text queries against all text keys and all image keys of all ranks (float32 merge)."""
+        opts = self.inner.options(q_txt.device)
         if self.text_mode == "average":
-            out, _ = _attend_lse(q_txt, torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1), scale, backend)
+            out, _ = backend.attend(q_txt, torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1), scale,
+                                    return_lse=True, options=opts)
             self._log("text", "all_reduce", out)
             dist.all_reduce(out, group=self.group)
             return out / self.world_size
         if self.rank == 0:  # text keys are counted once, on rank 0
             k_img, v_img = torch.cat([k_txt, k_img], 1), torch.cat([v_txt, v_img], 1)
-        out, lse = _attend_lse(q_txt, k_img, v_img, scale, backend)
+        out, lse = backend.attend(q_txt, k_img, v_img, scale, return_lse=True, options=opts)
         top = lse.clone()
         self._log("text", "all_reduce", top)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
@@ -295,51 +267,6 @@ class PatchParallelAttention:
         self._log("text", "all_reduce", acc)
         dist.all_reduce(acc, group=self.group)
         return acc[..., :-1] / acc[..., -1:]
-
-    # -- image queries -----------------------------------------------------------------
-
-    def _band_plan(self, text_len, plan: BandPlan, n_pooled, backend, device) -> _BandAttnPlan:
-        h, w, above, below = plan.band.rows, plan.width, plan.above, plan.below
-        key = (text_len, h, w, above, below, n_pooled, backend, str(device))
-        cached = self._plans.get(key)
-        if cached is not None:
-            self._plans.move_to_end(key)
-            return cached
-        win, ext = Window(self.window.radius), above + h + below
-        if backend == "dense":
-            if win.covers(ext, w):
-                bp = _BandAttnPlan()
-            else:
-                bp = _BandAttnPlan(mask=band_allowed_mask(h, w, above, ext, win, text_len, n_pooled, device))
-        else:
-            q_order = TileOrder(TokenLayout(0, h, w), win, *self.inner.tile)
-            kv_order = TileOrder(TokenLayout(0, ext, w), win, *self.inner.tile)
-            q_to, q_from = q_order.gather_indices(device)
-            kv_img, _ = kv_order.gather_indices(device)
-            kv_rest = ext * w + torch.arange(text_len + n_pooled, device=device)
-            bp = _BandAttnPlan(q_to_flex=q_to, q_from_flex=q_from, kv_to_flex=torch.cat([kv_img, kv_rest]),
-                               block_mask=band_block_mask(q_order, kv_order, above, text_len + n_pooled, device))
-        self._plans[key] = bp
-        while len(self._plans) > self.cache_size:
-            self._plans.popitem(last=False)
-        return bp
-
-    @staticmethod
-    def _image_attention(bp: _BandAttnPlan, q_img, ext: list, rest: list, scale, backend):
-        """Band image queries against ``[text | extended band | pooled]`` keys. ``ext``: (K, V)
-        of the rows above, the band, the rows below (top to bottom); ``rest``: (K, V) of the
-        text and, if any, of the pooled tokens. Each K/V is ``[B, n, H, D]``."""
-        if backend == "dense":
-            parts = [rest[0], *ext, *rest[1:]]
-            k, v = (torch.cat([p[i] for p in parts], 1).transpose(1, 2) for i in (0, 1))
-            out = F.scaled_dot_product_attention(q_img.transpose(1, 2), k, v, attn_mask=bp.mask, scale=scale)
-            return out.transpose(1, 2)
-        # flex: [extended band in tile order | text | pooled], one gather each (see TileOrder.gather_indices)
-        parts = [*ext, *rest]
-        k, v = (torch.cat([p[i] for p in parts], 1).index_select(1, bp.kv_to_flex) for i in (0, 1))
-        q = q_img.index_select(1, bp.q_to_flex)
-        out = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bp.block_mask, scale)
-        return out.transpose(1, 2).index_select(1, bp.q_from_flex)
 
     # -- the call (same as ClearAttention's) -------------------------------------------
 
@@ -361,7 +288,7 @@ class PatchParallelAttention:
             raise ValueError("spatial_weight must be given exactly when down_factor > 1")
         full = TokenLayout(layout.text_len, plan.height, plan.width, layout.text_first)
         scale = self.inner.scale(full, query.shape[-1])  # proportional attention counts all tokens
-        backend = self.inner.resolve_backend(query.device)
+        backend = backends.get(self.inner.resolve_backend(query.device))
 
         img, txt = layout.image_slice, layout.text_slice
         q_img, k_img, v_img = query[:, img], key[:, img], value[:, img]
@@ -369,10 +296,11 @@ class PatchParallelAttention:
         kv_above, kv_below = self._exchange_halos(k_img, v_img, plan)
         kv_pooled = self._gather_pooled(k_img, v_img, plan, spatial_weight) if win.down_factor > 1 else None
         n_pooled = kv_pooled.shape[2] if kv_pooled is not None else 0
-        bp = self._band_plan(layout.text_len, plan, n_pooled, backend, query.device)
-        ext = [kv for kv in (kv_above, (k_img, v_img), kv_below) if kv is not None]
-        rest = [(k_txt, v_txt)] + ([kv_pooled] if kv_pooled is not None else [])
-        out_img = self._image_attention(bp, q_img, ext, rest, scale, backend)
+        band = BandLayout(layout.text_len, plan.band.rows, plan.width, plan.above, plan.below, n_pooled)
+        # keys and values in the band plan's order: [text | rows above | band | rows below | pooled]
+        parts = [kv for kv in ((k_txt, v_txt), kv_above, (k_img, v_img), kv_below, kv_pooled) if kv is not None]
+        k, v = (torch.cat([p[i] for p in parts], 1) for i in (0, 1))
+        out_img = self.inner.plan(band, backend.name, query.device).attend(q_img, k, v, scale)
         if layout.text_len == 0:
             return out_img.to(query.dtype)
         out_txt = self._text_attention(query[:, txt], k_txt, v_txt, k_img, v_img, scale, backend).to(query.dtype)
@@ -544,68 +472,3 @@ def expected_comm_bytes(height: int, width: int, world_size: int, rank: int, rad
         merge = batch * text_len * heads * (head_dim if text_mode == "average" else head_dim + 2) * 4
         out["text"] = merge
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# Measuring it: python -m clear.parallel (CPU, gloo; one attention call per rank)
-# ----------------------------------------------------------------------------------------
-
-
-def _measure_worker(rank, world, init_file, a, results):
-    torch.manual_seed(rank)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    window = Window(a.radius, a.down_factor)
-    attn = PatchParallelAttention(ClearAttention(a.radius, a.down_factor, "dense"), None, a.text_mode)
-    attn.plan = plan_bands(a.height, a.width, world, rank, window)
-    dtype = getattr(torch, a.dtype)
-    n = a.text_len + attn.plan.band.rows * a.width
-    q, k, v = (torch.randn(1, n, a.heads, a.head_dim, dtype=dtype) for _ in range(3))
-    sw = torch.rand(1, 1, 1, a.down_factor, 1, a.down_factor, 1, dtype=dtype) if a.down_factor > 1 else None
-    attn.comm_log = []
-    with torch.no_grad():
-        attn(q, k, v, TokenLayout(a.text_len, attn.plan.band.rows, a.width), sw)
-    measured = {}
-    for s in attn.comm_log:
-        measured[s.what] = measured.get(s.what, 0) + s.nbytes
-    results[rank] = measured
-    dist.destroy_process_group()
-
-
-def _measure(argv=None):
-    import argparse
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    p = argparse.ArgumentParser(description="Bytes each rank hands to torch.distributed in one patch-parallel CLEAR "
-                                "attention layer (random q/k/v, FLUX.1-dev head dims by default), next to "
-                                "expected_comm_bytes. Sizes in tokens (pixels / 16).")
-    p.add_argument("--ranks", type=int, default=8)
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--radius", type=float, default=16)
-    p.add_argument("--down_factor", type=int, default=1)
-    p.add_argument("--text_mode", default="exact", choices=TEXT_MODES)
-    p.add_argument("--text_len", type=int, default=512)
-    p.add_argument("--heads", type=int, default=24)
-    p.add_argument("--head_dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
-    a = p.parse_args(argv)
-    plan_bands(a.height, a.width, a.ranks, 0, Window(a.radius, a.down_factor))  # fail before spawning
-    results = mp.Manager().dict()
-    mp.spawn(_measure_worker, args=(a.ranks, tempfile.mktemp(), a, results), nprocs=a.ranks)
-    elem = torch.empty(0, dtype=getattr(torch, a.dtype)).element_size()
-    print(f"| rank | kind | measured bytes | expected_comm_bytes |  ({a.height}x{a.width} tokens, r={a.radius:g}, "
-          f"df={a.down_factor}, {a.ranks} ranks, {a.text_mode}, {a.heads}x{a.head_dim} {a.dtype}, "
-          f"{a.text_len} text)")
-    print("|---|---|---|---|")
-    for rank in range(a.ranks):
-        exp = expected_comm_bytes(a.height, a.width, a.ranks, rank, a.radius, a.down_factor, a.text_len, a.heads,
-                                  a.head_dim, 1, elem, a.text_mode)
-        for kind in sorted(set(exp) | set(results[rank])):
-            print(f"| {rank} | {kind} | {results[rank].get(kind, 0)} | {exp.get(kind, 0)} |")
-
-
-if __name__ == "__main__":
-    _measure()

@@ -9,10 +9,15 @@
     python scripts/benchmark.py flops --out benchmarks/flops
     # under torch.compile: the whole transformer (full) or its repeated blocks (regional)
     python scripts/benchmark.py step --compile regional --sizes 1024,4096 --radii 16 --out benchmarks/step_regional
+    # patch parallelism: bytes each of 8 ranks hands to torch.distributed in one attention layer
+    # (CPU, gloo; random q/k/v), next to clear.parallel.expected_comm_bytes
+    python scripts/benchmark.py comm --ranks 8 --sizes 2048x1024 --radii 16 --down-factors 1 --dtype bf16 \
+        --out benchmarks/comm
 
 Each run writes ``<out>.json`` (records + environment + command), ``<out>.md`` (a markdown
-table) and ``<out>.png`` (log-log time against resolution). Sizes are image pixels (square
-unless ``HxW``); tokens are pixels / 16. On CUDA, times are medians of CUDA-event timings
+table) and, except for ``comm``, ``<out>.png`` (log-log time against resolution). Sizes are image
+pixels, ``HEIGHTxWIDTH`` as everywhere in CLEAR (``clear.inference.parse_sizes``), or ``N`` for a
+square; tokens are pixels / 16. On CUDA, times are medians of CUDA-event timings
 after warm-up; elsewhere, medians of wall-clock times (CPU runs are smoke tests).
 
 ``--compile full`` compiles the timed call with ``torch.compile(..., fullgraph=True)`` (attention:
@@ -25,35 +30,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import clear
+from clear import backends
 from clear.attention import ClearAttention
 from clear.devices import DTYPE_CHOICES, resolve_device, resolve_dtype
 from clear.files import atomic_path, write_bytes
-from clear.geometry import TokenLayout
+from clear.geometry import TokenLayout, Window
+from clear.parallel import TEXT_MODES, PatchParallelAttention, expected_comm_bytes, plan_bands
 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for item in text.split(","):
-        h, _, w = item.partition("x")
-        h, w = int(h), int(w or h)
+    """``--sizes``: CLEAR's size list (``HEIGHTxWIDTH,...`` pixels), where a bare ``N`` is ``NxN``."""
+    from clear.inference import parse_sizes as parse_pixel_sizes  # here: comm's spawned ranks need no pipelines
+
+    try:
+        sizes = parse_pixel_sizes(",".join(f"{s}x{s}" if s.strip().isdigit() else s for s in text.split(",")))
+    except ValueError as e:
+        raise SystemExit(f"--sizes: {e}") from None
+    for h, w in sizes:
         if h % 16 or w % 16:
-            raise SystemExit(f"size {item} is not a multiple of 16 pixels")
-        sizes.append((h, w))
+            raise SystemExit(f"size {h}x{w} is not a multiple of 16 pixels")
     return sizes
 
 
@@ -142,7 +156,7 @@ def bench_attention(args, device, dtype) -> list[dict]:
             sw = torch.full((1, 1, 1, df, 1, df, 1), 1 / df**2, device=device, dtype=dtype) if df > 1 else None
             with torch.no_grad():
                 rec["mask_build_s"] = timer.once(lambda: core.layout_plan(layout, device, with_grad=False))
-                core._plans.clear()
+                core._plans.clear()  # the first call below builds its plan again
                 t0 = time.perf_counter()
                 plan = core.layout_plan(layout, device, with_grad=False)  # built outside the compiled call
                 fn = compiled(lambda: core(q, k, v, layout, sw, plan), args.compile)
@@ -262,6 +276,77 @@ def flops_table(args) -> list[dict]:
     return records
 
 
+def _comm_worker(rank, world, init_file, args, jobs, dtype, results):
+    """One rank: for each job, one patch-parallel attention call on random q/k/v; the bytes it handed
+    to each kind of message (``PatchParallelAttention.comm_log``)."""
+    torch.manual_seed(rank)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for i, (h, w, radius, df) in enumerate(jobs):
+        core = ClearAttention(radius, df, args.backend, tile=args.tile)
+        attn = PatchParallelAttention(core, None, args.text_mode)
+        attn.plan = plan_bands(h, w, world, rank, core.window)
+        n = args.text_len + attn.plan.band.rows * w
+        q, k, v = (torch.randn(1, n, args.heads, args.head_dim, dtype=dtype) for _ in range(3))
+        sw = torch.rand(1, 1, 1, df, 1, df, 1, dtype=dtype) if df > 1 else None
+        attn.comm_log = []
+        with torch.no_grad():
+            attn(q, k, v, TokenLayout(args.text_len, attn.plan.band.rows, w), sw)
+        measured = {}
+        for sent in attn.comm_log:
+            measured[sent.what] = measured.get(sent.what, 0) + sent.nbytes
+        results[(i, rank)] = measured
+    dist.destroy_process_group()
+
+
+def bench_comm(args, dtype) -> list[dict]:
+    """Bytes each of ``--ranks`` CPU processes (gloo) hands to torch.distributed in one
+    patch-parallel attention layer, for every size and window, next to ``expected_comm_bytes``."""
+    jobs = []
+    for (h_px, w_px), (radius, df) in ((s, v) for s in parse_sizes(args.sizes)
+                                       for v in variants(args.radii, args.down_factors)):
+        h, w = h_px // 16, w_px // 16
+        if radius is None or (df > 1 and (h % df or w % df)):
+            continue
+        try:
+            plan_bands(h, w, args.ranks, 0, Window(radius, df))  # fail before spawning
+        except ValueError as e:
+            raise SystemExit(f"--sizes {h_px}x{w_px} (r={radius}, df={df}): {e}") from None
+        jobs.append((h, w, radius, df))
+    if not jobs:
+        raise SystemExit("comm: no size and radius to measure (patch parallelism needs a radius)")
+    results = mp.Manager().dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_comm_worker, args=(args.ranks, os.path.join(tmp, "store"), args, jobs, dtype, results),
+                 nprocs=args.ranks)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    records = []
+    for i, (h, w, radius, df) in enumerate(jobs):
+        for rank in range(args.ranks):
+            exp = expected_comm_bytes(h, w, args.ranks, rank, radius, df, args.text_len, args.heads, args.head_dim,
+                                      1, elem, args.text_mode)
+            got = results[(i, rank)]
+            for kind in sorted(set(exp) | set(got)):
+                records.append(dict(height=h * 16, width=w * 16, grid=f"{h}x{w}", radius=radius, down_factor=df,
+                                    ranks=args.ranks, text_mode=args.text_mode, heads=args.heads,
+                                    head_dim=args.head_dim, text_len=args.text_len, rank=rank, kind=kind,
+                                    measured_bytes=got.get(kind, 0), expected_bytes=exp.get(kind, 0)))
+    return records
+
+
+def comm_markdown(records: list[dict], dtype: str) -> str:
+    """One table per measured setting: rank, kind, measured and expected bytes."""
+    lines = []
+    for key in dict.fromkeys((r["grid"], r["radius"], r["down_factor"]) for r in records):
+        rows = [r for r in records if (r["grid"], r["radius"], r["down_factor"]) == key]
+        r = rows[0]
+        lines += [f"| rank | kind | measured bytes | expected_comm_bytes |  ({r['grid']} tokens, r={r['radius']:g}, "
+                  f"df={r['down_factor']}, {r['ranks']} ranks, {r['text_mode']}, {r['heads']}x{r['head_dim']} "
+                  f"{dtype}, {r['text_len']} text)", "|---|---|---|---|"]
+        lines += [f"| {r['rank']} | {r['kind']} | {r['measured_bytes']} | {r['expected_bytes']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------
@@ -291,6 +376,9 @@ def environment(device) -> dict:
 
 
 def markdown(mode: str, records: list[dict], env: dict) -> str:
+    head = f"<!-- {env['command']} | {env.get('device_name')} | torch {env['torch']} | {env['date']} -->"
+    if mode == "comm":
+        return head + "\n" + comm_markdown(records, env["dtype"].removeprefix("torch.")) + "\n"
     if mode == "flops":
         cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("tflops", "TFLOPs/layer"),
                 ("fraction_of_full", "of full")]
@@ -315,8 +403,7 @@ def markdown(mode: str, records: list[dict], env: dict) -> str:
             return f"{value:.3g}" if key != "time_s" else f"{value:.3f}"
         return str(value)
 
-    lines = [f"<!-- {env['command']} | {env.get('device_name')} | torch {env['torch']} | {env['date']} -->",
-             "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines = [head, "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(k, r.get(k)) for k, _ in cols) + " |" for r in records]
     return "\n".join(lines) + "\n"
 
@@ -349,19 +436,20 @@ def save(mode: str, records: list[dict], env: dict, out: Path) -> None:
     write_bytes(out.with_suffix(".json"), json.dumps(dict(mode=mode, environment=env, records=records),
                                                      indent=1).encode())
     write_bytes(out.with_suffix(".md"), markdown(mode, records, env).encode())
-    plot(mode, records, out.with_suffix(".png"))
+    if mode != "comm":  # bytes, not times: the tables say it all
+        plot(mode, records, out.with_suffix(".png"))
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["attention", "step", "flops"])
+    p.add_argument("mode", choices=["attention", "step", "flops", "comm"])
     p.add_argument("--sizes", default="1024,2048,4096,8192", help="pixels, e.g. 1024,2048x4096")
     p.add_argument("--radii", default="8,16,32")
     p.add_argument("--down-factors", default="1,4")
     p.add_argument("--heads", type=int, default=24, help="attention heads (step: of head size 128)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--text-len", type=int, default=512)
-    p.add_argument("--backend", default="auto", choices=["auto", "dense", "flex"])
+    p.add_argument("--backend", default="auto", choices=backends.choices())
     p.add_argument("--tile", type=parse_tile, default=(8, 16), help="flex tile HxW (tokens), one block each")
     p.add_argument("--kernel-options", type=json.loads, default=None,
                    help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\' (CUDA)')
@@ -374,15 +462,20 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tiny", action="store_true", help="step: a tiny model (CPU smoke test)")
     p.add_argument("--compile", default="none", choices=["none", "full", "regional"],
                    help="torch.compile(fullgraph=True) the timed call (full) or the repeated blocks (regional, step)")
+    p.add_argument("--ranks", type=int, default=8, help="comm: processes (CPU, gloo), one band of rows each")
+    p.add_argument("--text-mode", default="exact", choices=TEXT_MODES, help="comm: text queries' merge (exact or "
+                   "the paper's average)")
     p.add_argument("--out", required=True, help="output path without suffix; writes .json, .md, .png")
     args = p.parse_args(argv)
 
-    device = resolve_device(args.device)
+    device = torch.device("cpu") if args.mode == "comm" else resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.mode == "attention":
         records = bench_attention(args, device, dtype)
     elif args.mode == "step":
         records = bench_step(args, device, dtype)
+    elif args.mode == "comm":
+        records = bench_comm(args, dtype)
     else:
         records = flops_table(args)
     env = environment(device)

@@ -102,7 +102,7 @@ def parse_args(argv=None):
       help="auto: read it from the model's model_index.json / transformer config")
     a("--radius", "--window_size", dest="radius", type=int, default=16, help="CLEAR window radius in tokens")
     a("--down_factor", type=int, default=1, help="add (H/df)x(W/df) pooled key/value tokens (1: none)")
-    a("--attn_backend", choices=["auto", "dense", "flex"], default="auto",
+    a("--attn_backend", choices=clear.backends.choices(), default="auto",
       help="auto: FlexAttention on CUDA, dense (mask + SDPA) elsewhere")
     # data
     a("--data_root", required=True, help="folder of .tar shards and/or <key>.jpg + <key>.json, or one .tar")

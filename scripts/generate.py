@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script from a checkout without `pip in
 
 # Only light imports here: --help answers without torch or diffusers (clear.models imports neither);
 # the functions below import clear.inference when they run.
-from clear import models as defaults  # noqa: E402
+from clear import backends, models as defaults  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "downloaded into --ckpt_dir on first use; none exist for SD3), a .safetensors path, or 'none' "
                    "(untrained CLEAR)")
     g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
-    g.add_argument("--backend", default="auto", choices=("auto", "dense", "flex"),
+    g.add_argument("--backend", default="auto", choices=backends.choices(),
                    help="auto: flex on CUDA, dense elsewhere")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, help="denoising steps (default: the model's, 28 for FLUX.1-dev, 4 for "

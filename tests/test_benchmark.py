@@ -2,11 +2,15 @@
 targets are judged from GPU runs, never from tests)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from scripts_loader import load_script
+from scripts_loader import SCRIPTS, load_script
 
 import clear
+from clear.parallel import expected_comm_bytes
 
 benchmark = load_script("benchmark")
 
@@ -55,6 +59,10 @@ def test_flops_table_and_size_validation(tmp_path):
     assert by[(8192, "r8")]["fraction_of_full"] < 0.005  # the paper's "99.5% fewer attention computations"
     with pytest.raises(SystemExit, match="not a multiple of 16"):
         benchmark.main(["flops", "--sizes", "1000", "--out", str(tmp_path / "g")])
+    # one size syntax with clear.inference.parse_sizes (HEIGHTxWIDTH), plus the square shorthand N
+    assert benchmark.parse_sizes("1024, 2048X4096,512") == [(1024, 1024), (2048, 4096), (512, 512)]
+    with pytest.raises(SystemExit, match="'2048\\*4096' is not a size like 2048x4096"):
+        benchmark.parse_sizes("2048*4096")
 
 
 def test_attention_benchmark_compiled_and_compile_choices(tmp_path):
@@ -70,3 +78,36 @@ def test_attention_benchmark_compiled_and_compile_choices(tmp_path):
     with pytest.raises(SystemExit, match="applies to step only"):
         benchmark.main(["attention", "--sizes", "64", "--radii", "2", "--compile", "regional",
                         "--out", str(tmp_path / "x")])
+
+
+def test_comm_mode_measures_the_designed_bytes(tmp_path):
+    """`benchmark.py comm` (the bytes measurement that was `python -m clear.parallel`): 2 gloo ranks, each runs one
+    patch-parallel attention layer; what each rank hands to torch.distributed equals expected_comm_bytes."""
+    out = tmp_path / "comm"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "comm", "--ranks", "2", "--sizes", "128x96",
+                          "--radii", "3", "--down-factors", "1,2", "--heads", "2", "--head-dim", "8", "--text-len", "5",
+                          "--dtype", "bf16", "--out", str(out)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    by = {(r["down_factor"], r["rank"], r["kind"]): r for r in records}
+    assert set(by) == {(df, rank, kind) for df in (1, 2) for rank in (0, 1) for kind in ("halo", "text")} | {
+        (2, rank, "pooled") for rank in (0, 1)}
+    for df in (1, 2):
+        for rank in (0, 1):
+            expected = expected_comm_bytes(8, 6, 2, rank, 3, df, text_len=5, heads=2, head_dim=8, elem_bytes=2)
+            assert {k: r["measured_bytes"] for (d, rk, k), r in by.items() if (d, rk) == (df, rank)} == expected
+            assert {k: r["expected_bytes"] for (d, rk, k), r in by.items() if (d, rk) == (df, rank)} == expected
+    # the halo: K and V of 2 rows x 6 tokens x 16 channels in bf16, to the one neighbour
+    assert by[(1, 0, "halo")]["measured_bytes"] == 2 * 2 * 6 * 16 * 2
+    table = ("| rank | kind | measured bytes | expected_comm_bytes |  (8x6 tokens, r=3, df=2, 2 ranks, exact, "
+             "2x8 bfloat16, 5 text)")
+    assert table in run.stdout and table in out.with_suffix(".md").read_text()
+    assert "| 1 | pooled | 384 | 384 |" in run.stdout  # 2 x (2x3 pooled tokens) x 16 channels x 2 bytes
+    assert not out.with_suffix(".png").exists()
+
+
+def test_comm_mode_checks_the_split_before_spawning(tmp_path):
+    with pytest.raises(SystemExit, match="needs a halo of 7 rows"):
+        benchmark.main(["comm", "--ranks", "3", "--sizes", "64", "--radii", "8", "--down-factors", "1",
+                        "--out", str(tmp_path / "c")])

@@ -43,7 +43,7 @@ def test_compiled_flex_calls_get_a_higher_recompile_limit():
     score); CLEAR's calls raise the limit for themselves only."""
     import torch._dynamo.config as dynamo_config
 
-    from clear.attention import FLEX_RECOMPILE_LIMIT, _with_recompile_limit
+    from clear.backends.flex import FLEX_RECOMPILE_LIMIT, _with_recompile_limit
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     before = getattr(dynamo_config, name)

@@ -1,0 +1,339 @@
+"""The attention backends (clear.backends), parametrized over the registry.
+
+Every registered backend equals the dense oracle and diffusers' own attention given the
+explicit mask of clear.geometry, over a random sweep of grids, radii, down factors, text
+lengths and tiles, for whole-grid plans and for patch-parallel band plans, with and without
+the log-sum-exp (checked against torch.logsumexp of explicit logits). Then the registry's
+facts (choices, where each backend runs, the auto rule), and a third backend added by one
+file and one register call, run through ClearAttention, apply_clear and the patch-parallel
+attention."""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+import clear
+from clear import backends
+from clear.attention import ClearAttention
+from clear.backends import CPU_FLEX_MIN_TOKENS, Backend, Options
+from clear.geometry import BandLayout, TokenLayout, Window, allowed_mask
+from tiny_models import flux_inputs, tiny_flux
+
+CPU = torch.device("cpu")
+TILES = [(2, 4), (4, 4), (8, 16), (3, 5)]
+
+
+def _grid_cases(n: int, seed: int) -> list[tuple]:
+    """(text_len, height, width, radius, down_factor, text_first, tile, batch): random grids whose sides the down
+    factor divides, radii from under one token to over the grid."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        df = rng.choice([1, 1, 2, 3])
+        h, w = df * rng.randint(1, 12 // df + 1), df * rng.randint(1, 14 // df + 1)
+        radius = rng.choice([0.5, 1, 1.5, 2, 2.5, 3, 4.2, 6, 20])
+        cases.append((rng.choice([0, 1, 5, 13]), h, w, radius, df, rng.random() < 0.7, rng.choice(TILES),
+                      rng.randint(1, 2)))
+    return cases
+
+
+GRIDS = _grid_cases(14, seed=12)
+
+
+def _qkv(n_q: int, n_k: int, batch: int = 2, heads: int = 3, dim: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, n_q, heads, dim, generator=g), torch.randn(batch, n_k, heads, dim, generator=g),
+            torch.randn(batch, n_k, heads, dim, generator=g))
+
+
+def _oracle(q, k, v, mask, scale):
+    """diffusers' own attention with the explicit boolean mask ``[Sq, Sk]``, and the log-sum-exp of the masked
+    logits (float64, then float32)."""
+    out = dispatch_attention_fn(q, k, v, attn_mask=None if mask is None else mask[None, None], scale=scale)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return out, logits.logsumexp(-1).transpose(1, 2).float()
+
+
+def _grid_mask(layout: TokenLayout, window: Window) -> torch.Tensor:
+    """Keys ``[natural order | pooled]``: clear.geometry's mask (the oracle's, full even where dense plans none)."""
+    return allowed_mask(layout, window)
+
+
+@pytest.mark.parametrize("name", backends.names())
+@pytest.mark.parametrize("case", GRIDS, ids=[f"t{c[0]}_{c[1]}x{c[2]}_r{c[3]}_df{c[4]}" for c in GRIDS])
+def test_grid_plan_equals_oracle(name, case):
+    text, h, w, radius, df, text_first, tile, batch = case
+    layout, window = TokenLayout(text, h, w, text_first), Window(radius, df)
+    n_k = layout.seq_len + layout.num_pooled(window)
+    q, k, v = _qkv(layout.seq_len, n_k, batch, seed=h * w + text)
+    scale = 0.3 + radius / 10
+    plan = backends.get(name).grid_plan(layout, window, CPU, Options(tile=tile))
+    assert plan.backend == name and plan.layout == layout
+    ref, ref_lse = _oracle(q, k, v, _grid_mask(layout, window), scale)
+    dense = backends.get("dense").grid_plan(layout, window, CPU).attend(q, k, v, scale)
+    out = plan.attend(q, k, v, scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    out, lse = plan.attend(q, k, v, scale, return_lse=True)
+    assert out.dtype == lse.dtype == torch.float32 and lse.shape == (batch, layout.seq_len, 3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def _band_cases(n: int, seed: int) -> list[tuple]:
+    """(grid case, band start, band rows): a band of a random grid, with text first (FLUX)."""
+    rng = random.Random(seed)
+    out = []
+    for text, h, w, radius, df, _, tile, batch in _grid_cases(n, seed):
+        rows = df * rng.randint(1, h // df)
+        start = df * rng.randint(0, (h - rows) // df)
+        out.append(((text, h, w, radius, df, True, tile, batch), start, rows))
+    return out
+
+
+BANDS = _band_cases(12, seed=7)
+
+
+@pytest.mark.parametrize("name", backends.names())
+@pytest.mark.parametrize("case,start,rows", BANDS, ids=[f"{c[1]}x{c[2]}_r{c[3]}_df{c[4]}_rows{s}+{n}"
+                                                       for c, s, n in BANDS])
+def test_band_plan_equals_the_grid_oracle_rows(name, case, start, rows):
+    """A band's image queries against [text | band with its halo rows | pooled] equal the same queries of the whole
+    grid (diffusers' attention with clear.geometry's grid mask): the halo holds every key the window reaches."""
+    text, h, w, radius, df, _, tile, batch = case
+    layout, window = TokenLayout(text, h, w), Window(radius, df)
+    halo = math.isqrt(window.radius_sq_bound - 1)
+    above, below = min(start, halo), min(h - start - rows, halo)
+    n_pooled = layout.num_pooled(window)
+    q, k, v = _qkv(layout.seq_len, layout.seq_len + n_pooled, batch, seed=start + 10 * rows)
+    scale = 0.25 + radius / 8
+    ref, ref_lse = _oracle(q, k, v, _grid_mask(layout, window), scale)
+    queries = slice(text + start * w, text + (start + rows) * w)
+    keys = torch.cat([torch.arange(text), torch.arange(text + (start - above) * w, text + (start + rows + below) * w),
+                      torch.arange(layout.seq_len, layout.seq_len + n_pooled)])
+    band = BandLayout(text, rows, w, above, below, n_pooled)
+    assert len(keys) == band.num_keys
+    plan = backends.get(name).band_plan(band, window, CPU, Options(tile=tile))
+    assert plan.backend == name and plan.layout == band
+    qb, kb, vb = q[:, queries], k[:, keys], v[:, keys]
+    torch.testing.assert_close(plan.attend(qb, kb, vb, scale), ref[:, queries], atol=1e-5, rtol=1e-5)
+    dense = backends.get("dense").band_plan(band, window, CPU).attend(qb, kb, vb, scale)
+    torch.testing.assert_close(plan.attend(qb, kb, vb, scale), dense, atol=1e-5, rtol=1e-5)
+    out, lse = plan.attend(qb, kb, vb, scale, return_lse=True)
+    torch.testing.assert_close(out, ref[:, queries], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse[:, queries], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", backends.names())
+@pytest.mark.parametrize("n_q,n_k", [(7, 30), (1, 1), (13, 200)])
+def test_unmasked_attend_with_lse(name, n_q, n_k):
+    """The text queries of patch parallelism: every key, and the log-sum-exp for the exact merge."""
+    q, k, v = _qkv(n_q, n_k, seed=n_k)
+    ref, ref_lse = _oracle(q, k, v, None, 0.4)
+    torch.testing.assert_close(backends.get(name).attend(q, k, v, 0.4), ref, atol=1e-5, rtol=1e-5)
+    out, lse = backends.get(name).attend(q, k, v, 0.4, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_lse_takes_heads_in_chunks():
+    """The explicit-logits path bounds its memory by taking a few heads at a time; chunks change nothing."""
+    from clear.backends import dense
+
+    q, k, v = _qkv(9, 40, heads=5)
+    mask = torch.rand(9, 40, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[:, 0] = True
+    whole = dense.attend(q, k, v, 0.5, return_lse=True, mask=mask)
+    chunked = dense.attend(q, k, v, 0.5, return_lse=True, mask=mask, max_logits=2 * 9 * 40 * 2)  # 2 heads a chunk
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(whole[1], _oracle(q, k, v, mask, 0.5)[1], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# The registry
+# ------------------------------------------------------------------------------------------
+
+
+def test_registry_facts():
+    assert backends.choices() == ("auto", "dense", "flex") == clear.attention.BACKENDS
+    assert backends.names() == ("dense", "flex") and backends.REFERENCE == "dense"
+    dense, flex = backends.get("dense"), backends.get("flex")
+    for device in ("cpu", "cuda", "mps", "xpu"):
+        assert dense.runs_on(device) and dense.runs_on(device, with_grad=True)
+    assert flex.runs_on("cpu") and not flex.runs_on("cpu", with_grad=True)  # FlexAttention has no CPU backward
+    assert flex.runs_on("cuda", with_grad=True) and not flex.runs_on("mps", with_grad=True)
+    assert not flex.runs_on("tpu") and not flex.full_attention and dense.full_attention
+    with pytest.raises(ValueError, match="'flex' attention backend has no backward on cpu.*backend='auto' or 'dense'"):
+        flex.check("cpu", with_grad=True)
+    with pytest.raises(ValueError, match="does not run on tpu"):
+        flex.check("tpu")
+    with pytest.raises(ValueError, match=r"unknown attention backend 'sparse': choose one of \('auto', 'dense', "):
+        backends.get("sparse")
+    with pytest.raises(ValueError, match="must be one of .*'flex'.*got 'sparse'"):
+        ClearAttention(3, backend="sparse")
+    with pytest.raises(ValueError, match="already registered"):
+        backends.register(Backend("flex", "clear.backends.dense"))
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        backends.register(Backend("auto", "clear.backends.dense"))
+    with pytest.raises(ValueError, match="reference backend"):
+        backends.unregister("dense")
+
+
+def test_auto_rule():
+    r = backends.resolve
+    assert r("dense", "cuda") == "dense" and r("flex", "cpu", with_grad=True) == "flex"  # asked for: as asked
+    assert r("auto", "cuda") == r("auto", "cuda", 16, with_grad=True) == "flex"
+    assert r("auto", "cpu", CPU_FLEX_MIN_TOKENS) == "flex"  # inference on a large grid: the compiled kernel
+    assert r("auto", "cpu", CPU_FLEX_MIN_TOKENS - 1) == "dense"
+    assert r("auto", "cpu", CPU_FLEX_MIN_TOKENS, with_grad=True) == "dense"  # no CPU backward
+    assert r("auto", "cpu") == r("auto", "mps", 10**6) == "dense"
+    assert r("auto", "cuda", windowed=False) == "dense"  # full attention: flex plans windows only
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        r("sparse", "cpu")
+    core = ClearAttention(None, backend="flex")  # full attention runs the reference backend, whatever was asked
+    assert core.layout_plan(TokenLayout(3, 4, 4), CPU, False).backend == "dense"
+
+
+def test_registry_imports_no_torch():
+    """Command lines take their --backend choices from the registry and still answer --help without torch."""
+    code = "import sys, clear.backends as b; print(b.choices()); print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["('auto', 'dense', 'flex')", "False"]
+
+
+def test_flex_backward_on_cpu_fails_before_any_work_with_the_fix():
+    core = ClearAttention(2, backend="flex")
+    layout = TokenLayout(3, 4, 4)
+    q, k, v = (t.requires_grad_() for t in _qkv(layout.seq_len, layout.seq_len))
+    with pytest.raises(ValueError, match="no backward on cpu.*train with backend='auto' or 'dense'"):
+        core(q, k, v, layout)
+    assert not core._plans
+    ClearAttention(2, backend="auto")(q, k, v, layout).sum().backward()  # auto: dense, with a backward
+    assert q.grad is not None
+
+
+def test_one_bounded_cache_holds_grid_and_band_plans():
+    core = ClearAttention(3, backend="dense", cache_size=3)
+    grids = [TokenLayout(2, 4, 5), TokenLayout(2, 6, 5)]
+    bands = [BandLayout(2, 3, 5, 2, 0), BandLayout(2, 3, 5, 2, 2)]
+    plans = [core.plan(x, "dense", CPU) for x in grids + bands]
+    assert len(core._plans) == 3 and [p.layout for p in core._plans.values()] == grids[1:] + bands
+    assert core.plan(bands[0], "dense", CPU) is plans[2]  # a hit
+    assert core.plan(grids[0], "dense", CPU) is not plans[0]  # evicted, built again
+
+
+# ------------------------------------------------------------------------------------------
+# Adding a backend = one file (+ one register call)
+# ------------------------------------------------------------------------------------------
+
+TOY = '''
+"""A toy backend: explicit float64 logits and clear.geometry's masks, written apart from dense.py."""
+from dataclasses import dataclass
+
+import torch
+
+from clear.backends import Options
+from clear.geometry import Window, allowed_mask, band_allowed_mask
+
+
+@dataclass
+class Plan:
+    layout: object
+    mask: torch.Tensor
+    backend: str = ""
+
+    def attend(self, query, key, value, scale, return_lse=False):
+        return attend(query, key, value, scale, return_lse=return_lse, mask=self.mask)
+
+
+def grid_plan(layout, window, device, options=Options(), with_grad=False):
+    return Plan(layout, allowed_mask(layout, window, device))
+
+
+def band_plan(band, window, device, options=Options()):
+    return Plan(band, band_allowed_mask(band.rows, band.width, band.above, band.ext_rows, Window(window.radius),
+                                        band.text_len, band.n_pooled, device))
+
+
+def attend(query, key, value, scale, *, return_lse=False, options=Options(), mask=None):
+    logits = torch.einsum("bqhd,bkhd->bhqk", query.double(), key.double()) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = logits.logsumexp(-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", (logits - lse[..., None]).exp(), value.double())
+    return (out.float(), lse.transpose(1, 2).float()) if return_lse else out.to(query.dtype)
+'''
+
+
+@pytest.fixture
+def toy_backend(tmp_path, monkeypatch):
+    (tmp_path / "toy_attention.py").write_text(textwrap.dedent(TOY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = backends.register(Backend("toy", "toy_attention", "explicit logits (a test)", devices=("cpu",)))
+    try:
+        yield spec
+    finally:
+        backends.unregister("toy")
+        sys.modules.pop("toy_attention", None)
+
+
+def test_a_third_backend_is_one_file(toy_backend, tmp_path):
+    assert backends.choices() == ("auto", "dense", "flex", "toy") == clear.attention.BACKENDS
+    assert backends.resolve("auto", "cpu", 10**6) == "flex"  # registered last, no auto entry: never auto's pick
+    # ClearAttention on a grid, with pooled tokens
+    layout, g = TokenLayout(5, 6, 8), torch.Generator().manual_seed(0)
+    q, k, v = _qkv(layout.seq_len, layout.seq_len, seed=4)
+    sw = torch.rand(1, 1, 1, 2, 1, 2, 1, generator=g)
+    out = ClearAttention(2.5, 2, backend="toy")(q, k, v, layout, sw)
+    torch.testing.assert_close(out, ClearAttention(2.5, 2, backend="dense")(q, k, v, layout, sw), atol=1e-5, rtol=1e-5)
+    # a whole FLUX model through apply_clear
+    model, x = tiny_flux(), flux_inputs(6, 10)
+    clear.apply_clear(model, radius=3, backend="dense")
+    with torch.no_grad():
+        ref = model(**x).sample
+    core = clear.apply_clear(model, radius=3, backend="toy")
+    with torch.no_grad():
+        out = model(**x).sample
+    assert {p.backend for p in core._plans.values()} == {"toy"}
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'toy' attention backend does not run on cuda"):
+        ClearAttention(3, backend="toy").plan(layout, "toy", torch.device("cuda"))
+    # the patch-parallel attention (one gloo rank: its band is the whole grid, text merged with the log-sum-exp)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        attn = clear.parallelize(model)
+        with torch.no_grad():
+            par = model(**x).sample
+        assert any(isinstance(p.layout, BandLayout) and p.backend == "toy" for p in core._plans.values())
+        assert not hasattr(attn, "_plans")  # one cache: the core's
+    finally:
+        clear.unparallelize(model)
+        dist.destroy_process_group()
+    torch.testing.assert_close(par, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_flex_band_equals_dense():
+    """The compiled kernel (what CUDA runs) on a band plan, on CPU; with the log-sum-exp (which the compiled CPU
+    kernel does not return) the same plan runs eagerly."""
+    window, band = Window(3), BandLayout(5, 6, 20, 2, 2, 4)
+    q, k, v = _qkv(band.num_queries, band.num_keys, seed=9)
+    flex = backends.get("flex").band_plan(band, window, CPU, Options(tile=(2, 8), compiled=True))
+    dense = backends.get("dense").band_plan(band, window, CPU)
+    torch.testing.assert_close(flex.attend(q, k, v, 0.35), dense.attend(q, k, v, 0.35), atol=1e-5, rtol=1e-5)
+    for a, b in zip(flex.attend(q, k, v, 0.35, return_lse=True), dense.attend(q, k, v, 0.35, return_lse=True)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
