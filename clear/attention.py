@@ -43,12 +43,6 @@ PROPORTIONAL = (False, True, "release", "plain")
 DEFAULT_TRAINING_TOKENS = 64 * 64 + 512
 
 
-def __getattr__(name: str):
-    if name == "BACKENDS":  # what ``backend=`` accepts: "auto" and every registered backend, as registered now
-        return backends.choices()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def pool_tokens(x_img: torch.Tensor, height: int, width: int, spatial_weight: torch.Tensor) -> torch.Tensor:
     """Down-sample image keys or values ``[B, height*width, heads, D]`` over ``df x df``
     cells with the learned ``spatial_weight`` (stored as ``(1, 1, 1, df, 1, df, 1)``,

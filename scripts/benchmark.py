@@ -58,11 +58,11 @@ FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_h
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``--sizes``: CLEAR's size list (``HEIGHTxWIDTH,...`` pixels), where a bare ``N`` is ``NxN``."""
+    """``--sizes``: CLEAR's size list (``HEIGHTxWIDTH,...`` pixels; a bare ``N`` is ``NxN``), multiples of 16."""
     from clear.inference import parse_sizes as parse_pixel_sizes  # here: comm's spawned ranks need no pipelines
 
     try:
-        sizes = parse_pixel_sizes(",".join(f"{s}x{s}" if s.strip().isdigit() else s for s in text.split(",")))
+        sizes = parse_pixel_sizes(text)
     except ValueError as e:
         raise SystemExit(f"--sizes: {e}") from None
     for h, w in sizes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clear import backends
 from clear.devices import DTYPE_CHOICES
 
 
@@ -39,7 +40,7 @@ def parse_args(argv=None):
                    help="with --radius: 'released' (clear.download_weights; FLUX.1-dev), 'none' (no fine-tuned "
                         "weights: zero-shot CLEAR) or a .safetensors path")
     p.add_argument("--ckpt_dir", default="ckpt", help="where released weights are downloaded")
-    p.add_argument("--backend", default="auto", choices=["auto", "dense", "flex"])
+    p.add_argument("--backend", default="auto", choices=backends.choices())
     p.add_argument("--label", default=None, help="row name in the evaluation table (default: from the variant)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)

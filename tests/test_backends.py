@@ -5,7 +5,7 @@ explicit mask of clear.geometry, over a random sweep of grids, radii, down facto
 lengths and tiles, for whole-grid plans and for patch-parallel band plans, with and without
 the log-sum-exp (checked against torch.logsumexp of explicit logits). Then the registry's
 facts (choices, where each backend runs, the auto rule), and a third backend added by one
-file and one register call, run through ClearAttention, apply_clear and the patch-parallel
+file and one line in the table, run through ClearAttention, apply_clear and the patch-parallel
 attention."""
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_dense_lse_takes_heads_in_chunks():
 
 
 def test_registry_facts():
-    assert backends.choices() == ("auto", "dense", "flex") == clear.attention.BACKENDS
+    assert backends.choices() == ("auto", "dense", "flex")
     assert backends.names() == ("dense", "flex") and backends.REFERENCE == "dense"
     dense, flex = backends.get("dense"), backends.get("flex")
     for device in ("cpu", "cuda", "mps", "xpu"):
@@ -182,12 +182,14 @@ def test_registry_facts():
         backends.get("sparse")
     with pytest.raises(ValueError, match="must be one of .*'flex'.*got 'sparse'"):
         ClearAttention(3, backend="sparse")
-    with pytest.raises(ValueError, match="already registered"):
-        backends.register(Backend("flex", "clear.backends.dense"))
-    with pytest.raises(ValueError, match="other than 'auto'"):
-        backends.register(Backend("auto", "clear.backends.dense"))
+    with pytest.raises(ValueError, match="unique and not 'auto': 'flex'"):
+        backends.make_table(*backends.TABLE.values(), Backend("flex", "clear.backends.dense"))
+    with pytest.raises(ValueError, match="unique and not 'auto': 'auto'"):
+        backends.make_table(*backends.TABLE.values(), Backend("auto", "clear.backends.dense"))
     with pytest.raises(ValueError, match="reference backend"):
-        backends.unregister("dense")
+        backends.make_table(backends.get("flex"))
+    with pytest.raises(TypeError):  # the table is read-only: a backend is added by its line in make_table
+        backends.TABLE["toy"] = backends.get("dense")
 
 
 def test_auto_rule():
@@ -235,7 +237,7 @@ def test_one_bounded_cache_holds_grid_and_band_plans():
 
 
 # ------------------------------------------------------------------------------------------
-# Adding a backend = one file (+ one register call)
+# Adding a backend = one file (+ one line in the table)
 # ------------------------------------------------------------------------------------------
 
 TOY = '''
@@ -281,17 +283,17 @@ def attend(query, key, value, scale, *, return_lse=False, options=Options(), mas
 def toy_backend(tmp_path, monkeypatch):
     (tmp_path / "toy_attention.py").write_text(textwrap.dedent(TOY))
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = backends.register(Backend("toy", "toy_attention", "explicit logits (a test)", devices=("cpu",)))
+    spec = Backend("toy", "toy_attention", "explicit logits (a test)", devices=("cpu",))
+    monkeypatch.setattr(backends, "TABLE", backends.make_table(*backends.TABLE.values(), spec))  # its table line
     try:
         yield spec
     finally:
-        backends.unregister("toy")
         sys.modules.pop("toy_attention", None)
 
 
 def test_a_third_backend_is_one_file(toy_backend, tmp_path):
-    assert backends.choices() == ("auto", "dense", "flex", "toy") == clear.attention.BACKENDS
-    assert backends.resolve("auto", "cpu", 10**6) == "flex"  # registered last, no auto entry: never auto's pick
+    assert backends.choices() == ("auto", "dense", "flex", "toy")
+    assert backends.resolve("auto", "cpu", 10**6) == "flex"  # listed last, no auto entry: never auto's pick
     # ClearAttention on a grid, with pooled tokens
     layout, g = TokenLayout(5, 6, 8), torch.Generator().manual_seed(0)
     q, k, v = _qkv(layout.seq_len, layout.seq_len, seed=4)

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 import clear
+from clear import backends
 from clear.geometry import TokenLayout, Window, allowed_mask
 from tiny_models import flux_inputs, tiny_flux, tiny_flux_controlnet
 
-BACKENDS = ["dense", "flex"]
+BACKENDS = list(backends.names())  # every registered backend
 
 
 def masked_reference(model, x, radius, text_len):

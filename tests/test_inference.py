@@ -547,6 +547,7 @@ def test_plan_resolves_defaults_and_swaps_only_the_clear_it_was_checked_for(tiny
 
 def test_sizes_and_checks():
     assert inf.parse_sizes("2048x4096, 4096X8192") == [(2048, 4096), (4096, 8192)]
+    assert inf.parse_sizes("1024,2048x512") == [(1024, 1024), (2048, 512)]  # N: a square
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         inf.parse_sizes("2048*4096")
     inf.check_size(1024, 1536)

@@ -22,7 +22,7 @@ and each plan has ``plan.attend(query, key, value, scale, return_lse=False)`` an
 
 :data:`TABLE` order matters for ``auto`` only: :func:`resolve` picks the first backend whose
 :attr:`Backend.auto` entry the call meets and that can run it, otherwise :data:`REFERENCE`.
-Adding a backend = one file plus one :func:`register` call (or one line in :data:`TABLE`).
+Adding a backend = one file plus one line in the :func:`make_table` call of :data:`TABLE`.
 
 This module imports nothing heavy (no torch): command lines take :func:`choices` for their
 ``--backend`` flag and still answer ``--help`` at once; a backend's module is imported when
@@ -35,8 +35,8 @@ import importlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["Backend", "Options", "TABLE", "REFERENCE", "CPU_FLEX_MIN_TOKENS", "register", "unregister", "names",
-           "choices", "get", "resolve"]
+__all__ = ["Backend", "Options", "TABLE", "REFERENCE", "CPU_FLEX_MIN_TOKENS", "make_table", "names", "choices", "get",
+           "resolve"]
 
 # ``auto`` on CPU: image tokens from which compiled FlexAttention beats dense SDPA for inference
 # (measured with scripts/benchmark.py attention --compile full, see docs/benchmarks.md).
@@ -117,37 +117,26 @@ class Backend:
         return self.impl.attend(query, key, value, scale, return_lse=return_lse, options=options)
 
 
-def _table(*backends: Backend) -> dict[str, Backend]:
-    return {b.name: b for b in backends}
+def make_table(*backends: Backend) -> MappingProxyType:
+    """A read-only table of ``backends`` by name, in ``auto``'s order of preference; names must be
+    unique, not ``"auto"``, and the table must hold :data:`REFERENCE`."""
+    names_ = [b.name for b in backends]
+    bad = sorted({n for n in names_ if not n or n == "auto" or names_.count(n) > 1})
+    if bad:
+        raise ValueError(f"attention backend names must be unique and not 'auto': {', '.join(map(repr, bad))}")
+    if REFERENCE not in names_:
+        raise ValueError(f"the table of attention backends must hold the reference backend {REFERENCE!r}")
+    return MappingProxyType({b.name: b for b in backends})
 
 
-# The registered backends, in ``auto``'s order of preference.
-TABLE: dict[str, Backend] = _table(
+# The backends, in ``auto``'s order of preference: the one place that lists them.
+TABLE: MappingProxyType = make_table(
     Backend(REFERENCE, "clear.backends.dense", "boolean mask + scaled_dot_product_attention; the oracle"),
     Backend("flex", "clear.backends.flex", "block-sparse FlexAttention over tile-ordered tokens, block masks "
             "from tile geometry; compiled on CUDA",
             devices=("cuda", "cpu", "xpu", "hpu", "mps"), backward=("cuda", "xpu", "hpu"),
             auto=MappingProxyType({"cuda": 0, "cpu": CPU_FLEX_MIN_TOKENS}), full_attention=False),
 )
-
-
-def register(backend: Backend, replace: bool = False) -> Backend:
-    """Add ``backend`` to :data:`TABLE` (last in ``auto``'s order). ``replace`` allows an
-    existing name."""
-    if not backend.name or backend.name == "auto":
-        raise ValueError(f"a backend needs a name other than 'auto', got {backend.name!r}")
-    if backend.name in TABLE and not replace:
-        raise ValueError(f"an attention backend named {backend.name!r} is already registered: pick another name "
-                         "or pass replace=True")
-    TABLE[backend.name] = backend
-    return backend
-
-
-def unregister(name: str) -> Backend:
-    """Take ``name`` out of :data:`TABLE` (the reference backend stays)."""
-    if name == REFERENCE:
-        raise ValueError(f"{REFERENCE!r} is the reference backend every other one falls back to; it stays")
-    return TABLE.pop(get(name).name)
 
 
 def names() -> tuple[str, ...]:

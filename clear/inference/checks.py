@@ -109,24 +109,20 @@ def check_output_path(path: str | os.PathLike, suffix: str = ".png") -> Path:
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``"2048x4096,4096x8192"`` -> ``[(2048, 4096), (4096, 8192)]`` (HEIGHTxWIDTH)."""
+    """``"2048x4096,4096x8192"`` -> ``[(2048, 4096), (4096, 8192)]`` (HEIGHTxWIDTH); a bare ``N`` is ``NxN``."""
     sizes = []
     for part in str(text).replace(" ", "").split(","):
         if not part:
             continue
         try:
-            h, w = part.lower().split("x")
+            h, w = part.lower().split("x") if "x" in part.lower() else (part, part)
             sizes.append((int(h), int(w)))
         except ValueError:
-            raise ValueError(f"{part!r} is not a size like 2048x4096 (HEIGHTxWIDTH in pixels)") from None
+            raise ValueError(f"{part!r} is not a size like 2048x4096 (HEIGHTxWIDTH in pixels) or 2048 "
+                             "(square)") from None
     if not sizes:
         raise ValueError(f"no sizes in {text!r}; write them like 2048x2048,4096x4096 (HEIGHTxWIDTH)")
     return sizes
-
-
-# ------------------------------------------------------------------------------------------
-# Device and dtype
-# ------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------

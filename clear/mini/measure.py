@@ -8,7 +8,7 @@ error, image MSE, prompt following, and which attention backend is fastest on th
 * :func:`image_mse`: mean per-image MSE (pixels in ``[0, 1]``) against a reference folder, paired by
   file stem (:func:`clear.evaluation.list_images`).
 * :func:`prompt_following`: :func:`clear.mini.scenes.score` of every image against its scene.
-* :func:`pick_backend`: times one transformer forward per CLEAR backend (``clear.attention.BACKENDS``)
+* :func:`pick_backend`: times one transformer forward per CLEAR backend (``clear.backends.names()``)
   at one size and returns the fastest, so that every later call uses it.
 """
 
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import clear
-from clear.attention import BACKENDS
+from clear import backends
 from clear.evaluation import list_images, read_image
 from clear.encoders import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
 from clear.families import FAMILIES
@@ -138,7 +138,7 @@ def pick_backend(base, radius: float, down_factor: int, size: int, pixels_per_to
     ``size`` pixels a side: ``(name, {backend: seconds per forward})``, each timed after one
     untimed forward (compilation, caches). A backend that fails here is reported, not chosen."""
     times = {}
-    for backend in [b for b in BACKENDS if b != "auto"]:
+    for backend in backends.names():
         model = load_transformer("", radius, down_factor, backend=backend, base=base)
         inputs = _forward_inputs(model, size, pixels_per_token, text_len)
         try:
