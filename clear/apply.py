@@ -35,11 +35,10 @@ class ClearState:
     """What :func:`apply_clear` attaches to a model (as ``model.clear_state``)."""
 
     core: ClearAttention
-    family: str  # the family's name (checkpoint metadata)
+    family: ModelFamily  # everything family-specific: grid reader, text layouts, block names (``.name``)
+    spec: ModelSpec  # the released model: its training length is the L0 of proportional attention
     original_processors: dict
     hooks: list
-    model_family: ModelFamily  # everything family-specific: grid reader, text layouts, block names
-    spec: ModelSpec  # the released model: its training length is the L0 of proportional attention
     # Image grid of the latest forward and its attention plans by text length (plans None: each call
     # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
     grid: tuple[int, int] | None = None
@@ -70,7 +69,7 @@ def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, gri
     patch parallelism replaced the attention: its bands have their own plans)."""
     if getattr(module, "clear_parallel", None) is not None:
         return None
-    family = state.model_family
+    family = state.family
     with_grad = torch.is_grad_enabled() and (
         any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
         or any(p.requires_grad for p in module.parameters()))
@@ -83,7 +82,7 @@ def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, gri
 def _grid_hook(module, args, kwargs):
     state: ClearState = module.clear_state
     bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
-    grid = state.model_family.grid(bound)
+    grid = state.family.grid(bound)
     TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
     state.plans = _forward_plans(module, state, bound, grid)
     state.grid = grid
@@ -110,7 +109,7 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options,
                           training_tokens=spec.training_tokens)
     originals = dict(transformer.attn_processors)
-    state = ClearState(core, family.name, originals, [], family, spec)
+    state = ClearState(core, family, spec, originals, [])
     new = {}
     for name in originals:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])

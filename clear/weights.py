@@ -161,7 +161,7 @@ def _check_not_fused(transformer, action: str) -> None:
 def _metadata(transformer) -> dict[str, str]:
     state = transformer.clear_state
     return {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
-            "clear.family": state.family, "clear.model": type(transformer).__name__}
+            "clear.family": state.family.name, "clear.model": type(transformer).__name__}
 
 
 def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
@@ -308,12 +308,12 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     if ignore_extra_blocks is None:
         ignore_extra_blocks = "ControlNet" in type(transformer).__name__
     if ignore_extra_blocks:
-        tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer, state.model_family.block_lists)}
+        tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer, state.family.block_lists)}
 
     file_radius, file_df, radius_known = _file_window(
         path, metadata, [t.shape for k, t in tensors.items() if k.endswith("processor.spatial_weight")])
-    if "clear.family" in metadata and metadata["clear.family"] != state.family:
-        raise ValueError(f"{path} holds CLEAR weights for a {metadata['clear.family']} model, not {state.family}")
+    if "clear.family" in metadata and metadata["clear.family"] != state.family.name:
+        raise ValueError(f"{path} holds CLEAR weights for a {metadata['clear.family']} model, not {state.family.name}")
     if file_df != state.down_factor:
         raise ValueError(
             f"{path} is for down_factor={file_df} but CLEAR was applied with down_factor={state.down_factor}; "

@@ -110,7 +110,7 @@ def test_toy_family_applies_clear(with_toy):
         dense = ref(**inputs)[0]
     core = clear.apply_clear(toy, radius=2, backend="dense", proportional_attention=True)
     clear.apply_clear(ref, radius=2, backend="dense", proportional_attention=True)
-    assert toy.clear_state.family == "toy" and toy.clear_state.spec.name == "Toy-1"
+    assert toy.clear_state.family.name == "toy" and toy.clear_state.spec.name == "Toy-1"
     assert core.training_tokens == 8 * 8 + 16 and ref.clear_state.core.training_tokens == 64 * 64 + 512
     for r in (toy, ref):
         r.clear_state.core.proportional_attention = False  # same scale: compare the attention pattern
