@@ -1,11 +1,91 @@
-"""The CLEAR recipe on the mini teacher, on a CPU: the same as ``python -m clear.mini`` (see clear/mini/recipe.py).
+"""The CLEAR recipe on the mini teacher, on a CPU (clear/mini/recipe.py), and the training of that teacher
+(clear/mini/teacher.py): the command line of both.
 
     python scripts/mini.py                  # the full run, <= 15 minutes on 2 CPU cores
     python scripts/mini.py --quick          # a reduced run
-    python scripts/mini.py train-teacher    # train the mini teacher (clear/mini/teacher.py)
+    python scripts/mini.py run [...]        # the same as without `run`
+    python scripts/mini.py train-teacher    # train the mini teacher (see ckpt/mini/TRAINING.md)
 """
 
-from clear.mini.__main__ import main
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from clear.mini import recipe, report, teacher
+
+PROG = "python scripts/mini.py"
+# Settings fields the recipe's command line can override (the rest are fixed by the recipe)
+RECIPE_OPTIONS = ("size", "steps", "max_sequence_length", "train_samples", "distill_steps", "distill_steps_df",
+                  "distill_batch", "learning_rate", "distill_loss_weight", "attn_loss_weight", "eval_prompts",
+                  "eval_prompts_large", "grid_prompts", "sigmas", "seed", "threads")
+
+
+def parse_recipe_args(argv=None) -> recipe.Settings:
+    fields = {f.name: f for f in dataclasses.fields(recipe.Settings)}
+    p = argparse.ArgumentParser(prog=PROG, description=recipe.__doc__.split("\n\n")[0],
+                                epilog=f"Subcommands: `{PROG} run [...]` (this, the default) and "
+                                       f"`{PROG} train-teacher [...]` (the teacher; see its --help).")
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in recipe.QUICK.items()))
+    p.add_argument("--model", default=None, help="the teacher pipeline folder (default: ckpt/mini)")
+    p.add_argument("--out", default=str(recipe.Settings.out), help="outputs folder (work files under OUT/work)")
+    for name in RECIPE_OPTIONS:
+        default = fields[name].default
+        p.add_argument(f"--{name}", type=type(default), default=None,
+                       help=f"default {default}" + (f" (--quick: {recipe.QUICK[name]})" if name in recipe.QUICK else ""))
+    args = p.parse_args(argv)
+    return recipe.make_settings(quick=args.quick, model=args.model, out=args.out,
+                                **{name: getattr(args, name) for name in RECIPE_OPTIONS})
+
+
+def parse_teacher_args(argv=None) -> teacher.TeacherConfig:
+    d = teacher.TeacherConfig
+    p = argparse.ArgumentParser(prog=f"{PROG} train-teacher",
+                                description="Train the mini FLUX teacher on procedural scenes and save it.")
+    p.add_argument("--out", default=str(d.out), help="where the trained FluxPipeline is saved")
+    p.add_argument("--work-dir", default=str(d.work_dir),
+                   help="checkpoints, logs and the encoded dataset (a rerun resumes from here)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-scenes", type=int, default=d.train_scenes)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-crop", type=int, default=d.vae_crop, help="VAE training crop in pixels (0: whole images)")
+    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size)
+    p.add_argument("--vae-lr", type=float, default=d.vae_lr)
+    p.add_argument("--steps", type=int, default=d.steps, help="transformer training steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--timesteps", choices=teacher.TIMESTEPS, default=d.timesteps,
+                   help="noise-level distribution of transformer training (shifted as the scheduler shifts)")
+    p.add_argument("--eval-scenes", type=int, default=d.eval_scenes)
+    p.add_argument("--early-out-step", type=int, default=d.early_out_step,
+                   help="also save the EMA pipeline to --out at the first checkpoint after this step (0: never)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads (0: torch's default). 1 is fastest on a shared 2-core machine: "
+                        "with 2 threads each waits for the other whenever a core is taken")
+    args = p.parse_args(argv)
+    return teacher.TeacherConfig(**dict(vars(args), out=Path(args.out), work_dir=Path(args.work_dir)))
+
+
+def run_recipe(argv=None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    metrics = recipe.run(parse_recipe_args(argv))
+    print(report.summary(metrics))
+    return metrics
+
+
+def train_teacher(argv) -> int:
+    teacher.train(parse_teacher_args(argv), command=f"{PROG} train-teacher " + " ".join(argv))
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-teacher"]:
+        return train_teacher(argv[1:])
+    return run_recipe(argv[1:] if argv[:1] == ["run"] else argv)
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,11 @@
-"""The mini recipe (``python -m clear.mini``): its measurements on tiny pipelines, its outputs, and a
-reduced run of the real command on the shipped teacher (ckpt/mini)."""
+"""The mini recipe (``python scripts/mini.py``): its command line, its measurements on tiny pipelines, its
+outputs, and a reduced run of the real command on the shipped teacher (ckpt/mini)."""
 
+import ast
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,21 +16,25 @@ from PIL import Image
 import clear
 from clear.mini import measure, recipe, report
 from clear.mini.scenes import caption, held_out_scenes
+from scripts_loader import SCRIPTS, load_script
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """scripts/mini.py, the command line of the recipe and of the teacher's training."""
+    return load_script("mini")
 
 
 # ------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------
 
-def test_dispatch(monkeypatch):
-    from clear.mini import __main__ as cli
-    from clear.mini import teacher
-
+def test_dispatch(monkeypatch, cli):
     seen = {}
-    monkeypatch.setattr(teacher, "main", lambda argv: seen.setdefault("teacher", argv))
-    monkeypatch.setattr(recipe, "main", lambda argv: seen.setdefault("recipe", argv))
+    monkeypatch.setattr(cli, "train_teacher", lambda argv: seen.setdefault("teacher", argv))
+    monkeypatch.setattr(cli, "run_recipe", lambda argv: seen.setdefault("recipe", argv))
     cli.main(["train-teacher", "--steps", "3"])
     cli.main(["run", "--quick"])
     assert seen == {"teacher": ["--steps", "3"], "recipe": ["--quick"]}
@@ -36,14 +43,67 @@ def test_dispatch(monkeypatch):
     assert seen == {"recipe": []}
 
 
-def test_settings_full_quick_and_overrides():
-    full = recipe.parse_args([])
-    quick = recipe.parse_args(["--quick", "--distill_steps", "7", "--out", "x"])
+def test_settings_full_quick_and_overrides(cli):
+    full = cli.parse_recipe_args([])
+    quick = cli.parse_recipe_args(["--quick", "--distill_steps", "7", "--out", "x"])
     assert full.model.endswith("ckpt/mini") and not full.quick and full.distill_steps == recipe.Settings.distill_steps
     assert quick.quick and quick.distill_steps == 7 and quick.train_samples == recipe.QUICK["train_samples"]
     assert quick.out == Path("x") and quick.work == Path("x/work") and quick.large == 2 * quick.size
     assert [v.key for v in full.variants()] == ["teacher", "zero_shot", "distilled", f"distilled_df{full.down_factor}"]
     assert full.variants()[3].weights_name() == f"clear_local_{full.radius}_down_{full.down_factor}"
+    # the library builds the same settings without a command line
+    assert recipe.make_settings() == full
+    assert recipe.make_settings(quick=True, out="x", distill_steps=7, seed=None) == quick
+    assert cli.parse_recipe_args(["--model", "m", "--learning_rate", "0.1"]) == recipe.Settings(
+        model="m", learning_rate=0.1)
+
+
+def test_teacher_options_keep_their_spellings_and_defaults(monkeypatch, cli):
+    from clear.mini import teacher
+
+    assert cli.parse_teacher_args([]) == teacher.TeacherConfig()
+    assert teacher.TeacherConfig().out == teacher.MINI_DIR and teacher.TeacherConfig().steps == 1800
+    c = cli.parse_teacher_args(["--work-dir", "w", "--out", "o", "--steps", "2400", "--timesteps", "logit-normal",
+                                "--vae-batch-size", "4", "--early-out-step", "9", "--threads", "0"])
+    assert c == teacher.TeacherConfig(out=Path("o"), work_dir=Path("w"), steps=2400, timesteps="logit-normal",
+                                      vae_batch_size=4, early_out_step=9, threads=0)
+    with pytest.raises(SystemExit):
+        cli.parse_teacher_args(["--timesteps", "normal"])
+    with pytest.raises(ValueError, match="uniform, logit-normal"):
+        teacher.TeacherConfig(timesteps="normal")
+    # the command recorded in the teacher's metrics.json is the one that ran
+    seen = []
+    monkeypatch.setattr(teacher, "train", lambda config, command: seen.append((config, command)))
+    assert cli.main(["train-teacher", "--steps", "3"]) == 0
+    assert seen == [(teacher.TeacherConfig(steps=3), "python scripts/mini.py train-teacher --steps 3")]
+
+
+def test_run_without_a_teacher_names_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match=r"holds no pipeline.*`python scripts/mini.py train-teacher`"):
+        recipe.run(recipe.make_settings(model=str(tmp_path), out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
+
+
+@pytest.mark.parametrize("argv, options", [([], ["--quick", "--distill_steps", "--max_sequence_length"]),
+                                           (["train-teacher"], ["--work-dir", "--early-out-step", "--vae-lr"])])
+def test_help_answers(argv, options):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "mini.py"), *argv, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {' '.join(['python scripts/mini.py', *argv])} [-h]")
+    assert all(o in proc.stdout for o in options)
+
+
+def test_no_command_line_in_the_library():
+    """Scripts parse arguments and call the library: no module under clear/ imports argparse."""
+    offenders = []
+    for path in sorted((REPO / "clear").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [str(path.relative_to(REPO)) for n in names if n and n.split(".")[0] == "argparse"]
+    assert offenders == []
+    assert not (REPO / "clear" / "mini" / "__main__.py").exists()  # the command is scripts/mini.py
 
 
 def test_training_prompts_never_hold_a_held_out_caption(tmp_path):
@@ -151,13 +211,12 @@ QUICK_RATIO = 0.8
 
 
 @pytest.mark.slow
-def test_quick_run(tmp_path):
-    from clear.mini.__main__ import main
+def test_quick_run(tmp_path, cli):
     from clear.mini.teacher import MINI_DIR
 
     assert (MINI_DIR / "model_index.json").is_file(), f"the shipped teacher is missing from {MINI_DIR}"
     out = tmp_path / "mini"
-    metrics = main(["--quick", "--out", str(out)])
+    metrics = cli.main(["--quick", "--out", str(out)])
     for name in ("report.md", "metrics.json", "loss.png", "grid_64.png", "grid_128.png", "grid_128_sdedit.png"):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -180,6 +239,7 @@ def test_quick_run(tmp_path):
     assert len(on_disk["loss_history"]["CLEAR r=4 distilled"]["loss_distill"]) == recipe.QUICK["distill_steps"]
     text = (out / "report.md").read_text()
     assert "| CLEAR r=4 distilled |" in text and "held-out velocity error" in text
+    assert on_disk["command"] == "python scripts/mini.py --quick" and "`python scripts/mini.py --quick` on " in text
     # the grid: one block per grid prompt, three labelled columns
     grid = Image.open(out / "grid_64.png")
     assert grid.width >= 3 * 192 and grid.height >= recipe.QUICK["grid_prompts"] * 192

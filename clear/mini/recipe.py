@@ -1,7 +1,10 @@
 """The paper's recipe on the mini teacher, on a CPU, through the project's own entry points.
 
-    python -m clear.mini                 # the full run (<= 15 minutes on 2 CPU cores)
-    python -m clear.mini --quick         # a reduced run (fewer samples and steps; what the tests run)
+    python scripts/mini.py               # the full run (<= 15 minutes on 2 CPU cores)
+    python scripts/mini.py --quick       # a reduced run (fewer samples and steps; what the tests run)
+
+:func:`run` takes the :class:`Settings` (:func:`make_settings` builds them from the defaults, the reduced run
+and overrides); scripts/mini.py is the command line.
 
 Steps, in order (every one resumable: re-run the same command after an interruption):
 
@@ -27,7 +30,6 @@ except the distillation, which accelerate launches as its own process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -133,24 +135,20 @@ def default_model() -> str:
     return str(T.MINI_DIR)
 
 
-def parse_args(argv=None) -> Settings:
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    p = argparse.ArgumentParser(prog="python -m clear.mini", description=__doc__.split("\n\n")[0],
-                                epilog="Subcommands: `python -m clear.mini run [...]` (this, the default) and "
-                                       "`python -m clear.mini train-teacher [...]` (the teacher; see its --help).")
-    p.add_argument("--quick", action="store_true", help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--model", default=None, help="the teacher pipeline folder (default: ckpt/mini)")
-    p.add_argument("--out", default=str(Settings.out), help="outputs folder (work files under OUT/work)")
-    for name in ("size", "steps", "max_sequence_length", "train_samples", "distill_steps", "distill_steps_df",
-                 "distill_batch", "learning_rate", "distill_loss_weight", "attn_loss_weight", "eval_prompts",
-                 "eval_prompts_large", "grid_prompts", "sigmas", "seed", "threads"):
-        default = fields[name].default
-        p.add_argument(f"--{name}", type=type(default), default=None,
-                       help=f"default {default}" + (f" (--quick: {QUICK[name]})" if name in QUICK else ""))
-    args = p.parse_args(argv)
-    chosen = dict(QUICK, quick=True) if args.quick else {}
-    chosen.update({k: v for k, v in vars(args).items() if k in fields and v is not None and k not in ("model", "out")})
-    return Settings(model=args.model or default_model(), out=Path(args.out), **chosen)
+def make_settings(*, quick: bool = False, model: str | None = None, out=Settings.out, **overrides) -> Settings:
+    """The settings of a run: the defaults, or with ``quick`` the reduced run (:data:`QUICK`), then
+    ``overrides`` (fields of :class:`Settings`; ``None`` keeps the value); ``model`` defaults to the shipped
+    teacher (:func:`default_model`)."""
+    chosen = dict(QUICK, quick=True) if quick else {}
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(model=model or default_model(), out=Path(out), **chosen)
+
+
+def check_teacher(model: str) -> None:
+    """Stop with the fix when ``model`` holds no pipeline."""
+    if not Path(model, "model_index.json").is_file():
+        raise SystemExit(f"{model} holds no pipeline (model_index.json): train the teacher first with "
+                         "`python scripts/mini.py train-teacher`, or pass --model DIR")
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,7 +194,14 @@ class Log:
             spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
+            sys.path.insert(0, str(path.parent))  # scripts import their siblings (cache_features)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]  # no half-loaded script for the next call
+                raise
+            finally:
+                sys.path.remove(str(path.parent))
         return module.main(argv)
 
     def launch(self, argv: list[str], threads: int):
@@ -210,7 +215,7 @@ class Log:
         proc = subprocess.run(cmd, cwd=REPO, env=env)
         if proc.returncode:
             raise SystemExit(f"the distillation failed (exit {proc.returncode}); its log is above. Re-running "
-                             "`python -m clear.mini` resumes it from its last checkpoint")
+                             "`python scripts/mini.py` resumes it from its last checkpoint")
 
 
 # ------------------------------------------------------------------------------------------
@@ -317,6 +322,7 @@ def run(s: Settings) -> dict:
     from . import measure, report
     from .scenes import chance_score
 
+    check_teacher(s.model)
     t_start = time.perf_counter()
     torch.set_num_threads(choose_threads(s.threads))
     s.work.mkdir(parents=True, exist_ok=True)
@@ -452,16 +458,3 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
-def main(argv=None) -> dict:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    s = parse_args(argv)
-    if not Path(s.model, "model_index.json").is_file():
-        raise SystemExit(f"{s.model} holds no pipeline (model_index.json): train the teacher first with "
-                         "`python -m clear.mini train-teacher`, or pass --model DIR")
-    metrics = run(s)
-    from .report import summary
-
-    print(summary(metrics))
-    return metrics

@@ -93,7 +93,7 @@ def collect(s, variants, *, counts, velocity, evaluations, following, mse, secon
     sizes = _tables(s, variants, velocity, evaluations, following, mse, seconds, pixels_per_token)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m clear.mini" + (" --quick" if s.quick else ""),
+        "command": "python scripts/mini.py" + (" --quick" if s.quick else ""),
         "machine": machine,
         "wall_seconds": round(wall_seconds, 1),
         "step_seconds": step_seconds,
@@ -210,7 +210,7 @@ def markdown(metrics: dict) -> str:
 
 
 def summary(metrics: dict) -> str:
-    """What ``python -m clear.mini`` prints at the end: the tables and the bars."""
+    """What ``python scripts/mini.py`` prints at the end: the tables and the bars."""
     out = []
     for table in metrics["sizes"].values():
         out += [f"\n{table['pixels']} px, {table['path']}:"] + _table(table)
