@@ -171,13 +171,15 @@ def _is_mini(config) -> bool:
 # The released models, most specific first (the first that recognises a config is the one).
 # L0 = image tokens at the training size + T5 tokens: FLUX.1 64x64 at 1024^2 (16 pixels per token) + 512,
 # for schnell too (sampled with 256 T5 tokens, but CLEAR has always scaled it by FLUX.1's L0); the mini
-# model 16x16 at 64^2 (4 pixels per token) + 32.
+# model 16x16 at 64^2 (4 pixels per token) + 32. (clear.ClearAttention made by hand defaults to FLUX.1's L0;
+# tests/test_families.py holds the two equal.)
+FLUX1_TRAINING_TOKENS = 64 * 64 + 512
 SPECS = (
     ModelSpec("CLEAR-mini", _is_mini, steps=28, guidance=3.5, max_sequence_length=32, training_tokens=16 * 16 + 32),
     ModelSpec("FLUX.1-dev", lambda c: bool(c.get("guidance_embeds")), steps=28, guidance=3.5,
-              max_sequence_length=512, training_tokens=64 * 64 + 512),
+              max_sequence_length=512, training_tokens=FLUX1_TRAINING_TOKENS),
     ModelSpec("FLUX.1-schnell", lambda c: True, steps=4, guidance=0.0, max_sequence_length=256,
-              training_tokens=64 * 64 + 512),
+              training_tokens=FLUX1_TRAINING_TOKENS),
 )
 
 FAMILY = FluxFamily(
