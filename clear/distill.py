@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .apply import clear_attention_modules
-from .families import ModelFamily, family_of, get_family
+from .families import ModelFamily, family_of
 from .weights import clear_state_dict_keys
 
 
@@ -130,18 +130,6 @@ def sample_timesteps(scheduler, batch_size: int, weighting_scheme: str = "none",
     n = scheduler.config.num_train_timesteps
     idx = (u * n).long().clamp(0, n - 1).cpu()
     return scheduler.timesteps[idx].to(device), scheduler.sigmas[idx].to(device)
-
-
-def flux_inputs(latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-                pooled_prompt_embeds: torch.Tensor, guidance: float | None, num_train_timesteps: int = 1000) -> dict:
-    """Keyword arguments of ``FluxTransformer2DModel.forward`` for latents ``[B, C, H, W]``
-    (packed into 2x2 patches as ``FluxPipeline`` does)."""
-    return get_family("flux").transformer_inputs(latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
-                                               num_train_timesteps)
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    return get_family("flux").output_layout(latents)
 
 
 @dataclass

@@ -26,7 +26,6 @@ from clear.distill import (
     AttentionCapture,
     attention_layers,
     distill_losses,
-    flux_inputs,
     freeze_for_distillation,
     sample_timesteps,
 )
@@ -366,8 +365,8 @@ def test_attention_capture_is_scoped_and_survives_gradient_checkpointing():
     assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.1.attn"]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    inputs = flux_inputs(x, torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g),
-                         3.5)
+    prompt, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    inputs = get_family("flux").transformer_inputs(x, torch.tensor([500.0]), prompt, pooled, 3.5)
 
     def attn_grads():
         model.zero_grad()
