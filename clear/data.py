@@ -181,27 +181,36 @@ def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str) -> di
     return {n: tensors[n] for n in _FEATURE_NAMES[kind]}
 
 
-def check_cache(cache_dir: str | os.PathLike, kind: str, family: str | None = None) -> None:
+def check_cache(cache_dir: str | os.PathLike, kind: str, family: str | None = None, **settings) -> None:
     """Fail early, with the command to run, when a cache that the run relies on is absent, or
-    (``family``: ``"flux"``, ``"sd3"``) was made with another model family's encoders."""
+    (``family``: ``"flux"``, ``"sd3"``) was made with another model family's encoders, or with
+    other ``settings`` than the run's (``max_sequence_length`` of prompt embeddings, ``resolution``
+    of latent codes: each compared with what the cache script recorded in the file's metadata)."""
     folder = Path(cache_dir) / kind
     first = next(folder.rglob("*.safetensors"), None) if folder.is_dir() else None
     script = "cache_prompt_embeds" if kind == PROMPT_EMBEDS else "cache_latent_codes"
     if first is None:
         raise FileNotFoundError(f"no cached {kind} in {folder}: run scripts/{script}.py (or {script}.sh) with the same "
                                 "--data_root and --cache_dir first, or train without the --use_cached_* flag")
-    if family is not None:
-        from safetensors import safe_open
+    if family is None and not settings:
+        return
+    from safetensors import safe_open
 
-        try:
-            with safe_open(str(first), framework="pt") as f:
-                made_for = (f.metadata() or {}).get("family")
-        except Exception:  # noqa: BLE001 - a damaged file is reported when its sample is read
-            made_for = None
-        if made_for is not None and made_for != family:
-            raise ValueError(f"the cached {kind} in {folder} were made with a {made_for} model's encoders, but this "
-                             f"run trains a {family} model: run scripts/{script}.py with this model into another "
-                             "--cache_dir and pass that")
+    try:
+        with safe_open(str(first), framework="pt") as f:
+            recorded = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged file is reported when its sample is read
+        recorded = {}
+    made_for = recorded.get("family")
+    if family is not None and made_for is not None and made_for != family:
+        raise ValueError(f"the cached {kind} in {folder} were made with a {made_for} model's encoders, but this "
+                         f"run trains a {family} model: run scripts/{script}.py with this model into another "
+                         "--cache_dir and pass that")
+    for name, value in settings.items():
+        if value is not None and name in recorded and recorded[name] != str(value):
+            raise ValueError(f"the cached {kind} in {folder} were made with --{name} {recorded[name]}, but this run "
+                             f"uses {value}: pass --{name} {recorded[name]}, or re-run scripts/{script}.py with "
+                             f"--{name} {value} into another --cache_dir and pass that")
 
 
 # ------------------------------------------------------------------------------------------

@@ -219,17 +219,18 @@ def main(argv=None) -> dict:
         for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
+        transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
+        args.max_sequence_length = args.max_sequence_length or family.spec(transformer_config).max_sequence_length
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
-        for wanted, kind in [(args.use_cached_prompt_embed, PROMPT_EMBEDS), (args.use_cached_latent, LATENT_CODES)]:
-            if wanted:
-                check_cache(cache_dir, kind, family.name)
+        if args.use_cached_prompt_embed:
+            check_cache(cache_dir, PROMPT_EMBEDS, family.name, max_sequence_length=args.max_sequence_length)
+        if args.use_cached_latent:
+            check_cache(cache_dir, LATENT_CODES, family.name, resolution=args.resolution)
         samples = index_samples(args.data_root)
         dataset = DistillDataset(samples, args.resolution, cache_dir, args.use_cached_prompt_embed,
                                  args.use_cached_latent)
     except (ValueError, FileNotFoundError) as e:  # a bad --data_root, a truncated shard, a missing cache
         raise SystemExit(str(e)) from e
-    transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
-    args.max_sequence_length = args.max_sequence_length or family.spec(transformer_config).max_sequence_length
     if args.guidance_scale is None:
         args.guidance_scale = family.default_guidance_scale(transformer_config)
     if args.attn_loss_layers is None:

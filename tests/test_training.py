@@ -204,6 +204,14 @@ def test_feature_caches_equal_the_pipeline_encoders(family, request):
     with safe_open(str(emb_path), framework="pt") as f:
         assert f.metadata()["family"] == family and f.metadata()["max_sequence_length"] == "8"
     check_cache(cache, PROMPT_EMBEDS, family)
+    check_cache(cache, PROMPT_EMBEDS, family, max_sequence_length=8)
+    check_cache(cache, LATENT_CODES, family, resolution=16)
+    # a run whose T5 length or resolution differs from the cache's is refused, naming both and the fix
+    with pytest.raises(ValueError, match="made with --max_sequence_length 8, but this run uses 16: pass "
+                                         "--max_sequence_length 8, or re-run scripts/cache_prompt_embeds.py"):
+        check_cache(cache, PROMPT_EMBEDS, family, max_sequence_length=16)
+    with pytest.raises(ValueError, match="made with --resolution 16, but this run uses 32: pass --resolution 16"):
+        check_cache(cache, LATENT_CODES, family, resolution=32)
     for other in set(FAMILIES) - {family}:
         for kind in (PROMPT_EMBEDS, LATENT_CODES):
             with pytest.raises(ValueError, match=f"made with a {family} model's encoders, but this run trains a "
