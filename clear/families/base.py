@@ -12,6 +12,7 @@ predicts in.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -173,6 +174,15 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- resolution extrapolation ----------------------------------------------------------
+    def ntk_rope(self, models, ntk_factor: float | None):
+        """A context within which ``models`` (transformer and ControlNets of this family) use NTK-scaled
+        RoPE. ``ntk_factor`` ``None`` or 1: nothing changes. A family without RoPE (the default) refuses
+        any other factor; a family with RoPE overrides this."""
+        if ntk_factor is not None and float(ntk_factor) != 1.0:
+            raise TypeError(f"ntk_factor={float(ntk_factor):g}: {self.name} models have no RoPE (their positions are "
+                            "not RoPE), so NTK scaling does not apply")
+        return contextlib.nullcontext()
+
     def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
         """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.models.DEFAULT_NTK_FACTOR`
         (10), 1 = off. Without: nothing, with a logged note; an explicit factor other than 1 is an error, it

@@ -118,6 +118,9 @@ class FluxFamily(ModelFamily):
     """FLUX.1: CLIP pooled + T5 text, 2x2-packed latents with RoPE ids, timestep in [0, 1],
     guidance as an embedding (dev)."""
 
+    def ntk_rope(self, models, ntk_factor):
+        return ntk_rope(models, ntk_factor)
+
     def grid(self, bound: inspect.BoundArguments) -> tuple[int, int]:
         img_ids = bound.arguments.get("img_ids")
         if img_ids is None:

@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from ..apply import apply_clear, remove_clear
-from ..families import ModelFamily
-from ..families import flux as _flux
+from ..families import ModelFamily, family_of
 from ..models import DEFAULT_MAX_PIXELS, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from .checks import check_sampling, pipeline_family, resolve_ntk_factor
 from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, _settings, _timed_call, clear_models,
@@ -35,9 +34,12 @@ VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this ma
 
 def ntk_rope(models, ntk_factor: float | None):
     """Within the block, the given model(s) (or a pipeline's transformer and ControlNets)
-    use NTK-scaled RoPE (:func:`clear.families.flux.ntk_rope`); the original ``pos_embed``
-    objects are put back afterwards. ``ntk_factor`` 1 or ``None``: nothing changes (any model)."""
-    return _flux.ntk_rope(clear_models(models) if hasattr(models, "transformer") else models, ntk_factor)
+    use NTK-scaled RoPE (their family's :meth:`clear.families.ModelFamily.ntk_rope`: FLUX's swaps
+    ``pos_embed``); the original ``pos_embed`` objects are put back afterwards. ``ntk_factor`` 1 or
+    ``None``: nothing changes (any model); another factor on a family without RoPE: ``TypeError``."""
+    models = clear_models(models) if hasattr(models, "transformer") else (
+        [models] if isinstance(models, torch.nn.Module) else list(models))
+    return family_of(models[0]).ntk_rope(models, ntk_factor)
 
 
 @contextlib.contextmanager
@@ -143,7 +145,7 @@ def run_upscale(pipe, info: PipelineInfo, image, prompt: str, height: int, width
     scheduler = fixed_shift_scheduler(pipe.scheduler, shift) if shift is not None else None
     img2img = img2img_pipeline(pipe, scheduler, info.family)
     resized = image.convert("RGB").resize((width, height), Image.LANCZOS)
-    with ntk_rope(pipe, ntk_factor), proportional_attention(pipe, proportional), vae_tiling(pipe.vae, tiling):
+    with info.family.ntk_rope(clear_models(pipe), ntk_factor), proportional_attention(pipe, proportional), vae_tiling(pipe.vae, tiling):
         kwargs = dict(image=resized, prompt=prompt, height=height, width=width, guidance_scale=guidance,
                       max_sequence_length=max_sequence_length)
         if warmup:
