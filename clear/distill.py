@@ -63,9 +63,11 @@ def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> l
             name = item if item in modules else item + ".attn"
             found = [name] if name in modules else []
         if not found:
-            raise ValueError(f"attention layer spec {item!r} selects no attention module of this model; use e.g. "
-                             "'single:4', 'double:2:1' (FLUX), 'joint:4' (SD3), 'single_transformer_blocks.3', "
-                             "'transformer_blocks.0.attn2' or 'none'")
+            streams = ", ".join(f"'{stream}:4'" for stream, _ in family.streams)
+            raise ValueError(f"attention layer spec {item!r} selects no attention module of this {family.name} model; "
+                             f"use a stream every N blocks ({streams}; 'STREAM:N:OFFSET' starts at block OFFSET), "
+                             f"an attention module's name (e.g. {attn_names[0] if attn_names else 'blocks.0.attn'!r}) "
+                             "or 'none'")
         chosen += [n for n in found if n not in chosen]
     return chosen
 
