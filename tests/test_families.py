@@ -3,6 +3,10 @@ folder and a checkpoint header; a third family added as one file works through a
 each released model has one T5 length, used alike by caches, training and inference."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +231,14 @@ def test_schnell_caches_training_and_inference_use_256(schnell_dir, tiny_flux_pi
     with safe_open(str(root / "cache" / "prompt_embeds" / "0001.safetensors"), framework="pt") as f:
         assert f.metadata()["max_sequence_length"] == "256"
         assert f.get_tensor("prompt_embeds").shape == (256, FLUX_CONFIG["joint_attention_dim"])
+
+
+def test_the_registry_imports_no_diffusers_model():
+    """Command lines build their --model_family choices from the registry: importing it stays light (torch, not
+    every diffusers transformer); diffusers' FLUX modules load when a processor or NTK RoPE first runs."""
+    code = ("import sys, clear.families as f; print(list(f.FAMILIES)); "
+            "print(any(m.startswith('diffusers.models') for m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(clear.__file__).parent.parent)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["['flux', 'sd3']", "False"]

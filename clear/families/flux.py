@@ -7,6 +7,9 @@ length, training length L0), block streams and checkpoint block names, encoders 
 inputs (CLIP pooled + T5 text, 2x2-packed latents with RoPE ids, timestep in [0, 1], guidance as an
 embedding on dev), size rules (16 pixels per token, no position table), the pipelines, and
 NTK-scaled RoPE for resolution extrapolation (:class:`NTKFluxPosEmbed`, :func:`ntk_rope`).
+
+diffusers' FLUX modules are imported where they are used, so that importing the registry (a
+command line's ``--model_family`` choices) does not import every diffusers transformer.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import contextlib
 import inspect
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
-from diffusers.models.transformers.transformer_flux import FluxPosEmbed, _get_qkv_projections
 
 from ..geometry import grid_from_ids
 from ..processors import ClearProcessorBase
@@ -29,6 +30,9 @@ class FluxClearAttnProcessor(ClearProcessorBase):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
@@ -56,16 +60,19 @@ class FluxClearAttnProcessor(ClearProcessorBase):
 # NTK-scaled RoPE (resolution extrapolation)
 # ------------------------------------------------------------------------------------------
 
-class NTKFluxPosEmbed(FluxPosEmbed):
-    """FLUX's rotary embedding with NTK-aware scaling: the base ``theta`` of every axis is
-    multiplied by ``ntk_factor`` (diffusers' ``get_1d_rotary_pos_embed(..., ntk_factor=)``),
-    which stretches the wavelengths so that positions beyond the training grid stay in range."""
+class NTKFluxPosEmbed(torch.nn.Module):
+    """FLUX's rotary embedding (diffusers' ``FluxPosEmbed``: same ``theta``, ``axes_dim`` and output)
+    with NTK-aware scaling: the base ``theta`` of every axis is multiplied by ``ntk_factor``
+    (diffusers' ``get_1d_rotary_pos_embed(..., ntk_factor=)``), which stretches the wavelengths so
+    that positions beyond the training grid stay in range."""
 
     def __init__(self, theta: int, axes_dim, ntk_factor: float):
-        super().__init__(theta, axes_dim)
-        self.ntk_factor = float(ntk_factor)
+        super().__init__()
+        self.theta, self.axes_dim, self.ntk_factor = theta, axes_dim, float(ntk_factor)
 
     def forward(self, ids: torch.Tensor):
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
         pos = ids.float()
         freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
         cos_out, sin_out = [], []
@@ -84,8 +91,10 @@ class NTKFluxPosEmbed(FluxPosEmbed):
 def set_ntk_rope(model: torch.nn.Module, ntk_factor: float) -> None:
     """Make ``model.pos_embed`` (FLUX transformer or ControlNet) NTK-scaled by ``ntk_factor``;
     ``1`` restores a plain ``FluxPosEmbed``. Nothing else of the model changes."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
     pe = model.pos_embed
-    if not isinstance(pe, FluxPosEmbed):
+    if not isinstance(pe, (FluxPosEmbed, NTKFluxPosEmbed)):
         raise TypeError(f"{type(model).__name__}.pos_embed is a {type(pe).__name__}, not FLUX's FluxPosEmbed: "
                         "NTK scaling applies to RoPE only (SD3's positions are a fixed table, not RoPE)")
     if float(ntk_factor) == 1.0:
