@@ -66,21 +66,21 @@ def parse_args(argv=None):
 
 
 def preflight(args):
-    """Every check that needs no weights: device, model, sizes, sampling, the CLEAR variant and its
-    checkpoint (header only). Returns (device, CLEAR spec or None)."""
+    """Every check that needs no weights: device, sampling, the model (its configs, described once:
+    :class:`clear.inference.PipelineInfo`), sizes, the CLEAR variant and its checkpoint (header only).
+    Returns (device, pipeline description, CLEAR spec or None)."""
     from clear import inference as inf
     from clear.devices import resolve_device
 
     device = resolve_device(args.device)
     inf.check_sampling(args.steps, args.guidance)
-    family = inf.pipeline_family(args.model)  # reads model_index.json only; fails on unsupported models
-    multiple, max_grid = inf.size_rules(args.model)
-    inf.check_size(args.height, args.width, multiple, args.down_factor if args.radius is not None else 1, max_grid)
+    info = inf.describe_pipeline(args.model)  # configs only; fails on unsupported models
+    info.check_size(args.height, args.width, args.down_factor if args.radius is not None else 1)
     if args.radius is None:
-        return device, None
+        return device, info, None
     checkpoint = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                        family=family.name)
-    return device, inf.ClearSpec(args.radius, args.down_factor, checkpoint, args.backend)
+                                        family=info.family.name)
+    return device, info, inf.ClearSpec(args.radius, args.down_factor, checkpoint, args.backend)
 
 
 def main(argv=None) -> dict:
@@ -91,17 +91,14 @@ def main(argv=None) -> dict:
 
     prompts = load_prompts(args.prompts, num=args.num, sample_seed=args.sample_seed)
     try:
-        device, spec = preflight(args)
+        device, info, spec = preflight(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-    pipe = inf.load_pipeline(args.model, str(device), args.dtype, offload=args.cpu_offload, check=False)
+    pipe = inf.load_pipeline(args.model, str(device), args.dtype, offload=args.cpu_offload, info=info)
     pipe.set_progress_bar_config(disable=True)
     if spec is not None:
-        spec.apply(pipe)
-    d = inf.default_settings(pipe)
-    steps = d["steps"] if args.steps is None else args.steps
-    guidance = d["guidance"] if args.guidance is None else args.guidance
-    max_sequence_length = args.max_sequence_length or d["max_sequence_length"]
+        spec.apply(pipe, family=info.family.name)
+    steps, guidance, max_sequence_length = info.sampling(args.steps, args.guidance, args.max_sequence_length)
     settings = {
         "label": args.label or (Path(args.model).name if spec is None else spec.label),
         "model": args.model,
