@@ -111,14 +111,15 @@ class ClearAttention:
         """The ``backend``'s plan of a whole grid (:class:`TokenLayout`) or a patch-parallel band
         (:class:`BandLayout`), built on first use; the cache keeps the ``cache_size`` latest."""
         device = torch.device(device)
+        spec = backends.get(backend)
+        spec.check(device.type, with_grad)
+        with_grad = with_grad and spec.backward_plans  # else one plan serves training and inference alike
         options = self.options(device)
         key = (layout, backend, str(device), with_grad, options)
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        spec = backends.get(backend)
-        spec.check(device.type, with_grad)
         if isinstance(layout, BandLayout):
             plan = spec.band_plan(layout, self.window, device, options)
         else:

@@ -236,6 +236,21 @@ def test_one_bounded_cache_holds_grid_and_band_plans():
     assert core.plan(grids[0], "dense", CPU) is not plans[0]  # evicted, built again
 
 
+def test_one_plan_serves_training_and_inference_unless_the_backend_plans_a_backward():
+    """Dense's mask is the same with or without a backward: one cached plan (a 4K mask is gigabytes). Flex
+    plans a backward (query-block lists), so it keeps two; and a call the backend cannot run still fails."""
+    layout = TokenLayout(2, 6, 5)
+    core = ClearAttention(3, backend="dense")
+    assert core.plan(layout, "dense", CPU, with_grad=True) is core.plan(layout, "dense", CPU, with_grad=False)
+    assert len(core._plans) == 1
+    flex = ClearAttention(3, backend="flex")
+    assert backends.get("flex").backward_plans and not backends.get("dense").backward_plans
+    no_grad = flex.plan(layout, "flex", CPU)
+    assert no_grad.block_mask.q_indices is None  # built for the forward only
+    with pytest.raises(ValueError, match="no backward on cpu"):
+        flex.plan(layout, "flex", CPU, with_grad=True)
+
+
 # ------------------------------------------------------------------------------------------
 # Adding a backend = one file (+ one line in the table)
 # ------------------------------------------------------------------------------------------

@@ -68,7 +68,9 @@ class Backend:
     ``backward``: those where it also has a backward (``None`` = all of ``devices``);
     ``auto``: device type (``"*"`` = any) -> fewest image tokens of a grid from which ``auto``
     picks it (leave empty and ``auto`` never does); ``full_attention``: whether it plans
-    ``radius=None`` (full attention) too, else such calls run :data:`REFERENCE`."""
+    ``radius=None`` (full attention) too, else such calls run :data:`REFERENCE`;
+    ``backward_plans``: whether a call that needs a backward gets another grid plan (flex: with
+    the query-block lists its backward reads); when False one cached plan serves both."""
 
     name: str
     module: str
@@ -77,6 +79,7 @@ class Backend:
     backward: tuple[str, ...] | None = None
     auto: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     full_attention: bool = True
+    backward_plans: bool = False
 
     def runs_on(self, device_type: str, with_grad: bool = False) -> bool:
         """Whether it runs a call on ``device_type`` (with a backward when ``with_grad``)."""
@@ -135,7 +138,8 @@ TABLE: MappingProxyType = make_table(
     Backend("flex", "clear.backends.flex", "block-sparse FlexAttention over tile-ordered tokens, block masks "
             "from tile geometry; compiled on CUDA",
             devices=("cuda", "cpu", "xpu", "hpu", "mps"), backward=("cuda", "xpu", "hpu"),
-            auto=MappingProxyType({"cuda": 0, "cpu": CPU_FLEX_MIN_TOKENS}), full_attention=False),
+            auto=MappingProxyType({"cuda": 0, "cpu": CPU_FLEX_MIN_TOKENS}), full_attention=False,
+            backward_plans=True),
 )
 
 
