@@ -259,8 +259,8 @@ def test_band_block_mask_equals_flex_own(h, above, below, width, radius, n_rest,
     """The band's analytic block mask == FlexAttention's create_block_mask of the same mask_mod."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from clear.geometry import TileOrder, TokenLayout
-    from clear.geometry import band_block_mask, band_mask_mod
+    from clear.backends.flex_blocks import TileOrder, band_block_mask, band_mask_mod
+    from clear.geometry import TokenLayout
 
     win = Window(radius)
     q_order = TileOrder(TokenLayout(0, h, width), win, *tile)

@@ -1,9 +1,9 @@
 """The ``flex`` backend: block-sparse FlexAttention over image tokens reordered into compact tiles.
 
-A plan gathers queries and keys into tile order (:class:`clear.geometry.TileOrder`: image tiles,
-padded to whole blocks, then text, then pooled tokens) and holds a ``BlockMask`` built
-analytically from tile rectangles (:func:`clear.geometry.analytic_block_mask`,
-:func:`clear.geometry.band_block_mask`), so blocks outside the window are never computed; the
+A plan gathers queries and keys into tile order (:class:`clear.backends.flex_blocks.TileOrder`: image
+tiles, padded to whole blocks, then text, then pooled tokens) and holds a ``BlockMask`` built
+analytically from tile rectangles (:func:`~clear.backends.flex_blocks.analytic_block_mask`,
+:func:`~clear.backends.flex_blocks.band_block_mask`), so blocks outside the window are never computed; the
 output is gathered back to natural order. Compiled on CUDA (or when ``Options.compiled``, except
 with the log-sum-exp on CPU, which the compiled CPU kernel does not return), eager elsewhere;
 inside a region already being compiled, the plain op (the enclosing compile fuses it). FlexAttention has no backward on CPU. Tensors are ``[B, S, heads, D]``.
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..geometry import BandLayout, TileOrder, TokenLayout, Window, analytic_block_mask, band_block_mask
+from ..geometry import BandLayout, TokenLayout, Window
 from . import Options
+from .flex_blocks import TileOrder, analytic_block_mask, band_block_mask
 
 # Each new (batch, sequence length) recompiles the static-shape flex kernel. Past dynamo's
 # default recompile limit (8) it would silently fall back to eager FlexAttention, which
