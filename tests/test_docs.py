@@ -15,14 +15,19 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def prose_lines(text):
-    """(line number, line) outside fenced code blocks, with inline code spans blanked."""
+    """(line number, line) outside fenced code blocks."""
     inside = False
     for number, line in enumerate(text.splitlines(), 1):
         if FENCE.match(line):
             inside = not inside
             continue
         if not inside:
-            yield number, re.sub(r"`[^`]*`", "``", line)
+            yield number, line
+
+
+def links(line):
+    """The targets of the Markdown links and images on a line, code spans left out."""
+    return LINK.findall(re.sub(r"`[^`]*`", "``", line))
 
 
 def heading_anchors(text):
@@ -47,7 +52,7 @@ def broken_links(page, root=REPO):
     text = page.read_text()
     broken = []
     for number, line in prose_lines(text):
-        for target in LINK.findall(line):
+        for target in links(line):
             if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
                 continue
             path, _, anchor = target.partition("#")
@@ -87,7 +92,7 @@ def test_relative_links_resolve(page):
 
 def test_every_docs_page_is_one_click_from_the_readme():
     linked = {(README.parent / t.partition("#")[0]).resolve() for _, line in prose_lines(README.read_text())
-              for t in LINK.findall(line)}
+              for t in links(line)}
     assert [p.name for p in PAGES[1:] if p.resolve() not in linked] == []
 
 
@@ -105,8 +110,11 @@ def test_readme_test_command_is_the_one_ci_runs():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_prose_lines_fit_and_state_the_product(page):
-    long = [n for n, line in prose_lines(page.read_text()) if len(line) > 120 and not line.lstrip().startswith("|")]
+    lines = list(prose_lines(page.read_text()))
+    long = [n for n, line in lines if len(line) > 120 and not line.lstrip().startswith("|")]
     assert long == [], f"{page.name}: prose lines over 120 characters: {long}"
+    split = [n for n, line in lines if line.count("`") % 2 and "```" not in line]
+    assert split == [], f"{page.name}: a code span runs over a line break (keep it on one line): {split}"
     process = re.compile(r"\bissue \d+|\bon main\b|\bBars?:|\(bar [≤≥<>]", re.I)
     found = [line for _, line in prose_lines(page.read_text()) if process.search(line)]
     assert found == [], f"{page.name}: say what the product does, not how it was made: {found}"
