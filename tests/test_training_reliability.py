@@ -366,8 +366,8 @@ def test_flux_default_attention_loss_layers_are_the_releases():
     assert chosen == [f"single_transformer_blocks.{i}.attn" for i in range(1, 38, 4)]
     every = [n for n, m in model.named_modules() if hasattr(m, "processor") and n.endswith(".attn")]
     assert len(every) == 57 and chosen == [n for i, n in enumerate(every) if i % 4 == 0 and n.startswith("single")]
-    readme = (REPO / "README.md").read_text()
-    assert "single:4:1" in readme and "1, 5, …, 37" in readme
+    training_doc = (REPO / "docs" / "training.md").read_text()
+    assert "single:4:1" in training_doc and "1, 5, …, 37" in training_doc
 
 
 def test_settings_changes_separates_harmless_ones():

@@ -1,4 +1,4 @@
-"""A third model family, added the way the README says: this one file, plus one registry entry
+"""A third model family, added the way docs/architecture.md says: this one file, plus one registry entry
 (``clear.families.make_table(..., toy_family.FAMILY)``; the tests monkeypatch ``clear.families.FAMILIES``).
 
 The toy model is a renamed FLUX transformer, so the family reuses FLUX's processor and methods;
