@@ -88,6 +88,14 @@ def _grid_hook(module, args, kwargs):
     state.grid = grid
 
 
+def _head_dim(attn: torch.nn.Module) -> int | None:
+    """The head size of a diffusers attention module (``auto``'s choice depends on it)."""
+    if getattr(attn, "head_dim", None):
+        return int(attn.head_dim)
+    inner = getattr(attn, "inner_dim", None)
+    return inner // attn.heads if inner and getattr(attn, "heads", None) else None
+
+
 def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor: int = 1, backend: str = "auto",
                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16),
                 kernel_options: dict | None = None) -> ClearAttention:
@@ -96,9 +104,10 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     ``radius``: window radius in tokens (image keys with dy^2 + dx^2 < radius^2 are
     seen); ``None`` keeps full attention (useful with ``proportional_attention``).
     ``down_factor``: add (H/df)*(W/df) pooled key/value tokens with learned weights.
-    ``backend``: ``"dense"`` (mask + SDPA, the oracle), ``"flex"`` (tiled FlexAttention)
-    or ``"auto"`` (flex on CUDA; on CPU flex for inference on grids of at least
-    ``CPU_FLEX_MIN_TOKENS`` image tokens, dense otherwise). Applying again replaces the previous
+    ``backend``: a registered backend (:func:`clear.backends.choices`: ``"dense"``, mask + SDPA, the
+    oracle; ``"flex"``, block-sparse FlexAttention; ``"tiled"``, query tiles with gathered key windows
+    in one batched SDPA) or ``"auto"`` (decided per call shape, :func:`clear.backends.decide`: from
+    shipped measurements on CPU, flex on CUDA; logged once per layout). Applying again replaces the previous
     CLEAR configuration. The model's family (:func:`clear.families.family_of`) gives the processor
     and the grid reader; its spec (the released model) the L0 of proportional attention, the
     model's training length. Returns the shared :class:`ClearAttention`."""
@@ -113,6 +122,7 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     new = {}
     for name in originals:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
+        core.heads, core.head_dim = core.heads or attn.heads, core.head_dim or _head_dim(attn)
         ref = attn.to_q.weight
         new[name] = family.processor(core, state).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)

@@ -13,9 +13,11 @@ Backends live in :mod:`clear.backends`, one file each, registered with where the
   supports backward; the oracle every fast path is tested against.
 * ``"flex"``: FlexAttention over image tokens reordered into compact tiles, with a
   block mask built analytically from tile geometry. Compiled on CUDA.
-* ``"auto"``: ``flex`` on CUDA; on CPU ``flex`` (its compiled kernel) for inference on grids of
-  at least :data:`CPU_FLEX_MIN_TOKENS` image tokens, where it beats dense, else ``dense``
-  (FlexAttention has no CPU backward). See :func:`clear.backends.resolve`.
+* ``"tiled"``: query tiles with their gathered key windows in one batched SDPA; a backward
+  everywhere.
+* ``"auto"``: decided per call shape by :func:`clear.backends.decide`, from shipped
+  measurements where the device has them (CPU), else by the table's rule (``flex`` on CUDA);
+  each plan logs once which backend it runs and why.
 
 Under ``torch.compile`` the plan of each layout is built outside the traced code (by the
 forward pre-hook of :func:`clear.apply_clear`, which dynamo does not trace) and handed in
@@ -24,16 +26,19 @@ with ``plan=``; the traced call only reads its tensors.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 
 import torch
 
 from . import backends
-from .backends import CPU_FLEX_MIN_TOKENS, Options
+from .backends import Call, Options
 from .geometry import BandLayout, TokenLayout, Window
 
-__all__ = ["ClearAttention", "pool_tokens", "CPU_FLEX_MIN_TOKENS", "PROPORTIONAL"]
+__all__ = ["ClearAttention", "pool_tokens", "PROPORTIONAL"]
+
+logger = logging.getLogger(__name__)
 
 # proportional_attention: False (1/sqrt(d)), True = "release" (the public release's scale: log_L0(10·N) for
 # down-sampled variants, log_L0(N) otherwise) or "plain" (log_L0(N) for every variant)
@@ -76,6 +81,11 @@ class ClearAttention:
         self.kernel_options = dict(kernel_options) if kernel_options else None  # FlexAttention's, on CUDA
         self.cache_size = cache_size
         self._plans: OrderedDict = OrderedDict()
+        # the model's attention heads and head size, for auto's choice (clear.apply_clear reads them)
+        self.heads: int | None = None
+        self.head_dim: int | None = None
+        # flex's compiled kernel off CUDA: None = when ``auto`` chose flex (benchmarks set True for ``flex``)
+        self.compile_kernels: bool | None = None
 
     def __repr__(self):
         w = self.window
@@ -84,32 +94,46 @@ class ClearAttention:
 
     # -- plans -------------------------------------------------------------------------
 
-    def resolve_backend(self, device: torch.device, layout: TokenLayout | None = None, with_grad: bool = True) -> str:
-        """The backend a call runs: a registered name as asked; ``auto`` by
-        :func:`clear.backends.resolve` (flex on CUDA; on CPU flex for inference, ``with_grad``
-        False, on a grid of at least :data:`CPU_FLEX_MIN_TOKENS` image tokens, dense otherwise).
-        Depends only on Python values, so it never breaks a compiled graph."""
-        num_image = layout.num_image if layout is not None else None
-        return backends.resolve(self.backend, torch.device(device).type, num_image, with_grad,
-                                windowed=self.window.radius is not None)
+    def call(self, device: torch.device, layout: TokenLayout | BandLayout | None = None, with_grad: bool = True,
+             heads: int | None = None, head_dim: int | None = None) -> Call:
+        """What :func:`clear.backends.decide` decides on for a call of this core (heads and head size: the
+        ones given, else those :func:`clear.apply_clear` read from the model)."""
+        w = self.window
+        if isinstance(layout, BandLayout):
+            image, text = layout.num_queries, layout.text_len
+        else:
+            image, text = (layout.num_image, layout.text_len) if layout is not None else (0, 0)
+        return Call(torch.device(device).type, image, text, w.radius, w.down_factor, heads or self.heads,
+                    head_dim or self.head_dim, with_grad)
+
+    def resolve_backend(self, device: torch.device, layout: TokenLayout | None = None, with_grad: bool = True,
+                        heads: int | None = None, head_dim: int | None = None) -> str:
+        """The backend a call runs (:func:`clear.backends.decide`). Depends only on Python values, so it never
+        breaks a compiled graph."""
+        return backends.decide(self.backend, self.call(device, layout, with_grad, heads, head_dim))[0]
 
     def options(self, device: torch.device) -> Options:
         """What every plan of this core gets: the tile, the kernel options, and whether flex runs
         its compiled kernel off CUDA (``auto`` chose it for that kernel's speed)."""
-        return Options(self.tile, self.kernel_options, compiled=torch.device(device).type == "cuda"
-                       or self.backend == "auto")
+        compiled = self.compile_kernels
+        if compiled is None:
+            compiled = torch.device(device).type == "cuda" or self.backend == "auto"
+        return Options(self.tile, self.kernel_options, compiled=compiled)
 
-    def layout_plan(self, layout: TokenLayout, device: torch.device, with_grad: bool):
-        """The plan a call with this layout runs (backend resolved), from the cache. Called
-        outside compiled code by the model's forward pre-hook; its result is passed as ``plan=``."""
-        backend = backends.get(self.resolve_backend(device, layout, with_grad))
-        if self.window.radius is None and not backend.full_attention:
-            backend = backends.get(backends.REFERENCE)
-        return self.plan(layout, backend.name, device, with_grad)
+    def layout_plan(self, layout: TokenLayout | BandLayout, device: torch.device, with_grad: bool,
+                    heads: int | None = None, head_dim: int | None = None):
+        """The plan a call with this layout runs (backend decided), from the cache. Called outside compiled
+        code by the model's forward pre-hook; its result is passed as ``plan=``. A plan built here logs which
+        backend runs it and why (once per layout)."""
+        call = self.call(device, layout, with_grad, heads, head_dim)
+        name, why = backends.decide(self.backend, call)
+        return self.plan(layout, name, device, with_grad, why=why, call=call)
 
-    def plan(self, layout: TokenLayout | BandLayout, backend: str, device: torch.device, with_grad: bool = False):
+    def plan(self, layout: TokenLayout | BandLayout, backend: str, device: torch.device, with_grad: bool = False,
+             why: str = "as asked", call: Call | None = None):
         """The ``backend``'s plan of a whole grid (:class:`TokenLayout`) or a patch-parallel band
-        (:class:`BandLayout`), built on first use; the cache keeps the ``cache_size`` latest."""
+        (:class:`BandLayout`), built on first use (:func:`clear.backends.build_plan`); the cache keeps the
+        ``cache_size`` latest."""
         device = torch.device(device)
         spec = backends.get(backend)
         spec.check(device.type, with_grad)
@@ -120,11 +144,8 @@ class ClearAttention:
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        if isinstance(layout, BandLayout):
-            plan = spec.band_plan(layout, self.window, device, options)
-        else:
-            layout.pooled_grid(self.window)  # validates divisibility before any work
-            plan = spec.grid_plan(layout, self.window, device, options, with_grad)
+        plan = backends.build_plan(backend, layout, self.window, device, options, with_grad)
+        logger.info("CLEAR attention: %s runs %r: %s", (call or self.call(device, layout)).describe(), backend, why)
         self._plans[key] = plan
         while len(self._plans) > self.cache_size:
             self._plans.popitem(last=False)
@@ -158,7 +179,7 @@ class ClearAttention:
         scale = self.scale(layout, query.shape[-1])
         if plan is None:
             with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-            plan = self.layout_plan(layout, query.device, with_grad)
+            plan = self.layout_plan(layout, query.device, with_grad, query.shape[2], query.shape[3])
         elif plan.layout != layout:
             raise ValueError(f"the plan for {plan.layout} was handed to an attention call with layout {layout}")
         if win.down_factor > 1:  # keys and values: [natural order | pooled]

@@ -288,7 +288,7 @@ class PatchParallelAttention:
             raise ValueError("spatial_weight must be given exactly when down_factor > 1")
         full = TokenLayout(layout.text_len, plan.height, plan.width, layout.text_first)
         scale = self.inner.scale(full, query.shape[-1])  # proportional attention counts all tokens
-        backend = backends.get(self.inner.resolve_backend(query.device))
+        backend = backends.get(self.inner.resolve_backend(query.device, full, False, query.shape[2], query.shape[3]))
 
         img, txt = layout.image_slice, layout.text_slice
         q_img, k_img, v_img = query[:, img], key[:, img], value[:, img]

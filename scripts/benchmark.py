@@ -262,6 +262,277 @@ def bench_step(args, device, dtype) -> list[dict]:
     return records
 
 
+# ------------------------------------------------------------------------------------------
+# A whole model per grid: full attention, every CLEAR backend, auto, and the no-attention floor
+# ------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Peak resident memory of this process while a callable runs, above what it held before (sampled
+    from /proc every half millisecond by a thread; the timed runs are separate)."""
+
+    def __call__(self, fn) -> int | None:
+        import threading
+
+        statm = Path("/proc/self/statm")
+        if not statm.exists():
+            return None
+        page = os.sysconf("SC_PAGE_SIZE")
+        read = lambda: int(statm.read_text().split()[1]) * page  # noqa: E731
+        base, peak, done = read(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], read())
+                done.wait(0.0005)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            t.join()
+        return max(0, max(peak[0], read()) - base)
+
+
+def parse_grids(text: str) -> list[tuple[int, int]]:
+    """``--grids``: image-token grids ``N`` (square) or ``HxW``, comma-separated."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        h, _, w = part.partition("x")
+        out.append((int(h), int(w or h)))
+    return out
+
+
+def model_under_test(args, device, dtype):
+    """``--model``: a FLUX pipeline folder's transformer (the mini: ``ckpt/mini``); else FLUX-shaped heads
+    (``--heads`` x 128, ``--num-layers`` + ``--num-single-layers`` blocks, random weights)."""
+    from diffusers import FluxTransformer2DModel
+
+    if args.model:
+        model = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer")
+        return model.to(device=device, dtype=dtype).eval(), dict(model.config)
+    args.tiny = False
+    args.num_layers = 1 if args.num_layers is None else args.num_layers
+    args.num_single_layers = 2 if args.num_single_layers is None else args.num_single_layers
+    return flux_model(args, device, dtype)
+
+
+def model_inputs(cfg: dict, h: int, w: int, text: int, device, dtype) -> dict:
+    from diffusers import FluxPipeline
+
+    g = torch.Generator(device).manual_seed(0)
+    x = dict(hidden_states=torch.randn(1, h * w, cfg["in_channels"], device=device, dtype=dtype, generator=g),
+             encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], device=device, dtype=dtype,
+                                               generator=g),
+             pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], device=device, dtype=dtype, generator=g),
+             timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+             img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, device, dtype),
+             txt_ids=torch.zeros(text, 3, device=device, dtype=dtype))
+    if cfg.get("guidance_embeds"):
+        x["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
+    return x
+
+
+def _no_attention(query, key, value, **kwargs):
+    """The floor: attention replaced by returning V (every projection, MLP and norm still runs)."""
+    return value
+
+
+def model_variants(base, args) -> dict:
+    """name -> (model, context factory): full attention, the floor, and CLEAR on every backend and ``auto``,
+    each on its own copy of the model so that the timed runs can alternate."""
+    import contextlib
+    import copy
+    from unittest import mock
+
+    from diffusers.models.transformers import transformer_flux
+
+    out = {"full": (base, contextlib.nullcontext),
+           "floor": (base, lambda: mock.patch.object(transformer_flux, "dispatch_attention_fn", _no_attention))}
+    for name in ("auto", *backends.names()):
+        m = copy.deepcopy(base)
+        core = clear.apply_clear(m, args.radius, args.down_factor, backend=name, tile=args.tile)
+        if name == "flex":
+            core.compile_kernels = True  # the compiled kernel (eager FlexAttention materialises every score)
+        out[f"clear:{name}"] = (m, contextlib.nullcontext)
+    return out
+
+
+def bench_model(args, device, dtype) -> list[dict]:
+    """Seconds per forward (and per training step: forward + backward of the attention projections) of a whole
+    model per grid, the variants' timed runs alternating so that they share the machine's state alike."""
+    base, cfg = model_under_test(args, device, dtype)
+    text = args.text_len
+    variants_ = model_variants(base, args)
+    records = []
+    jobs = [(grid, False) for grid in parse_grids(args.grids)] + [(g, True) for g in parse_grids(args.train_grids)]
+    for (h, w), train in tqdm(jobs, desc="model"):
+        x = model_inputs(cfg, h, w, text, device, dtype)
+        names = [n for n in variants_ if not (train and n in ("floor", "clear:flex"))]  # flex: no CPU backward
+        fns = {}
+        for name in names:
+            model, ctx = variants_[name]
+            model.train(train)
+            for n_, p in model.named_parameters():
+                p.requires_grad_(train and ("attn" in n_ or "spatial" in n_))
+
+            def fn(model=model, ctx=ctx):
+                with ctx():
+                    if not train:
+                        with torch.no_grad():
+                            return model(**x, return_dict=False)[0]
+                    out = model(**x, return_dict=False)[0]
+                    out.float().square().mean().backward()
+                    model.zero_grad(set_to_none=True)
+
+            fns[name] = fn
+        rec_of = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            rec = dict(grid=f"{h}x{w}", tokens=h * w, text_len=text, step="train" if train else "forward",
+                       variant=name, radius=args.radius, down_factor=args.down_factor, first_call_s=None)
+            rec["first_call_s"] = time.perf_counter() - t0
+            model = variants_[name][0]
+            state = getattr(model, "clear_state", None)
+            if state is not None and state.plans:
+                rec["backend"] = next(iter(state.plans.values())).backend
+            rec_of[name] = rec
+        times = {name: [] for name in fns}
+        for _ in range(args.warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        peak = PeakRSS()
+        for name, fn in fns.items():
+            rec = rec_of[name]
+            rec["time_s"] = statistics.median(times[name])
+            rec["peak_rss_bytes"] = peak(fn) if device.type == "cpu" else None
+        full = rec_of["full"]["time_s"]
+        for rec in rec_of.values():
+            rec["speedup_vs_full"] = full / rec["time_s"]
+        records += rec_of.values()
+    return records
+
+
+def model_markdown(records: list[dict]) -> str:
+    lines = []
+    for step in ("forward", "train"):
+        rows = [r for r in records if r["step"] == step]
+        if not rows:
+            continue
+        grids = list(dict.fromkeys(r["grid"] for r in rows))
+        names = list(dict.fromkeys(r["variant"] for r in rows))
+        what = "s per forward" if step == "forward" else "s per training step (forward + backward)"
+        lines += [f"| {what} | " + " | ".join(f"{g} tokens" for g in grids) + " |", "|---|" + "---:|" * len(grids)]
+        for name in names:
+            cells = []
+            for g in grids:
+                r = next((r for r in rows if r["grid"] == g and r["variant"] == name), None)
+                if r is None:
+                    cells.append("–")
+                    continue
+                label = f" ({r['backend']})" if name == "clear:auto" and r.get("backend") else ""
+                cells.append(f"{r['time_s']:.3f} s, {r['speedup_vs_full']:.2f}x{label}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| first call s / peak RSS MiB | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
+        for name in names:
+            cells = []
+            for g in grids:
+                r = next((r for r in rows if r["grid"] == g and r["variant"] == name), None)
+                mem = r and r.get("peak_rss_bytes")
+                cells.append("–" if r is None else f"{r['first_call_s']:.2f} / "
+                             + ("–" if mem is None else f"{mem / 2**20:.0f}"))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# auto's measurements: every backend per call shape, shipped in clear/backends/measured/
+# ------------------------------------------------------------------------------------------
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``--shapes``: ``HEADSxHEAD_DIM:TEXT`` call shapes, comma-separated (the mini: 4x24:32)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        hd, _, t = part.partition(":")
+        heads, _, dim = hd.partition("x")
+        out.append((int(heads), int(dim), int(t or 0)))
+    return out
+
+
+def bench_auto(args, device, dtype) -> list[dict]:
+    """Seconds of one attention call (``with_grad``: forward + backward) on every backend that can run it, per
+    call shape, grid, radius, down factor; the backends alternate. ``auto`` reads the result
+    (:func:`clear.backends.decide`)."""
+    records = []
+    jobs = [(shape, grid, radius, df, grad)
+            for shape in parse_shapes(args.shapes) for grid in parse_grids(args.grids)
+            for radius in [None] + [float(r) for r in args.radii.split(",")]
+            for df in ([1] if radius is None else [int(d) for d in args.down_factors.split(",")])
+            for grad in (False, True)
+            if not (grad and grid[0] * grid[1] > args.max_train_tokens) and not (df > 1 and grid[0] % df)]
+    for (heads, dim, text), (h, w), radius, df, grad in tqdm(jobs, desc="auto"):
+        layout = TokenLayout(text, h, w)
+        window = Window(radius, df)
+        g = torch.Generator(device).manual_seed(0)
+        n_k = layout.seq_len + layout.num_pooled(window)
+        q = torch.randn(1, layout.seq_len, heads, dim, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(1, n_k, heads, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+        fns = {}
+        for name in backends.names():
+            spec = backends.get(name)
+            if not spec.runs_on(device.type, grad) or (radius is None and not spec.full_attention):
+                continue
+            if name == "flex" and device.type != "cuda" and (h, w) not in parse_grids(args.flex_grids):
+                continue  # each grid compiles its own kernel (tens of seconds on CPU)
+            core = ClearAttention(radius, df, backend=name, tile=args.tile)
+            if name == "flex":
+                core.compile_kernels = True
+            plan = core.plan(layout, name, device, grad)
+            scale = 1 / dim**0.5
+            if grad:
+                qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+                fns[name] = lambda plan=plan, qq=qq, kk=kk, vv=vv: plan.attend(qq, kk, vv, scale).sum().backward()
+            else:
+                fns[name] = lambda plan=plan: plan.attend(q, k, v, scale)
+            del core
+        times = {name: [] for name in fns}
+        with torch.set_grad_enabled(grad):
+            for fn in fns.values():
+                fn()
+            for _ in range(args.repeats):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        # the least of the alternating repeats: the call's own cost, least disturbed by other work on the machine
+        seconds = {name: (min(times[name]) if name in times else None) for name in backends.names()}
+        records.append(dict(heads=heads, head_dim=dim, text=text, image=h * w, grid=f"{h}x{w}", radius=radius,
+                            down_factor=df, with_grad=grad, seconds=seconds,
+                            fastest=min((n for n in seconds if seconds[n] is not None), key=lambda n: seconds[n])))
+    return records
+
+
+def auto_markdown(records: list[dict]) -> str:
+    names = backends.names()
+    lines = ["| heads x dim, text | grid | r | df | step | " + " | ".join(f"{n} ms" for n in names) + " | fastest |",
+             "|---|---|---|---|---|" + "---:|" * len(names) + "---|"]
+    for r in records:
+        cells = ["–" if r["seconds"].get(n) is None else f"{r['seconds'][n] * 1e3:.2f}" for n in names]
+        lines.append(f"| {r['heads']}x{r['head_dim']}, {r['text']} | {r['grid']} | {r['radius']} | {r['down_factor']} "
+                     f"| {'train' if r['with_grad'] else 'forward'} | " + " | ".join(cells) + f" | {r['fastest']} |")
+    return "\n".join(lines) + "\n"
+
+
 def flops_table(args) -> list[dict]:
     records = []
     for (h_px, w_px) in parse_sizes(args.sizes):
@@ -379,6 +650,10 @@ def markdown(mode: str, records: list[dict], env: dict) -> str:
     head = f"<!-- {env['command']} | {env.get('device_name')} | torch {env['torch']} | {env['date']} -->"
     if mode == "comm":
         return head + "\n" + comm_markdown(records, env["dtype"].removeprefix("torch.")) + "\n"
+    if mode == "model":
+        return head + "\n" + model_markdown(records)
+    if mode == "auto":
+        return head + "\n" + auto_markdown(records)
     if mode == "flops":
         cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("tflops", "TFLOPs/layer"),
                 ("fraction_of_full", "of full")]
@@ -436,13 +711,13 @@ def save(mode: str, records: list[dict], env: dict, out: Path) -> None:
     write_bytes(out.with_suffix(".json"), json.dumps(dict(mode=mode, environment=env, records=records),
                                                      indent=1).encode())
     write_bytes(out.with_suffix(".md"), markdown(mode, records, env).encode())
-    if mode != "comm":  # bytes, not times: the tables say it all
+    if mode not in ("comm", "auto"):  # bytes, or a table auto reads: the tables say it all
         plot(mode, records, out.with_suffix(".png"))
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["attention", "step", "flops", "comm"])
+    p.add_argument("mode", choices=["attention", "step", "model", "auto", "flops", "comm"])
     p.add_argument("--sizes", default="1024,2048,4096,8192", help="pixels, e.g. 1024,2048x4096")
     p.add_argument("--radii", default="8,16,32")
     p.add_argument("--down-factors", default="1,4")
@@ -465,6 +740,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--ranks", type=int, default=8, help="comm: processes (CPU, gloo), one band of rows each")
     p.add_argument("--text-mode", default="exact", choices=TEXT_MODES, help="comm: text queries' merge (exact or "
                    "the paper's average)")
+    p.add_argument("--model", default=None, help="model: a FLUX pipeline folder (the mini: ckpt/mini); default "
+                   "FLUX-shaped heads (--heads x 128, --num-layers + --num-single-layers blocks, random weights)")
+    p.add_argument("--grids", default="16,32,64,128", help="model/auto: image-token grids, N or HxW")
+    p.add_argument("--train-grids", default="32,64", help="model: grids of the training step (forward + backward)")
+    p.add_argument("--radius", type=float, default=4, help="model: CLEAR's radius in tokens")
+    p.add_argument("--down-factor", type=int, default=1, help="model: CLEAR's down factor")
+    p.add_argument("--shapes", default="4x24:32,4x128:512", help="auto: call shapes HEADSxHEAD_DIM:TEXT")
+    p.add_argument("--max-train-tokens", type=int, default=64 * 64, help="auto: largest grid measured with a backward")
+    p.add_argument("--flex-grids", default="64,128", help="auto, on CPU: the grids where flex (compiled) is measured")
     p.add_argument("--out", required=True, help="output path without suffix; writes .json, .md, .png")
     args = p.parse_args(argv)
 
@@ -474,6 +758,10 @@ def main(argv=None) -> list[dict]:
         records = bench_attention(args, device, dtype)
     elif args.mode == "step":
         records = bench_step(args, device, dtype)
+    elif args.mode == "model":
+        records = bench_model(args, device, dtype)
+    elif args.mode == "auto":
+        records = bench_auto(args, device, dtype)
     elif args.mode == "comm":
         records = bench_comm(args, dtype)
     else:
@@ -481,6 +769,10 @@ def main(argv=None) -> list[dict]:
     env = environment(device)
     env.update(dtype=str(dtype), tile=list(args.tile), kernel_options=args.kernel_options)
     save(args.mode, records, env, Path(args.out))
+    if args.mode == "auto":  # what auto reads (clear.backends.measurements)
+        shipped = backends.MEASURED_DIR / f"{device.type}.json"
+        write_bytes(shipped, json.dumps(dict(environment=env, records=records), indent=1).encode())
+        print(f"auto reads {shipped}")
     print(markdown(args.mode, records, env))
     return records
 

@@ -23,7 +23,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 import clear
 from clear import backends
 from clear.attention import ClearAttention
-from clear.backends import CPU_FLEX_MIN_TOKENS, Backend, Options
+from clear.backends import Backend, Call, Options
 from clear.geometry import BandLayout, TokenLayout, Window, allowed_mask
 from tiny_models import flux_inputs, tiny_flux
 
@@ -77,7 +77,7 @@ def test_grid_plan_equals_oracle(name, case):
     n_k = layout.seq_len + layout.num_pooled(window)
     q, k, v = _qkv(layout.seq_len, n_k, batch, seed=h * w + text)
     scale = 0.3 + radius / 10
-    plan = backends.get(name).grid_plan(layout, window, CPU, Options(tile=tile))
+    plan = backends.get(name).grid_plan(layout, window, CPU, Options(tile=tile, query_tile=tile))
     assert plan.backend == name and plan.layout == layout
     ref, ref_lse = _oracle(q, k, v, _grid_mask(layout, window), scale)
     dense = backends.get("dense").grid_plan(layout, window, CPU).attend(q, k, v, scale)
@@ -88,6 +88,15 @@ def test_grid_plan_equals_oracle(name, case):
     assert out.dtype == lse.dtype == torch.float32 and lse.shape == (batch, layout.seq_len, 3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    if backends.get(name).runs_on("cpu", with_grad=True):  # gradients of q, k, v equal diffusers' attention's
+        grad_out = torch.randn_like(ref)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_grads = torch.autograd.grad(_oracle(*inputs, _grid_mask(layout, window), scale)[0], inputs, grad_out)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        plan = backends.get(name).grid_plan(layout, window, CPU, Options(tile=tile, query_tile=tile), with_grad=True)
+        grads = torch.autograd.grad(plan.attend(*inputs, scale), inputs, grad_out)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _band_cases(n: int, seed: int) -> list[tuple]:
@@ -123,7 +132,7 @@ def test_band_plan_equals_the_grid_oracle_rows(name, case, start, rows):
                       torch.arange(layout.seq_len, layout.seq_len + n_pooled)])
     band = BandLayout(text, rows, w, above, below, n_pooled)
     assert len(keys) == band.num_keys
-    plan = backends.get(name).band_plan(band, window, CPU, Options(tile=tile))
+    plan = backends.get(name).band_plan(band, window, CPU, Options(tile=tile, query_tile=tile))
     assert plan.backend == name and plan.layout == band
     qb, kb, vb = q[:, queries], k[:, keys], v[:, keys]
     torch.testing.assert_close(plan.attend(qb, kb, vb, scale), ref[:, queries], atol=1e-5, rtol=1e-5)
@@ -166,8 +175,11 @@ def test_dense_lse_takes_heads_in_chunks():
 
 
 def test_registry_facts():
-    assert backends.choices() == ("auto", "dense", "flex")
-    assert backends.names() == ("dense", "flex") and backends.REFERENCE == "dense"
+    assert backends.choices() == ("auto", "dense", "flex", "tiled")
+    assert backends.names() == ("dense", "flex", "tiled") and backends.REFERENCE == "dense"
+    tiled = backends.get("tiled")
+    for device in ("cpu", "cuda", "mps"):
+        assert tiled.runs_on(device, with_grad=True)  # SDPA's and index_select's backward
     dense, flex = backends.get("dense"), backends.get("flex")
     for device in ("cpu", "cuda", "mps", "xpu"):
         assert dense.runs_on(device) and dense.runs_on(device, with_grad=True)
@@ -192,19 +204,76 @@ def test_registry_facts():
         backends.TABLE["toy"] = backends.get("dense")
 
 
-def test_auto_rule():
-    r = backends.resolve
-    assert r("dense", "cuda") == "dense" and r("flex", "cpu", with_grad=True) == "flex"  # asked for: as asked
-    assert r("auto", "cuda") == r("auto", "cuda", 16, with_grad=True) == "flex"
-    assert r("auto", "cpu", CPU_FLEX_MIN_TOKENS) == "flex"  # inference on a large grid: the compiled kernel
-    assert r("auto", "cpu", CPU_FLEX_MIN_TOKENS - 1) == "dense"
-    assert r("auto", "cpu", CPU_FLEX_MIN_TOKENS, with_grad=True) == "dense"  # no CPU backward
-    assert r("auto", "cpu") == r("auto", "mps", 10**6) == "dense"
-    assert r("auto", "cuda", windowed=False) == "dense"  # full attention: flex plans windows only
+def _record(image, radius, seconds, with_grad=False, df=1, heads=4, head_dim=24, text=32):
+    return dict(image=image, text=text, radius=radius, down_factor=df, heads=heads, head_dim=head_dim,
+                with_grad=with_grad, seconds=seconds)
+
+
+FAKE_CPU = (
+    _record(16 * 16, 4, {"dense": 0.001, "flex": 0.004, "tiled": 0.002}),
+    _record(64 * 64, 4, {"dense": 0.040, "flex": 0.030, "tiled": 0.010}),
+    _record(64 * 64, 4, {"dense": 0.040, "flex": 0.020, "tiled": 0.030}, head_dim=128, text=512),
+    _record(64 * 64, 4, {"dense": 0.09, "flex": None, "tiled": 0.03}, with_grad=True),
+    _record(64 * 64, 4, {"dense": 0.05, "flex": 0.01, "tiled": 0.06}, df=2),
+    _record(64 * 64, None, {"dense": 0.05, "flex": None, "tiled": None}),
+)
+
+
+def test_auto_rule(monkeypatch):
+    d = backends.decide
+    cpu = lambda image, **kw: Call("cpu", image, **{"text": 32, "radius": 4, "heads": 4, "head_dim": 24, **kw})
+    # a registered name stands for itself; full attention on a windows-only backend: the one fall-back
+    assert d("flex", cpu(4096, with_grad=True)) == ("flex", "as asked")
+    assert d("flex", cpu(4096, radius=None))[0] == d("tiled", cpu(4096, radius=None))[0] == "dense"
+    assert "plans local windows only" in d("flex", cpu(4096, radius=None))[1]
     with pytest.raises(ValueError, match="unknown attention backend"):
-        r("sparse", "cpu")
+        d("sparse", cpu(16))
+    # auto with measurements: the fastest backend of the nearest measured call that can run this one
+    monkeypatch.setattr(backends, "measurements", lambda device: FAKE_CPU if device == "cpu" else ())
+    assert d("auto", cpu(16 * 16))[0] == "dense"
+    assert d("auto", cpu(20 * 20))[0] == "dense"  # nearer 16x16 than 64x64
+    assert d("auto", cpu(64 * 64))[0] == "tiled"
+    assert d("auto", cpu(128 * 128))[0] == "tiled"  # the largest measured grid stands for larger ones
+    assert d("auto", cpu(64 * 64, head_dim=128, text=512))[0] == "flex"  # the head size decides
+    assert d("auto", cpu(64 * 64, with_grad=True))[0] == "tiled"  # only records with a backward
+    assert d("auto", cpu(64 * 64, down_factor=4))[0] == "flex"  # pooled keys: the df > 1 record
+    assert d("auto", cpu(64 * 64, radius=None))[0] == "dense"  # full attention: its own record
+    name, why = d("auto", cpu(64 * 64))
+    assert "nearest" in why and "tiled 10.0 ms" in why and "dense 40.0 ms" in why
+    only_fast = (_record(64 * 64, 4, {"dense": 0.5, "flex": 0.01, "tiled": None}, with_grad=True),)
+    monkeypatch.setattr(backends, "measurements", lambda device: only_fast)
+    assert d("auto", cpu(64 * 64, with_grad=True))[0] == "dense"  # flex has no CPU backward: never picked for it
+    # no measurements for the device: the table's rule (flex on CUDA, the reference elsewhere)
+    assert d("auto", Call("cuda", 16, radius=4, with_grad=True))[0] == "flex"
+    assert d("auto", Call("cuda", 16, radius=None))[0] == "dense"
+    assert d("auto", Call("mps", 10**6, radius=4))[0] == "dense"
     core = ClearAttention(None, backend="flex")  # full attention runs the reference backend, whatever was asked
     assert core.layout_plan(TokenLayout(3, 4, 4), CPU, False).backend == "dense"
+
+
+def test_shipped_cpu_measurements_drive_auto():
+    """The shipped CPU measurements cover the mini model's and FLUX-shaped calls, inference and training; auto
+    picks each record's fastest backend for that very call."""
+    records = backends.measurements("cpu")
+    assert records, "clear/backends/measured/cpu.json is missing: run scripts/benchmark.py auto"
+    assert {(r["heads"], r["head_dim"]) for r in records} >= {(4, 24), (4, 128)}
+    assert {r["with_grad"] for r in records} == {False, True} and {r["down_factor"] > 1 for r in records} == {False, True}
+    for r in records:
+        call = Call("cpu", r["image"], r["text"], r["radius"], r["down_factor"], r["heads"], r["head_dim"],
+                    r["with_grad"])
+        runnable = {n: t for n, t in r["seconds"].items() if t is not None and backends.get(n).runs_on("cpu", r["with_grad"])}
+        assert backends.decide("auto", call)[0] == min(runnable, key=runnable.get)
+
+
+def test_auto_logs_its_choice_once_per_layout(caplog):
+    core = ClearAttention(4, backend="auto")
+    core.heads, core.head_dim = 4, 24
+    layout = TokenLayout(32, 8, 8)
+    with caplog.at_level("INFO", logger="clear.attention"):
+        for _ in range(3):
+            core.layout_plan(layout, CPU, False)
+    lines = [r.getMessage() for r in caplog.records if "CLEAR attention" in r.getMessage()]
+    assert len(lines) == 1 and "4 heads x 24, 8x8 image + 32 text tokens, r=4, df=1, inference" in lines[0]
 
 
 def test_registry_imports_no_torch():
@@ -212,7 +281,7 @@ def test_registry_imports_no_torch():
     code = "import sys, clear.backends as b; print(b.choices()); print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split("\n")[:2] == ["('auto', 'dense', 'flex')", "False"]
+    assert run.stdout.split("\n")[:2] == ["('auto', 'dense', 'flex', 'tiled')", "False"]
 
 
 def test_flex_backward_on_cpu_fails_before_any_work_with_the_fix():
@@ -307,8 +376,8 @@ def toy_backend(tmp_path, monkeypatch):
 
 
 def test_a_third_backend_is_one_file(toy_backend, tmp_path):
-    assert backends.choices() == ("auto", "dense", "flex", "toy")
-    assert backends.resolve("auto", "cpu", 10**6) == "flex"  # listed last, no auto entry: never auto's pick
+    assert backends.choices() == ("auto", "dense", "flex", "tiled", "toy")
+    assert backends.resolve("auto", "mps", 10**6) == "dense"  # listed last, no auto entry: never auto's pick
     # ClearAttention on a grid, with pooled tokens
     layout, g = TokenLayout(5, 6, 8), torch.Generator().manual_seed(0)
     q, k, v = _qkv(layout.seq_len, layout.seq_len, seed=4)

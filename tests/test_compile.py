@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import clear
-from clear.attention import CPU_FLEX_MIN_TOKENS
+from clear import backends
 from clear.geometry import TokenLayout
 from tiny_models import flux_inputs, sd3_inputs, tiny_flux, tiny_flux_controlnet, tiny_sd3
 
@@ -84,6 +84,7 @@ MATRIX = [
     ("sd3", "dense", "full", 1), ("sd3", "flex", "full", 2), ("sd3", "flex", "regional", 1),
     ("sd3", "dense", "regional", 2),
     ("flux", "flex", "inplace", 2),  # model.compile(): hooks run outside the compiled frame as well
+    ("flux", "tiled", "full", 2), ("controlnet", "tiled", "regional", 1), ("sd3", "tiled", "full", 1),
 ]
 
 
@@ -125,7 +126,8 @@ def test_inductor_compiles_flex_inside_the_compiled_model():
 
 
 @pytest.mark.parametrize("family,backend,df", [("flux", "dense", 1), ("flux", "flex", 2), ("controlnet", "dense", 2),
-                                               ("controlnet", "flex", 1), ("sd3", "dense", 1), ("sd3", "flex", 2)])
+                                               ("controlnet", "flex", 1), ("sd3", "dense", 1), ("sd3", "flex", 2),
+                                               ("flux", "tiled", 2), ("sd3", "tiled", 1)])
 def test_explain_reports_one_graph_and_no_break(family, backend, df):
     model = family_model(family)
     clear.apply_clear(model, radius=2, down_factor=df, backend=backend)
@@ -176,15 +178,20 @@ def test_processor_before_any_forward_fails_loudly():
         attn(torch.randn(1, 24, 32), encoder_hidden_states=torch.randn(1, 7, 32))
 
 
-def test_auto_backend_rule_on_cpu():
-    """auto: dense for training and small grids; flex (compiled kernel) for inference on large grids."""
-    core = clear.ClearAttention(8, backend="auto")
-    cpu = torch.device("cpu")
-    side = int(CPU_FLEX_MIN_TOKENS**0.5)
-    big, small = TokenLayout(16, side, side), TokenLayout(16, side, side - 1)
-    assert core.resolve_backend(cpu, big, with_grad=False) == "flex"
-    assert core.resolve_backend(cpu, big, with_grad=True) == "dense"
-    assert core.resolve_backend(cpu, small, with_grad=False) == "dense"
-    assert core.resolve_backend(cpu) == "dense"
-    assert clear.ClearAttention(None, backend="auto").layout_plan(big, cpu, False).backend == "dense"
-    assert core.resolve_backend(torch.device("cuda"), small, with_grad=True) == "flex"
+def test_auto_decides_from_the_models_own_call_shape(monkeypatch):
+    """apply_clear reads the model's heads and head size; the hook's plans run what clear.backends.decide says for
+    that call (shipped measurements replaced by two records that differ only in head size)."""
+    seconds = {24: {"dense": 0.2, "flex": None, "tiled": 0.1}, 16: {"dense": 0.1, "flex": None, "tiled": 0.2}}
+    recs = tuple(dict(image=24, text=7, radius=2.0, down_factor=1, heads=2, head_dim=d, with_grad=False, seconds=t)
+                 for d, t in seconds.items())
+    monkeypatch.setattr(backends, "measurements", lambda device: recs if device == "cpu" else ())
+    model = family_model("flux")  # 2 heads x 16
+    core = clear.apply_clear(model, radius=2, backend="auto")
+    assert (core.heads, core.head_dim) == (2, 16)
+    run(model, family_inputs("flux", GRID_A))
+    assert {p.backend for p in model.clear_state.plans.values()} == {"dense"}
+    core.head_dim = 24
+    run(model, family_inputs("flux", GRID_B))
+    assert {p.backend for p in model.clear_state.plans.values()} == {"tiled"}
+    assert clear.ClearAttention(None, backend="auto").layout_plan(TokenLayout(16, 4, 6), torch.device("cpu"),
+                                                                  False).backend == "dense"

@@ -184,7 +184,10 @@ def test_gradients_reach_attention_parameters_and_spatial_weight(flux):
         assert p.grad is not None and p.grad.abs().sum() > 0, key
 
 
-def test_auto_backend_is_dense_on_cpu_and_backward_works(flux):
+def test_auto_backend_without_measurements_is_flex_on_cuda_and_dense_elsewhere(flux, monkeypatch):
+    from clear import backends
+
+    monkeypatch.setattr(backends, "measurements", lambda device: ())
     core = clear.apply_clear(flux, radius=2)
     assert core.resolve_backend(torch.device("cpu")) == "dense"
     assert core.resolve_backend(torch.device("cuda")) == "flex"

@@ -13,7 +13,7 @@ Steps, in order (every one resumable: re-run the same command after an interrupt
 2. ``scripts/generate_data.py``: the teacher draws its training set from the training captions;
 3. ``scripts/cache_prompt_embeds.py`` and ``scripts/cache_latent_codes.py``;
 4. ``scripts/distill.py`` under ``accelerate launch --config_file configs/cpu.yaml``: CLEAR r=4, and
-   r=4 with down-sampled keys and values (df=2), dense backend (FlexAttention has no CPU backward);
+   r=4 with down-sampled keys and values (df=2), backend ``auto`` (the fastest measured one with a backward);
 5. the fastest inference backend per variant and size (:func:`clear.mini.measure.pick_backend`);
 6. ``scripts/generate_eval_set.py``: every variant on the held-out prompts and seeds, at the
    training size and at 2x per side;
@@ -268,7 +268,7 @@ def distill(s: Settings, log: Log, variant: Variant, steps: int) -> Path:
         return weights
     log.launch([str(_script("distill")), "--pretrained_model_name_or_path", s.model, "--data_root",
                 str(s.work / "data"), "--use_cached_prompt_embed", "--use_cached_latent", "--resolution", str(s.size),
-                "--radius", str(variant.radius), "--down_factor", str(variant.down_factor), "--attn_backend", "dense",
+                "--radius", str(variant.radius), "--down_factor", str(variant.down_factor), "--attn_backend", "auto",
                 "--max_sequence_length", str(s.max_sequence_length), "--train_batch_size", str(s.distill_batch),
                 "--max_train_steps", str(steps), "--learning_rate", str(s.learning_rate),
                 "--lr_scheduler", "cosine", "--lr_warmup_steps", str(s.lr_warmup_steps),
