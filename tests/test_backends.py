@@ -169,6 +169,24 @@ def test_dense_lse_takes_heads_in_chunks():
     torch.testing.assert_close(whole[1], _oracle(q, k, v, mask, 0.5)[1], atol=1e-5, rtol=1e-5)
 
 
+def test_tiled_runs_many_tiles_in_chunks_and_chunks_change_nothing(monkeypatch):
+    """The tiled backend bounds its gathered keys by taking tiles in chunks (long text x many tiles at high
+    resolution); interior tiles share one mask, border tiles carry their own."""
+    from clear.backends import tiled
+
+    layout, window = TokenLayout(5, 13, 11), Window(2.5)
+    q, k, v = _qkv(layout.seq_len, layout.seq_len, seed=3)
+    plan = backends.get("tiled").grid_plan(layout, window, CPU, Options(query_tile=(4, 4)))
+    interior, border = plan.groups
+    assert interior.bias.shape[0] == 1 and border.bias.shape[0] == border.q_idx.shape[0]
+    assert interior.q_idx.shape[0] + border.q_idx.shape[0] == 4 * 3  # ceil(13/4) x ceil(11/4) tiles
+    whole = plan.attend(q, k, v, 0.3)
+    monkeypatch.setattr(tiled, "MAX_GATHERED", 2 * 3 * 8 * interior.kv_idx.shape[1])  # two tiles a chunk
+    torch.testing.assert_close(plan.attend(q, k, v, 0.3), whole, atol=0, rtol=0)
+    dense = backends.get("dense").grid_plan(layout, window, CPU).attend(q, k, v, 0.3)
+    torch.testing.assert_close(whole, dense, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # The registry
 # ------------------------------------------------------------------------------------------

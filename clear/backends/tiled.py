@@ -35,6 +35,8 @@ from . import dense
 
 # Logits materialised at once by the log-sum-exp path (tiles are taken in chunks below it).
 MAX_LOGITS = 2**26
+# Elements of gathered keys (as many of values) held at once by a forward; more tiles run in chunks.
+MAX_GATHERED = 2**27
 
 
 def reach(window: Window) -> int:
@@ -105,6 +107,12 @@ def _attend_group(query, key, value, g: _Group, scale: float, return_lse: bool):
         x = x.index_select(1, idx.reshape(-1)).reshape(b, n, length, heads, d)
         return x.permute(1, 0, 3, 2, 4).reshape(n, b * heads, length, d)
 
+    chunk = max(1, MAX_GATHERED // max(1, b * heads * tk * d))  # tiles whose keys are gathered at once
+    if not return_lse and n > chunk:  # bound the gathered copies (many tiles x long text at high resolution)
+        parts = [_attend_group(query, key, value, _Group(g.q_idx[i : i + chunk], g.kv_idx[i : i + chunk],
+                                                         g.bias if g.bias.shape[0] == 1 else g.bias[i : i + chunk]),
+                               scale, False) for i in range(0, n, chunk)]
+        return torch.cat(parts, 1)
     q, k, v = gather(query, g.q_idx, tq), gather(key, g.kv_idx, tk), gather(value, g.kv_idx, tk)
     if not return_lse:
         bias = g.bias if g.bias.dtype == q.dtype else g.bias.to(q.dtype)
