@@ -349,9 +349,14 @@ def model_variants(base, args) -> dict:
 
     from diffusers.models.transformers import transformer_flux
 
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(wanted) - {"full", "floor", *backends.choices()})
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from full, floor, {', '.join(backends.choices())}")
     out = {"full": (base, contextlib.nullcontext),
            "floor": (base, lambda: mock.patch.object(transformer_flux, "dispatch_attention_fn", _no_attention))}
-    for name in ("auto", *backends.names()):
+    out = {k: v for k, v in out.items() if k in wanted or k == "full"}  # full: the speed-ups' reference
+    for name in [n for n in ("auto", *backends.names()) if n in wanted]:
         m = copy.deepcopy(base)
         core = clear.apply_clear(m, args.radius, args.down_factor, backend=name, tile=args.tile)
         if name == "flex":
@@ -390,11 +395,9 @@ def bench_model(args, device, dtype) -> list[dict]:
             fns[name] = fn
         rec_of = {}
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
             rec = dict(grid=f"{h}x{w}", tokens=h * w, text_len=text, step="train" if train else "forward",
-                       variant=name, radius=args.radius, down_factor=args.down_factor, first_call_s=None)
-            rec["first_call_s"] = time.perf_counter() - t0
+                       variant=name, radius=args.radius, down_factor=args.down_factor)
+            rec["first_call_s"] = Timer(device, 0, 1).once(fn)  # plans, compilation
             model = variants_[name][0]
             state = getattr(model, "clear_state", None)
             if state is not None and state.plans:
@@ -404,11 +407,10 @@ def bench_model(args, device, dtype) -> list[dict]:
         for _ in range(args.warmup):
             for fn in fns.values():
                 fn()
+        timer = Timer(device, 0, 1)
         for _ in range(args.repeats):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timer.once(fn))
         peak = PeakRSS()
         for name, fn in fns.items():
             rec = rec_of[name]
@@ -509,11 +511,10 @@ def bench_auto(args, device, dtype) -> list[dict]:
         with torch.set_grad_enabled(grad):
             for fn in fns.values():
                 fn()
+            timer = Timer(device, 0, 1)
             for _ in range(args.repeats):
                 for name, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(timer.once(fn))
         # the least of the alternating repeats: the call's own cost, least disturbed by other work on the machine
         seconds = {name: (min(times[name]) if name in times else None) for name in backends.names()}
         records.append(dict(heads=heads, head_dim=dim, text=text, image=h * w, grid=f"{h}x{w}", radius=radius,
@@ -749,6 +750,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--shapes", default="4x24:32,4x128:512", help="auto: call shapes HEADSxHEAD_DIM:TEXT")
     p.add_argument("--max-train-tokens", type=int, default=64 * 64, help="auto: largest grid measured with a backward")
     p.add_argument("--flex-grids", default="64,128", help="auto, on CPU: the grids where flex (compiled) is measured")
+    p.add_argument("--ship", action="store_true", help="auto: also write clear/backends/measured/<device>.json, "
+                   "which backend='auto' reads")
+    p.add_argument("--variants", default="full,floor,auto," + ",".join(backends.names()),
+                   help="model: full (no CLEAR), floor (attention returns V), auto and CLEAR backends")
     p.add_argument("--out", required=True, help="output path without suffix; writes .json, .md, .png")
     args = p.parse_args(argv)
 
@@ -769,7 +774,7 @@ def main(argv=None) -> list[dict]:
     env = environment(device)
     env.update(dtype=str(dtype), tile=list(args.tile), kernel_options=args.kernel_options)
     save(args.mode, records, env, Path(args.out))
-    if args.mode == "auto":  # what auto reads (clear.backends.measurements)
+    if args.mode == "auto" and args.ship:  # what auto reads (clear.backends.measurements)
         shipped = backends.MEASURED_DIR / f"{device.type}.json"
         write_bytes(shipped, json.dumps(dict(environment=env, records=records), indent=1).encode())
         print(f"auto reads {shipped}")

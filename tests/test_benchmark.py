@@ -51,6 +51,45 @@ def test_step_benchmark_smoke(tmp_path):
     assert data["records"][0]["speedup_vs_dense"] == 1.0
 
 
+def test_model_benchmark_smoke(tmp_path):
+    """A whole FLUX model per grid: full attention, the floor (attention returns V), CLEAR backends and auto, for a
+    forward and a training step; speed-ups against full attention; peak RSS read."""
+    out = tmp_path / "model"
+    records = benchmark.main(["model", "--heads", "2", "--num-layers", "1", "--num-single-layers", "1", "--grids",
+                              "8", "--train-grids", "6x4", "--radius", "2", "--text-len", "8", "--variants",
+                              "full,floor,auto,dense,tiled", "--warmup", "0", "--repeats", "1", "--out", str(out)])
+    data = _outputs(out)
+    assert [(r["grid"], r["step"], r["variant"]) for r in records] == [
+        ("8x8", "forward", v) for v in ("full", "floor", "clear:auto", "clear:dense", "clear:tiled")] + [
+        ("6x4", "train", v) for v in ("full", "clear:auto", "clear:dense", "clear:tiled")]
+    by = {(r["step"], r["variant"]): r for r in data["records"]}
+    assert by[("forward", "full")]["speedup_vs_full"] == 1.0 and "backend" not in by[("forward", "full")]
+    assert by[("forward", "clear:tiled")]["backend"] == "tiled" and by[("train", "clear:dense")]["backend"] == "dense"
+    assert all(r["time_s"] > 0 and r["first_call_s"] > 0 for r in records)
+    assert "s per training step" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="--variants: unknown"):
+        benchmark.main(["model", "--variants", "full,sparse", "--out", str(tmp_path / "x")])
+
+
+def test_auto_benchmark_measures_every_backend_that_can_run_and_ships_only_when_asked(tmp_path):
+    out = tmp_path / "auto"
+    shipped = clear.backends.MEASURED_DIR / "cpu.json"
+    before = shipped.read_bytes() if shipped.exists() else None
+    records = benchmark.main(["auto", "--shapes", "2x8:3", "--grids", "6", "--radii", "2", "--down-factors", "1,2",
+                              "--flex-grids", "", "--repeats", "1", "--out", str(out)])
+    assert (shipped.read_bytes() if shipped.exists() else None) == before  # no --ship: auto's file untouched
+    by = {(r["radius"], r["down_factor"], r["with_grad"]): r for r in records}
+    assert set(by) == {(None, 1, False), (None, 1, True), (2.0, 1, False), (2.0, 1, True), (2.0, 2, False),
+                       (2.0, 2, True)}
+    assert all(r["seconds"]["flex"] is None for r in records)  # on CPU only on --flex-grids (each compiles)
+    assert by[(None, 1, False)]["seconds"]["tiled"] is None  # windows only
+    assert all(by[(2.0, df, grad)]["seconds"][n] > 0 for n in ("dense", "tiled") for df in (1, 2)
+               for grad in (False, True))
+    for r in records:
+        assert r["fastest"] == min((n for n, t in r["seconds"].items() if t is not None), key=r["seconds"].get)
+    assert json.loads(out.with_suffix(".json").read_text())["records"] == records
+
+
 def test_flops_table_and_size_validation(tmp_path):
     records = benchmark.main(["flops", "--sizes", "1024,8192", "--radii", "8,16", "--down-factors", "1",
                               "--out", str(tmp_path / "f")])
