@@ -475,13 +475,17 @@ def bench_auto(args, device, dtype) -> list[dict]:
     """Seconds of one attention call (``with_grad``: forward + backward) on every backend that can run it, per
     call shape, grid, radius, down factor; the backends alternate. ``auto`` reads the result
     (:func:`clear.backends.decide`)."""
-    records = []
+    partial = Path(args.out).with_suffix(".partial.json")  # a run that stops resumes from its finished records
+    records = json.loads(partial.read_text())["records"] if partial.exists() else []
+    done = {(r["heads"], r["head_dim"], r["text"], r["grid"], r["radius"], r["down_factor"], r["with_grad"])
+            for r in records}
     jobs = [(shape, grid, radius, df, grad)
             for shape in parse_shapes(args.shapes) for grid in parse_grids(args.grids)
             for radius in [None] + [float(r) for r in args.radii.split(",")]
             for df in ([1] if radius is None else [int(d) for d in args.down_factors.split(",")])
             for grad in (False, True)
             if not (grad and grid[0] * grid[1] > args.max_train_tokens) and not (df > 1 and grid[0] % df)]
+    jobs = [j for j in jobs if (*j[0], f"{j[1][0]}x{j[1][1]}", j[2], j[3], j[4]) not in done]
     for (heads, dim, text), (h, w), radius, df, grad in tqdm(jobs, desc="auto"):
         layout = TokenLayout(text, h, w)
         window = Window(radius, df)
@@ -520,6 +524,8 @@ def bench_auto(args, device, dtype) -> list[dict]:
         records.append(dict(heads=heads, head_dim=dim, text=text, image=h * w, grid=f"{h}x{w}", radius=radius,
                             down_factor=df, with_grad=grad, seconds=seconds,
                             fastest=min((n for n in seconds if seconds[n] is not None), key=lambda n: seconds[n])))
+        write_bytes(partial, json.dumps(dict(records=records)).encode())
+    partial.unlink(missing_ok=True)
     return records
 
 

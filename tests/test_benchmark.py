@@ -88,6 +88,13 @@ def test_auto_benchmark_measures_every_backend_that_can_run_and_ships_only_when_
     for r in records:
         assert r["fastest"] == min((n for n, t in r["seconds"].items() if t is not None), key=r["seconds"].get)
     assert json.loads(out.with_suffix(".json").read_text())["records"] == records
+    assert not out.with_suffix(".partial.json").exists()
+    # a run that stopped resumes: its finished records are kept, not measured again
+    kept = dict(by[(None, 1, False)], seconds={"dense": 123.0, "flex": None, "tiled": None}, fastest="dense")
+    out.with_suffix(".partial.json").write_text(json.dumps(dict(records=[kept])))
+    again = benchmark.main(["auto", "--shapes", "2x8:3", "--grids", "6", "--radii", "2", "--down-factors", "1",
+                            "--flex-grids", "", "--repeats", "1", "--out", str(out)])
+    assert again[0] == kept and len(again) == 4
 
 
 def test_flops_table_and_size_validation(tmp_path):
