@@ -25,7 +25,9 @@ from .families import family_of_checkpoint
 logger = logging.getLogger(__name__)
 
 HUB_REPO = "Huage001/CLEAR"
-_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# FLUX.2's single-stream blocks fuse q, k, v with the MLP input (to_qkv_mlp_proj) and attention with the MLP output
+# (to_out, a Linear there; a ModuleList, without parameters of its own, everywhere else)
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "to_out")
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,62 @@ def tiny_flux_controlnet_pipeline(seed: int = 0):
     base = tiny_flux_pipeline(seed)
     cn = tiny_flux_controlnet(seed + 1, guidance_embeds=True)
     return FluxControlNetPipeline(controlnet=cn, **base.components)
+
+
+# ------------------------------------------------------------------------------------------
+# FLUX.2 (Flux2Transformer2DModel): 2 heads x 16, 4 RoPE axes; its pipeline without a text encoder
+# ------------------------------------------------------------------------------------------
+
+FLUX2_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32,
+                    axes_dims_rope=(4, 4, 4, 4))
+
+
+def tiny_flux2(seed: int = 0, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(**{**FLUX2_CONFIG, **overrides}).eval()
+
+
+def flux2_inputs(height: int, width: int, text_len: int = 7, batch: int = 2, seed: int = 0, references=(),
+                 guidance: bool = True) -> dict:
+    """Flux2Pipeline's transformer inputs for a ``height x width`` token grid, with reference images of the
+    given token grids after it (t = 10, 20, ...)."""
+    from diffusers import Flux2Pipeline
+
+    g = torch.Generator().manual_seed(seed)
+    c = FLUX2_CONFIG["in_channels"]
+    latents = torch.randn(batch, c, height, width, generator=g)
+    text = torch.randn(batch, text_len, FLUX2_CONFIG["joint_attention_dim"], generator=g)
+    hidden, ids = Flux2Pipeline._pack_latents(latents), Flux2Pipeline._prepare_latent_ids(latents)
+    if references:
+        refs = [torch.randn(1, c, h, w, generator=g) for h, w in references]
+        hidden = torch.cat([hidden, torch.cat([Flux2Pipeline._pack_latents(r) for r in refs], 1).expand(batch, -1, -1)],
+                           1)
+        ids = torch.cat([ids, Flux2Pipeline._prepare_image_ids(refs).expand(batch, -1, -1)], 1)
+    x = dict(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.rand(batch, generator=g),
+             txt_ids=Flux2Pipeline._prepare_text_ids(text), img_ids=ids, return_dict=False)
+    if guidance:
+        x["guidance"] = torch.full((batch,), 4.0)
+    return x
+
+
+def tiny_flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                              layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                              use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """Flux2Pipeline around a tiny FLUX.2 transformer and VAE (4 pixels per token: VAE factor 2 x 2x2 patches);
+    no text encoder (prompts go in as ``prompt_embeds``: a tiny Mistral 3 needs a processor from the Hub)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    torch.manual_seed(seed)
+    vae = tiny_flux2_vae()
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                         transformer=tiny_flux2(seed))

@@ -150,6 +150,12 @@ class ModelFamily:
         """The text length of each attention layout of a forward (one per kind of attention call)."""
         raise NotImplementedError
 
+    def arrangement(self, bound: inspect.BoundArguments, grid: tuple[int, int]):
+        """A :class:`clear.processors.Arrangement` when this forward's joint sequence is not CLEAR's layout as
+        it is (reference-image tokens after the image, padded text tokens), else ``None`` (the default): then
+        :meth:`text_lens` gives the layouts. A family whose processor calls ``_attend`` overrides it."""
+        return None
+
     # -- training ------------------------------------------------------------------------
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
