@@ -31,6 +31,7 @@ import torch
 
 from . import backends
 from .backends import CPU_FLEX_MIN_TOKENS, Options
+from .backends import dense as reference_backend  # backends.REFERENCE, imported here: compiled code cannot import
 from .geometry import BandLayout, TokenLayout, Window
 
 __all__ = ["ClearAttention", "pool_tokens", "CPU_FLEX_MIN_TOKENS", "PROPORTIONAL"]
@@ -150,11 +151,11 @@ class ClearAttention:
         """Attention of queries that are not tokens of ``layout`` but follow its text rule: every key of the
         layout (``key/value`` ``[B, layout.seq_len, heads, D]`` in the layout's order), no pooled key; the scale
         of the layout. These are padded text tokens (Qwen-Image), which no query sees as keys but which still
-        query. Unmasked attention, so the reference backend's serves every backend."""
+        query. Unmasked attention, so the reference backend's (``dense``) serves every backend."""
         if key.shape[1] != layout.seq_len:
             raise ValueError(f"text queries got {key.shape[1]} keys but the layout {layout} has {layout.seq_len}")
         scale = self.scale(layout, query.shape[-1])
-        return backends.get(backends.REFERENCE).attend(query, key, value, scale)
+        return reference_backend.attend(query, key, value, scale)
 
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,

@@ -223,3 +223,52 @@ def tiny_flux2_pipeline(seed: int = 0):
     vae = tiny_flux2_vae()
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                          transformer=tiny_flux2(seed))
+
+
+# ------------------------------------------------------------------------------------------
+# Qwen-Image (QwenImageTransformer2DModel): 2 heads x 16; its pipeline without a text encoder
+# ------------------------------------------------------------------------------------------
+
+QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def tiny_qwenimage(seed: int = 0, **overrides):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(**{**QWEN_CONFIG, **overrides}).eval()
+
+
+def qwenimage_inputs(height: int, width: int, text_len: int = 7, batch: int = 2, seed: int = 0, valid=None,
+                     references=()) -> dict:
+    """QwenImagePipeline's transformer inputs for a ``height x width`` token grid; ``valid``: the number of
+    valid text tokens of each row (the rest padded, ``encoder_hidden_states_mask`` 0), None = no mask;
+    ``references``: token grids of the edit pipelines' input pictures, after the image."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, height, width), *((1, h, w) for h, w in references)]
+    tokens = sum(h * w for _, h, w in shapes)
+    x = dict(hidden_states=torch.randn(batch, tokens, QWEN_CONFIG["in_channels"], generator=g),
+             encoder_hidden_states=torch.randn(batch, text_len, QWEN_CONFIG["joint_attention_dim"], generator=g),
+             timestep=torch.rand(batch, generator=g), img_shapes=[shapes] * batch, return_dict=False)
+    if valid is not None:
+        x["encoder_hidden_states_mask"] = (torch.arange(text_len)[None, :] < torch.tensor(valid)[:, None]).long()
+    return x
+
+
+def tiny_qwenimage_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """QwenImagePipeline around a tiny Qwen-Image transformer and VAE (4 pixels per token: VAE factor 2 x 2x2
+    packing); no text encoder (prompts go in as ``prompt_embeds`` with ``prompt_embeds_mask``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    torch.manual_seed(seed)
+    vae = tiny_qwenimage_vae()
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=tiny_qwenimage(seed))
