@@ -39,6 +39,21 @@ class ModelSpec:
     guidance: float
     max_sequence_length: int  # T5 tokens
     training_tokens: int  # L0
+    # the released size, for FLOPs (clear.attention_flops, scripts/benchmark.py flops --model): channels of one
+    # attention call (heads x head_dim) and attention layers of one forward; None where not recorded
+    width: int | None = None
+    layers: int | None = None
+
+    def attention_flops(self, height: int, width: int, radius: float | None, down_factor: int = 1,
+                        text_len: int | None = None) -> int:
+        """Attention FLOPs of one forward (every attention layer) at a ``height x width`` token grid, with
+        this model's width and ``text_len`` text tokens (default: its ``max_sequence_length``)."""
+        from ..geometry import attention_flops
+
+        if self.width is None or self.layers is None:
+            raise ValueError(f"{self.name}: no width / layer count recorded for FLOPs")
+        text = self.max_sequence_length if text_len is None else text_len
+        return self.layers * attention_flops(height, width, radius, text, down_factor, self.width)
 
     def defaults(self) -> dict:
         """``steps``, ``guidance`` and ``max_sequence_length`` as a dict (``clear.inference.default_settings``)."""

@@ -182,12 +182,13 @@ class Flux2Family(ModelFamily):
 
 
 # The released models, most specific first. L0 = 64x64 image tokens at 1024^2 (16 pixels per token) + 512
-# text tokens, as FLUX.1's. Sampling settings: Flux2Pipeline's / Flux2KleinPipeline's defaults (the model cards';
+# text tokens, as FLUX.1's. FLOPs sizes: FLUX.2-dev is Flux2Transformer2DModel's default config (8 + 48 blocks,
+# 48 heads x 128); klein's sizes differ by checkpoint and are not recorded. Sampling settings: Flux2Pipeline's / Flux2KleinPipeline's defaults (the model cards';
 # the step-distilled klein checkpoints take steps=4, guidance=1).
 FLUX2_TRAINING_TOKENS = 64 * 64 + 512
 SPECS = (
     ModelSpec("FLUX.2-dev", lambda c: bool(c.get("guidance_embeds")), steps=50, guidance=4.0,
-              max_sequence_length=512, training_tokens=FLUX2_TRAINING_TOKENS),
+              max_sequence_length=512, training_tokens=FLUX2_TRAINING_TOKENS, width=48 * 128, layers=8 + 48),
     ModelSpec("FLUX.2-klein", lambda c: True, steps=50, guidance=4.0, max_sequence_length=512,
               training_tokens=FLUX2_TRAINING_TOKENS),
 )

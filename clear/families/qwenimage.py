@@ -167,9 +167,9 @@ class QwenImageFamily(ModelFamily):
 QWEN_TRAINING_TOKENS = 83 * 83 + 512
 SPECS = (
     ModelSpec("Qwen-Image-Edit-2511", lambda c: bool(c.get("zero_cond_t")), steps=40, guidance=4.0,
-              max_sequence_length=512, training_tokens=QWEN_TRAINING_TOKENS),
+              max_sequence_length=512, training_tokens=QWEN_TRAINING_TOKENS, width=24 * 128, layers=60),
     ModelSpec("Qwen-Image", lambda c: True, steps=50, guidance=4.0, max_sequence_length=512,
-              training_tokens=QWEN_TRAINING_TOKENS),
+              training_tokens=QWEN_TRAINING_TOKENS, width=24 * 128, layers=60),
 )
 
 FAMILY = QwenImageFamily(
