@@ -177,3 +177,13 @@ def test_compiles_fullgraph_without_graph_breaks(backend, df, references):
     torch.testing.assert_close(run(compiled, x), want, atol=1e-5, rtol=1e-5)
     assert cnt.frame_count == 1 and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_patch_parallelism_refuses_flux2_before_anything_starts():
+    from clear.parallel import parallelize
+
+    model = tiny_flux2()
+    clear.apply_clear(model, radius=2)
+    with pytest.raises(TypeError, match=r"supports FluxTransformer2DModel, not Flux2Transformer2DModel \(model family "
+                                        r"flux2\).*run this model in one process"):
+        parallelize(model)

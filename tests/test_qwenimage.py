@@ -194,3 +194,12 @@ def test_compiles_fullgraph_without_graph_breaks(backend, df, valid):
     torch.testing.assert_close(run(compiled, x), want, atol=1e-5, rtol=1e-5)
     assert cnt.frame_count == 1 and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_patch_parallelism_refuses_qwenimage_before_anything_starts():
+    from clear.parallel import parallelize
+
+    model = tiny_qwenimage()
+    clear.apply_clear(model, radius=2)
+    with pytest.raises(TypeError, match=r"not QwenImageTransformer2DModel \(model family qwenimage\)"):
+        parallelize(model)
