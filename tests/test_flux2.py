@@ -187,3 +187,17 @@ def test_patch_parallelism_refuses_flux2_before_anything_starts():
     with pytest.raises(TypeError, match=r"supports FluxTransformer2DModel, not Flux2Transformer2DModel \(model family "
                                         r"flux2\).*run this model in one process"):
         parallelize(model)
+
+
+def test_training_scripts_refuse_flux2_and_say_what_works(tmp_path):
+    from clear.data import PROMPT_EMBEDS
+    from clear.encoders import plan_cache
+    from scripts_loader import load_script
+
+    tiny_flux2_pipeline().save_pretrained(tmp_path / "pipe")
+    with pytest.raises(SystemExit, match="scripts/distill.py: training data are read for FLUX.1 and SD3 only.*flux2 models "
+                                         r"\(Flux2Transformer2DModel\).*clear.distill.distill_losses"):
+        load_script("distill").main(["--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--data_root",
+                                     str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(NotImplementedError, match="the cache scripts: training data are read for FLUX.1 and SD3 only"):
+        plan_cache(PROMPT_EMBEDS, str(tmp_path / "pipe"), tmp_path / "data")

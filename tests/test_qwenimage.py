@@ -203,3 +203,30 @@ def test_patch_parallelism_refuses_qwenimage_before_anything_starts():
     clear.apply_clear(model, radius=2)
     with pytest.raises(TypeError, match=r"not QwenImageTransformer2DModel \(model family qwenimage\)"):
         parallelize(model)
+
+
+def test_inference_samples_with_true_classifier_free_guidance(tmp_path):
+    """clear.inference.generate on a Qwen-Image pipeline: the spec's guidance is true CFG (true_cfg_scale and the
+    empty negative prompt " ", unless the call brings its own negative), the image is the pipeline's own with it."""
+    import numpy as np
+    from clear import inference as inf
+
+    family = get_family("qwenimage")
+    assert family.guidance_kwargs(4.0) == {"true_cfg_scale": 4.0, "negative_prompt": " "}
+    assert family.guidance_kwargs(1.0) == {"true_cfg_scale": 1.0}
+    assert family.guidance_kwargs(4.0, {"negative_prompt_embeds": 0}) == {"true_cfg_scale": 4.0}
+    pipe = tiny_qwenimage_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    inf.apply_to_pipeline(pipe, radius=2, backend="dense")
+    assert inf.default_settings(pipe) == dict(steps=50, guidance=4.0, max_sequence_length=512)
+    g = torch.Generator().manual_seed(0)
+    text = dict(prompt_embeds=torch.randn(1, 6, 32, generator=g), prompt_embeds_mask=torch.tensor([[1, 1, 1, 0, 0, 0]]),
+                negative_prompt_embeds=torch.randn(1, 6, 32, generator=g))
+    got = inf.generate(pipe, None, 32, 32, steps=2, **text)
+    assert got.settings["guidance"] == 4.0 and got.settings["radius"] == 2
+    want = pipe(**text, true_cfg_scale=4.0, height=32, width=32, num_inference_steps=2, max_sequence_length=512,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    without = pipe(**text, true_cfg_scale=1.0, height=32, width=32, num_inference_steps=2, max_sequence_length=512,
+                   generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    got = np.asarray(got.image, dtype=np.float32) / 255
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6 < np.abs(got - without).max()

@@ -82,6 +82,9 @@ class ModelFamily:
     # (NTK scaling applies), whether CLEAR weights are released, a Hub id for messages
     pipelines: tuple[str, ...] = ()
     img2img_class: str = ""
+    # training from data (scripts/distill.py, the cache scripts): VAE posterior moments shifted and scaled
+    # (AutoencoderKL) and pooled + token text; a family without it distils through clear.distill.distill_losses
+    training_data: bool = True
     rope: bool = False
     released_weights: bool = False
     example: str = ""
@@ -98,6 +101,11 @@ class ModelFamily:
     def model_spec(self, pretrained_model_name_or_path: str) -> ModelSpec:
         """The released model a pipeline folder / Hub id is, from its transformer config (no weights read)."""
         return self.spec(self.transformer_config(pretrained_model_name_or_path))
+
+    def guidance_kwargs(self, guidance: float, given: Mapping | None = None) -> dict:
+        """The pipeline call arguments that sample with ``guidance`` (FLUX, SD3: ``guidance_scale``). ``given``:
+        the call's other arguments (a family that adds a negative prompt leaves one given there alone)."""
+        return {"guidance_scale": guidance}
 
     def default_guidance_scale(self, transformer_config) -> float:
         """Guidance for generating data and validation images with this model."""
@@ -172,6 +180,15 @@ class ModelFamily:
         return None
 
     # -- training ------------------------------------------------------------------------
+    def check_training_data(self, what: str = "scripts/distill.py") -> None:
+        """Refuse, saying what works instead, where this family's training data cannot be read from a folder."""
+        if not self.training_data:
+            raise NotImplementedError(
+                f"{what}: training data are read for FLUX.1 and SD3 only (AutoencoderKL latents, pooled + token text); "
+                f"{self.name} models ({self.transformer_class}) encode latents and text otherwise and are not "
+                "supported there yet. clear.distill.distill_losses trains them from latents and prompt embeddings "
+                f"made with the pipeline's own VAE and encode_prompt (see docs/families.md)")
+
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
         raise NotImplementedError

@@ -202,5 +202,5 @@ FAMILY = Flux2Family(
     text_components=("text_encoder", "tokenizer"), t5_tokenizer="tokenizer",
     attn_loss_layers="single:4:1",  # as FLUX.1's: every 4th single-stream block from the second
     pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
-    img2img_class="", rope=True, released_weights=False, example="black-forest-labs/FLUX.2-dev",
+    img2img_class="", training_data=False, rope=True, released_weights=False, example="black-forest-labs/FLUX.2-dev",
 )

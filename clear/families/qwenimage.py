@@ -128,6 +128,15 @@ class QwenImageFamily(ModelFamily):
     def training_guidance(self, transformer_config, guidance_scale):
         return None
 
+    def guidance_kwargs(self, guidance, given=None):
+        """True classifier-free guidance (``true_cfg_scale``, a second forward on the empty prompt " ", the
+        pipelines' recommendation), unless the call brings its own negative prompt."""
+        given = given or {}
+        out = {"true_cfg_scale": guidance}
+        if guidance > 1 and given.get("negative_prompt") is None and given.get("negative_prompt_embeds") is None:
+            out["negative_prompt"] = " "
+        return out
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length, negative=False):
         embeds, mask = pipe.encode_prompt(prompt=list(prompts), device=device, max_sequence_length=max_sequence_length)
         out = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
@@ -180,5 +189,5 @@ FAMILY = QwenImageFamily(
     t5_tokenizer="tokenizer", attn_loss_layers="double:4:1",  # blocks 1, 5, ..., 57 of 60
     pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
                "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"),
-    img2img_class="QwenImageImg2ImgPipeline", rope=False, released_weights=False, example="Qwen/Qwen-Image",
+    img2img_class="QwenImageImg2ImgPipeline", training_data=False, rope=False, released_weights=False, example="Qwen/Qwen-Image",
 )

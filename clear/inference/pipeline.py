@@ -367,7 +367,7 @@ def run_generate(pipe, info: PipelineInfo, prompt: str, height: int, width: int,
                  max_sequence_length: int, seed: int = 0, warmup: bool = False, **pipe_kwargs) -> Result:
     """:func:`generate` with its settings already resolved and checked (by :func:`generate` or
     :func:`plan_generation`): no defaults, no checks."""
-    kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
+    kwargs = dict(prompt=prompt, height=height, width=width, **info.family.guidance_kwargs(guidance, pipe_kwargs),
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
         _timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
