@@ -201,3 +201,23 @@ def test_training_scripts_refuse_flux2_and_say_what_works(tmp_path):
                                      str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(NotImplementedError, match="the cache scripts: training data are read for FLUX.1 and SD3 only"):
         plan_cache(PROMPT_EMBEDS, str(tmp_path / "pipe"), tmp_path / "data")
+
+
+def test_ntk_rope_and_upscaling_stages():
+    """NTK-scaled RoPE over FLUX.2's four axes: factor 1 is the model as it is, another factor changes it and is
+    undone after the block; upscaling (SDEdit) stages are refused: diffusers has no FLUX.2 img2img pipeline."""
+    from clear import inference as inf
+
+    family = get_family("flux2")
+    model = tiny_flux2()
+    x = flux2_inputs(4, 6, references=((2, 2),))
+    want = run(model, x)
+    with family.ntk_rope(model, 1.0):
+        assert torch.equal(run(model, x), want)
+    with family.ntk_rope(model, 4.0):
+        assert (run(model, x) - want).abs().max() > 1e-4
+    assert torch.equal(run(model, x), want) and family.resolve_ntk_factor(None) == 10.0
+    pipe = tiny_flux2_pipeline()
+    with pytest.raises(NotImplementedError, match="no img2img \\(SDEdit\\) pipeline for Flux2Pipeline.*without --sizes"):
+        inf.plan_generation(pipe, (32, 32), sizes=[(64, 64)])
+    assert inf.plan_generation(pipe, (32, 32)).steps == 50

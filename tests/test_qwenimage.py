@@ -230,3 +230,12 @@ def test_inference_samples_with_true_classifier_free_guidance(tmp_path):
                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
     got = np.asarray(got.image, dtype=np.float32) / 255
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6 < np.abs(got - without).max()
+
+
+def test_ntk_factor_is_refused_for_qwen_rope():
+    family = get_family("qwenimage")
+    assert family.resolve_ntk_factor(None) is None and family.resolve_ntk_factor(1) is None
+    with pytest.raises(ValueError, match="ntk_factor=4: NTK-scaled RoPE is not implemented for Qwen-Image"):
+        family.resolve_ntk_factor(4)
+    with pytest.raises(ValueError, match="not implemented for Qwen-Image"):
+        family.ntk_rope(tiny_qwenimage(), 2.0)

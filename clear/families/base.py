@@ -212,6 +212,13 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- resolution extrapolation ----------------------------------------------------------
+    def check_img2img(self) -> None:
+        """Refuse upscaling (SDEdit) stages where diffusers has no img2img pipeline for this family."""
+        if not self.img2img_class:
+            raise NotImplementedError(f"diffusers has no img2img (SDEdit) pipeline for {self.pipeline_class}, so "
+                                      f"{self.name} models cannot run upscaling stages: generate at one size (CLEAR "
+                                      "runs at any size), without --sizes")
+
     def ntk_rope(self, models, ntk_factor: float | None):
         """A context within which ``models`` (transformer and ControlNets of this family) use NTK-scaled
         RoPE. ``ntk_factor`` ``None`` or 1: nothing changes. A family without RoPE (the default) refuses

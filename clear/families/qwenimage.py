@@ -18,6 +18,7 @@ still queries, as a text token does. Text-to-image without padding is the layout
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -126,6 +127,18 @@ class QwenImageFamily(ModelFamily):
         return vae_factor * int(transformer_config.get("patch_size", 2)), None  # 2x2 packing; RoPE has no table
 
     def training_guidance(self, transformer_config, guidance_scale):
+        return None
+
+    def ntk_rope(self, models, ntk_factor):
+        self.resolve_ntk_factor(ntk_factor)  # refuses a factor other than 1
+        return contextlib.nullcontext()
+
+    def resolve_ntk_factor(self, ntk_factor):
+        """Qwen-Image's RoPE is a table of centred positions (QwenEmbedRope), which NTK scaling is not written
+        for: no factor by default, an explicit one other than 1 is an error."""
+        if ntk_factor is not None and float(ntk_factor) != 1.0:
+            raise ValueError(f"ntk_factor={float(ntk_factor):g}: NTK-scaled RoPE is not implemented for Qwen-Image's "
+                             "centred RoPE table; leave --ntk_factor out (or pass 1)")
         return None
 
     def guidance_kwargs(self, guidance, given=None):

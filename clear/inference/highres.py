@@ -92,7 +92,9 @@ def img2img_pipeline(pipe, scheduler=None, family: ModelFamily | None = None):
     ``family``: the pipeline's, when known."""
     import diffusers
 
-    cls = getattr(diffusers, (family or pipeline_family(pipe)).img2img_class)
+    family = family or pipeline_family(pipe)
+    family.check_img2img()
+    cls = getattr(diffusers, family.img2img_class)
     names = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in pipe.components.items() if k in names}
     if scheduler is not None:

@@ -262,6 +262,8 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
     info.check_size(*base_size, df if (base_model == "clear" or clear is None) else 1, max_pixels)
     for h, w in sizes:
         info.check_size(h, w, df, max_pixels)
+    if sizes:
+        info.family.check_img2img()
     if sizes or ntk_factor is not None:
         ntk_factor = resolve_ntk_factor(info.family, ntk_factor)
     steps, guidance, max_sequence_length = info.sampling(steps, guidance, max_sequence_length)
