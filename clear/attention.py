@@ -157,7 +157,6 @@ class ClearAttention:
         scale = self.scale(layout, query.shape[-1])
         return reference_backend.attend(query, key, value, scale)
 
-
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                  spatial_weight: torch.Tensor | None = None, plan=None) -> torch.Tensor:
         """``query/key/value``: ``[B, S, heads, D]`` in natural order; returns the same shape.

@@ -1,8 +1,10 @@
 """diffusers attention processors that route attention through :class:`ClearAttention`.
 
 :class:`ClearProcessorBase` is the family-independent part of a processor; each family's
-processor (``clear/families/flux.py``, ``sd3.py``) does only what is specific to the family:
-where the projections live and how text and image tokens are laid out. The grid of image
+processor (``clear/families/flux.py``, ``sd3.py``, ...) does only what is specific to the family:
+where the projections live and how text and image tokens are laid out. Families whose joint
+sequence holds reference-image tokens or padded text (FLUX.2, Qwen-Image) describe it with an
+:class:`Arrangement` and attend through :func:`attend_arranged`. The grid of image
 tokens, and the plan of each attention layout, reach it with each forward through the model's
 ``ClearState`` (set by the hook that :func:`clear.apply_clear` installs, outside compiled code);
 the text length is whatever is left of the sequence.
@@ -93,17 +95,20 @@ class Arrangement:
         return tuple(dict.fromkeys(g.text_len for g in self.groups))
 
     @classmethod
-    def build(cls, text_len: int, num_image: int, num_reference: int, text_mask: torch.Tensor | None = None):
+    def build(cls, text_len: int, num_image: int, num_reference: int, text_mask: torch.Tensor | None = None,
+              device=None):
         """``text_len`` text tokens (padded length), then ``num_image`` image tokens, then ``num_reference``
         reference tokens. ``text_mask`` ``[B, text_len]`` (True = a valid token) or ``None`` (all valid).
-        ``None`` when the sequence already is the layout (no reference, no padding)."""
+        ``None`` when the sequence already is the layout (no reference, no padding). Indices live on
+        ``device`` (the call's tensors')."""
         if text_mask is not None:
             text_mask = text_mask.to(torch.bool)
             if bool(text_mask.all()):
                 text_mask = None
         if text_mask is None and num_reference == 0:
             return None
-        device = text_mask.device if text_mask is not None else None
+        if text_mask is not None:
+            text_mask = text_mask.to(device)
         seq_len = text_len + num_image + num_reference
         image = torch.arange(text_len, text_len + num_image, device=device)
         refs = torch.arange(text_len + num_image, seq_len, device=device)

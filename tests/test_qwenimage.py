@@ -244,3 +244,19 @@ def test_ntk_factor_is_refused_for_qwen_rope():
         family.resolve_ntk_factor(4)
     with pytest.raises(ValueError, match="not implemented for Qwen-Image"):
         family.ntk_rope(tiny_qwenimage(), 2.0)
+
+
+def test_arrangement_groups_rows_by_mask_and_orders_global_tokens_first():
+    from clear.processors import Arrangement
+
+    assert Arrangement.build(3, 4, 0) is None and Arrangement.build(3, 4, 0, torch.ones(2, 3)) is None
+    a = Arrangement.build(3, 4, 2, torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1]]))
+    assert a.seq_len == 9 and a.text_lens == (4,) and [g.rows for g in a.groups] == [slice(0, 2), slice(2, 3)]
+    first, second = a.groups
+    assert first.order.tolist() == [0, 1, 7, 8, 3, 4, 5, 6] and first.padded.tolist() == [2]
+    assert second.order.tolist() == [0, 2, 7, 8, 3, 4, 5, 6] and second.padded.tolist() == [1]
+    for g in a.groups:
+        assert torch.cat([g.order, g.padded])[g.inverse].tolist() == list(range(9))
+    refs_only = Arrangement.build(2, 4, 3)
+    (g,) = refs_only.groups
+    assert g.rows == slice(None) and g.text_len == 5 and g.order.tolist() == [0, 1, 6, 7, 8, 2, 3, 4, 5]

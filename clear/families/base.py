@@ -176,7 +176,8 @@ class ModelFamily:
     def arrangement(self, bound: inspect.BoundArguments, grid: tuple[int, int]):
         """A :class:`clear.processors.Arrangement` when this forward's joint sequence is not CLEAR's layout as
         it is (reference-image tokens after the image, padded text tokens), else ``None`` (the default): then
-        :meth:`text_lens` gives the layouts. A family whose processor calls ``_attend`` overrides it."""
+        :meth:`text_lens` gives the layouts. A family whose processor attends through
+        :func:`clear.processors.attend_arranged` overrides it."""
         return None
 
     # -- training ------------------------------------------------------------------------

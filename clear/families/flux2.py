@@ -142,8 +142,10 @@ class Flux2Family(ModelFamily):
         return (bound.arguments["encoder_hidden_states"].shape[1],)
 
     def arrangement(self, bound, grid):
-        _, refs = image_grid(_image_ids(bound))
-        return Arrangement.build(bound.arguments["encoder_hidden_states"].shape[1], grid[0] * grid[1], refs)
+        ids = _image_ids(bound)
+        _, refs = image_grid(ids)
+        return Arrangement.build(bound.arguments["encoder_hidden_states"].shape[1], grid[0] * grid[1], refs,
+                                 device=bound.arguments["hidden_states"].device)
 
     def grid_rules(self, vae_factor, transformer_config):
         return vae_factor * 2, None  # Flux2Pipeline patchifies 2x2 latents into one token; RoPE has no table

@@ -114,7 +114,8 @@ class QwenImageFamily(ModelFamily):
     def arrangement(self, bound, grid):
         _, refs = image_shapes(bound)
         return Arrangement.build(bound.arguments["encoder_hidden_states"].shape[1], grid[0] * grid[1], refs,
-                                 bound.arguments.get("encoder_hidden_states_mask"))
+                                 bound.arguments.get("encoder_hidden_states_mask"),
+                                 device=bound.arguments["hidden_states"].device)
 
     def size_rules(self, pretrained_model_name_or_path):
         from diffusers import AutoencoderKLQwenImage
