@@ -226,3 +226,16 @@ def test_ntk_rope_and_upscaling_stages():
     with pytest.raises(NotImplementedError, match="no img2img \\(SDEdit\\) pipeline for Flux2Pipeline.*without --sizes"):
         inf.plan_generation(pipe, (32, 32), sizes=[(64, 64)])
     assert inf.plan_generation(pipe, (32, 32)).steps == 50
+
+
+def test_generate_scripts_check_flux2_settings_before_loading(generate_cli, tmp_path):
+    """scripts/generate.py and generate_highres.py on a FLUX.2 pipeline: no released weights (the message names how
+    to train), upscaling stages refused, both before any weight loads."""
+    tiny_flux2_pipeline().save_pretrained(tmp_path / "pipe")
+    tiny = ["--model", str(tmp_path / "pipe"), "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu",
+            "--quiet", "--out", str(tmp_path / "x.png")]
+    with pytest.raises(ValueError, match="no released CLEAR weights for flux2 models.*clear.distill.distill_losses"):
+        generate_cli.main(tiny)
+    with pytest.raises(NotImplementedError, match="no img2img \\(SDEdit\\) pipeline for Flux2Pipeline"):
+        generate_cli.main([*tiny, "--checkpoint", "none", "--upscale", "64x64"])
+    assert not (tmp_path / "x.png").exists()
