@@ -260,3 +260,50 @@ def test_arrangement_groups_rows_by_mask_and_orders_global_tokens_first():
     refs_only = Arrangement.build(2, 4, 3)
     (g,) = refs_only.groups
     assert g.rows == slice(None) and g.text_len == 5 and g.order.tolist() == [0, 1, 6, 7, 8, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_generate_and_generate_data_scripts_run_qwenimage(generate_cli, tmp_path):
+    """scripts/generate.py (also with an upscaling stage, as generate_highres.py) and scripts/generate_data.py on a tiny QwenImagePipeline with its (tiny) Qwen2.5-VL text
+    encoder: CLEAR images with the model's true classifier-free guidance; the image is the pipeline's own with the
+    same settings and CLEAR applied."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from clear import inference as inf
+    from scripts_loader import load_script
+
+    tiny_qwenimage_pipeline(text_encoder=True).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "img.png"
+    tiny = ["--height", "32", "--width", "32", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu",
+            "--quiet"]
+    written = generate_cli.main(["--model", str(tmp_path / "pipe"), "--prompt", "a red cat", *tiny, "--radius", "2",
+                                 "--checkpoint", "none", "--seed", "3", "--out", str(out)])
+    assert written == {"image": str(out)}
+    settings = json.loads(Image.open(out).text["clear:settings"])
+    assert settings["guidance"] == 4.0 and settings["radius"] == 2 and settings["steps"] == 2
+
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    inf.apply_to_pipeline(pipe, radius=2, backend="auto")
+    want = pipe("a red cat", negative_prompt=" ", true_cfg_scale=4.0, height=32, width=32, num_inference_steps=2,
+                max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+    # an upscaling (SDEdit) stage: QwenImageImg2ImgPipeline on the same components, no NTK factor (Qwen's RoPE)
+    high = generate_cli.main(["--model", str(tmp_path / "pipe"), "--prompt", "a red cat", *tiny, "--radius", "2",
+                              "--checkpoint", "none", "--upscale", "48x48", "--out", str(tmp_path / "hi.png")])
+    hi = Image.open(high["image"])
+    assert hi.size == (48, 48) and json.loads(hi.text["clear:settings"])["ntk_factor"] is None
+
+    (tmp_path / "prompts.txt").write_text("a red cat\na dog in the city\na boat\n")
+    data = load_script("generate_data").main([
+        "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"),
+        "--output_dir", str(tmp_path / "data"), "--height", "16", "--width", "16", "--num_inference_steps", "2",
+        "--max_sequence_length", "16", "--batch_size", "2", "--samples_per_shard", "2"])
+    assert data["written"] == 3 and len(list((tmp_path / "data").glob("shard-*.tar"))) == 2

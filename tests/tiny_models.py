@@ -263,12 +263,46 @@ def tiny_qwenimage_vae():
                                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
-def tiny_qwenimage_pipeline(seed: int = 0):
+def _byte_vocab() -> dict:
+    """GPT-2's byte-to-unicode alphabet as a vocabulary (a byte-level BPE without merges: one token per byte)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): i for i, c in enumerate(cs)}
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def tiny_qwen_text_encoder(seed: int = 0):
+    """A tiny Qwen2.5-VL (text width 32, one layer) and a byte-level Qwen2 tokenizer built in memory."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(vocab=_byte_vocab(), merges=[], pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=QWEN_CONFIG["joint_attention_dim"], intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, bos_token_id=None,
+                         eos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                           out_hidden_size=QWEN_CONFIG["joint_attention_dim"], fullatt_block_indexes=[0]),
+        vocab_size=len(tok))
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), tok
+
+
+def tiny_qwenimage_pipeline(seed: int = 0, text_encoder: bool = False):
     """QwenImagePipeline around a tiny Qwen-Image transformer and VAE (4 pixels per token: VAE factor 2 x 2x2
-    packing); no text encoder (prompts go in as ``prompt_embeds`` with ``prompt_embeds_mask``)."""
+    packing). ``text_encoder``: with a tiny Qwen2.5-VL and byte-level tokenizer (prompts as text); without, prompts
+    go in as ``prompt_embeds`` with ``prompt_embeds_mask``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     torch.manual_seed(seed)
     vae = tiny_qwenimage_vae()
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                             transformer=tiny_qwenimage(seed))
+    encoder, tokenizer = tiny_qwen_text_encoder(seed) if text_encoder else (None, None)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                             tokenizer=tokenizer, transformer=tiny_qwenimage(seed))
