@@ -239,3 +239,23 @@ def test_generate_scripts_check_flux2_settings_before_loading(generate_cli, tmp_
     with pytest.raises(NotImplementedError, match="no img2img \\(SDEdit\\) pipeline for Flux2Pipeline"):
         generate_cli.main([*tiny, "--checkpoint", "none", "--upscale", "64x64"])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_inference_generate_uses_the_flux2_spec():
+    """clear.inference.generate on a Flux2Pipeline (prompt as embeddings): FLUX.2-dev's defaults, the embedded
+    guidance as guidance_scale, the image of the pipeline's own call with the same settings."""
+    import numpy as np
+
+    from clear import inference as inf
+
+    pipe = tiny_flux2_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    inf.apply_to_pipeline(pipe, radius=2, backend="dense")
+    assert inf.default_settings(pipe) == dict(steps=50, guidance=4.0, max_sequence_length=512)
+    assert inf.model_name(pipe.transformer) == "FLUX.2-dev"
+    embeds = torch.randn(1, 6, FLUX2_CONFIG["joint_attention_dim"], generator=torch.Generator().manual_seed(0))
+    got = inf.generate(pipe, None, 32, 32, steps=2, prompt_embeds=embeds)
+    assert got.settings["guidance"] == 4.0 and got.settings["attention"] == "CLEAR r=2"
+    want = pipe(prompt_embeds=embeds, guidance_scale=4.0, height=32, width=32, num_inference_steps=2,
+                max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    assert np.abs(np.asarray(got.image, dtype=np.float32) / 255 - want).max() <= 1 / 255 + 1e-6
