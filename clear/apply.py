@@ -43,6 +43,9 @@ class ClearState:
     # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
     grid: tuple[int, int] | None = None
     plans: dict | None = None
+    # Where the joint sequence is not [text | image] as it is (reference images, padded text): how it becomes
+    # CLEAR's [global | image] layout (clear.processors.Arrangement), else None
+    arrangement: object | None = None
     declared_repeated_blocks: bool = False  # apply_clear set the model's _repeated_blocks (regional compilation)
 
     @property
@@ -64,7 +67,7 @@ def _forward_signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
-def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, grid) -> dict | None:
+def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, grid, text_lens) -> dict | None:
     """The plan of every attention layout of this forward, by text length (``None`` when
     patch parallelism replaced the attention: its bands have their own plans)."""
     if getattr(module, "clear_parallel", None) is not None:
@@ -75,7 +78,7 @@ def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, gri
         or any(p.requires_grad for p in module.parameters()))
     device = bound.arguments["hidden_states"].device
     return {t: state.core.layout_plan(TokenLayout(t, *grid, family.text_first), device, with_grad)
-            for t in family.text_lens(bound)}
+            for t in text_lens}
 
 
 @torch.compiler.disable  # runs eagerly, outside the compiled frame: see the module docstring
@@ -84,8 +87,10 @@ def _grid_hook(module, args, kwargs):
     bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
     grid = state.family.grid(bound)
     TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
-    state.plans = _forward_plans(module, state, bound, grid)
-    state.grid = grid
+    arrangement = state.family.arrangement(bound, grid)
+    text_lens = arrangement.text_lens if arrangement is not None else state.family.text_lens(bound)
+    state.plans = _forward_plans(module, state, bound, grid, text_lens)
+    state.grid, state.arrangement = grid, arrangement
 
 
 def _head_dim(attn: torch.nn.Module) -> int | None:
@@ -123,7 +128,7 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     for name in originals:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         core.heads, core.head_dim = core.heads or attn.heads, core.head_dim or _head_dim(attn)
-        ref = attn.to_q.weight
+        ref = next(attn.parameters())  # to_q's, or FLUX.2's fused to_qkv_mlp_proj's
         new[name] = family.processor(core, state).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)
     state.hooks.append(transformer.register_forward_pre_hook(_grid_hook, with_kwargs=True))

@@ -34,6 +34,7 @@ import torch
 
 from . import backends
 from .backends import Call, Options
+from .backends import dense as reference_backend  # backends.REFERENCE, imported here: compiled code cannot import
 from .geometry import BandLayout, TokenLayout, Window
 
 __all__ = ["ClearAttention", "pool_tokens", "PROPORTIONAL"]
@@ -165,6 +166,17 @@ class ClearAttention:
         return math.sqrt(math.log(n) / math.log(self.training_tokens) / head_dim)
 
     # -- the call ----------------------------------------------------------------------
+
+    def text_queries(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     layout: TokenLayout) -> torch.Tensor:
+        """Attention of queries that are not tokens of ``layout`` but follow its text rule: every key of the
+        layout (``key/value`` ``[B, layout.seq_len, heads, D]`` in the layout's order), no pooled key; the scale
+        of the layout. These are padded text tokens (Qwen-Image), which no query sees as keys but which still
+        query. Unmasked attention, so the reference backend's (``dense``) serves every backend."""
+        if key.shape[1] != layout.seq_len:
+            raise ValueError(f"text queries got {key.shape[1]} keys but the layout {layout} has {layout.seq_len}")
+        scale = self.scale(layout, query.shape[-1])
+        return reference_backend.attend(query, key, value, scale)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                  spatial_weight: torch.Tensor | None = None, plan=None) -> torch.Tensor:

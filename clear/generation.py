@@ -100,8 +100,11 @@ def run(pipe, items: Sequence[Item], save: Callable[[Item, Any], None], call: di
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
+            negative = call.get("negative_prompt")  # one negative prompt for every prompt of the batch
+            extra = {"negative_prompt": [negative] * len(batch)} if isinstance(negative, str) else {}
             images = pipe(prompt=[it.prompt for it in batch],
-                          generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch], **call).images
+                          generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
+                          **{**call, **extra}).images
             for it, image in zip(batch, images):
                 save(it, image)
             bar.update(len(batch))
@@ -115,19 +118,23 @@ def run(pipe, items: Sequence[Item], save: Callable[[Item, Any], None], call: di
 def generate_images(pipe, prompts: Sequence, out_dir: str | os.PathLike, settings: dict, *,
                     height: int, width: int, num_inference_steps: int, guidance_scale: float, base_seed: int = 0,
                     max_sequence_length: int = 512, batch_size: int = 1, shard: tuple[int, int] = (0, 1),
-                    progress: bool = True) -> dict[str, int]:
+                    progress: bool = True, family=None) -> dict[str, int]:
     """Write ``out_dir/{key}.png`` for every prompt (``.key``/``.text``, e.g.
     :class:`clear.evaluation.Prompt`) with seed ``base_seed + index``, skipping images already
     there. ``shard=(i, n)`` makes only the prompts with ``index % n == i`` (one process per GPU).
 
     ``settings`` (model, variant, ...) and the sampling arguments go into
     ``out_dir/generation.json`` with every prompt's key and seed; resuming into a folder made
-    with other settings fails instead of mixing images. Returns counts: generated, skipped, total."""
+    with other settings fails instead of mixing images. ``family``: the pipeline's
+    :class:`clear.families.ModelFamily`, whose :meth:`~clear.families.ModelFamily.guidance_kwargs` turn
+    ``guidance_scale`` into the pipeline's arguments (default: ``guidance_scale`` as it is).
+    Returns counts: generated, skipped, total."""
     from .files import save_image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    call = dict(height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+    guidance = {"guidance_scale": guidance_scale} if family is None else family.guidance_kwargs(guidance_scale)
+    call = dict(height=height, width=width, num_inference_steps=num_inference_steps, **guidance,
                 max_sequence_length=max_sequence_length)
     items = [Item(p.key, p.text, base_seed + i) for i, p in enumerate(prompts)]
     mine = share(items, *shard)

@@ -375,6 +375,10 @@ def parallelize(transformer: torch.nn.Module, group=None, text_mode: str = "exac
     (equals single-process CLEAR up to float error) or ``"average"`` (the paper's
     Eq. 7). Inference only. Returns the :class:`PatchParallelAttention` shared by all
     layers (its ``comm_log`` records messages when set to a list)."""
+    if model_family(transformer) != "flux" or type(transformer).__name__ != "FluxTransformer2DModel":
+        raise TypeError(f"patch parallelism supports FluxTransformer2DModel, not {type(transformer).__name__} (model "
+                        f"family {model_family(transformer)}): its bands cut FLUX.1's 3-axis img_ids, which other "
+                        "families do not have; run this model in one process")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: launch with torchrun and call "
                            "torch.distributed.init_process_group('nccl' on GPUs, 'gloo' on CPU) first")
@@ -382,8 +386,6 @@ def parallelize(transformer: torch.nn.Module, group=None, text_mode: str = "exac
     if state is None:
         raise ValueError("CLEAR is not applied to this model: call clear.apply_clear(transformer, radius=...) "
                          "before clear.parallelize")
-    if model_family(transformer) != "flux" or type(transformer).__name__ != "FluxTransformer2DModel":
-        raise TypeError(f"patch parallelism supports FluxTransformer2DModel, not {type(transformer).__name__}")
     if getattr(transformer, "clear_parallel", None) is not None:
         unparallelize(transformer)
     attn = PatchParallelAttention(state.core, group, text_mode)

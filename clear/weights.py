@@ -25,7 +25,9 @@ from .families import family_of_checkpoint
 logger = logging.getLogger(__name__)
 
 HUB_REPO = "Huage001/CLEAR"
-_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# FLUX.2's single-stream blocks fuse q, k, v with the MLP input (to_qkv_mlp_proj) and attention with the MLP output
+# (to_out, a Linear there; a ModuleList, without parameters of its own, everywhere else)
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "to_out")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,13 @@ def clear_state_dict_keys(transformer: torch.nn.Module) -> dict[str, torch.nn.Pa
     for name, attn in clear_attention_modules(transformer).items():
         if attn.processor.spatial_weight is not None:
             params[f"{name}.processor.spatial_weight"] = attn.processor.spatial_weight
+    quantized = sorted(k for k, p in params.items() if type(p) not in (torch.nn.Parameter, torch.Tensor))
+    if quantized:
+        raise TypeError(
+            f"the attention projections of this model are quantized ({_describe(quantized, 2)} are "
+            f"{type(params[quantized[0]]).__name__}): CLEAR checkpoints hold, and distillation trains, float "
+            "projections. CLEAR attention itself runs on the quantized model; to use CLEAR weights, load them into "
+            "the float model (apply_clear, load_clear_weights) and quantize it afterwards")
     return params
 
 

@@ -7,6 +7,8 @@
     python scripts/benchmark.py step --sizes 1024,4096,8192 --radii 8,16 --out benchmarks/step_h100
     # attention TFLOPs per layer for the paper's settings (no device needed)
     python scripts/benchmark.py flops --out benchmarks/flops
+    # ... for a released model of any family (its width, text length and layer count; also TFLOPs per step)
+    python scripts/benchmark.py flops --model FLUX.2-dev --out benchmarks/flops_flux2_dev
     # under torch.compile: the whole transformer (full) or its repeated blocks (regional)
     python scripts/benchmark.py step --compile regional --sizes 1024,4096 --radii 16 --out benchmarks/step_regional
     # patch parallelism: bytes each of 8 ranks hands to torch.distributed in one attention layer
@@ -540,17 +542,32 @@ def auto_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def released_spec(name: str):
+    """The ModelSpec of a released model, by name, from every family's specs."""
+    from clear.families import FAMILIES
+
+    specs = {s.name: s for f in FAMILIES.values() for s in f.specs if s.width}
+    if name not in specs:
+        raise SystemExit(f"--model {name!r}: choose one of {', '.join(specs)}")
+    return specs[name]
+
+
 def flops_table(args) -> list[dict]:
+    spec = released_spec(args.model) if args.model else None
+    dim = spec.width if spec else args.heads * args.head_dim
+    text = spec.max_sequence_length if spec else args.text_len
     records = []
     for (h_px, w_px) in parse_sizes(args.sizes):
         for radius, df in variants(args.radii, args.down_factors):
             h, w = h_px // 16, w_px // 16
             if df > 1 and (h % df or w % df):
                 continue
-            f = clear.attention_flops(h, w, radius, args.text_len, df, args.heads * args.head_dim)
-            full = clear.attention_flops(h, w, None, args.text_len, 1, args.heads * args.head_dim)
+            f = clear.attention_flops(h, w, radius, text, df, dim)
+            full = clear.attention_flops(h, w, None, text, 1, dim)
             records.append(dict(height=h_px, width=w_px, tokens=h * w, variant=variant_name(radius, df),
                                 radius=radius, down_factor=df, tflops=f / 1e12, fraction_of_full=f / full))
+            if spec:
+                records[-1].update(model=spec.name, tflops_per_step=spec.attention_flops(h, w, radius, df) / 1e12)
     return records
 
 
@@ -664,6 +681,8 @@ def markdown(mode: str, records: list[dict], env: dict) -> str:
     if mode == "flops":
         cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("tflops", "TFLOPs/layer"),
                 ("fraction_of_full", "of full")]
+        if records and "model" in records[0]:
+            cols = [("model", "model"), *cols, ("tflops_per_step", "TFLOPs/step")]
     elif mode == "attention":
         cols = [("height", "H px"), ("width", "W px"), ("variant", "variant"), ("backend", "backend"),
                 ("compile", "compile"), ("time_s", "ms"), ("tflops_per_s", "useful TFLOP/s"),
@@ -731,6 +750,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--heads", type=int, default=24, help="attention heads (step: of head size 128)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--model", default=None, help="flops: a released model (FLUX.1-dev, FLUX.2-dev, Qwen-Image, ...): "
+                   "its width, text length and layers replace --heads, --head-dim and --text-len; model: a FLUX "
+                   "pipeline folder (the mini: ckpt/mini), default FLUX-shaped heads (--heads x 128, --num-layers + "
+                   "--num-single-layers blocks, random weights)")
     p.add_argument("--backend", default="auto", choices=backends.choices())
     p.add_argument("--tile", type=parse_tile, default=(8, 16), help="flex tile HxW (tokens), one block each")
     p.add_argument("--kernel-options", type=json.loads, default=None,
@@ -747,8 +770,6 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--ranks", type=int, default=8, help="comm: processes (CPU, gloo), one band of rows each")
     p.add_argument("--text-mode", default="exact", choices=TEXT_MODES, help="comm: text queries' merge (exact or "
                    "the paper's average)")
-    p.add_argument("--model", default=None, help="model: a FLUX pipeline folder (the mini: ckpt/mini); default "
-                   "FLUX-shaped heads (--heads x 128, --num-layers + --num-single-layers blocks, random weights)")
     p.add_argument("--grids", default="16,32,64,128", help="model/auto: image-token grids, N or HxW")
     p.add_argument("--train-grids", default="32,64", help="model: grids of the training step (forward + backward)")
     p.add_argument("--radius", type=float, default=4, help="model: CLEAR's radius in tokens")

@@ -30,7 +30,7 @@ def main(kind: str, doc: str, argv=None, batch_size: int = 8, extra=None):
         job = plan_cache(kind, args.pretrained_model_name_or_path, args.data_root, args.cache_dir, args.model_family,
                          args.batch_size, args.dtype, getattr(args, "max_sequence_length", None),
                          getattr(args, "resolution", None))
-    except (ValueError, FileNotFoundError) as e:  # also a missing --data_root or a truncated shard
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # also a missing --data_root, a truncated shard
         raise SystemExit(str(e)) from e
     report = run_cache(job)
     print(report.summary(job.label, job.rank, job.world_size))

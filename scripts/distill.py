@@ -216,6 +216,7 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir)
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
+        family.check_training_data("scripts/distill.py")
         for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
@@ -229,7 +230,7 @@ def main(argv=None) -> dict:
         samples = index_samples(args.data_root)
         dataset = DistillDataset(samples, args.resolution, cache_dir, args.use_cached_prompt_embed,
                                  args.use_cached_latent)
-    except (ValueError, FileNotFoundError) as e:  # a bad --data_root, a truncated shard, a missing cache
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # a bad --data_root, a missing cache, ...
         raise SystemExit(str(e)) from e
     if args.guidance_scale is None:
         args.guidance_scale = family.default_guidance_scale(transformer_config)

@@ -253,7 +253,7 @@ def main(argv=None, parser: argparse.ArgumentParser | None = None) -> dict[str, 
 def cli(parser: argparse.ArgumentParser | None = None) -> None:
     try:
         main(parser=parser)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as e:
         sys.exit(f"error: {e}")
 
 

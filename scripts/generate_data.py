@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         return pipe
 
     call = dict(height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+                **family.guidance_kwargs(args.guidance_scale), max_sequence_length=args.max_sequence_length)
     meta = dict(width=args.width, height=args.height, model=args.pretrained_model_name_or_path,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
     try:

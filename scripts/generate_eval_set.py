@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     counts = generate_images(pipe, prompts, args.out, settings, height=args.height, width=args.width,
                              num_inference_steps=steps, guidance_scale=guidance, base_seed=args.seed,
                              max_sequence_length=max_sequence_length, batch_size=args.batch_size,
-                             shard=args.shard, progress=not args.no_progress)
+                             shard=args.shard, progress=not args.no_progress, family=info.family)
     print(f"{args.out}: generated {counts['generated']}, already there {counts['skipped']}, "
           f"this shard {counts['total']} of {len(prompts)} prompts")
     return counts

@@ -157,3 +157,19 @@ def test_comm_mode_checks_the_split_before_spawning(tmp_path):
     with pytest.raises(SystemExit, match="needs a halo of 7 rows"):
         benchmark.main(["comm", "--ranks", "3", "--sizes", "64", "--radii", "8", "--down-factors", "1",
                         "--out", str(tmp_path / "c")])
+
+
+def test_flops_of_a_released_model_of_another_family(tmp_path):
+    """--model takes the width, text length and layer count of a released model of any family."""
+    records = benchmark.main(["flops", "--model", "FLUX.2-dev", "--sizes", "1024", "--radii", "16",
+                              "--down-factors", "1", "--out", str(tmp_path / "f2")])
+    by = {r["variant"]: r for r in records}
+    full = 4 * (4096 + 512) ** 2 * 6144
+    assert by["dense"]["tflops"] == pytest.approx(full / 1e12)
+    assert by["dense"]["tflops_per_step"] == pytest.approx(56 * full / 1e12)
+    qwen = benchmark.main(["flops", "--model", "Qwen-Image", "--sizes", "1024", "--radii", "16", "--down-factors",
+                           "1", "--out", str(tmp_path / "q")])
+    assert {r["model"] for r in qwen} == {"Qwen-Image"}
+    assert qwen[0]["tflops_per_step"] == pytest.approx(60 * 4 * (4096 + 512) ** 2 * 3072 / 1e12)
+    with pytest.raises(SystemExit, match="--model 'FLUX.3': choose one of"):
+        benchmark.main(["flops", "--model", "FLUX.3", "--out", str(tmp_path / "x")])

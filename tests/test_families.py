@@ -21,7 +21,8 @@ from clear.distill import attention_layers, distill_losses
 from clear.encoders import PromptEncoder, plan_cache, run_cache
 from clear.families import FAMILIES, family_of, family_of_checkpoint, get_family
 from clear.weights import read_header
-from tiny_models import FLUX_CONFIG, tiny_flux, tiny_flux_pipeline, tiny_sd3_pipeline
+from tiny_models import (FLUX_CONFIG, tiny_flux, tiny_flux2_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
+                         tiny_sd3_pipeline)
 import toy_family
 from toy_family import ToyTransformer2DModel
 
@@ -45,11 +46,12 @@ def toy_pipeline(seed=0):
 
 
 # a tiny pipeline of every registered family (a family without one here fails test_every_family_has_a_tiny_pipeline)
-PIPELINES = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline, "toy": toy_pipeline}
+PIPELINES = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline, "flux2": tiny_flux2_pipeline,
+             "qwenimage": tiny_qwenimage_pipeline, "toy": toy_pipeline}
 
 
 def test_every_family_has_a_tiny_pipeline(with_toy):
-    assert list(families.FAMILIES) == ["flux", "sd3", "toy"]
+    assert list(families.FAMILIES) == ["flux", "sd3", "flux2", "qwenimage", "toy"]
     assert set(PIPELINES) == set(families.FAMILIES)
 
 
@@ -59,11 +61,11 @@ def test_the_table_refuses_a_second_claim_on_a_name_or_class():
     with pytest.raises(ValueError, match="^model class FluxControlNetModel, FluxTransformer2DModel claimed by more"):
         families.make_table(*FAMILIES.values(), get_family("flux").__class__(
             **{**get_family("flux").__dict__, "name": "other"}))
-    with pytest.raises(ValueError, match="unknown model family 'toy'; known: flux, sd3"):
+    with pytest.raises(ValueError, match="unknown model family 'toy'; known: flux, sd3, flux2, qwenimage"):
         get_family("toy")
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "toy"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "flux2", "qwenimage", "toy"])
 def test_family_of_transformer_pipeline_folder_and_checkpoint(name, with_toy, tmp_path):
     pipe = PIPELINES[name]()
     family = get_family(name)
@@ -78,18 +80,20 @@ def test_family_of_transformer_pipeline_folder_and_checkpoint(name, with_toy, tm
     clear.apply_clear(pipe.transformer, radius=2)
     path = clear.save_clear_weights(pipe.transformer, tmp_path / "clear_local_2.safetensors")
     assert family_of_checkpoint(*read_header(path)) == name == inf.checkpoint_family(path)
-    # without metadata, the block names say FLUX (single-stream blocks, the released files); SD3's blocks are shared
+    # without metadata, the block names say FLUX (single-stream blocks, the released files; FLUX.2's too); SD3's and
+    # Qwen-Image's blocks are shared
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(path), bare)
-    assert inf.checkpoint_family(bare) == (None if name == "sd3" else "flux")
+    assert inf.checkpoint_family(bare) == (None if name in ("sd3", "qwenimage") else "flux")
 
 
 def test_bare_checkpoints_and_unknown_models():
     assert family_of_checkpoint({}, ["single_transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.x"]) == "flux"
     assert family_of_checkpoint({}, ["transformer_blocks.0.attn.to_q.weight"]) is None  # SD3's, or any family's
     assert family_of_checkpoint({"clear.family": "toy"}, []) == "toy"  # as written, registered or not
-    with pytest.raises(TypeError, match="CLEAR does not support Linear; supported: FluxControlNetModel, "
-                                        "FluxTransformer2DModel, SD3Transformer2DModel"):
+    with pytest.raises(TypeError, match="CLEAR does not support Linear; supported: Flux2Transformer2DModel, "
+                                        "FluxControlNetModel, FluxTransformer2DModel, QwenImageTransformer2DModel, "
+                                        "SD3Transformer2DModel"):
         family_of(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="cannot tell the model family of this config: it names none of"):
         family_of({"_class_name": "FluxPipeline", "transformer": ["diffusers", "UNet2DConditionModel"]})
@@ -241,4 +245,4 @@ def test_the_registry_imports_no_diffusers_model():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(clear.__file__).parent.parent)})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split("\n")[:2] == ["['flux', 'sd3']", "False"]
+    assert run.stdout.split("\n")[:2] == ["['flux', 'sd3', 'flux2', 'qwenimage']", "False"]

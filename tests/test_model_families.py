@@ -9,13 +9,14 @@ from PIL import Image
 
 import clear
 import clear.families
-from tiny_models import tiny_flux_controlnet_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
+from tiny_models import (FLUX2_CONFIG, QWEN_CONFIG, tiny_flux2_pipeline, tiny_flux_controlnet_pipeline,
+                         tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline)
 
 KW = dict(prompt="a small cat", height=32, width=48, num_inference_steps=2, output_type="np", max_sequence_length=16)
 
 
 def run(pipe, **extra):
-    return pipe(**KW, **extra, generator=torch.Generator().manual_seed(0)).images
+    return pipe(**{**KW, **extra}, generator=torch.Generator().manual_seed(0)).images
 
 
 def _sd3_pipeline(tmp_path):
@@ -34,11 +35,39 @@ def _schnell_pipeline(tmp_path):
     return pipe
 
 
+def _flux2_pipeline(tmp_path):
+    from diffusers import Flux2Pipeline
+
+    tiny_flux2_pipeline().save_pretrained(tmp_path)
+    return Flux2Pipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None)
+
+
+def _qwenimage_pipeline(tmp_path):
+    from diffusers import QwenImagePipeline
+
+    tiny_qwenimage_pipeline().save_pretrained(tmp_path)
+    return QwenImagePipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None)
+
+
+def _embeds(width, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 6, width, generator=g) for _ in range(n)]
+
+
 # family -> (a saved and reloaded tiny pipeline, its call's extra arguments, attention modules that must run CLEAR):
 # SD3.5-like (three text encoders; the image-only attn2 of the dual-attention block runs CLEAR too) and
 # FLUX.1-schnell-like (no guidance embedding)
+# FLUX.2 and Qwen-Image have no tiny text encoder here: their prompts go in as embeddings (Qwen-Image's padded, with
+# true classifier-free guidance)
 PIPELINES = {"sd3": (_sd3_pipeline, {}, ".attn2"), "flux": (_schnell_pipeline, dict(guidance_scale=0.0),
-                                                            "single_transformer_blocks.")}
+                                                            "single_transformer_blocks."),
+             "flux2": (_flux2_pipeline, dict(prompt=None, prompt_embeds=_embeds(FLUX2_CONFIG["joint_attention_dim"])[0]),
+                       "single_transformer_blocks."),
+             "qwenimage": (_qwenimage_pipeline, dict(
+                 prompt=None, prompt_embeds=_embeds(QWEN_CONFIG["joint_attention_dim"])[0],
+                 prompt_embeds_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]),
+                 negative_prompt_embeds=_embeds(QWEN_CONFIG["joint_attention_dim"])[1], true_cfg_scale=4.0),
+                 "transformer_blocks.1.attn")}
 
 
 @pytest.mark.parametrize("family", list(clear.families.FAMILIES))

@@ -164,3 +164,145 @@ def tiny_flux_controlnet_pipeline(seed: int = 0):
     base = tiny_flux_pipeline(seed)
     cn = tiny_flux_controlnet(seed + 1, guidance_embeds=True)
     return FluxControlNetPipeline(controlnet=cn, **base.components)
+
+
+# ------------------------------------------------------------------------------------------
+# FLUX.2 (Flux2Transformer2DModel): 2 heads x 16, 4 RoPE axes; its pipeline without a text encoder
+# ------------------------------------------------------------------------------------------
+
+FLUX2_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32,
+                    axes_dims_rope=(4, 4, 4, 4))
+
+
+def tiny_flux2(seed: int = 0, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(**{**FLUX2_CONFIG, **overrides}).eval()
+
+
+def flux2_inputs(height: int, width: int, text_len: int = 7, batch: int = 2, seed: int = 0, references=(),
+                 guidance: bool = True) -> dict:
+    """Flux2Pipeline's transformer inputs for a ``height x width`` token grid, with reference images of the
+    given token grids after it (t = 10, 20, ...)."""
+    from diffusers import Flux2Pipeline
+
+    g = torch.Generator().manual_seed(seed)
+    c = FLUX2_CONFIG["in_channels"]
+    latents = torch.randn(batch, c, height, width, generator=g)
+    text = torch.randn(batch, text_len, FLUX2_CONFIG["joint_attention_dim"], generator=g)
+    hidden, ids = Flux2Pipeline._pack_latents(latents), Flux2Pipeline._prepare_latent_ids(latents)
+    if references:
+        refs = [torch.randn(1, c, h, w, generator=g) for h, w in references]
+        hidden = torch.cat([hidden, torch.cat([Flux2Pipeline._pack_latents(r) for r in refs], 1).expand(batch, -1, -1)],
+                           1)
+        ids = torch.cat([ids, Flux2Pipeline._prepare_image_ids(refs).expand(batch, -1, -1)], 1)
+    x = dict(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.rand(batch, generator=g),
+             txt_ids=Flux2Pipeline._prepare_text_ids(text), img_ids=ids, return_dict=False)
+    if guidance:
+        x["guidance"] = torch.full((batch,), 4.0)
+    return x
+
+
+def tiny_flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                              layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                              use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """Flux2Pipeline around a tiny FLUX.2 transformer and VAE (4 pixels per token: VAE factor 2 x 2x2 patches);
+    no text encoder (prompts go in as ``prompt_embeds``: a tiny Mistral 3 needs a processor from the Hub)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    torch.manual_seed(seed)
+    vae = tiny_flux2_vae()
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                         transformer=tiny_flux2(seed))
+
+
+# ------------------------------------------------------------------------------------------
+# Qwen-Image (QwenImageTransformer2DModel): 2 heads x 16; its pipeline without a text encoder
+# ------------------------------------------------------------------------------------------
+
+QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def tiny_qwenimage(seed: int = 0, **overrides):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(**{**QWEN_CONFIG, **overrides}).eval()
+
+
+def qwenimage_inputs(height: int, width: int, text_len: int = 7, batch: int = 2, seed: int = 0, valid=None,
+                     references=()) -> dict:
+    """QwenImagePipeline's transformer inputs for a ``height x width`` token grid; ``valid``: the number of
+    valid text tokens of each row (the rest padded, ``encoder_hidden_states_mask`` 0), None = no mask;
+    ``references``: token grids of the edit pipelines' input pictures, after the image."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, height, width), *((1, h, w) for h, w in references)]
+    tokens = sum(h * w for _, h, w in shapes)
+    x = dict(hidden_states=torch.randn(batch, tokens, QWEN_CONFIG["in_channels"], generator=g),
+             encoder_hidden_states=torch.randn(batch, text_len, QWEN_CONFIG["joint_attention_dim"], generator=g),
+             timestep=torch.rand(batch, generator=g), img_shapes=[shapes] * batch, return_dict=False)
+    if valid is not None:
+        x["encoder_hidden_states_mask"] = (torch.arange(text_len)[None, :] < torch.tensor(valid)[:, None]).long()
+    return x
+
+
+def tiny_qwenimage_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def _byte_vocab() -> dict:
+    """GPT-2's byte-to-unicode alphabet as a vocabulary (a byte-level BPE without merges: one token per byte)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): i for i, c in enumerate(cs)}
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def tiny_qwen_text_encoder(seed: int = 0):
+    """A tiny Qwen2.5-VL (text width 32, one layer) and a byte-level Qwen2 tokenizer built in memory."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(vocab=_byte_vocab(), merges=[], pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=QWEN_CONFIG["joint_attention_dim"], intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, bos_token_id=None,
+                         eos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                           out_hidden_size=QWEN_CONFIG["joint_attention_dim"], fullatt_block_indexes=[0]),
+        vocab_size=len(tok))
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), tok
+
+
+def tiny_qwenimage_pipeline(seed: int = 0, text_encoder: bool = False):
+    """QwenImagePipeline around a tiny Qwen-Image transformer and VAE (4 pixels per token: VAE factor 2 x 2x2
+    packing). ``text_encoder``: with a tiny Qwen2.5-VL and byte-level tokenizer (prompts as text); without, prompts
+    go in as ``prompt_embeds`` with ``prompt_embeds_mask``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    torch.manual_seed(seed)
+    vae = tiny_qwenimage_vae()
+    encoder, tokenizer = tiny_qwen_text_encoder(seed) if text_encoder else (None, None)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                             tokenizer=tokenizer, transformer=tiny_qwenimage(seed))

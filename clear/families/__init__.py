@@ -16,7 +16,7 @@ import os
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from . import flux, sd3
+from . import flux, flux2, qwenimage, sd3
 from .base import ModelFamily, ModelSpec
 
 __all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_of", "family_of_checkpoint", "get_family", "make_table",
@@ -35,7 +35,7 @@ def make_table(*families: ModelFamily) -> Mapping[str, ModelFamily]:
     return MappingProxyType({f.name: f for f in families})
 
 
-FAMILIES: Mapping[str, ModelFamily] = make_table(flux.FAMILY, sd3.FAMILY)
+FAMILIES: Mapping[str, ModelFamily] = make_table(flux.FAMILY, sd3.FAMILY, flux2.FAMILY, qwenimage.FAMILY)
 
 
 def get_family(name: str | ModelFamily) -> ModelFamily:

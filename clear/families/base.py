@@ -39,6 +39,21 @@ class ModelSpec:
     guidance: float
     max_sequence_length: int  # T5 tokens
     training_tokens: int  # L0
+    # the released size, for FLOPs (clear.attention_flops, scripts/benchmark.py flops --model): channels of one
+    # attention call (heads x head_dim) and attention layers of one forward; None where not recorded
+    width: int | None = None
+    layers: int | None = None
+
+    def attention_flops(self, height: int, width: int, radius: float | None, down_factor: int = 1,
+                        text_len: int | None = None) -> int:
+        """Attention FLOPs of one forward (every attention layer) at a ``height x width`` token grid, with
+        this model's width and ``text_len`` text tokens (default: its ``max_sequence_length``)."""
+        from ..geometry import attention_flops
+
+        if self.width is None or self.layers is None:
+            raise ValueError(f"{self.name}: no width / layer count recorded for FLOPs")
+        text = self.max_sequence_length if text_len is None else text_len
+        return self.layers * attention_flops(height, width, radius, text, down_factor, self.width)
 
     def defaults(self) -> dict:
         """``steps``, ``guidance`` and ``max_sequence_length`` as a dict (``clear.inference.default_settings``)."""
@@ -67,6 +82,9 @@ class ModelFamily:
     # (NTK scaling applies), whether CLEAR weights are released, a Hub id for messages
     pipelines: tuple[str, ...] = ()
     img2img_class: str = ""
+    # training from data (scripts/distill.py, the cache scripts): VAE posterior moments shifted and scaled
+    # (AutoencoderKL) and pooled + token text; a family without it distils through clear.distill.distill_losses
+    training_data: bool = True
     rope: bool = False
     released_weights: bool = False
     example: str = ""
@@ -83,6 +101,11 @@ class ModelFamily:
     def model_spec(self, pretrained_model_name_or_path: str) -> ModelSpec:
         """The released model a pipeline folder / Hub id is, from its transformer config (no weights read)."""
         return self.spec(self.transformer_config(pretrained_model_name_or_path))
+
+    def guidance_kwargs(self, guidance: float, given: Mapping | None = None) -> dict:
+        """The pipeline call arguments that sample with ``guidance`` (FLUX, SD3: ``guidance_scale``). ``given``:
+        the call's other arguments (a family that adds a negative prompt leaves one given there alone)."""
+        return {"guidance_scale": guidance}
 
     def default_guidance_scale(self, transformer_config) -> float:
         """Guidance for generating data and validation images with this model."""
@@ -150,7 +173,23 @@ class ModelFamily:
         """The text length of each attention layout of a forward (one per kind of attention call)."""
         raise NotImplementedError
 
+    def arrangement(self, bound: inspect.BoundArguments, grid: tuple[int, int]):
+        """A :class:`clear.processors.Arrangement` when this forward's joint sequence is not CLEAR's layout as
+        it is (reference-image tokens after the image, padded text tokens), else ``None`` (the default): then
+        :meth:`text_lens` gives the layouts. A family whose processor attends through
+        :func:`clear.processors.attend_arranged` overrides it."""
+        return None
+
     # -- training ------------------------------------------------------------------------
+    def check_training_data(self, what: str = "scripts/distill.py") -> None:
+        """Refuse, saying what works instead, where this family's training data cannot be read from a folder."""
+        if not self.training_data:
+            raise NotImplementedError(
+                f"{what}: training data are read for FLUX.1 and SD3 only (AutoencoderKL latents, pooled + token text); "
+                f"{self.name} models ({self.transformer_class}) encode latents and text otherwise and are not "
+                "supported there yet. clear.distill.distill_losses trains them from latents and prompt embeddings "
+                f"made with the pipeline's own VAE and encode_prompt (see docs/families.md)")
+
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
         raise NotImplementedError
@@ -174,6 +213,13 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- resolution extrapolation ----------------------------------------------------------
+    def check_img2img(self) -> None:
+        """Refuse upscaling (SDEdit) stages where diffusers has no img2img pipeline for this family."""
+        if not self.img2img_class:
+            raise NotImplementedError(f"diffusers has no img2img (SDEdit) pipeline for {self.pipeline_class}, so "
+                                      f"{self.name} models cannot run upscaling stages: generate at one size (CLEAR "
+                                      "runs at any size), without --sizes")
+
     def ntk_rope(self, models, ntk_factor: float | None):
         """A context within which ``models`` (transformer and ControlNets of this family) use NTK-scaled
         RoPE. ``ntk_factor`` ``None`` or 1: nothing changes. A family without RoPE (the default) refuses

@@ -189,9 +189,9 @@ FLUX1_TRAINING_TOKENS = 64 * 64 + 512
 SPECS = (
     ModelSpec("CLEAR-mini", _is_mini, steps=28, guidance=3.5, max_sequence_length=32, training_tokens=16 * 16 + 32),
     ModelSpec("FLUX.1-dev", lambda c: bool(c.get("guidance_embeds")), steps=28, guidance=3.5,
-              max_sequence_length=512, training_tokens=FLUX1_TRAINING_TOKENS),
+              max_sequence_length=512, training_tokens=FLUX1_TRAINING_TOKENS, width=24 * 128, layers=19 + 38),
     ModelSpec("FLUX.1-schnell", lambda c: True, steps=4, guidance=0.0, max_sequence_length=256,
-              training_tokens=FLUX1_TRAINING_TOKENS),
+              training_tokens=FLUX1_TRAINING_TOKENS, width=24 * 128, layers=19 + 38),
 )
 
 FAMILY = FluxFamily(

@@ -92,7 +92,9 @@ def img2img_pipeline(pipe, scheduler=None, family: ModelFamily | None = None):
     ``family``: the pipeline's, when known."""
     import diffusers
 
-    cls = getattr(diffusers, (family or pipeline_family(pipe)).img2img_class)
+    family = family or pipeline_family(pipe)
+    family.check_img2img()
+    cls = getattr(diffusers, family.img2img_class)
     names = inspect.signature(cls.__init__).parameters
     components = {k: v for k, v in pipe.components.items() if k in names}
     if scheduler is not None:
@@ -146,8 +148,8 @@ def run_upscale(pipe, info: PipelineInfo, image, prompt: str, height: int, width
     img2img = img2img_pipeline(pipe, scheduler, info.family)
     resized = image.convert("RGB").resize((width, height), Image.LANCZOS)
     with info.family.ntk_rope(clear_models(pipe), ntk_factor), proportional_attention(pipe, proportional), vae_tiling(pipe.vae, tiling):
-        kwargs = dict(image=resized, prompt=prompt, height=height, width=width, guidance_scale=guidance,
-                      max_sequence_length=max_sequence_length)
+        kwargs = dict(image=resized, prompt=prompt, height=height, width=width,
+                      **info.family.guidance_kwargs(guidance), max_sequence_length=max_sequence_length)
         if warmup:
             _timed_call(img2img, strength=1.0, num_inference_steps=1,
                         generator=torch.Generator("cpu").manual_seed(seed), **kwargs)

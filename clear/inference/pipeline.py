@@ -262,6 +262,8 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
     info.check_size(*base_size, df if (base_model == "clear" or clear is None) else 1, max_pixels)
     for h, w in sizes:
         info.check_size(h, w, df, max_pixels)
+    if sizes:
+        info.family.check_img2img()
     if sizes or ntk_factor is not None:
         ntk_factor = resolve_ntk_factor(info.family, ntk_factor)
     steps, guidance, max_sequence_length = info.sampling(steps, guidance, max_sequence_length)
@@ -367,7 +369,7 @@ def run_generate(pipe, info: PipelineInfo, prompt: str, height: int, width: int,
                  max_sequence_length: int, seed: int = 0, warmup: bool = False, **pipe_kwargs) -> Result:
     """:func:`generate` with its settings already resolved and checked (by :func:`generate` or
     :func:`plan_generation`): no defaults, no checks."""
-    kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
+    kwargs = dict(prompt=prompt, height=height, width=width, **info.family.guidance_kwargs(guidance, pipe_kwargs),
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
         _timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
