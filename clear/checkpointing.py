@@ -313,6 +313,31 @@ def settings_changes(saved: dict, current: dict, harmless: set | frozenset = fro
     return refused, allowed
 
 
+def use_run_hyperparameters(scheduler, learning_rate: float, hyperparameters: dict | None = None) -> list[float]:
+    """After a resume, train with this run's learning rate, schedule and optimizer settings.
+
+    Restoring a checkpoint brings back the learning-rate scheduler's base learning rate and the
+    optimizer's parameter-group settings (``lr``, ``betas``, ``weight_decay``, ...) of the run
+    that wrote it; the schedule's shape (warm-up, decay, length) is the newly built
+    scheduler's, with its restored position. This sets the base learning rate to
+    ``learning_rate``, each parameter group's ``hyperparameters`` (``{"betas": ..., ...}``) to
+    this run's, and the current learning rate to ``base * schedule(position)``, as the
+    scheduler itself would have. Nothing changes when the run's settings are the checkpoint's.
+    ``scheduler``: a ``torch.optim.lr_scheduler.LambdaLR`` (every diffusers schedule is one),
+    bare or wrapped by accelerate. Returns the current learning rates."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    if not hasattr(scheduler, "lr_lambdas"):
+        raise TypeError(f"cannot apply a new learning rate to a restored {type(scheduler).__name__}: only LambdaLR "
+                        "schedules (those of diffusers.optimization.get_scheduler) are supported")
+    lrs = [float(learning_rate) * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]  # as LambdaLR.get_lr
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group.update(hyperparameters or {})
+        group["initial_lr"], group["lr"] = float(learning_rate), lr
+    scheduler.load_state_dict({**scheduler.state_dict(), "base_lrs": [float(learning_rate)] * len(lrs),
+                               "_last_lr": list(lrs)})  # _last_lr: what get_last_lr() reports
+    return lrs
+
+
 def save_settings(folder: str | os.PathLike, settings: dict) -> None:
     write_bytes(Path(folder) / SETTINGS, json.dumps(settings, indent=1, sort_keys=True).encode())
 

@@ -71,6 +71,7 @@ from clear.checkpointing import (
     save_settings,
     set_aside,
     settings_changes,
+    use_run_hyperparameters,
     write_failure_message,
     write_manifest,
 )
@@ -180,6 +181,16 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The seed of one micro-batch's noise and timesteps: a function of where it is, not of
     what ran before, so a resumed run draws exactly what an uninterrupted one would."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def optimizer_settings(args) -> dict:
+    """The optimizer's settings other than the learning rate (AdamW or Prodigy), as its constructor takes them."""
+    settings = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        settings.update(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                        use_bias_correction=args.prodigy_use_bias_correction,
+                        safeguard_warmup=args.prodigy_safeguard_warmup)
+    return settings
 
 
 def needs_gloo() -> bool:
@@ -401,16 +412,14 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
 
     # -- optimizer -----------------------------------------------------------------------
     params = [p for p in student.parameters() if p.requires_grad]
+    hyperparameters = optimizer_settings(args)
     if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, **hyperparameters)
     else:
         import prodigyopt
 
         optimizer = prodigyopt.Prodigy(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
-            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
+            params, lr=args.learning_rate, **hyperparameters,
             # ZeRO hands each process a shard of the parameters: Prodigy must all-reduce its step-size estimate
             fsdp_in_use=is_deepspeed and accelerator.num_processes > 1 and torch.cuda.is_available())
     # accelerate steps the schedule once per process per optimizer step
@@ -438,6 +447,8 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
     if resume is not None:  # (chosen and checked in main)
         logger.info("resuming from %s", resume)
         accelerator.load_state(str(resume), **({"load_module_strict": False} if is_deepspeed else {}))
+        # the restored states hold the checkpoint's learning rate and optimizer settings: train with this run's
+        use_run_hyperparameters(lr_scheduler, args.learning_rate, hyperparameters)
         start_step = checkpoint_step(resume)
         samples_drawn = data_state["samples_drawn"]
         bad.load_state_dict(data_state["bad_samples"])

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "downloaded into --ckpt_dir on first use; none exist for SD3), a .safetensors path, or 'none' "
                    "(untrained CLEAR)")
     g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
+    g.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
+                   help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
+                   "public release's attn_weights.safetensors) or says another one: you vouch for the window")
     g.add_argument("--backend", default="auto", choices=backends.choices(),
                    help="auto: flex on CUDA, dense elsewhere")
     s = p.add_argument_group("sampling")
@@ -68,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA), float16 or float32 (default on CPU)")
     s.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
     h = p.add_argument_group("high resolution (SDEdit)")
-    h.add_argument("--upscale", help="upscaling stages after the base image, HEIGHTxWIDTH,..., "
-                   "e.g. 2048x2048,4096x4096 (any aspect ratio)")
+    h.add_argument("--upscale", help="upscaling stages after the base image, HEIGHTxWIDTH,..., each larger than "
+                   "the one before, e.g. 2048x2048,4096x4096 (any aspect ratio), or factors of the image before, "
+                   "e.g. 2x,2x")
     h.add_argument("--base", default="original", choices=("original", "clear"),
                    help="model for the base image when upscaling (default: original)")
     h.add_argument("--strength", type=float, default=defaults.DEFAULT_STRENGTH,
@@ -129,7 +133,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         Window(args.radius, args.down_factor)
     except ValueError as e:
         raise ValueError(f"--radius {args.radius:g} --down_factor {args.down_factor}: {e}") from None
-    args.sizes = inf.parse_sizes(args.upscale) if args.upscale else []
+    args.sizes = inf.parse_sizes(args.upscale, base=(args.height, args.width)) if args.upscale else []
     inf.check_sampling(args.steps, args.guidance, args.strength if args.sizes else None, args.upscale_steps)
     args.shift = None if str(args.shift).lower() == "dynamic" else float(args.shift)
     args.tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
@@ -151,8 +155,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.parallel == "patch" and args.family.name != "flux":
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
     args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                                  family=args.family.name)
-    args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
+                                                  family=args.family.name, strict_radius=args.strict_radius)
+    args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend, args.strict_radius)
     args.plan = plan.with_clear(args.clear)
     return args
 

@@ -40,6 +40,9 @@ def parse_args(argv=None):
                    help="with --radius: 'released' (clear.download_weights; FLUX.1-dev), 'none' (no fine-tuned "
                         "weights: zero-shot CLEAR) or a .safetensors path")
     p.add_argument("--ckpt_dir", default="ckpt", help="where released weights are downloaded")
+    p.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
+                   help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
+                   "public release's attn_weights.safetensors) or says another one: you vouch for the window")
     p.add_argument("--backend", default="auto", choices=backends.choices())
     p.add_argument("--label", default=None, help="row name in the evaluation table (default: from the variant)")
     p.add_argument("--height", type=int, default=1024)
@@ -79,8 +82,8 @@ def preflight(args):
     if args.radius is None:
         return device, info, None
     checkpoint = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                        family=info.family.name)
-    return device, info, inf.ClearSpec(args.radius, args.down_factor, checkpoint, args.backend)
+                                        family=info.family.name, strict_radius=args.strict_radius)
+    return device, info, inf.ClearSpec(args.radius, args.down_factor, checkpoint, args.backend, args.strict_radius)
 
 
 def main(argv=None) -> dict:

@@ -216,6 +216,23 @@ def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli
         generate_cli.main([*base, "--height", "32", "--width", "48", "--checkpoint", "none", "--upscale", "64x90"])
 
 
+def test_an_upscale_stage_must_be_larger_than_the_image_before(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                               monkeypatch):
+    """`--upscale 4` (a factor, as people type it) is a 4x4-pixel stage: refused before anything loads, with the
+    syntax; the factor forms 2x / x2 scale the image before each stage."""
+    forbid_loading(monkeypatch)
+    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png"),
+            "--height", "32", "--width", "48", "--checkpoint", "none"]
+    for upscale, stage in (("4", "1, 4x4 pixels"), ("64x96,64x96", "2, 64x96 pixels")):
+        with pytest.raises(ValueError, match=rf"upscaling stage {stage}, is no larger than the image before it "
+                                             r"\(\d+x\d+\): stages are sizes HEIGHTxWIDTH .*--upscale 2x,2x"):
+            generate_cli.main([*base, "--upscale", upscale])
+    args = generate_cli.resolve_args(generate_cli.build_parser().parse_args([*base, "--upscale", "2x,x1.5"]))
+    assert args.sizes == [(64, 96), (96, 144)] and args.plan.sizes == ((64, 96), (96, 144))
+    with pytest.raises(ValueError, match="no larger than the image before it"):
+        inf.plan_generation(args.plan.info, (32, 48), [(32, 48)])  # the library refuses it too
+
+
 def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
     forbid_loading(monkeypatch)
     base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
@@ -550,6 +567,11 @@ def test_sizes_and_checks():
     assert inf.parse_sizes("1024,2048x512") == [(1024, 1024), (2048, 512)]  # N: a square
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         inf.parse_sizes("2048*4096")
+    assert inf.parse_sizes("2x, x1.5", base=(512, 768)) == [(1024, 1536), (1536, 2304)]  # factors of the one before
+    with pytest.raises(ValueError, match="'2x' is a factor: it needs the size of the first image"):
+        inf.parse_sizes("2x")
+    with pytest.raises(ValueError, match="'0x' is not a size .* or a factor like 2x"):
+        inf.parse_sizes("0x", base=(512, 512))
     inf.check_size(1024, 1536)
     with pytest.raises(ValueError, match="width=1000 is not a positive multiple of 16.*e.g. 992"):
         inf.check_size(1024, 1000)

@@ -27,7 +27,8 @@ from ..geometry import Window
 from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from ..weights import load_clear_weights
 from ..devices import resolve_device, resolve_dtype
-from .checks import check_checkpoint, check_sampling, check_size, pipeline_family, resolve_ntk_factor, size_rules
+from .checks import (check_checkpoint, check_sampling, check_size, check_upscaling, pipeline_family, resolve_ntk_factor,
+                     size_rules)
 
 
 # ------------------------------------------------------------------------------------------
@@ -37,12 +38,14 @@ from .checks import check_checkpoint, check_sampling, check_size, pipeline_famil
 
 @dataclass(frozen=True)
 class ClearSpec:
-    """What CLEAR to put on a pipeline: window, checkpoint path (``None`` = untrained), backend."""
+    """What CLEAR to put on a pipeline: window, checkpoint path (``None`` = untrained), backend;
+    ``strict_radius=False`` loads a checkpoint that does not say its radius (or says another one)."""
 
     radius: float | None
     down_factor: int = 1
     checkpoint: str | None = None
     backend: str = "auto"
+    strict_radius: bool = True
 
     def __post_init__(self):
         Window(self.radius, self.down_factor)  # radius > 0 (or None), down_factor >= 1: fails before any loading
@@ -55,7 +58,8 @@ class ClearSpec:
 
     def apply(self, pipe, family: str | None = None):
         """Put this CLEAR on ``pipe`` (:func:`apply_to_pipeline`; ``family``: the pipeline's, when known)."""
-        return apply_to_pipeline(pipe, self.radius, self.down_factor, self.checkpoint, self.backend, family=family)
+        return apply_to_pipeline(pipe, self.radius, self.down_factor, self.checkpoint, self.backend,
+                                 strict_radius=self.strict_radius, family=family)
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
     info = model_or_pipe if isinstance(model_or_pipe, PipelineInfo) else describe_pipeline(model_or_pipe)
     df = clear.down_factor if clear is not None else info.down_factor
     info.check_size(*base_size, df if (base_model == "clear" or clear is None) else 1, max_pixels)
+    check_upscaling(base_size, sizes)
     for h, w in sizes:
         info.check_size(h, w, df, max_pixels)
     if sizes or ntk_factor is not None:
