@@ -470,6 +470,15 @@ def test_distill_trains_only_clear_parameters_and_exports(family, request):
     assert Image.open(out / "validation" / f"step-{case['steps']:06d}.png").size == (32, 16)  # teacher | student
 
 
+def test_distill_takes_the_first_releases_flag_spellings():
+    """Migrating users type the public release's --window_size, --alpha and --beta: the same settings as --radius,
+    --distill_loss_weight and --attn_loss_weight."""
+    old = distill.parse_args(["--data_root", "d", "--window_size", "8", "--alpha", "0.25", "--beta", "0.75"])
+    new = distill.parse_args(["--data_root", "d", "--radius", "8", "--distill_loss_weight", "0.25",
+                              "--attn_loss_weight", "0.75"])
+    assert vars(old) == vars(new) and (new.radius, new.alpha, new.beta) == (8, 0.25, 0.75)
+
+
 def test_distill_checkpoints_validates_logs_and_never_overwrites(distilled):
     out = distilled["out"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
