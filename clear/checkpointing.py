@@ -399,7 +399,8 @@ class CheckpointManager:
         existing = list_checkpoints(output_dir)
         if existing and not resume_from:
             raise CheckpointError(f"{output_dir} already holds {', '.join(d.name for d in existing)}: pass "
-                                  "--resume_from_checkpoint latest to continue that run, or choose another --output_dir")
+                                  "--resume_from_checkpoint latest to continue that run, or choose another "
+                                  "--output_dir")
         resume, damaged = None, []
         if resume_from == "latest":
             resume, damaged = latest_complete(output_dir)
@@ -412,7 +413,8 @@ class CheckpointManager:
         elif resume_from:
             resume = Path(resume_from)
             if not resume.is_dir() or checkpoint_step(resume) is None:
-                raise CheckpointError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (checkpoint-<step>)")
+                raise CheckpointError(f"--resume_from_checkpoint {resume} is not a checkpoint folder "
+                                      "(checkpoint-<step>)")
             problem = checkpoint_problem(resume)
             if problem:
                 raise CheckpointError(f"--resume_from_checkpoint {resume} is damaged ({problem}): resume from an "

@@ -160,7 +160,8 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 def optimizer_settings(args) -> dict:
     """The optimizer's settings other than the learning rate (AdamW or Prodigy), as its constructor takes them."""
-    settings = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    settings = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                    eps=args.adam_epsilon)
     if args.optimizer == "prodigy":
         settings.update(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
                         use_bias_correction=args.prodigy_use_bias_correction,
@@ -475,7 +476,8 @@ def train(args, accelerator, family, dataset, checkpoints: CheckpointManager, re
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([losses.total, losses.fm, losses.distill, losses.attn]).detach().float()
-        means = dict(zip(LOSSES, accelerator.reduce(sums / args.gradient_accumulation_steps, reduction="mean").tolist()))
+        means = accelerator.reduce(sums / args.gradient_accumulation_steps, reduction="mean").tolist()
+        means = dict(zip(LOSSES, means))
         global_step = step + 1
         checkpoints.check_step(global_step, means)
         if step == start_step or accelerator.reduce(torch.tensor(len(batches.bad) - n_bad_here, device=device),
