@@ -213,6 +213,7 @@ def test_the_command_lines_can_load_a_file_without_its_radius(generate_cli, tiny
                                                               monkeypatch):
     """The first release's distill.py wrote attn_weights.safetensors with no radius in it: generate.py and
     generate_eval_set.py refuse it naming --no_strict_radius, and load it with that flag."""
+    from clear.commands import generate_eval_set
     from scripts_loader import load_script
 
     path = _clear_file(tmp_path / "attn_weights.safetensors", radius=2, metadata=False)
@@ -224,12 +225,14 @@ def test_the_command_lines_can_load_a_file_without_its_radius(generate_cli, tiny
     written = generate_cli.main(argv + ["--no_strict_radius"])
     assert Image.open(written["image"]).size == (48, 32)
 
-    eval_set = load_script("generate_eval_set")
-    eval_argv = ["--prompts", "p.txt", "--out", str(tmp_path / "eval"), "--model", tiny_flux_pipeline_dir,
+    eval_args = ["--prompts", "p.txt", "--out", str(tmp_path / "eval"), "--model", tiny_flux_pipeline_dir,
                  "--height", "32", "--width", "48", "--device", "cpu", "--radius", "2", "--checkpoint", path]
+    options = vars(load_script("generate_eval_set").parse_args(eval_args + ["--no_strict_radius"]))
+    assert options["strict_radius"] is False
+    window = dict(model=tiny_flux_pipeline_dir, height=32, width=48, radius=2, checkpoint=path, device="cpu")
     with pytest.raises(ValueError, match="--no_strict_radius"):
-        eval_set.preflight(eval_set.parse_args(eval_argv))
-    _, _, spec = eval_set.preflight(eval_set.parse_args(eval_argv + ["--no_strict_radius"]))
+        generate_eval_set.preflight(**window)
+    _, _, spec = generate_eval_set.preflight(**window, strict_radius=False)
     assert spec.checkpoint == path and spec.strict_radius is False
 
 

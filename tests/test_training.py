@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from scripts_loader import reset_accelerate_state
+from scripts_loader import load_script, reset_accelerate_state
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -34,12 +34,8 @@ from clear.shards import index_samples
 from tiny_models import tiny_flux, tiny_sd3, tiny_sd3_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-import cache_latent_codes  # noqa: E402
-import cache_prompt_embeds  # noqa: E402
-import distill  # noqa: E402
-import generate_data  # noqa: E402
+cache_latent_codes, cache_prompt_embeds = load_script("cache_latent_codes"), load_script("cache_prompt_embeds")
+distill, generate_data = load_script("distill"), load_script("generate_data")
 
 PROMPTS = ["a small blue plane", "a red cat", "a dog in the city", "a house over the river", "a tree at night"]
 GEN = ["--height", "16", "--width", "16", "--num_inference_steps", "2", "--max_sequence_length", "8"]

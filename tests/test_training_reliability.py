@@ -28,12 +28,12 @@ from clear.checkpointing import (
 )
 from clear.distill import attention_layers
 from clear.families import FAMILIES
+from scripts_loader import load_script
 from test_training import DISTILL, REPO, data, run_env  # noqa: F401 (data: the shared module fixture)
 from tiny_models import tiny_flux
 
-import cache_latent_codes  # noqa: E402 (scripts/ is on sys.path via test_training)
-import cache_prompt_embeds  # noqa: E402
-import distill  # noqa: E402
+cache_latent_codes, cache_prompt_embeds = load_script("cache_latent_codes"), load_script("cache_prompt_embeds")
+distill = load_script("distill")
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
