@@ -20,6 +20,8 @@ from PIL import Image
 import clear
 import clear.inference as inf
 import clear.visualize as vis
+from clear.families import get_family
+from clear.families.base import check_size as size_rule
 from clear.geometry import TokenLayout, Window, allowed_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -560,6 +562,21 @@ def test_plan_resolves_defaults_and_swaps_only_the_clear_it_was_checked_for(tiny
 # ------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------
+
+
+def test_training_and_inference_share_one_size_rule(tiny_sd3_pipeline_dir):
+    """The family's check (training resolution, data generation) is the inference check, with the flag's name:
+    the same grid, table and down-factor errors (tiny SD3: 4 pixels per token, a table of 32 tokens)."""
+    family, info = get_family("sd3"), inf.describe_pipeline(tiny_sd3_pipeline_dir)
+    assert inf.check_size is size_rule
+    for pixels, down_factor in ((30, 1), (132, 1), (36, 2)):
+        with pytest.raises(ValueError) as inference:
+            info.check_size(pixels, pixels, down_factor, max_pixels=None)
+        with pytest.raises(ValueError) as training:
+            family.check_size(tiny_sd3_pipeline_dir, pixels, down_factor, name="--resolution")
+        assert str(training.value) == str(inference.value).replace("height", "--resolution").replace(
+            "--resolution and width", "--resolution"), (str(training.value), str(inference.value))
+    family.check_size(tiny_sd3_pipeline_dir, 128, 2)
 
 
 def test_sizes_and_checks():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import families
 from ..families import ModelFamily, family_of, family_of_checkpoint, get_family
+from ..families.base import check_size
 from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from ..weights import (RELEASED, STRICT_RADIUS_OFF, Variant, download_weights, file_variant, hub_unreachable,
                        read_header, unverified_radius_message)
@@ -33,38 +34,6 @@ SUPPORTED_TRANSFORMERS = tuple(f.transformer_class for f in families.FAMILIES.va
 # ------------------------------------------------------------------------------------------
 # Settings: sizes, sampling, output path
 # ------------------------------------------------------------------------------------------
-
-
-def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1, max_grid: int | None = None,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-    """Image sizes must be multiples of ``multiple`` pixels (FLUX and SD3: 16 = VAE factor 8 x
-    patch 2; see :func:`size_rules`), at most ``max_grid`` tokens per side where the model has
-    such a limit (SD3's ``pos_embed_max_size``), at most ``max_pixels`` pixels in all
-    (:data:`DEFAULT_MAX_PIXELS` = 16384²; ``None``: no bound), and with ``down_factor`` the
-    token grid (pixels / multiple) must be divisible by it."""
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % multiple:
-            fix = f"e.g. {max(multiple, round(v / multiple) * multiple)}" if isinstance(v, int) and v > 0 else ""
-            raise ValueError(f"{name}={v} is not a positive multiple of {multiple} pixels, which this model needs "
-                             f"(VAE factor x patch size); choose another {name} {fix}".rstrip())
-    if max_grid is not None and max(height, width) > max_grid * multiple:
-        limit = max_grid * multiple
-        raise ValueError(f"{height}x{width} pixels is a {height // multiple}x{width // multiple} token grid, larger "
-                         f"than this model's positional embedding table of {max_grid}x{max_grid} tokens "
-                         f"(pos_embed_max_size={max_grid} in its transformer config): it generates at most {limit} "
-                         f"pixels per side; choose height and width <= {limit}")
-    if max_pixels is not None and height * width > max_pixels:
-        side = math.isqrt(max_pixels)
-        raise ValueError(f"{height}x{width} is {height * width:,} pixels, more than the bound of {max_pixels:,} "
-                         f"(max_pixels, about {side}x{side}): that far out, one image's latents, activations and "
-                         "decoded pixels run out of memory. Choose a smaller size, or raise the bound (--max_pixels, "
-                         "or max_pixels=) if your hardware really holds it")
-    if down_factor > 1:
-        gh, gw = height // multiple, width // multiple
-        if gh % down_factor or gw % down_factor:
-            step = multiple * down_factor
-            raise ValueError(f"{height}x{width} pixels is a {gh}x{gw} token grid, not divisible by down_factor="
-                             f"{down_factor}; with this variant choose sizes that are multiples of {step} pixels")
 
 
 def check_sampling(steps: int | None = None, guidance: float | None = None, strength: float | None = None,
