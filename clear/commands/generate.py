@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import backends, models as defaults
+from .. import backends, defaults
 
 
 def add_arguments(p) -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class ModelFamily:
         return contextlib.nullcontext()
 
     def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
-        """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.models.DEFAULT_NTK_FACTOR`
+        """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.defaults.DEFAULT_NTK_FACTOR`
         (10), 1 = off. Without: nothing, with a logged note; an explicit factor other than 1 is an error, it
         cannot be honoured."""
         if self.rope:

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import families
 from ..families import ModelFamily, family_of, family_of_checkpoint, get_family
 from ..families.base import check_size
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from ..weights import (RELEASED, STRICT_RADIUS_OFF, Variant, download_weights, file_variant, hub_unreachable,
                        read_header, unverified_radius_message)
 

@@ -24,7 +24,7 @@ import torch
 from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, ModelSpec, family_of, get_family
 from ..geometry import Window
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from ..weights import load_clear_weights
 from ..devices import resolve_device, resolve_dtype
 from .checks import (check_checkpoint, check_sampling, check_size, check_upscaling, pipeline_family, resolve_ntk_factor,
@@ -329,7 +329,7 @@ def finite_image(pipe, images):
     return pipe.numpy_to_pil(arr)[0]
 
 
-def _timed_call(pipe, **kwargs) -> tuple[object, float]:
+def timed_call(pipe, **kwargs) -> tuple[object, float]:
     """One pipeline call, timed; the latents are checked after every step and the decoded image
     at the end (:class:`NonFiniteImageError`)."""
     if "callback_on_step_end" not in kwargs:
@@ -343,7 +343,7 @@ def _timed_call(pipe, **kwargs) -> tuple[object, float]:
     return finite_image(pipe, images), seconds
 
 
-def _settings(info: PipelineInfo, seconds: float, **values) -> dict:
+def result_settings(info: PipelineInfo, seconds: float, **values) -> dict:
     """The settings of one generated image: ``values``, the attention used, the seconds, the CLEAR window."""
     settings = dict(values, attention=info.label, seconds=round(seconds, 3))
     if info.clear is not None:
@@ -375,10 +375,10 @@ def run_generate(pipe, info: PipelineInfo, prompt: str, height: int, width: int,
     kwargs = dict(prompt=prompt, height=height, width=width, guidance_scale=guidance,
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
-        _timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
-    image, seconds = _timed_call(pipe, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+        timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+    image, seconds = timed_call(pipe, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
                                  **kwargs)
-    return Result(image, seconds, _settings(info, seconds, prompt=prompt, height=height, width=width, steps=steps,
+    return Result(image, seconds, result_settings(info, seconds, prompt=prompt, height=height, width=width, steps=steps,
                                             guidance=guidance, seed=seed, max_sequence_length=max_sequence_length))
 
 
@@ -413,7 +413,7 @@ def generate_patch_parallel(pipe, prompt: str, plan: Plan, seed: int = 0, warmup
         return None
     image = finite_image(pipe, out.images)  # NaN / inf: an error, not a black PNG
     world = torch.distributed.get_world_size()
-    settings = _settings(info, seconds, prompt=prompt, height=plan.base_size[0], width=plan.base_size[1],
+    settings = result_settings(info, seconds, prompt=prompt, height=plan.base_size[0], width=plan.base_size[1],
                          steps=plan.steps, guidance=plan.guidance, seed=seed,
                          max_sequence_length=plan.max_sequence_length)
     settings.update(attention=f"{info.label} patch-parallel x{world} ({text_mode})", parallel="patch",
