@@ -4,7 +4,7 @@
     clear.apply_clear(pipe.transformer, radius=16)
     clear.load_clear_weights(pipe.transformer, clear.download_weights(radius=16))
 
-The names below are imported on first use (PEP 562), so that ``import clear.models`` (the
+The names below are imported on first use (PEP 562), so that ``import clear.defaults`` (the
 defaults a command line's ``--help`` shows) does not import torch or diffusers.
 """
 

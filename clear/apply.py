@@ -63,7 +63,7 @@ def model_family(model: torch.nn.Module) -> str:
 
 
 @functools.cache
-def _forward_signature(cls) -> inspect.Signature:
+def forward_signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
@@ -84,7 +84,7 @@ def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, gri
 @torch.compiler.disable  # runs eagerly, outside the compiled frame: see the module docstring
 def _grid_hook(module, args, kwargs):
     state: ClearState = module.clear_state
-    bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
+    bound = forward_signature(type(module)).bind_partial(module, *args, **kwargs)
     grid = state.family.grid(bound)
     TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
     arrangement = state.family.arrangement(bound, grid)

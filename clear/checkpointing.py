@@ -10,7 +10,10 @@ compares its own with them (:func:`settings_changes`), and each process's data s
 a fingerprint of the dataset (:func:`dataset_fingerprint`).
 
 One run per output folder: :class:`OutputDirLock` holds ``<output_dir>/.lock`` (pid, host)
-for the run's lifetime. Nothing here knows about accelerate; ``scripts/distill.py`` calls it.
+for the run's lifetime. :class:`CheckpointManager` puts these together for one run: which
+checkpoint to resume from, restoring it, saving (finite weights only) and rotating; it drives
+the ``accelerate.Accelerator`` it is given (nothing here imports accelerate).
+``scripts/distill.py`` uses it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,6 +31,9 @@ import time
 from pathlib import Path
 
 from .files import write_bytes
+from .weights import clear_state_dict_keys, load_clear_weights, save_clear_weights
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SETTINGS = "run_settings.json"
@@ -313,6 +320,31 @@ def settings_changes(saved: dict, current: dict, harmless: set | frozenset = fro
     return refused, allowed
 
 
+def use_run_hyperparameters(scheduler, learning_rate: float, hyperparameters: dict | None = None) -> list[float]:
+    """After a resume, train with this run's learning rate, schedule and optimizer settings.
+
+    Restoring a checkpoint brings back the learning-rate scheduler's base learning rate and the
+    optimizer's parameter-group settings (``lr``, ``betas``, ``weight_decay``, ...) of the run
+    that wrote it; the schedule's shape (warm-up, decay, length) is the newly built
+    scheduler's, with its restored position. This sets the base learning rate to
+    ``learning_rate``, each parameter group's ``hyperparameters`` (``{"betas": ..., ...}``) to
+    this run's, and the current learning rate to ``base * schedule(position)``, as the
+    scheduler itself would have. Nothing changes when the run's settings are the checkpoint's.
+    ``scheduler``: a ``torch.optim.lr_scheduler.LambdaLR`` (every diffusers schedule is one),
+    bare or wrapped by accelerate. Returns the current learning rates."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    if not hasattr(scheduler, "lr_lambdas"):
+        raise TypeError(f"cannot apply a new learning rate to a restored {type(scheduler).__name__}: only LambdaLR "
+                        "schedules (those of diffusers.optimization.get_scheduler) are supported")
+    lrs = [float(learning_rate) * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]  # as LambdaLR.get_lr
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group.update(hyperparameters or {})
+        group["initial_lr"], group["lr"] = float(learning_rate), lr
+    scheduler.load_state_dict({**scheduler.state_dict(), "base_lrs": [float(learning_rate)] * len(lrs),
+                               "_last_lr": list(lrs)})  # _last_lr: what get_last_lr() reports
+    return lrs
+
+
 def save_settings(folder: str | os.PathLike, settings: dict) -> None:
     write_bytes(Path(folder) / SETTINGS, json.dumps(settings, indent=1, sort_keys=True).encode())
 
@@ -321,3 +353,212 @@ def load_settings(folder: str | os.PathLike) -> dict | None:
     """The settings stored in a checkpoint, or None for a checkpoint written before they were."""
     path = Path(folder) / SETTINGS
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------
+# one run's checkpoints: choose, restore, save
+# ------------------------------------------------------------------------------------------
+
+class CheckpointManager:
+    """The checkpoints of one training run in ``output_dir``.
+
+    * :meth:`choose_resume`: the checkpoint to continue from (``--resume_from_checkpoint``: a
+      folder or ``latest``, the newest complete one, damaged newer ones set aside), refused
+      unless written with this run's ``settings`` (changes outside ``harmless`` need
+      ``allow_changed``) and dataset ``fingerprint``; returns it with this process's data state.
+    * :meth:`track`: checkpoints hold ``model``'s CLEAR weights (the released layout,
+      ``weights_name``), not a copy of the whole frozen model.
+    * :meth:`restore`: load the chosen checkpoint into the prepared model, optimizer and schedule.
+    * :meth:`check_step` / :meth:`check_weights`: stop on a non-finite loss, gradient or weight,
+      naming the last checkpoint.
+    * :meth:`save`: finite weights only, complete (manifest written) before the folder gets its
+      name, then older ones rotate out (``keep``); :meth:`export` writes the final weights.
+
+    ``accelerator``: the run's ``accelerate.Accelerator`` (``save_state``/``load_state``,
+    barriers, the process index); ``deepspeed``: whether it runs DeepSpeed (which restores the
+    module itself and saves without the frozen weights). ``log``: where decisions are logged."""
+
+    def __init__(self, output_dir: str | os.PathLike, accelerator, settings: dict, fingerprint: dict,
+                 weights_name: str, keep: int | None = None, harmless: frozenset = frozenset(),
+                 allow_changed: bool = False, deepspeed: bool = False, log: logging.Logger | None = None):
+        self.output_dir, self.accelerator = Path(output_dir), accelerator
+        self.settings, self.fingerprint, self.weights_name = settings, fingerprint, weights_name
+        self.keep, self.harmless, self.allow_changed, self.deepspeed = keep, harmless, allow_changed, deepspeed
+        self.log = log or logger
+        self.is_main = accelerator.is_main_process
+        self.model = None
+        self.last_saved: Path | None = None  # what a non-finite step's message points to
+
+    # -- which checkpoint to resume from ----------------------------------------------------
+
+    def choose_resume(self, resume_from: str | None, data_root: str = "") -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from (None: a new run) and this process's data state in it, once
+        the checkpoint is complete and was written with this run's settings and dataset. Raises
+        :class:`CheckpointError` saying what to do otherwise."""
+        output_dir, accelerator = self.output_dir, self.accelerator
+        existing = list_checkpoints(output_dir)
+        if existing and not resume_from:
+            raise CheckpointError(f"{output_dir} already holds {', '.join(d.name for d in existing)}: pass "
+                                  "--resume_from_checkpoint latest to continue that run, or choose another "
+                                  "--output_dir")
+        resume, damaged = None, []
+        if resume_from == "latest":
+            resume, damaged = latest_complete(output_dir)
+            if resume is None and damaged:
+                raise CheckpointError(f"no complete checkpoint in {output_dir}: "
+                                      + "; ".join(f"{d.name}: {why}" for d, why in damaged)
+                                      + ". Move them away to start a new run, or choose another --output_dir")
+            if resume is None:
+                self.log.info("no checkpoint in %s: starting a new run", output_dir)
+        elif resume_from:
+            resume = Path(resume_from)
+            if not resume.is_dir() or checkpoint_step(resume) is None:
+                raise CheckpointError(f"--resume_from_checkpoint {resume} is not a checkpoint folder "
+                                      "(checkpoint-<step>)")
+            problem = checkpoint_problem(resume)
+            if problem:
+                raise CheckpointError(f"--resume_from_checkpoint {resume} is damaged ({problem}): resume from an "
+                                      "earlier one")
+            later = [d.name for d in existing if checkpoint_step(d) > checkpoint_step(resume)]
+            if resume.parent.resolve() == output_dir.resolve() and later:
+                raise CheckpointError(f"resuming from {resume.name} would overwrite the later {', '.join(later)}: "
+                                      "move them away first, or resume from 'latest'")
+        accelerator.wait_for_everyone()  # every process has chosen before damaged checkpoints move
+        for folder, problem in damaged:
+            if self.is_main:
+                aside = set_aside(folder)
+                self.log.warning("%s is damaged (%s): resuming from %s instead; the damaged one is kept as %s",
+                                 folder.name, problem, resume.name, aside.name)
+        accelerator.wait_for_everyone()
+        if resume is None:
+            return None, None
+        self._check_settings(resume)
+        return resume, self._data_state(resume, data_root)
+
+    def _check_settings(self, resume: Path) -> None:
+        saved = load_settings(resume)
+        if saved is None:
+            self.log.warning("%s records no run settings (written by an older version): the settings of this run "
+                             "cannot be compared with it", resume)
+            return
+        refused, allowed = settings_changes(saved, self.settings, self.harmless)
+        if refused and not self.allow_changed:
+            raise CheckpointError(f"{resume} was written with other settings, and these change the optimisation or "
+                                  "the data order:\n  " + "\n  ".join(refused) + "\nresume with the checkpoint's "
+                                  "values, or pass --allow_changed_settings to continue with the new ones")
+        if refused:
+            self.log.warning("--allow_changed_settings: resuming %s with changed settings:\n  %s", resume,
+                             "\n  ".join(refused))
+        if allowed:
+            self.log.info("resuming %s; changed settings that do not alter the training: %s", resume,
+                          "; ".join(allowed))
+
+    def _data_state(self, resume: Path, data_root: str) -> dict:
+        state_file = resume / f"data_state.rank{self.accelerator.process_index}.json"
+        if not state_file.is_file():
+            raise CheckpointError(f"{resume} has no {state_file.name}: it was written by another number of processes; "
+                                  "resume with the same number of processes as the run that wrote it")
+        data_state = json.loads(state_file.read_text())
+        change = dataset_change(data_state.get("dataset"), self.fingerprint)
+        if change and not self.allow_changed:
+            raise CheckpointError(f"the dataset in {data_root} changed since {resume.name} was written: {change}. The "
+                                  "saved data position refers to the old data: restore it, or start a new run in "
+                                  "another --output_dir (--allow_changed_settings continues at the same position in "
+                                  "the new data)")
+        if change:
+            self.log.warning("--allow_changed_settings: the dataset changed since %s (%s); continuing at the same "
+                             "position in the new data", resume.name, change)
+        return data_state
+
+    # -- the model's part of a checkpoint, restoring one --------------------------------------
+
+    def track(self, model) -> None:
+        """Checkpoints hold ``model``'s CLEAR weights (the unwrapped student), not the whole model."""
+        self.model = model
+
+        def save_model_hook(models, weights, _dir):
+            weights.clear()
+
+        def load_model_hook(models, input_dir):
+            if models:  # (DeepSpeed restores the module itself)
+                models.clear()
+                load_clear_weights(model, Path(input_dir) / self.weights_name)
+
+        self.accelerator.register_save_state_pre_hook(save_model_hook)
+        self.accelerator.register_load_state_pre_hook(load_model_hook)
+
+    def restore(self, resume: Path, lr_scheduler, learning_rate: float, hyperparameters: dict) -> int:
+        """Load ``resume`` (model, optimizer, schedule, random states), then train on with this run's
+        learning rate, schedule and optimizer ``hyperparameters`` (:func:`use_run_hyperparameters`).
+        Returns the step to continue from."""
+        self.log.info("resuming from %s", resume)
+        self.accelerator.load_state(str(resume), **({"load_module_strict": False} if self.deepspeed else {}))
+        use_run_hyperparameters(lr_scheduler, learning_rate, hyperparameters)
+        self.last_saved = resume
+        return checkpoint_step(resume)
+
+    # -- non-finite values ------------------------------------------------------------------
+
+    def check_step(self, step: int, values: dict) -> None:
+        """:func:`check_step_finite`, naming the last checkpoint written or resumed from."""
+        check_step_finite(step, values, self.last_saved)
+
+    def check_weights(self, step: int) -> None:
+        bad = nonfinite_tensors(clear_state_dict_keys(self.model))
+        if bad:
+            raise NonFiniteError(f"step {step}: the CLEAR weights {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                                 "are not finite; nothing was saved. Lower --learning_rate and resume from the last "
+                                 "checkpoint")
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, step: int, data_state: dict) -> Path:
+        """``checkpoint-<step>``: the accelerate state, the CLEAR weights, the run's settings and
+        each process's ``data_state`` (with the dataset's fingerprint). Only finite weights are
+        saved; the checkpoint is complete (manifest written) before it gets its name, and only
+        then do older ones rotate out. A failed write raises :class:`CheckpointError` with the
+        free space; the earlier checkpoints stay."""
+        self.check_weights(step)
+        accelerator, is_main = self.accelerator, self.is_main
+        final, tmp = self.output_dir / f"checkpoint-{step}", self.output_dir / f"checkpoint-{step}.tmp"
+        if is_main and tmp.exists():
+            shutil.rmtree(tmp)  # an unfinished save of a killed run (this run holds the folder's lock)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if self.deepspeed else {}))
+            write_bytes(tmp / f"data_state.rank{accelerator.process_index}.json",
+                        json.dumps({**data_state, "dataset": self.fingerprint}).encode())
+            if is_main:
+                save_clear_weights(self.model, tmp / self.weights_name)
+                save_settings(tmp, self.settings)
+            accelerator.wait_for_everyone()
+            if is_main:
+                write_manifest(tmp)
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(write_failure_message(final, e)) from e
+        if is_main:
+            tmp.rename(final)
+            if self.keep:
+                rotate(self.output_dir, self.keep)
+            self.log.info("saved %s", final)
+        accelerator.wait_for_everyone()
+        self.last_saved = final
+        return final
+
+    def export(self, step: int) -> Path:
+        """The final CLEAR weights, ``<output_dir>/<weights_name>`` (finite ones only; main process)."""
+        weights = self.output_dir / self.weights_name
+        self.check_weights(step)
+        if self.is_main:
+            try:
+                save_clear_weights(self.model, weights)
+            except Exception as e:
+                if not is_write_failure(e):
+                    raise
+                raise CheckpointError(write_failure_message(weights, e).replace("the checkpoint", "the weights")) from e
+            self.log.info("CLEAR weights: %s", weights)
+        return weights

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .shards import IMAGE_EXTS, Sample
 
 PROMPT_EMBEDS = "prompt_embeds"  # cache kind: "prompt_embeds" [L, D], "pooled_prompt_embeds" [P] (encode_prompt's)
 LATENT_CODES = "latent_codes"  # cache kind: VAE posterior "latent_mean" and "latent_std" [C, h, w]
+logger = logging.getLogger(__name__)
 _FEATURE_NAMES = {PROMPT_EMBEDS: ("prompt_embeds", "pooled_prompt_embeds"), LATENT_CODES: ("latent_mean", "latent_std")}
 
 
@@ -298,6 +301,37 @@ class RankSampler(Sampler):
         while True:
             yield from self.epoch_indices(epoch)[offset:]
             epoch, offset = epoch + 1, 0
+
+
+class TrainingBatches:
+    """One process's stream of training batches: ``dataset`` in :class:`RankSampler` order from
+    ``state["samples_drawn"]`` on (0: a new run), through :func:`collate`. ``next()`` returns the
+    next batch with at least one readable sample; unreadable ones are counted in ``bad`` and
+    logged once each. :meth:`state_dict` is the data position a checkpoint keeps."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, state: dict | None = None, log: logging.Logger | None = None):
+        self.dataset, self.batch_size, self.log = dataset, batch_size, log or logger
+        self.bad, self.samples_drawn = BadSamples(), 0
+        if state is not None:
+            self.samples_drawn = state["samples_drawn"]
+            self.bad.load_state_dict(state["bad_samples"])
+        sampler = RankSampler(len(dataset), seed, rank, world_size, start=self.samples_drawn)
+        self._batches = iter(DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                        num_workers=num_workers, pin_memory=torch.cuda.is_available()))
+
+    def next(self) -> dict:
+        for _ in range(math.ceil(len(self.dataset) / self.batch_size) + 1):
+            batch = next(self._batches)
+            self.samples_drawn += self.batch_size
+            for b in self.bad.add(batch["bad"]):  # each bad file is logged once, when first met
+                self.log.warning("skipping bad sample %s: %s", b.id, b.reason)
+            if batch["ids"]:
+                return batch
+        raise RuntimeError(f"no sample of a whole epoch could be read:\n{self.bad.report()}")
+
+    def state_dict(self) -> dict:
+        return {"samples_drawn": self.samples_drawn, "bad_samples": self.bad.state_dict()}
 
 
 # ------------------------------------------------------------------------------------------

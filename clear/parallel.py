@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .apply import _forward_signature, model_family
+from .apply import forward_signature, model_family
 from .attention import ClearAttention, pool_tokens
 from .geometry import BandLayout, TokenLayout, Window, grid_from_ids
 
@@ -330,7 +330,7 @@ def _shard_hook(module, args, kwargs):
     if state is None or state.core is not attn.inner:
         raise RuntimeError("CLEAR was removed or re-applied after clear.parallelize(); call "
                            "clear.unparallelize(transformer) first, then apply_clear, then parallelize again")
-    bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs)
+    bound = forward_signature(type(module)).bind_partial(module, *args, **kwargs)
     a = dict(bound.arguments)
     a.pop("self")
     if a.get("controlnet_block_samples") is not None or a.get("controlnet_single_block_samples") is not None:

@@ -244,6 +244,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
     return metadata, shapes
 
 
+# how a caller vouches for the window of a file that does not say (or says another) radius
+STRICT_RADIUS_OFF = "strict_radius=False (on the command line: --no_strict_radius)"
+
+
 def unverified_radius_message(path) -> str:
     return (f"{path} does not say which radius it was trained for (no clear.radius metadata, and its name is not "
             "a released variant name like clear_local_16.safetensors), so it cannot be checked against the "
@@ -331,7 +335,7 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     if strict_radius and file_radius is not None and float(file_radius) != float(state.radius or -1):
         raise ValueError(
             f"{path} was trained for radius={file_radius:g} but CLEAR was applied with radius={state.radius}; "
-            f"call clear.apply_clear(transformer, radius={file_radius:g}, ...) (or pass strict_radius=False to "
+            f"call clear.apply_clear(transformer, radius={file_radius:g}, ...) (or pass {STRICT_RADIUS_OFF} to "
             "use the weights with another window on purpose)"
         )
     if not radius_known:
@@ -340,7 +344,7 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             name = Variant(int(r), state.down_factor).filename if r is not None and float(r).is_integer() else None
             raise ValueError(unverified_radius_message(path) + f" (radius={r}): "
                              + (f"if it was trained for that radius, rename it {name}, " if name else "")
-                             + "or pass strict_radius=False to load it anyway")
+                             + f"or pass {STRICT_RADIUS_OFF} to load it anyway")
         logger.warning("%s; loading it into CLEAR radius=%s because strict_radius=False",
                        unverified_radius_message(path), state.radius)
     elif not strict_radius and file_radius != state.radius:

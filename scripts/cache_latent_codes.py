@@ -16,16 +16,21 @@ An image that does not decode is skipped, counted and listed at the end. Then tr
 
 from __future__ import annotations
 
-import cache_features
+import argparse
+
+from clear.commands import cache
 from clear.data import LATENT_CODES
 
 
-def _arguments(p):
-    p.add_argument("--resolution", type=int, default=1024)
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cache.add_arguments(parser, batch_size=8)
+    parser.add_argument("--resolution", type=int, default=1024)
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
-    return cache_features.main(LATENT_CODES, __doc__, argv, extra=_arguments)
+    return cache.run(LATENT_CODES, **vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -16,17 +16,22 @@ and listed at the end. Then train with --use_cached_prompt_embed.
 
 from __future__ import annotations
 
-import cache_features
+import argparse
+
+from clear.commands import cache
 from clear.data import PROMPT_EMBEDS
 
 
-def _arguments(p):
-    p.add_argument("--max_sequence_length", type=int, default=None,
-                   help="T5 tokens per prompt; default: the model's (FLUX.1-dev 512, FLUX.1-schnell 256, SD3 256)")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cache.add_arguments(parser, batch_size=16)
+    parser.add_argument("--max_sequence_length", type=int, default=None,
+                        help="T5 tokens per prompt; default: the model's (FLUX.1-dev 512, FLUX.1-schnell 256, SD3 256)")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
-    return cache_features.main(PROMPT_EMBEDS, __doc__, argv, batch_size=16, extra=_arguments)
+    return cache.run(PROMPT_EMBEDS, **vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -21,63 +21,38 @@ run) and, when resuming, that the checkpoint is complete and was written with th
 settings and dataset (``clear.checkpointing``); every step stops on a non-finite loss or
 gradient before anything of it is saved.
 
-Reads top to bottom: arguments and checks (``main``, ``choose_resume``), then ``train``:
-models, data, optimizer, resume, the loop (loss, step, log, validation, checkpoint), export.
+Reads top to bottom: arguments and checks (``main``), then ``train``: models, data,
+optimizer, resume, the loop (loss, step, log, validation, checkpoint), export. Choosing,
+restoring and saving checkpoints is ``clear.checkpointing.CheckpointManager``'s job; the data
+stream and its position ``clear.data.TrainingBatches``'; validation images :class:`Validation`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import clear
-from clear.data import (
-    LATENT_CODES,
-    PROMPT_EMBEDS,
-    BadSamples,
-    DistillDataset,
-    RankSampler,
-    check_cache,
-    collate,
-    default_cache_dir,
-)
 from clear.checkpointing import (
     CheckpointError,
+    CheckpointManager,
     NonFiniteError,
     OutputDirLock,
-    check_step_finite,
     check_writable,
-    checkpoint_problem,
-    checkpoint_step,
-    dataset_change,
     dataset_fingerprint,
-    is_write_failure,
-    latest_complete,
-    list_checkpoints,
-    load_settings,
-    nonfinite_tensors,
-    rotate,
-    save_settings,
-    set_aside,
-    settings_changes,
-    write_failure_message,
-    write_manifest,
 )
+from clear.data import LATENT_CODES, PROMPT_EMBEDS, DistillDataset, TrainingBatches, check_cache, default_cache_dir
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation, sample_timesteps
 from clear.encoders import LatentEncoder, PromptEncoder, latents_from_moments, vae_scaling
 from clear.families import FAMILIES, resolve_family
-from clear.files import save_image, write_bytes
+from clear.files import save_image
 from clear.shards import index_samples
 
 logger = logging.getLogger("distill")
@@ -91,6 +66,7 @@ HARMLESS_SETTINGS = frozenset({
     "num_validation_inference_steps", "dataloader_num_workers", "data_root", "cache_dir", "attn_backend",
     "gradient_checkpointing", "allow_tf32", "max_train_steps"})
 _SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup")
+LOSSES = ("loss", "loss_fm", "loss_distill", "loss_attn")
 
 
 def parse_args(argv=None):
@@ -182,6 +158,17 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
 
 
+def optimizer_settings(args) -> dict:
+    """The optimizer's settings other than the learning rate (AdamW or Prodigy), as its constructor takes them."""
+    settings = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                    eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        settings.update(beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                        use_bias_correction=args.prodigy_use_bias_correction,
+                        safeguard_warmup=args.prodigy_safeguard_warmup)
+    return settings
+
+
 def needs_gloo() -> bool:
     """A distributed run (several processes, or DeepSpeed) without GPUs: NCCL cannot work, use gloo."""
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
@@ -205,15 +192,16 @@ def side_by_side(teacher_images, student_images):
     return grid
 
 
-def main(argv=None) -> dict:
-    """Arguments, the accelerator and every check that needs no model (family, sizes, data,
-    caches, the output folder and its lock, the checkpoint to resume and its settings); then
-    :func:`train`, holding the output folder's lock until it ends."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+def harmless_settings(args) -> frozenset:
+    """The settings this run may change on resume without --allow_changed_settings."""
+    if args.lr_scheduler in _SCHEDULES_WITHOUT_LENGTH:
+        return HARMLESS_SETTINGS
+    return HARMLESS_SETTINGS - {"max_train_steps"}  # the schedule's length
 
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+
+def check_inputs(args):
+    """The model family, the sizes, the data and its caches, before anything loads: returns
+    ``(family, dataset)``; fills in the family's defaults of ``args``. Exits with the problem."""
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
         family.check_training_data("scripts/distill.py")
@@ -227,17 +215,23 @@ def main(argv=None) -> dict:
             check_cache(cache_dir, PROMPT_EMBEDS, family.name, max_sequence_length=args.max_sequence_length)
         if args.use_cached_latent:
             check_cache(cache_dir, LATENT_CODES, family.name, resolution=args.resolution)
-        samples = index_samples(args.data_root)
-        dataset = DistillDataset(samples, args.resolution, cache_dir, args.use_cached_prompt_embed,
-                                 args.use_cached_latent)
+        dataset = DistillDataset(index_samples(args.data_root), args.resolution, cache_dir,
+                                 args.use_cached_prompt_embed, args.use_cached_latent)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:  # a bad --data_root, a missing cache, ...
         raise SystemExit(str(e)) from e
     if args.guidance_scale is None:
         args.guidance_scale = family.default_guidance_scale(transformer_config)
     if args.attn_loss_layers is None:
         args.attn_loss_layers = family.attn_loss_layers
+    return family, dataset
 
-    # -- accelerator ---------------------------------------------------------------------
+
+def make_accelerator(args):
+    """The accelerator (logging, trackers, gloo without GPUs), DeepSpeed's batch settings from ours, the seed."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -258,123 +252,61 @@ def main(argv=None) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
+    return accelerator
 
-    # -- before the heavy work: the output folder is writable and ours, the resume is honest ----
-    lock = OutputDirLock(output_dir)
+
+def take_output_dir(lock: OutputDirLock, accelerator) -> None:
+    """The output folder is writable and this run's (its lock); every process exits if not."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            check_writable(lock.path.parent)
+            took_over = lock.acquire()
+            if took_over:
+                logger.warning(took_over)
+        except CheckpointError as e:
+            problem = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise SystemExit(problem)
+
+
+def main(argv=None) -> dict:
+    """Arguments, the accelerator and every check that needs no model (family, sizes, data,
+    caches, the output folder and its lock, the checkpoint to resume and its settings); then
+    :func:`train`, holding the output folder's lock until it ends."""
+    from accelerate.utils import DistributedType
+
+    args = parse_args(argv)
+    family, dataset = check_inputs(args)
+    accelerator = make_accelerator(args)
+    lock = OutputDirLock(args.output_dir)
     try:
-        problem = None
-        if accelerator.is_main_process:
-            try:
-                check_writable(output_dir)
-                took_over = lock.acquire()
-                if took_over:
-                    logger.warning(took_over)
-            except CheckpointError as e:
-                problem = str(e)
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            problem = broadcast_object_list([problem])[0]
-        if problem:
-            raise SystemExit(problem)
-        fingerprint = dataset_fingerprint([s.id for s in samples])
-        settings = run_settings(args, accelerator.num_processes)
-        resume, data_state = choose_resume(args, accelerator, settings, fingerprint)
-        return train(args, accelerator, family, dataset, cache_dir, resume, data_state, settings, fingerprint)
+        take_output_dir(lock, accelerator)
+        checkpoints = CheckpointManager(
+            args.output_dir, accelerator, run_settings(args, accelerator.num_processes),
+            dataset_fingerprint([s.id for s in dataset.samples]), clear.Variant(args.radius, args.down_factor).filename,
+            keep=args.checkpoints_total_limit, harmless=harmless_settings(args),
+            allow_changed=args.allow_changed_settings,
+            deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED, log=logger)
+        resume, data_state = checkpoints.choose_resume(args.resume_from_checkpoint, args.data_root)
+        return train(args, accelerator, family, dataset, checkpoints, resume, data_state)
     except (CheckpointError, NonFiniteError) as e:
         raise SystemExit(str(e)) from e
     finally:
         lock.release()
 
 
-def choose_resume(args, accelerator, settings: dict, fingerprint: dict) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from (None: a new run) and this process's data state in it, once
-    the checkpoint is complete and was written with this run's settings and dataset."""
-    output_dir, is_main = Path(args.output_dir), accelerator.is_main_process
-    existing = list_checkpoints(output_dir)
-    if existing and not args.resume_from_checkpoint:
-        raise SystemExit(f"{output_dir} already holds {', '.join(d.name for d in existing)}: pass "
-                         "--resume_from_checkpoint latest to continue that run, or choose another --output_dir")
-    resume, damaged = None, []
-    if args.resume_from_checkpoint == "latest":
-        resume, damaged = latest_complete(output_dir)
-        if resume is None and damaged:
-            raise SystemExit(f"no complete checkpoint in {output_dir}: "
-                             + "; ".join(f"{d.name}: {why}" for d, why in damaged)
-                             + ". Move them away to start a new run, or choose another --output_dir")
-        if resume is None:
-            logger.info("no checkpoint in %s: starting a new run", output_dir)
-    elif args.resume_from_checkpoint:
-        resume = Path(args.resume_from_checkpoint)
-        if not resume.is_dir() or checkpoint_step(resume) is None:
-            raise SystemExit(f"--resume_from_checkpoint {resume} is not a checkpoint folder (checkpoint-<step>)")
-        problem = checkpoint_problem(resume)
-        if problem:
-            raise SystemExit(f"--resume_from_checkpoint {resume} is damaged ({problem}): resume from an earlier one")
-        later = [d.name for d in existing if checkpoint_step(d) > checkpoint_step(resume)]
-        if resume.parent.resolve() == output_dir.resolve() and later:
-            raise SystemExit(f"resuming from {resume.name} would overwrite the later {', '.join(later)}: move them "
-                             "away first, or resume from 'latest'")
-    accelerator.wait_for_everyone()  # every process has chosen before damaged checkpoints move
-    for folder, problem in damaged:
-        if is_main:
-            aside = set_aside(folder)
-            logger.warning("%s is damaged (%s): resuming from %s instead; the damaged one is kept as %s",
-                           folder.name, problem, resume.name, aside.name)
-    accelerator.wait_for_everyone()
-    if resume is None:
-        return None, None
+def load_models(args, family, device, dtype, is_deepspeed: bool):
+    """The frozen teacher, its copy with CLEAR whose CLEAR parameters alone train (fp32 unless DeepSpeed),
+    and those parameters by name."""
+    from diffusers.training_utils import cast_training_params
 
-    saved = load_settings(resume)
-    if saved is None:
-        logger.warning("%s records no run settings (written by an older version): the settings of this run "
-                       "cannot be compared with it", resume)
-    else:
-        harmless = HARMLESS_SETTINGS if args.lr_scheduler in _SCHEDULES_WITHOUT_LENGTH else (
-            HARMLESS_SETTINGS - {"max_train_steps"})  # the schedule's length
-        refused, allowed = settings_changes(saved, settings, harmless)
-        if refused and not args.allow_changed_settings:
-            raise SystemExit(f"{resume} was written with other settings, and these change the optimisation or the "
-                             "data order:\n  " + "\n  ".join(refused) + "\nresume with the checkpoint's values, or "
-                             "pass --allow_changed_settings to continue with the new ones")
-        if refused:
-            logger.warning("--allow_changed_settings: resuming %s with changed settings:\n  %s", resume,
-                           "\n  ".join(refused))
-        if allowed:
-            logger.info("resuming %s; changed settings that do not alter the training: %s", resume, "; ".join(allowed))
-
-    state_file = resume / f"data_state.rank{accelerator.process_index}.json"
-    if not state_file.is_file():
-        raise SystemExit(f"{resume} has no {state_file.name}: it was written by another number of processes; "
-                         f"resume with the same number of processes as the run that wrote it")
-    data_state = json.loads(state_file.read_text())
-    change = dataset_change(data_state.get("dataset"), fingerprint)
-    if change and not args.allow_changed_settings:
-        raise SystemExit(f"the dataset in {args.data_root} changed since {resume.name} was written: {change}. The "
-                         "saved data position refers to the old data: restore it, or start a new run in another "
-                         "--output_dir (--allow_changed_settings continues at the same position in the new data)")
-    if change:
-        logger.warning("--allow_changed_settings: the dataset changed since %s (%s); continuing at the same "
-                       "position in the new data", resume.name, change)
-    return resume, data_state
-
-
-def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | None, data_state: dict | None,
-          settings: dict, fingerprint: dict) -> dict:
-    """Models, optimizer, resume, the loop (loss, step, log, validation, checkpoint), export."""
-    from accelerate.utils import DistributedType, gather_object
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, free_memory
-
-    output_dir = Path(args.output_dir)
-    is_main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    # -- models: frozen teacher, CLEAR student -------------------------------------------
     teacher = family.transformer_cls().from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
-                                                       dtype=weight_dtype).to(device)
+                                                       dtype=dtype).to(device)
     teacher.requires_grad_(False).eval()
     student = copy.deepcopy(teacher)
     clear.apply_clear(student, radius=args.radius, down_factor=args.down_factor, backend=args.attn_backend)
@@ -384,174 +316,131 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
     student.train()
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    return teacher, student, trainable
+
+
+def make_optimizer(args, params, fsdp_in_use: bool):
+    """AdamW or Prodigy over ``params`` with this run's settings (:func:`optimizer_settings`)."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.learning_rate, **optimizer_settings(args))
+    import prodigyopt
+
+    # fsdp_in_use: ZeRO hands each process a shard of the parameters; Prodigy must all-reduce its step-size estimate
+    return prodigyopt.Prodigy(params, lr=args.learning_rate, **optimizer_settings(args), fsdp_in_use=fsdp_in_use)
+
+
+class BatchInputs:
+    """A batch's model inputs: x0 latents [B, C, H, W] fp32 (sampled from the VAE moments with
+    ``generator``), token and pooled text embeddings; from the caches or encoded here."""
+
+    def __init__(self, args, family, device, dtype):
+        self.device, self.dtype = device, dtype
+        self.prompt_encoder = None if args.use_cached_prompt_embed else PromptEncoder(
+            args.pretrained_model_name_or_path, device, dtype, args.max_sequence_length, family)
+        self.latent_encoder = None if args.use_cached_latent else LatentEncoder(
+            args.pretrained_model_name_or_path, device, dtype)
+        self.shift_factor, self.scaling_factor = vae_scaling(args.pretrained_model_name_or_path)
+
+    def __call__(self, batch: dict, generator: torch.Generator):
+        text = (self.prompt_encoder(batch["prompt"]) if self.prompt_encoder
+                else {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds")})
+        moments = (self.latent_encoder(batch["image"]) if self.latent_encoder
+                   else {k: batch[k] for k in ("latent_mean", "latent_std")})
+        x0 = latents_from_moments(moments["latent_mean"].to(self.device), moments["latent_std"].to(self.device),
+                                  self.shift_factor, self.scaling_factor, generator)
+        return (x0, text["prompt_embeds"].to(self.device, self.dtype),
+                text["pooled_prompt_embeds"].to(self.device, self.dtype))
+
+
+class Validation:
+    """The validation prompts through teacher and student with the same seeds, side by side:
+    ``<output_dir>/validation/step-<N>.png`` and the trackers. The frozen teacher is rendered once."""
+
+    def __init__(self, args, family, accelerator, teacher, noise_scheduler, inputs: BatchInputs):
+        from diffusers import AutoencoderKL
+        from diffusers.training_utils import free_memory
+
+        self.args, self.family, self.accelerator, self.teacher = args, family, accelerator, teacher
+        self.noise_scheduler, self.teacher_images = noise_scheduler, None
+        device, dtype = accelerator.device, inputs.dtype
+        encoder = inputs.prompt_encoder or PromptEncoder(args.pretrained_model_name_or_path, device, dtype,
+                                                         args.max_sequence_length, family)
+        self.text = encoder(args.validation_prompt, negative=True)
+        self.vae = inputs.latent_encoder.vae if inputs.latent_encoder else AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vae", dtype=dtype).to(device)
+        del encoder
+        free_memory()
+
+    def render(self, transformer) -> list:
+        args, device = self.args, self.accelerator.device
+        pipe = self.family.pipeline(transformer, self.vae, copy.deepcopy(self.noise_scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        size = args.validation_resolution or args.resolution
+        with torch.no_grad(), self.accelerator.autocast():
+            return [pipe(**{k: v[i: i + 1] for k, v in self.text.items()}, height=size, width=size,
+                         guidance_scale=args.guidance_scale, num_inference_steps=args.num_validation_inference_steps,
+                         generator=torch.Generator(device).manual_seed(args.seed + i)).images[0]
+                    for i in range(len(args.validation_prompt))]
+
+    def __call__(self, step: int, student) -> Path:
+        if self.teacher_images is None:
+            self.teacher_images = self.render(self.teacher)
+        grid = side_by_side(self.teacher_images, self.render(student))
+        path = save_image(grid, Path(self.args.output_dir) / "validation" / f"step-{step:06d}.png")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation (teacher | student)": np.asarray(grid)[None]}, step,
+                                   dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"validation (teacher | student)": [grid]}, step)
+        logger.info("validation images: %s", path)
+        return path
+
+
+def train(args, accelerator, family, dataset, checkpoints: CheckpointManager, resume: Path | None,
+          data_state: dict | None) -> dict:
+    """Models, data, optimizer, resume, the loop (loss, step, log, validation, checkpoint), export."""
+    from accelerate.utils import DistributedType, gather_object
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
+
+    is_main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # -- models: frozen teacher, CLEAR student ---------------------------------------------
+    teacher, student, trainable = load_models(args, family, device, weight_dtype, is_deepspeed)
     layers = attention_layers(student, args.attn_loss_layers)
-    variant = clear.Variant(args.radius, args.down_factor)
     guidance = family.training_guidance(teacher.config, args.guidance_scale)
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(args.pretrained_model_name_or_path,
                                                                       subfolder="scheduler")
-    shift_factor, scaling_factor = vae_scaling(args.pretrained_model_name_or_path)
     logger.info("%s student: %s; %d trainable tensors (%.1fM parameters); L_attn on %d layers (%s)", family.name,
                 student.clear_state.core, len(trainable), sum(p.numel() for p in trainable.values()) / 1e6,
                 len(layers), args.attn_loss_layers)
 
     # -- data (indexed and checked in main) -------------------------------------------------
-    prompt_encoder = None if args.use_cached_prompt_embed else PromptEncoder(
-        args.pretrained_model_name_or_path, device, weight_dtype, args.max_sequence_length, family)
-    latent_encoder = None if args.use_cached_latent else LatentEncoder(
-        args.pretrained_model_name_or_path, device, weight_dtype)
+    inputs = BatchInputs(args, family, device, weight_dtype)
 
-    # -- optimizer -----------------------------------------------------------------------
+    # -- optimizer and schedule (accelerate steps it once per process per optimizer step) ---
     params = [p for p in student.parameters() if p.requires_grad]
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    else:
-        import prodigyopt
-
-        optimizer = prodigyopt.Prodigy(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
-            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
-            # ZeRO hands each process a shard of the parameters: Prodigy must all-reduce its step-size estimate
-            fsdp_in_use=is_deepspeed and accelerator.num_processes > 1 and torch.cuda.is_available())
-    # accelerate steps the schedule once per process per optimizer step
+    sharded = is_deepspeed and accelerator.num_processes > 1 and torch.cuda.is_available()  # ZeRO shards the params
+    optimizer = make_optimizer(args, params, fsdp_in_use=sharded)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(student)
+    checkpoints.track(model)
 
-    # Checkpoints hold the CLEAR weights (released layout), not a copy of the whole frozen model.
-    def save_model_hook(models, weights, _dir):
-        weights.clear()
-
-    def load_model_hook(models, input_dir):
-        if models:  # (DeepSpeed restores the module itself)
-            models.clear()
-            clear.load_clear_weights(model, Path(input_dir) / variant.filename)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    # -- resume --------------------------------------------------------------------------
-    start_step, bad, samples_drawn = 0, BadSamples(), 0
-    if resume is not None:  # (chosen and checked in main)
-        logger.info("resuming from %s", resume)
-        accelerator.load_state(str(resume), **({"load_module_strict": False} if is_deepspeed else {}))
-        start_step = checkpoint_step(resume)
-        samples_drawn = data_state["samples_drawn"]
-        bad.load_state_dict(data_state["bad_samples"])
-
-    sampler = RankSampler(len(dataset), args.seed, rank, accelerator.num_processes, start=samples_drawn)
-    loader = iter(DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
-                             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available()))
-
-    def next_batch() -> dict:
-        """The next batch with at least one readable sample; unreadable ones are logged and counted."""
-        nonlocal samples_drawn
-        for _ in range(math.ceil(len(dataset) / args.train_batch_size) + 1):
-            batch = next(loader)
-            samples_drawn += args.train_batch_size
-            for b in bad.add(batch["bad"]):  # each bad file is logged once, when first met
-                logger.warning("skipping bad sample %s: %s", b.id, b.reason)
-            if batch["ids"]:
-                return batch
-        raise RuntimeError(f"no sample of a whole epoch could be read:\n{bad.report()}")
-
-    def model_inputs(batch: dict, generator: torch.Generator):
-        """(x0 latents [B, C, H, W] fp32, token embeddings, pooled embeddings) of one batch."""
-        if args.use_cached_prompt_embed:
-            text = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
-        else:
-            text = prompt_encoder(batch["prompt"])
-        moments = ({k: batch[k] for k in ("latent_mean", "latent_std")} if args.use_cached_latent
-                   else latent_encoder(batch["image"]))
-        x0 = latents_from_moments(moments["latent_mean"].to(device), moments["latent_std"].to(device), shift_factor,
-                                  scaling_factor, generator)
-        return x0, text["prompt_embeds"].to(device, weight_dtype), text["pooled_prompt_embeds"].to(device, weight_dtype)
-
-    # -- validation: the same prompts and seeds through teacher and student, side by side ---
-    validation = None
-    if args.validation_prompt and is_main:
-        encoder = prompt_encoder or PromptEncoder(args.pretrained_model_name_or_path, device, weight_dtype,
-                                                  args.max_sequence_length, family)
-        validation = {"text": encoder(args.validation_prompt, negative=True), "teacher": None,
-                      "vae": latent_encoder.vae if latent_encoder else AutoencoderKL.from_pretrained(
-                          args.pretrained_model_name_or_path, subfolder="vae", dtype=weight_dtype).to(device)}
-        del encoder
-        free_memory()
-
-    def render(transformer) -> list:
-        pipe = family.pipeline(transformer, validation["vae"], copy.deepcopy(noise_scheduler))
-        pipe.set_progress_bar_config(disable=True)
-        size = args.validation_resolution or args.resolution
-        with torch.no_grad(), accelerator.autocast():
-            return [pipe(**{k: v[i: i + 1] for k, v in validation["text"].items()}, height=size, width=size,
-                         guidance_scale=args.guidance_scale, num_inference_steps=args.num_validation_inference_steps,
-                         generator=torch.Generator(device).manual_seed(args.seed + i)).images[0]
-                    for i in range(len(args.validation_prompt))]
-
-    def validate(step: int) -> None:
-        if validation is not None:
-            if validation["teacher"] is None:  # the teacher is frozen: render it once
-                validation["teacher"] = render(teacher)
-            grid = side_by_side(validation["teacher"], render(model))
-            path = output_dir / "validation" / f"step-{step:06d}.png"
-            save_image(grid, path)
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.log_images({"validation (teacher | student)": np.asarray(grid)[None]}, step,
-                                       dataformats="NHWC")
-                elif tracker.name == "wandb":
-                    tracker.log_images({"validation (teacher | student)": [grid]}, step)
-            logger.info("validation images: %s", path)
-        accelerator.wait_for_everyone()
-
-    # -- checkpoints ---------------------------------------------------------------------
-    def check_weights_finite(step: int) -> None:
-        bad_weights = nonfinite_tensors(clear.clear_state_dict_keys(model))
-        if bad_weights:
-            raise NonFiniteError(f"step {step}: the CLEAR weights {', '.join(bad_weights[:3])}"
-                                 f"{' ...' if len(bad_weights) > 3 else ''} are not finite; nothing was saved. "
-                                 "Lower --learning_rate and resume from the last checkpoint")
-
-    last_saved = resume
-
-    def save_checkpoint(step: int) -> Path:
-        """Only finite weights are saved; a checkpoint is complete (manifest written) before it gets
-        its name, and only then do older ones rotate out."""
-        nonlocal last_saved
-        check_weights_finite(step)
-        final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
-        if is_main and tmp.exists():
-            shutil.rmtree(tmp)  # an unfinished save of a killed run (this run holds the folder's lock)
-        accelerator.wait_for_everyone()
-        try:
-            accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if is_deepspeed else {}))
-            write_bytes(tmp / f"data_state.rank{rank}.json",
-                        json.dumps({"samples_drawn": samples_drawn, "bad_samples": bad.state_dict(),
-                                    "dataset": fingerprint}).encode())
-            if is_main:
-                clear.save_clear_weights(model, tmp / variant.filename)
-                save_settings(tmp, settings)
-            accelerator.wait_for_everyone()
-            if is_main:
-                write_manifest(tmp)
-        except Exception as e:
-            if not is_write_failure(e):
-                raise
-            if is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(write_failure_message(final, e)) from e
-        if is_main:
-            tmp.rename(final)
-            if args.checkpoints_total_limit:
-                rotate(output_dir, args.checkpoints_total_limit)
-            logger.info("saved %s", final)
-        accelerator.wait_for_everyone()
-        last_saved = final
-        return final
+    # -- resume (chosen and checked in main): model, optimizer, schedule, data position -----
+    start_step = 0
+    if resume is not None:
+        start_step = checkpoints.restore(resume, lr_scheduler, args.learning_rate, optimizer_settings(args))
+    batches = TrainingBatches(dataset, args.train_batch_size, args.seed, rank, accelerator.num_processes,
+                              args.dataloader_num_workers, state=data_state, log=logger)
+    validation = (Validation(args, family, accelerator, teacher, noise_scheduler, inputs)
+                  if args.validation_prompt and is_main else None)
 
     # -- the loop ------------------------------------------------------------------------
     if is_main:
@@ -561,17 +450,16 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
     logger.info("%d samples; batch %d = %d per process x %d accumulation x %d processes; steps %d -> %d",
                 len(dataset), total, args.train_batch_size, args.gradient_accumulation_steps,
                 accelerator.num_processes, start_step, args.max_train_steps)
-    history, n_bad = [], 0
+    history, n_bad, n_bad_here = [], 0, len(batches.bad)
     bar = tqdm(total=args.max_train_steps, initial=start_step, desc="distill",
                disable=not accelerator.is_local_main_process)
-    n_bad_here = len(bad)
     for step in range(start_step, args.max_train_steps):
         sums = torch.zeros(4, device=device)
         for micro in range(args.gradient_accumulation_steps):
-            batch = next_batch()
+            batch = batches.next()
             generator = torch.Generator(device).manual_seed(step_seed(args.seed, step, micro, rank))
             with accelerator.accumulate(student):
-                x0, prompt_embeds, pooled = model_inputs(batch, generator)
+                x0, prompt_embeds, pooled = inputs(batch, generator)
                 noise = torch.randn(x0.shape, generator=generator, device=device)
                 timesteps, sigmas = sample_timesteps(noise_scheduler, x0.shape[0], args.weighting_scheme,
                                                      args.logit_mean, args.logit_std, args.mode_scale, generator,
@@ -584,45 +472,40 @@ def train(args, accelerator, family, dataset, cache_dir: Path, resume: Path | No
                 accelerator.backward(losses.total)
                 if accelerator.sync_gradients:  # the same global norm on every process: all stop together
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    check_step_finite(step + 1, {"gradient norm": grad_norm}, last_saved)
+                    checkpoints.check_step(step + 1, {"gradient norm": grad_norm})
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([losses.total, losses.fm, losses.distill, losses.attn]).detach().float()
         means = accelerator.reduce(sums / args.gradient_accumulation_steps, reduction="mean").tolist()
+        means = dict(zip(LOSSES, means))
         global_step = step + 1
-        check_step_finite(global_step, dict(zip(("loss", "loss_fm", "loss_distill", "loss_attn"), means)), last_saved)
-        if step == start_step or accelerator.reduce(torch.tensor(len(bad) - n_bad_here, device=device), "sum") > 0:
-            n_bad = len(set(gather_object(bad.ids())))  # distinct files over all processes
-        n_bad_here = len(bad)
-        logs = dict(zip(("loss", "loss_fm", "loss_distill", "loss_attn"), means), lr=lr_scheduler.get_last_lr()[0],
-                    bad_samples=n_bad)
+        checkpoints.check_step(global_step, means)
+        if step == start_step or accelerator.reduce(torch.tensor(len(batches.bad) - n_bad_here, device=device),
+                                                    "sum") > 0:
+            n_bad = len(set(gather_object(batches.bad.ids())))  # distinct files over all processes
+        n_bad_here = len(batches.bad)
+        logs = dict(means, lr=lr_scheduler.get_last_lr()[0], bad_samples=n_bad)
         history.append(logs)
         accelerator.log(logs, step=global_step)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-        if args.validation_prompt and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
-            validate(global_step)
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(global_step)
+        last = global_step == args.max_train_steps
+        if args.validation_prompt and (global_step % args.validation_steps == 0 or last):
+            if validation is not None:
+                validation(global_step, model)
+            accelerator.wait_for_everyone()
+        if global_step % args.checkpointing_steps == 0 or last:
+            checkpoints.save(global_step, batches.state_dict())
     bar.close()
 
     # -- export --------------------------------------------------------------------------
-    weights = output_dir / variant.filename
-    check_weights_finite(max(start_step, args.max_train_steps))
-    if is_main:
-        try:
-            clear.save_clear_weights(model, weights)
-        except Exception as e:
-            if not is_write_failure(e):
-                raise
-            raise CheckpointError(write_failure_message(weights, e).replace("the checkpoint", "the weights")) from e
-        logger.info("CLEAR weights: %s", weights)
-    if len(bad):
-        logger.warning("process %d: %s", rank, bad.report())
+    weights = checkpoints.export(max(start_step, args.max_train_steps))
+    if len(batches.bad):
+        logger.warning("process %d: %s", rank, batches.bad.report())
     accelerator.end_training()
     return {"start_step": start_step, "global_step": max(start_step, args.max_train_steps), "history": history,
-            "weights": str(weights), "bad_samples": bad, "student": model}
+            "weights": str(weights), "bad_samples": batches.bad, "student": model}
 
 
 if __name__ == "__main__":

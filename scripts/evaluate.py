@@ -7,16 +7,16 @@
 Writes OUT/metrics.json and OUT/table.md. Images are paired by file stem; unpaired,
 prompt-less or unreadable images are skipped and counted in the report. Folders made by
 scripts/generate_eval_set.py carry their variant (for the GFLOPs column) in
-generation.json; for other folders pass --radius/--down_factor.
+generation.json; for other folders pass --radius/--down_factor. The work is clear.commands.evaluate.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from clear.evaluation import METRIC_KEYS, EvalConfig, ModelImages, evaluate, load_prompts, markdown_table, write_report
+from clear.commands import evaluate
+from clear.evaluation import METRIC_KEYS, EvalConfig
 
 
 def parse_args(argv=None):
@@ -53,26 +53,7 @@ def parse_args(argv=None):
 
 def main(argv=None, nets=None) -> dict:
     """Run the evaluation; ``nets`` (a :class:`clear.evaluation.FeatureNets`) injects networks."""
-    args = parse_args(argv)
-    names = args.names.split(",") if args.names else [None] * (1 + len(args.clear))
-    if len(names) != 1 + len(args.clear):
-        raise SystemExit(f"--names has {len(names)} names for {1 + len(args.clear)} folders (original + --clear)")
-    original = ModelImages.from_folder(args.original, names[0], text_len=args.text_len)
-    original.radius, original.down_factor, original.variant_known = None, 1, True  # the reference: full attention
-    variant = {} if args.radius is None else {"radius": args.radius, "down_factor": args.down_factor}
-    candidates = [ModelImages.from_folder(f, n, text_len=args.text_len, **variant) for f, n in zip(args.clear, names[1:])]
-    config = EvalConfig(metrics=tuple(args.metrics.split(",")) if args.metrics else None, clip_model=args.clip_model,
-                        dino_model=args.dino_model, depth_model=args.depth_model, lpips_net=args.lpips_net,
-                        is_splits=args.is_splits, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                        dim=args.attention_dim, tokens_per_pixel_side=args.pixels_per_token)
-    prompts = load_prompts(args.prompts) if args.prompts else None
-    results = evaluate(original, candidates, real=args.real, prompts=prompts, conditions=args.conditions,
-                       config=config, nets=nets, limit=args.limit, progress=not args.no_progress)
-    js, md = write_report(results, args.out)
-    print(markdown_table(results))
-    print(f"wrote {js} and {md}")
-    print(json.dumps(results["images"], indent=1))
-    return results
+    return evaluate.run(**vars(parse_args(argv)), nets=nets)
 
 
 if __name__ == "__main__":

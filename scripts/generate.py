@@ -14,231 +14,25 @@ the settings (``PIL.Image.open(path).text``). Everything checkable without weigh
 checkpoint variant, family and dtypes, weights present) is checked before anything loads;
 NaN / inf in the checkpoint fail when it loads, in the latents or image before any PNG is written.
 
-The script is four functions so that other front ends can reuse them: ``build_parser``,
-``resolve_args`` (checks, no heavy work), ``build_pipeline`` (load and put CLEAR on it;
-the place where a distributed wrapper plugs in) and ``run``; ``main(argv)`` calls them.
+The work is clear.commands.generate (shared with scripts/generate_highres.py): ``resolve_args``
+(checks, no heavy work), ``build_pipeline`` (load and put CLEAR on it; the place where a
+distributed wrapper plugs in) and ``run``; ``main(argv)`` calls them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-# Only light imports here: --help answers without torch or diffusers (clear.models imports neither);
-# the functions below import clear.inference when they run.
-from clear import backends, models as defaults  # noqa: E402
+# clear.commands.generate imports clear.inference only when its functions run: --help stays fast
+from clear.commands.generate import add_arguments, build_pipeline, resolve_args, run, run_patch_parallel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=defaults.DEFAULT_MODEL, help="Hub id or local diffusers pipeline directory "
-                   f"(default {defaults.DEFAULT_MODEL}; FLUX.1-schnell works zero-shot with the FLUX.1-dev weights; "
-                   "SD3 / SD3.5 (StableDiffusion3Pipeline) with your own --checkpoint)")
-    p.add_argument("--prompt", default="a small blue plane flying over snowy mountains at sunrise")
-    p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16 (default 1024)")
-    p.add_argument("--max_pixels", type=int, default=defaults.DEFAULT_MAX_PIXELS,
-                   help=f"refuse images larger than this many pixels (default {defaults.DEFAULT_MAX_PIXELS} = 16384²) "
-                        "before anything loads; raise it if your hardware holds more")
-    g = p.add_argument_group("CLEAR")
-    g.add_argument("--variant", help="released variant name, e.g. clear_local_16 or clear_local_16_down_4 "
-                   "(instead of --radius/--down_factor)")
-    g.add_argument("--radius", type=float, help="window radius in tokens (default 16)")
-    g.add_argument("--down_factor", type=int, help="pooled key/value tokens of df x df cells (default 1: none)")
-    g.add_argument("--checkpoint", default="released", help="CLEAR weights: 'released' (default; FLUX.1-dev weights "
-                   "downloaded into --ckpt_dir on first use; none exist for SD3), a .safetensors path, or 'none' "
-                   "(untrained CLEAR)")
-    g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
-    g.add_argument("--backend", default="auto", choices=backends.choices(),
-                   help="auto: flex on CUDA, dense elsewhere")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, help="denoising steps (default: the model's, 28 for FLUX.1-dev, 4 for "
-                   "schnell, 28 for SD3-Medium and SD3.5-Large, 40 for SD3.5-Medium)")
-    s.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 3.5 for FLUX.1-dev, 0 for "
-                   "schnell, 7 for SD3-Medium, 4.5 for SD3.5-Medium, 3.5 for SD3.5-Large; SD3.5-Large-Turbo: "
-                   "--steps 4 --guidance 0)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max_sequence_length", type=int, help="T5 tokens (default 512 for FLUX.1-dev, 256 for schnell "
-                   "and SD3)")
-    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA), float16 or float32 (default on CPU)")
-    s.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
-    h = p.add_argument_group("high resolution (SDEdit)")
-    h.add_argument("--upscale", help="upscaling stages after the base image, HEIGHTxWIDTH,..., "
-                   "e.g. 2048x2048,4096x4096 (any aspect ratio)")
-    h.add_argument("--base", default="original", choices=("original", "clear"),
-                   help="model for the base image when upscaling (default: original)")
-    h.add_argument("--strength", type=float, default=defaults.DEFAULT_STRENGTH,
-                   help="noise level of each stage (0.7)")
-    h.add_argument("--upscale_steps", type=int, help="full schedule length of each stage (default: --steps)")
-    h.add_argument("--ntk_factor", type=float, default=None,
-                   help="NTK-scaled RoPE in upscaling stages "
-                        f"(FLUX: default {defaults.DEFAULT_NTK_FACTOR:g}; 1 = off). "
-                        "SD3 has no RoPE: leave it out")
-    h.add_argument("--no_proportional_attention", action="store_true",
-                   help="keep 1/sqrt(d) in upscaling stages instead of the proportional attention scale")
-    h.add_argument("--proportional_formula", default="release", choices=("release", "plain"),
-                   help="proportional scale in upscaling stages: release (default; the public release's "
-                        "sqrt(log_L0(10N)/d) for down-sampled variants, sqrt(log_L0(N)/d) otherwise) or plain "
-                        "(sqrt(log_L0(N)/d) for every variant)")
-    h.add_argument("--shift", default=str(defaults.DEFAULT_SHIFT),
-                   help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for the scheduler's own "
-                        "(FLUX: resolution-dependent; SD3: its config's fixed shift)")
-    h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
-                   help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
-    m = p.add_argument_group("multi-GPU (launch with torchrun --nproc_per_node N; docs/parallel.md)")
-    m.add_argument("--parallel", default="none", choices=("none", "patch"),
-                   help="patch (FLUX only): each GPU denoises a band of image rows, exchanging K/V halos "
-                        "(clear.parallel); rank 0 decodes (VAE tiling per --vae_tiling) and writes --out")
-    m.add_argument("--text_mode", default="exact", choices=("exact", "average"),
-                   help="text queries under --parallel patch: exact (= one GPU) or average (the paper's Eq. 7)")
-    o = p.add_argument_group("output")
-    o.add_argument("--compare", action="store_true",
-                   help="also run the original model with the same seed; save OUT_original.png and a "
-                        "side-by-side OUT_compare.png with timings")
-    o.add_argument("--warmup", action="store_true", help="an untimed 1-step run before each timed one "
-                   "(compilation of the flex backend, autotuning): use it when timings matter")
-    o.add_argument("--out", default="outputs/clear.png", help="output PNG (default outputs/clear.png)")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Turn the command line into settings and check everything that needs no weights, cheapest
-    first: variant and radius, steps, guidance, strength, output path, device, then the library's
-    plan (:func:`clear.inference.plan_generation`: the model's path and family from its configs;
-    every size once, with SD3's largest size and --max_pixels; the NTK factor), then the checkpoint
-    (its variant, family and dtypes; downloaded if 'released'). Fails fast."""
-    from clear import inference as inf
-    from clear.geometry import Window
-    from clear.weights import Variant
-
-    if args.variant:
-        v = Variant.parse(args.variant)
-        for name, given, want in (("radius", args.radius, v.radius), ("down_factor", args.down_factor, v.down_factor)):
-            if given is not None and float(given) != float(want):
-                raise ValueError(f"--{name} {given:g} contradicts --variant {args.variant}; give only one of them")
-        args.radius, args.down_factor = v.radius, v.down_factor
-    args.radius = 16.0 if args.radius is None else args.radius
-    args.down_factor = 1 if args.down_factor is None else args.down_factor
-    try:
-        Window(args.radius, args.down_factor)
-    except ValueError as e:
-        raise ValueError(f"--radius {args.radius:g} --down_factor {args.down_factor}: {e}") from None
-    args.sizes = inf.parse_sizes(args.upscale) if args.upscale else []
-    inf.check_sampling(args.steps, args.guidance, args.strength if args.sizes else None, args.upscale_steps)
-    args.shift = None if str(args.shift).lower() == "dynamic" else float(args.shift)
-    args.tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
-    args.proportional = False if args.no_proportional_attention else (
-        "plain" if args.proportional_formula == "plain" else True)
-    args.out = inf.check_output_path(args.out, ".png")
-    args.device = str(inf.check_device(args.device)) if args.device else inf.default_device()
-    if args.parallel == "patch" and (args.compare or args.sizes):
-        raise ValueError("--parallel patch generates one image: drop --compare and --upscale")
-
-    spec = inf.ClearSpec(args.radius, args.down_factor, None, args.backend)
-    plan = inf.plan_generation(  # reads the configs only; fails on unsupported models
-        args.model, (args.height, args.width), args.sizes, clear=spec,
-        base_model=args.base if args.sizes else "clear", strength=args.strength, steps=args.steps,
-        upscale_steps=args.upscale_steps, guidance=args.guidance, ntk_factor=args.ntk_factor,
-        proportional=args.proportional, shift=args.shift, tiling=args.tiling,
-        max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels)
-    args.family, args.ntk_factor = plan.info.family, plan.ntk_factor
-    if args.parallel == "patch" and args.family.name != "flux":
-        raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
-    args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                                  family=args.family.name)
-    args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend)
-    args.plan = plan.with_clear(args.clear)
-    return args
-
-
-def build_pipeline(args: argparse.Namespace):
-    """Load the pipeline (CLEAR is put on it by :func:`run`, after an optional original run)."""
-    from clear import inference as inf
-
-    pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, info=args.plan.info)
-    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
-    return pipe
-
-
-def _settings(args, result, **extra) -> dict:
-    from clear import inference as inf
-
-    dtype = str(inf.resolve_dtype(args.dtype, args.device)).replace("torch.", "")
-    return dict(model=args.model, checkpoint=args.checkpoint_path or "none", device=str(args.device), dtype=dtype,
-                **result.settings, **extra)
-
-
-def _stage_path(out: Path, i: int, h: int, w: int, tag: str = "") -> Path:
-    return out.with_name(f"{out.stem}{tag}.stage{i}_{h}x{w}.png")
-
-
-def run(args: argparse.Namespace, pipe) -> dict[str, str]:
-    """Generate (and compare, and upscale) as the arguments say; returns the written paths."""
-    from clear import inference as inf
-
-    out, written = args.out, {}
-
-    def chain(spec):  # one full run of the plan (base image, then any upscaling stages) with `spec` CLEAR
-        return inf.run_plan(pipe, args.prompt, args.plan.with_clear(spec), seed=args.seed, warmup=args.warmup,
-                            progress=not args.quiet)
-
-    original = None
-    if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
-        original = chain(None)
-        meta = _settings(args, original[-1].result, total_seconds=round(_total(original), 3))
-        written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"), meta)
-    stages = chain(args.clear)
-    for i, st in enumerate(stages[:-1]):
-        written[f"stage{i}"] = inf.save_png(st.image, _stage_path(out, i, st.height, st.width),
-                                            _settings(args, st.result, stage=i))
-    final = stages[-1]
-    meta = _settings(args, final.result, total_seconds=round(_total(stages), 3), stages=len(stages))
-    written["image"] = inf.save_png(final.image, out, meta)
-    print(f"{args.clear.label}: {final.height}x{final.width} in {_total(stages):.2f} s -> {out}")
-    if original is not None:
-        orig_res = inf.Result(original[-1].image, _total(original))
-        clear_res = inf.Result(final.image, _total(stages))
-        labels = [inf.timing_label(orig_res, "original"), inf.timing_label(clear_res, args.clear.label, orig_res)]
-        grid = inf.image_grid([orig_res.image, clear_res.image], labels)
-        written["compare"] = inf.save_png(grid, out.with_name(out.stem + "_compare.png"),
-                                          dict(model=args.model, prompt=args.prompt, labels=labels,
-                                               original_seconds=round(orig_res.seconds, 3),
-                                               clear_seconds=round(clear_res.seconds, 3)))
-        print(f"original: {orig_res.seconds:.2f} s; {labels[1]} -> {written['compare']}")
-    return written
-
-
-def run_patch_parallel(args: argparse.Namespace) -> dict[str, str]:
-    """``--parallel patch``, one process per GPU under torchrun: every rank denoises its band
-    of image rows (:func:`clear.inference.generate_patch_parallel`); rank 0 writes the PNG (other
-    ranks return ``{}``)."""
-    import torch
-
-    from clear import inference as inf
-    from clear import parallel
-
-    args.device = parallel.init_distributed(args.device)
-    try:
-        pipe = build_pipeline(args)
-        res = inf.generate_patch_parallel(pipe, args.prompt, args.plan, seed=args.seed, warmup=args.warmup,
-                                          text_mode=args.text_mode)
-        if res is None:
-            return {}
-        path = inf.save_png(res.image, args.out, _settings(args, res))
-        print(f"{res.settings['attention']}: {args.height}x{args.width} in {res.seconds:.2f} s -> {path}")
-        return {"image": path}
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _total(stages) -> float:
-    return sum(st.seconds for st in stages)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(parser)
+    return parser
 
 
 def main(argv=None, parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
@@ -246,8 +40,7 @@ def main(argv=None, parser: argparse.ArgumentParser | None = None) -> dict[str, 
     args = resolve_args((parser or build_parser()).parse_args(argv))
     if args.parallel == "patch":
         return run_patch_parallel(args)
-    pipe = build_pipeline(args)
-    return run(args, pipe)
+    return run(args, build_pipeline(args))
 
 
 def cli(parser: argparse.ArgumentParser | None = None) -> None:

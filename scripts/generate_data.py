@@ -22,20 +22,17 @@ its images exist, so a killed job resumes where it stopped: finished shards and 
 images are skipped. The settings are recorded in <output_dir>/.generation.json; resuming
 with different settings is refused.
 
-The loop is clear.generation.generate_dataset: each image is drawn with a CPU generator seeded
+The work is clear.commands.generate_data (the loop: clear.generation.generate_dataset): each image is drawn with a CPU generator seeded
 with its seed, so an image does not depend on the device, --batch_size or the rank count.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-from clear.devices import DTYPE_CHOICES, rank_device
-from clear.families import FAMILIES, resolve_family
-from clear.generation import generate_dataset, read_training_prompts
-from clear.shards import dist_env
+from clear.commands import generate_data
+from clear.devices import DTYPE_CHOICES
+from clear.families import FAMILIES
 
 
 def parse_args(argv=None):
@@ -61,47 +58,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    rank, world, local_rank = dist_env()
-    output_dir = Path(args.output_dir)
-    try:
-        family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
-        for name, pixels in (("--height", args.height), ("--width", args.width)):
-            family.check_size(args.pretrained_model_name_or_path, pixels, name=name)
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
-    spec = family.model_spec(args.pretrained_model_name_or_path)  # the model's own guidance and T5 length
-    args.guidance_scale = spec.guidance if args.guidance_scale is None else args.guidance_scale
-    args.max_sequence_length = args.max_sequence_length or spec.max_sequence_length
-    prompts, bad = read_training_prompts(args.prompts, base_seed=args.seed)
-    for line in bad:
-        print(f"skipped prompt entry {line}", file=sys.stderr)
-    prompts = prompts[: args.num_samples]
-    if not prompts:
-        raise SystemExit(f"no usable prompts in {args.prompts}")
-
-    def load_pipe():
-        device, dtype = rank_device(local_rank, args.dtype)
-        pipe = family.pipeline_cls().from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    call = dict(height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-                **family.guidance_kwargs(args.guidance_scale), max_sequence_length=args.max_sequence_length)
-    meta = dict(width=args.width, height=args.height, model=args.pretrained_model_name_or_path,
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
-    try:
-        out = generate_dataset(load_pipe, prompts, output_dir, dict(model=args.pretrained_model_name_or_path, **call),
-                               call, samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
-                               jpeg_quality=args.jpeg_quality, meta=meta, rank=rank, world=world)
-    except ValueError as e:  # other settings than the folder's
-        raise SystemExit(str(e)) from e
-    written, done, shard_path = out["written"], out["skipped"], [Path(p) for p in out["shards"]]
-
-    print(f"rank {rank}/{world}: {written} images generated, {done} already there, shards "
-          f"{', '.join(p.name for p in shard_path) or '(none for this rank)'} in {output_dir}; "
-          f"{len(bad)} unusable prompt entries skipped")
-    return {**out, "bad_prompts": bad}
+    return generate_data.run(**vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Generate one model's evaluation images: one PNG per prompt, seed = --seed + index.
 
-Any supported family (FLUX.1, SD3/SD3.5): the pipeline is loaded through clear.inference, after
-its pre-flight checks (model, sizes, device, checkpoint header); --steps, --guidance and
---max_sequence_length default to the model's own settings.
+Any supported family (FLUX.1, SD3/SD3.5): clear.commands.generate_eval_set loads the pipeline
+through clear.inference, after its pre-flight checks (model, sizes, device, checkpoint header);
+--steps, --guidance and --max_sequence_length default to the model's own settings.
 
     # the original FLUX.1-dev
     python scripts/generate_eval_set.py --prompts captions_val2014.json --num 5000 --sample_seed 0 \\
@@ -22,6 +22,7 @@ import argparse
 from pathlib import Path
 
 from clear import backends
+from clear.commands import generate_eval_set
 from clear.devices import DTYPE_CHOICES
 
 
@@ -40,6 +41,9 @@ def parse_args(argv=None):
                    help="with --radius: 'released' (clear.download_weights; FLUX.1-dev), 'none' (no fine-tuned "
                         "weights: zero-shot CLEAR) or a .safetensors path")
     p.add_argument("--ckpt_dir", default="ckpt", help="where released weights are downloaded")
+    p.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
+                   help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
+                   "public release's attn_weights.safetensors) or says another one: you vouch for the window")
     p.add_argument("--backend", default="auto", choices=backends.choices())
     p.add_argument("--label", default=None, help="row name in the evaluation table (default: from the variant)")
     p.add_argument("--height", type=int, default=1024)
@@ -65,59 +69,8 @@ def parse_args(argv=None):
     return args
 
 
-def preflight(args):
-    """Every check that needs no weights: device, sampling, the model (its configs, described once:
-    :class:`clear.inference.PipelineInfo`), sizes, the CLEAR variant and its checkpoint (header only).
-    Returns (device, pipeline description, CLEAR spec or None)."""
-    from clear import inference as inf
-    from clear.devices import resolve_device
-
-    device = resolve_device(args.device)
-    inf.check_sampling(args.steps, args.guidance)
-    info = inf.describe_pipeline(args.model)  # configs only; fails on unsupported models
-    info.check_size(args.height, args.width, args.down_factor if args.radius is not None else 1)
-    if args.radius is None:
-        return device, info, None
-    checkpoint = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                        family=info.family.name)
-    return device, info, inf.ClearSpec(args.radius, args.down_factor, checkpoint, args.backend)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)  # before the heavy imports: --help answers at once
-    from clear import inference as inf
-    from clear.evaluation import load_prompts
-    from clear.generation import generate_images
-
-    prompts = load_prompts(args.prompts, num=args.num, sample_seed=args.sample_seed)
-    try:
-        device, info, spec = preflight(args)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    pipe = inf.load_pipeline(args.model, str(device), args.dtype, offload=args.cpu_offload, info=info)
-    pipe.set_progress_bar_config(disable=True)
-    if spec is not None:
-        spec.apply(pipe, family=info.family.name)
-    steps, guidance, max_sequence_length = info.sampling(args.steps, args.guidance, args.max_sequence_length)
-    settings = {
-        "label": args.label or (Path(args.model).name if spec is None else spec.label),
-        "model": args.model,
-        "radius": args.radius,
-        "down_factor": args.down_factor,
-        "checkpoint": None if spec is None or spec.checkpoint is None else Path(spec.checkpoint).name,
-        "backend": args.backend if spec is not None else None,
-        "prompts_file": Path(args.prompts).name,
-        "num": args.num,
-        "sample_seed": args.sample_seed,
-        "dtype": str(inf.resolve_dtype(args.dtype, str(device))).removeprefix("torch."),
-    }
-    counts = generate_images(pipe, prompts, args.out, settings, height=args.height, width=args.width,
-                             num_inference_steps=steps, guidance_scale=guidance, base_seed=args.seed,
-                             max_sequence_length=max_sequence_length, batch_size=args.batch_size,
-                             shard=args.shard, progress=not args.no_progress, family=info.family)
-    print(f"{args.out}: generated {counts['generated']}, already there {counts['skipped']}, "
-          f"this shard {counts['total']} of {len(prompts)} prompts")
-    return counts
+    return generate_eval_set.run(**vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from PIL import Image
 import clear
 import clear.inference as inf
 import clear.visualize as vis
+from clear.families import get_family
+from clear.families.base import check_size as size_rule
 from clear.geometry import TokenLayout, Window, allowed_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +216,23 @@ def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli
                            "--checkpoint", "none"])
     with pytest.raises(ValueError, match=r"multiple of 4"):
         generate_cli.main([*base, "--height", "32", "--width", "48", "--checkpoint", "none", "--upscale", "64x90"])
+
+
+def test_an_upscale_stage_must_be_larger_than_the_image_before(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                               monkeypatch):
+    """`--upscale 4` (a factor, as people type it) is a 4x4-pixel stage: refused before anything loads, with the
+    syntax; the factor forms 2x / x2 scale the image before each stage."""
+    forbid_loading(monkeypatch)
+    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png"),
+            "--height", "32", "--width", "48", "--checkpoint", "none"]
+    for upscale, stage in (("4", "1, 4x4 pixels"), ("64x96,64x96", "2, 64x96 pixels")):
+        with pytest.raises(ValueError, match=rf"upscaling stage {stage}, is no larger than the image before it "
+                                             r"\(\d+x\d+\): stages are sizes HEIGHTxWIDTH .*--upscale 2x,2x"):
+            generate_cli.main([*base, "--upscale", upscale])
+    args = generate_cli.resolve_args(generate_cli.build_parser().parse_args([*base, "--upscale", "2x,x1.5"]))
+    assert args.sizes == [(64, 96), (96, 144)] and args.plan.sizes == ((64, 96), (96, 144))
+    with pytest.raises(ValueError, match="no larger than the image before it"):
+        inf.plan_generation(args.plan.info, (32, 48), [(32, 48)])  # the library refuses it too
 
 
 def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
@@ -545,11 +564,31 @@ def test_plan_resolves_defaults_and_swaps_only_the_clear_it_was_checked_for(tiny
 # ------------------------------------------------------------------------------------------
 
 
+def test_training_and_inference_share_one_size_rule(tiny_sd3_pipeline_dir):
+    """The family's check (training resolution, data generation) is the inference check, with the flag's name:
+    the same grid, table and down-factor errors (tiny SD3: 4 pixels per token, a table of 32 tokens)."""
+    family, info = get_family("sd3"), inf.describe_pipeline(tiny_sd3_pipeline_dir)
+    assert inf.check_size is size_rule
+    for pixels, down_factor in ((30, 1), (132, 1), (36, 2)):
+        with pytest.raises(ValueError) as inference:
+            info.check_size(pixels, pixels, down_factor, max_pixels=None)
+        with pytest.raises(ValueError) as training:
+            family.check_size(tiny_sd3_pipeline_dir, pixels, down_factor, name="--resolution")
+        assert str(training.value) == str(inference.value).replace("height", "--resolution").replace(
+            "--resolution and width", "--resolution"), (str(training.value), str(inference.value))
+    family.check_size(tiny_sd3_pipeline_dir, 128, 2)
+
+
 def test_sizes_and_checks():
     assert inf.parse_sizes("2048x4096, 4096X8192") == [(2048, 4096), (4096, 8192)]
     assert inf.parse_sizes("1024,2048x512") == [(1024, 1024), (2048, 512)]  # N: a square
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         inf.parse_sizes("2048*4096")
+    assert inf.parse_sizes("2x, x1.5", base=(512, 768)) == [(1024, 1536), (1536, 2304)]  # factors of the one before
+    with pytest.raises(ValueError, match="'2x' is a factor: it needs the size of the first image"):
+        inf.parse_sizes("2x")
+    with pytest.raises(ValueError, match="'0x' is not a size .* or a factor like 2x"):
+        inf.parse_sizes("0x", base=(512, 512))
     inf.check_size(1024, 1536)
     with pytest.raises(ValueError, match="width=1000 is not a positive multiple of 16.*e.g. 992"):
         inf.check_size(1024, 1000)

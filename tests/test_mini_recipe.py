@@ -5,6 +5,7 @@ import ast
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,10 @@ def test_quick_run(tmp_path, cli):
     commands = "\n".join(on_disk["commands"])
     for script in ("generate_data", "cache_prompt_embeds", "cache_latent_codes", "generate_eval_set", "evaluate"):
         assert f"scripts/{script}.py" in commands
+    for line in on_disk["commands"]:  # each logged command line is one the script takes
+        argv = shlex.split(line)
+        if argv[0] == "python" and argv[1] != "scripts/distill.py":
+            load_script(Path(argv[1]).stem).parse_args(argv[2:])
     assert "accelerate launch --config_file configs/cpu.yaml" in commands and "scripts/distill.py" in commands
     assert len(on_disk["loss_history"]["CLEAR r=4 distilled"]["loss_distill"]) == recipe.QUICK["distill_steps"]
     text = (out / "report.md").read_text()

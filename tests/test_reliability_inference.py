@@ -189,7 +189,7 @@ def test_unverifiable_radius_needs_acknowledgement(tmp_path, caplog):
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"does not say which radius it was trained for .* \(radius=8\): if it was "
                                          r"trained for that radius, rename it clear_local_8\.safetensors, or pass "
-                                         r"strict_radius=False"):
+                                         r"strict_radius=False \(on the command line: --no_strict_radius\)"):
         clear.load_clear_weights(model, path)
     assert _unchanged(model, before)
     with pytest.raises(ValueError, match=r"does not say which radius.*clear_local_16: if it was trained for that "
@@ -207,6 +207,33 @@ def test_unverifiable_radius_needs_acknowledgement(tmp_path, caplog):
     # renamed like a released file, the same bytes load (the name states the radius)
     os.replace(path, tmp_path / "clear_local_8.safetensors")
     clear.load_clear_weights(model, tmp_path / "clear_local_8.safetensors")
+
+
+def test_the_command_lines_can_load_a_file_without_its_radius(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                              monkeypatch):
+    """The first release's distill.py wrote attn_weights.safetensors with no radius in it: generate.py and
+    generate_eval_set.py refuse it naming --no_strict_radius, and load it with that flag."""
+    from clear.commands import generate_eval_set
+    from scripts_loader import load_script
+
+    path = _clear_file(tmp_path / "attn_weights.safetensors", radius=2, metadata=False)
+    argv = ["--model", tiny_flux_pipeline_dir, "--prompt", "a red house", *TINY, "--radius", "2",
+            "--checkpoint", path, "--out", str(tmp_path / "r2.png")]
+    message = _run_cli(generate_cli, argv, monkeypatch)
+    assert "does not say which radius it was trained for" in message and "--no_strict_radius" in message, message
+    assert not (tmp_path / "r2.png").exists()
+    written = generate_cli.main(argv + ["--no_strict_radius"])
+    assert Image.open(written["image"]).size == (48, 32)
+
+    eval_args = ["--prompts", "p.txt", "--out", str(tmp_path / "eval"), "--model", tiny_flux_pipeline_dir,
+                 "--height", "32", "--width", "48", "--device", "cpu", "--radius", "2", "--checkpoint", path]
+    options = vars(load_script("generate_eval_set").parse_args(eval_args + ["--no_strict_radius"]))
+    assert options["strict_radius"] is False
+    window = dict(model=tiny_flux_pipeline_dir, height=32, width=48, radius=2, checkpoint=path, device="cpu")
+    with pytest.raises(ValueError, match="--no_strict_radius"):
+        generate_eval_set.preflight(**window)
+    _, _, spec = generate_eval_set.preflight(**window, strict_radius=False)
+    assert spec.checkpoint == path and spec.strict_radius is False
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from scripts_loader import reset_accelerate_state
+from scripts_loader import load_script, reset_accelerate_state
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -34,12 +34,8 @@ from clear.shards import index_samples
 from tiny_models import tiny_flux, tiny_sd3, tiny_sd3_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-import cache_latent_codes  # noqa: E402
-import cache_prompt_embeds  # noqa: E402
-import distill  # noqa: E402
-import generate_data  # noqa: E402
+cache_latent_codes, cache_prompt_embeds = load_script("cache_latent_codes"), load_script("cache_prompt_embeds")
+distill, generate_data = load_script("distill"), load_script("generate_data")
 
 PROMPTS = ["a small blue plane", "a red cat", "a dog in the city", "a house over the river", "a tree at night"]
 GEN = ["--height", "16", "--width", "16", "--num_inference_steps", "2", "--max_sequence_length", "8"]
@@ -289,7 +285,8 @@ def test_family_is_read_from_the_model(sd3, tiny_flux_pipeline_dir):
         distill.main(["--pretrained_model_name_or_path", sd3["pipeline"], "--model_family", "flux", "--data_root",
                       str(sd3["root"] / "data"), "--output_dir", str(sd3["root"] / "never")])
     # SD3's positions are a fixed table: pos_embed_max_size 32 tokens = 128 pixels here
-    with pytest.raises(SystemExit, match="positions for at most 32"):
+    with pytest.raises(SystemExit, match=r"132x132 pixels is a 33x33 token grid, larger than this model's positional "
+                                         r"embedding table of 32x32 tokens .* choose --resolution <= 128"):
         distill.main(["--pretrained_model_name_or_path", sd3["pipeline"], "--data_root", str(sd3["root"] / "data"),
                       "--output_dir", str(sd3["root"] / "never"), "--resolution", "132"])
 
@@ -473,6 +470,15 @@ def test_distill_trains_only_clear_parameters_and_exports(family, request):
     from PIL import Image
 
     assert Image.open(out / "validation" / f"step-{case['steps']:06d}.png").size == (32, 16)  # teacher | student
+
+
+def test_distill_takes_the_first_releases_flag_spellings():
+    """Migrating users type the public release's --window_size, --alpha and --beta: the same settings as --radius,
+    --distill_loss_weight and --attn_loss_weight."""
+    old = distill.parse_args(["--data_root", "d", "--window_size", "8", "--alpha", "0.25", "--beta", "0.75"])
+    new = distill.parse_args(["--data_root", "d", "--radius", "8", "--distill_loss_weight", "0.25",
+                              "--attn_loss_weight", "0.75"])
+    assert vars(old) == vars(new) and (new.radius, new.alpha, new.beta) == (8, 0.25, 0.75)
 
 
 def test_distill_checkpoints_validates_logs_and_never_overwrites(distilled):

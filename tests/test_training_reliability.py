@@ -28,12 +28,12 @@ from clear.checkpointing import (
 )
 from clear.distill import attention_layers
 from clear.families import FAMILIES
+from scripts_loader import load_script
 from test_training import DISTILL, REPO, data, run_env  # noqa: F401 (data: the shared module fixture)
 from tiny_models import tiny_flux
 
-import cache_latent_codes  # noqa: E402 (scripts/ is on sys.path via test_training)
-import cache_prompt_embeds  # noqa: E402
-import distill  # noqa: E402
+cache_latent_codes, cache_prompt_embeds = load_script("cache_latent_codes"), load_script("cache_prompt_embeds")
+distill = load_script("distill")
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -195,6 +195,41 @@ def test_resume_with_allowed_changes_logs_them(run2, data, tmp_path, caplog):
     info = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
     assert "checkpointing_steps: was 1, now 3" in info and "max_train_steps: was 2, now 3" in info
     assert json.loads((out / "checkpoint-3" / "run_settings.json").read_text())["learning_rate"] == 5e-4
+
+
+def test_resume_trains_with_the_changed_learning_rate_and_schedule(run2, data, tmp_path, monkeypatch):
+    """--allow_changed_settings with a new learning rate, schedule, warm-up and weight decay: the resumed steps use
+    them (the restored scheduler and optimizer states do not bring the checkpoint's back), and the checkpoint records
+    them. The expected rates are diffusers' linear schedule with warm-up, from the new base rate."""
+    from diffusers.optimization import get_scheduler
+
+    out = copy_run(run2, tmp_path)
+    shutil.rmtree(out / "checkpoint-2")
+    used = []  # (lr, weight_decay) of each optimizer step
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        used.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    changed = ["--learning_rate", "5e-4", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
+               "--adam_weight_decay", "0.25"]
+    result = distill.main(distill_args(data, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                                       "--resume_from_checkpoint", "latest", "--allow_changed_settings", *changed))
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
+    reference = get_scheduler("linear", optimizer=sgd, num_warmup_steps=2, num_training_steps=3)
+    want = []
+    for _ in range(3):  # the rate of optimizer steps 1, 2, 3; the resumed run makes steps 2 and 3
+        want.append(reference.get_last_lr()[0])
+        sgd.step()
+        reference.step()
+    assert result["start_step"] == 1 and want[1:] == [2.5e-4, 5e-4]
+    assert used == [(lr, 0.25) for lr in want[1:]], used
+    assert [logs["lr"] for logs in result["history"]] == [5e-4, 0.0]  # the rate after each step, as logged
+    settings = json.loads((out / "checkpoint-3" / "run_settings.json").read_text())
+    assert (settings["learning_rate"], settings["lr_scheduler"], settings["lr_warmup_steps"],
+            settings["adam_weight_decay"]) == (5e-4, "linear", 2, 0.25)
 
 
 def test_resume_refuses_a_changed_dataset(run2, data, tmp_path, no_training):

@@ -7,10 +7,9 @@
 * Evaluation sets are made by :func:`clear.generation.generate_images` (re-exported here).
 """
 
-from ..files import write_text as atomic_write_text
 from ..generation import MANIFEST, generate_images
 from .metrics import COLUMNS, METRIC_KEYS, EvalConfig, FeatureNets
-from .protocol import (IMAGE_EXTENSIONS, ModelImages, Prompt, _json_safe, evaluate, list_images, load_prompts,
+from .protocol import (IMAGE_EXTENSIONS, ModelImages, Prompt, evaluate, json_safe, list_images, load_prompts,
                        markdown_table, read_image, write_report)
 
 __all__ = [
@@ -29,6 +28,5 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "list_images",
     "read_image",
-    "atomic_write_text",
-    "_json_safe",
+    "json_safe",
 ]

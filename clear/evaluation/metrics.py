@@ -74,7 +74,7 @@ _FIDELITY_MISSING = ("needs torch-fidelity and torchvision, not installed here: 
                      "(the torchvision build that matches your torch)")
 
 
-def _resolve(nets: FeatureNets, name: str, config: EvalConfig, device: torch.device, failures: dict[str, str]):
+def resolve_net(nets: FeatureNets, name: str, config: EvalConfig, device: torch.device, failures: dict[str, str]):
     """``getattr(nets, name)``, building the default once; raises :class:`Unavailable`."""
     if name in failures:
         raise Unavailable(failures[name])
@@ -226,7 +226,7 @@ COLUMNS = [
     ("rmse_condition", "RMSE ↓", "ControlNet", False, 2),
 ]
 METRIC_KEYS = tuple(c[0] for c in COLUMNS)
-_DESCRIPTION = {
+METRIC_DEFINITIONS = {
     "fid_original": "FID between this model's and the original model's images (torchmetrics, InceptionV3 pool features)",
     "lpips_original": "mean LPIPS to the original model's image of the same prompt and seed (torchmetrics)",
     "clip_i": "mean 100 x cosine similarity of CLIP image embeddings to the original model's image (torchmetrics CLIPScore)",
@@ -245,7 +245,7 @@ _DESCRIPTION = {
 
 
 @dataclass
-class _Job:
+class Job:
     """One metric of one model: ``update(batch)`` per batch of images, ``compute()`` at the end."""
 
     model: str
@@ -259,20 +259,20 @@ def _floats(images: Tensor) -> Tensor:
     return images.float() / 255.0
 
 
-# Job builders: (model, key, net, ref, device, ...) -> _Job; ``ref`` is the role the model's
+# Job builders: (model, key, net, ref, device, ...) -> Job; ``ref`` is the role the model's
 # images are compared with (another model, "real", "__condition__") or None.
 
 
-def _image_pair_job(model: str, key: str, net, ref: str, device, factory: Callable[[], Any]) -> _Job:
+def image_pair_job(model: str, key: str, net, ref: str, device, factory: Callable[[], Any]) -> Job:
     """A torchmetrics image metric ``metric(preds=model's images, target=ref's)`` on [0, 1] floats."""
     metric = factory().to(device)
 
     def update(batch):
         metric.update(_floats(batch[model]), _floats(batch[ref]))
-    return _Job(model, key, update, lambda: {key: float(metric.compute())})
+    return Job(model, key, update, lambda: {key: float(metric.compute())})
 
 
-def _fid_job(model: str, key: str, net, ref: str, device) -> _Job:
+def fid_job(model: str, key: str, net, ref: str, device) -> Job:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=net).to(device)  # net: a _Features (no dummy forward)
@@ -280,20 +280,20 @@ def _fid_job(model: str, key: str, net, ref: str, device) -> _Job:
     def update(batch):
         metric.update(batch[ref], real=True)
         metric.update(batch[model], real=False)
-    return _Job(model, key, update, lambda: {key: float(metric.compute())})
+    return Job(model, key, update, lambda: {key: float(metric.compute())})
 
 
-def _lpips_job(model: str, key: str, net, ref: str, device) -> _Job:
+def lpips_job(model: str, key: str, net, ref: str, device) -> Job:
     from torchmetrics import MeanMetric
 
     mean = MeanMetric().to(device)
 
     def update(batch):
         mean.update(net(_floats(batch[model]), _floats(batch[ref]), normalize=True).flatten().float())
-    return _Job(model, key, update, lambda: {key: float(mean.compute())})
+    return Job(model, key, update, lambda: {key: float(mean.compute())})
 
 
-def _clip_job(model: str, key: str, clip, ref: str | None, device) -> _Job:
+def clip_job(model: str, key: str, clip, ref: str | None, device) -> Job:
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     clip_model, processor = clip
@@ -301,10 +301,10 @@ def _clip_job(model: str, key: str, clip, ref: str | None, device) -> _Job:
 
     def update(batch):
         metric.update(batch[model], batch["__prompts__"] if ref is None else batch[ref])
-    return _Job(model, key, update, lambda: {key: float(metric.compute())})
+    return Job(model, key, update, lambda: {key: float(metric.compute())})
 
 
-def _dino_job(model: str, key: str, dino, ref: str, device) -> _Job:
+def dino_job(model: str, key: str, dino, ref: str, device) -> Job:
     from torchmetrics import CosineSimilarity
 
     net, processor = dino
@@ -316,7 +316,7 @@ def _dino_job(model: str, key: str, dino, ref: str, device) -> _Job:
 
     def update(batch):
         metric.update(embed(batch[model]).float(), embed(batch[ref]).float())
-    return _Job(model, key, update, lambda: {key: 100.0 * float(metric.compute())})
+    return Job(model, key, update, lambda: {key: 100.0 * float(metric.compute())})
 
 
 @contextlib.contextmanager
@@ -327,7 +327,7 @@ def _quiet_is_warning():
         yield
 
 
-def _is_job(model: str, key: str, net, ref, device, splits: int = 10) -> _Job:
+def inception_score_job(model: str, key: str, net, ref, device, splits: int = 10) -> Job:
     from torchmetrics.image.inception import InceptionScore
 
     with _quiet_is_warning():
@@ -338,10 +338,10 @@ def _is_job(model: str, key: str, net, ref, device, splits: int = 10) -> _Job:
             torch.manual_seed(0)
             mean, std = metric.compute()
         return {"inception_score": float(mean), "inception_score_std": float(std)}
-    return _Job(model, key, lambda batch: metric.update(batch[model]), compute)
+    return Job(model, key, lambda batch: metric.update(batch[model]), compute)
 
 
-def _rmse_job(model: str, key: str, extractor, ref: str, device) -> _Job:
+def rmse_job(model: str, key: str, extractor, ref: str, device) -> Job:
     from torchmetrics import MeanMetric
     from torchmetrics.functional import mean_squared_error
 
@@ -354,4 +354,4 @@ def _rmse_job(model: str, key: str, extractor, ref: str, device) -> _Job:
             raise ValueError(f"the condition extractor returned {tuple(pred.shape)}, expected {tuple(cond.shape)}")
         per_image = torch.stack([mean_squared_error(p, c, squared=False) for p, c in zip(pred, cond)])
         mean.update(255.0 * per_image)
-    return _Job(model, key, update, lambda: {key: float(mean.compute())})
+    return Job(model, key, update, lambda: {key: float(mean.compute())})

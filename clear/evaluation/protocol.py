@@ -34,8 +34,8 @@ from ..devices import resolve_device
 from ..files import write_text
 from ..generation import MANIFEST
 from ..geometry import attention_flops
-from .metrics import (_DESCRIPTION, COLUMNS, METRIC_KEYS, EvalConfig, FeatureNets, Unavailable, _clip_job, _dino_job,
-                      _fid_job, _image_pair_job, _is_job, _Job, _lpips_job, _resolve, _rmse_job)
+from .metrics import (COLUMNS, METRIC_DEFINITIONS, METRIC_KEYS, EvalConfig, FeatureNets, Job, Unavailable, clip_job,
+                      dino_job, fid_job, image_pair_job, inception_score_job, lpips_job, resolve_net, rmse_job)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -305,7 +305,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
     # --- one job per (model, metric) ----------------------------------------------------
     injected = [f for f in ("fid", "inception", "lpips", "clip", "dino", "condition") if getattr(nets, f) is not None]
     notes: dict[str, dict[str, str]] = {n: {} for n in names}
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     failures: dict[str, str] = {}
 
     def add(model: str, key: str, builder, net: str | None, ref: str | None, **kwargs):
@@ -313,7 +313,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
             notes[model][key] = "not requested"
             return
         try:
-            module = None if net is None else _resolve(nets, net, config, device, failures)
+            module = None if net is None else resolve_net(nets, net, config, device, failures)
             jobs.append(builder(model, key, module, ref, device, **kwargs))
         except Unavailable as e:
             notes[model][key] = f"unavailable: {e}"
@@ -325,13 +325,13 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
     ref = original.name
     for m in candidates:
         n = m.name
-        add(n, "fid_original", _fid_job, "fid", ref)
-        add(n, "lpips_original", _lpips_job, "lpips", ref)
-        add(n, "clip_i", _clip_job, "clip", ref)
-        add(n, "dino", _dino_job, "dino", ref)
-        add(n, "psnr", _image_pair_job, None, ref, factory=psnr)
-        add(n, "ssim", _image_pair_job, None, ref, factory=partial(StructuralSimilarityIndexMeasure, data_range=1.0))
-        add(n, "ms_ssim", _image_pair_job, None, ref,
+        add(n, "fid_original", fid_job, "fid", ref)
+        add(n, "lpips_original", lpips_job, "lpips", ref)
+        add(n, "clip_i", clip_job, "clip", ref)
+        add(n, "dino", dino_job, "dino", ref)
+        add(n, "psnr", image_pair_job, None, ref, factory=psnr)
+        add(n, "ssim", image_pair_job, None, ref, factory=partial(StructuralSimilarityIndexMeasure, data_range=1.0))
+        add(n, "ms_ssim", image_pair_job, None, ref,
             factory=partial(MultiScaleStructuralSimilarityIndexMeasure, data_range=1.0))
     for key in ("fid_original", "lpips_original", "clip_i", "dino", "psnr", "ssim", "ms_ssim"):
         notes[ref].setdefault(key, "not applicable: this is the reference model")
@@ -339,17 +339,17 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
         if real is None:
             notes[n].update(fid_real="not applicable: no real images given", lpips_real="not applicable: no real images given")
         else:
-            add(n, "fid_real", _fid_job, "fid", "real")
-            add(n, "lpips_real", _lpips_job, "lpips", "real")
+            add(n, "fid_real", fid_job, "fid", "real")
+            add(n, "lpips_real", lpips_job, "lpips", "real")
         if prompt_of is None:
             notes[n]["clip_t"] = "not applicable: no prompts given"
         else:
-            add(n, "clip_t", _clip_job, "clip", None)
-        add(n, "inception_score", _is_job, "inception", None, splits=config.is_splits)
+            add(n, "clip_t", clip_job, "clip", None)
+        add(n, "inception_score", inception_score_job, "inception", None, splits=config.is_splits)
         if conditions is None:
             notes[n]["rmse_condition"] = "not applicable: no condition images given"
         else:
-            add(n, "rmse_condition", _rmse_job, "condition", "__condition__")
+            add(n, "rmse_condition", rmse_job, "condition", "__condition__")
 
     # --- one pass over the images --------------------------------------------------------
     from tqdm.auto import tqdm
@@ -419,7 +419,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
                                "depth": config.depth_model,
                                "injected": injected},  # these were passed in: the names above do not apply to them
             "attention_dim": config.dim,
-            "metric_definitions": _DESCRIPTION,
+            "metric_definitions": METRIC_DEFINITIONS,
             "versions": _versions(),
         },
         "images": {
@@ -494,13 +494,13 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(obj):
+def json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -508,6 +508,6 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]
     """``out_dir/metrics.json`` (strict JSON: infinities as the strings "inf"/"-inf") and
     ``out_dir/table.md``; both written atomically (:mod:`clear.files`)."""
     out_dir = Path(out_dir)
-    js = write_text(out_dir / "metrics.json", json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    js = write_text(out_dir / "metrics.json", json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
     md = write_text(out_dir / "table.md", markdown_table(results))
     return js, md

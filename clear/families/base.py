@@ -15,14 +15,49 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
-from ..models import DEFAULT_NTK_FACTOR
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
 
 logger = logging.getLogger(__name__)
+
+
+def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1, max_grid: int | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, names: tuple[str, str] = ("height", "width")) -> None:
+    """Image sizes must be multiples of ``multiple`` pixels (FLUX and SD3: 16 = VAE factor 8 x
+    patch 2; see :meth:`ModelFamily.size_rules`), at most ``max_grid`` tokens per side where the model has
+    such a limit (SD3's ``pos_embed_max_size``), at most ``max_pixels`` pixels in all
+    (:data:`DEFAULT_MAX_PIXELS` = 16384²; ``None``: no bound), and with ``down_factor`` the
+    token grid (pixels / multiple) must be divisible by it. The one size rule of every model family
+    (:meth:`ModelFamily.check_size`, :meth:`clear.inference.PipelineInfo.check_size`); ``names``: how
+    the messages call the two sides (e.g. ``("--resolution", "--resolution")``)."""
+    for name, v in zip(names, (height, width)):
+        if not isinstance(v, int) or v <= 0 or v % multiple:
+            fix = f"e.g. {max(multiple, round(v / multiple) * multiple)}" if isinstance(v, int) and v > 0 else ""
+            raise ValueError(f"{name}={v} is not a positive multiple of {multiple} pixels, which this model needs "
+                             f"(VAE factor x patch size); choose another {name} {fix}".rstrip())
+    if max_grid is not None and max(height, width) > max_grid * multiple:
+        limit = max_grid * multiple
+        raise ValueError(f"{height}x{width} pixels is a {height // multiple}x{width // multiple} token grid, larger "
+                         f"than this model's positional embedding table of {max_grid}x{max_grid} tokens "
+                         f"(pos_embed_max_size={max_grid} in its transformer config): it generates at most {limit} "
+                         f"pixels per side; choose {' and '.join(dict.fromkeys(names))} <= {limit}")
+    if max_pixels is not None and height * width > max_pixels:
+        side = math.isqrt(max_pixels)
+        raise ValueError(f"{height}x{width} is {height * width:,} pixels, more than the bound of {max_pixels:,} "
+                         f"(max_pixels, about {side}x{side}): that far out, one image's latents, activations and "
+                         "decoded pixels run out of memory. Choose a smaller size, or raise the bound (--max_pixels, "
+                         "or max_pixels=) if your hardware really holds it")
+    if down_factor > 1:
+        gh, gw = height // multiple, width // multiple
+        if gh % down_factor or gw % down_factor:
+            step = multiple * down_factor
+            raise ValueError(f"{height}x{width} pixels is a {gh}x{gw} token grid, not divisible by down_factor="
+                             f"{down_factor}; with this variant choose sizes that are multiples of {step} pixels")
 
 
 @dataclass(frozen=True)
@@ -155,14 +190,10 @@ class ModelFamily:
 
     def check_size(self, pretrained_model_name_or_path: str, pixels: int, down_factor: int = 1,
                    name: str = "--resolution") -> None:
-        """Fail, saying what to use, unless ``pixels`` makes a token grid this model takes (with ``down_factor``)."""
+        """Fail, saying what to use, unless ``pixels`` x ``pixels`` makes a token grid this model
+        takes (with ``down_factor``): :func:`check_size` with this model's rules, ``name`` in its messages."""
         per_token, max_grid = self.size_rules(pretrained_model_name_or_path)
-        if pixels % per_token or (pixels // per_token) % down_factor:
-            raise ValueError(f"{name} {pixels} must be a multiple of {per_token * down_factor} ({per_token} pixels "
-                             f"per token x down_factor {down_factor})")
-        if max_grid is not None and pixels // per_token > max_grid:
-            raise ValueError(f"{name} {pixels} is {pixels // per_token} tokens per side; this {self.name} model has "
-                             f"positions for at most {max_grid} ({max_grid * per_token} pixels)")
+        check_size(pixels, pixels, per_token, down_factor, max_grid, max_pixels=None, names=(name, name))
 
     # -- a forward, as apply_clear's hook sees it ----------------------------------------
     def grid(self, bound: inspect.BoundArguments) -> tuple[int, int]:
@@ -230,7 +261,7 @@ class ModelFamily:
         return contextlib.nullcontext()
 
     def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
-        """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.models.DEFAULT_NTK_FACTOR`
+        """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.defaults.DEFAULT_NTK_FACTOR`
         (10), 1 = off. Without: nothing, with a logged note; an explicit factor other than 1 is an error, it
         cannot be honoured."""
         if self.rope:

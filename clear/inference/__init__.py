@@ -38,11 +38,11 @@ The package: :mod:`.checks` (pre-flight checks, family facts, device and dtype),
 their settings, grids, labels). This module is its public face.
 """
 
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from ..devices import check_device, default_device, resolve_dtype
 from .checks import (SUPPORTED_PIPELINES, SUPPORTED_TRANSFORMERS, check_checkpoint, check_model,
-                     check_output_path, check_sampling, check_size, checkpoint_family, checkpoint_variant,
-                     parse_sizes, pipeline_family, resolve_checkpoint,
+                     check_output_path, check_sampling, check_size, check_upscaling, checkpoint_family,
+                     checkpoint_variant, parse_sizes, pipeline_family, resolve_checkpoint,
                      resolve_ntk_factor, size_multiple, size_rules)
 from ..families.flux import NTKFluxPosEmbed, set_ntk_rope
 from .highres import (VAE_TILING_PIXELS, Stage, fixed_shift_scheduler, generate_highres, img2img_pipeline, ntk_rope,
@@ -55,7 +55,8 @@ from .pipeline import (ClearSpec, NonFiniteImageError, PipelineInfo, Plan, Resul
 
 __all__ = [
     # checks before anything loads
-    "check_size", "check_sampling", "check_device", "check_output_path", "check_model", "check_checkpoint",
+    "check_size", "check_upscaling", "check_sampling", "check_device", "check_output_path", "check_model",
+    "check_checkpoint",
     "parse_sizes", "pipeline_family", "size_rules", "size_multiple", "checkpoint_variant", "checkpoint_family",
     "resolve_checkpoint", "resolve_ntk_factor", "default_device", "resolve_dtype",
     "SUPPORTED_PIPELINES", "SUPPORTED_TRANSFORMERS",

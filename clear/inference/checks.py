@@ -19,9 +19,10 @@ from pathlib import Path
 
 from .. import families
 from ..families import ModelFamily, family_of, family_of_checkpoint, get_family
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
-from ..weights import (RELEASED, Variant, download_weights, file_variant, hub_unreachable, read_header,
-                       unverified_radius_message)
+from ..families.base import check_size
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+from ..weights import (RELEASED, STRICT_RADIUS_OFF, Variant, download_weights, file_variant, hub_unreachable,
+                       read_header, unverified_radius_message)
 
 logger = logging.getLogger(__name__)
 
@@ -33,38 +34,6 @@ SUPPORTED_TRANSFORMERS = tuple(f.transformer_class for f in families.FAMILIES.va
 # ------------------------------------------------------------------------------------------
 # Settings: sizes, sampling, output path
 # ------------------------------------------------------------------------------------------
-
-
-def check_size(height: int, width: int, multiple: int = 16, down_factor: int = 1, max_grid: int | None = None,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-    """Image sizes must be multiples of ``multiple`` pixels (FLUX and SD3: 16 = VAE factor 8 x
-    patch 2; see :func:`size_rules`), at most ``max_grid`` tokens per side where the model has
-    such a limit (SD3's ``pos_embed_max_size``), at most ``max_pixels`` pixels in all
-    (:data:`DEFAULT_MAX_PIXELS` = 16384²; ``None``: no bound), and with ``down_factor`` the
-    token grid (pixels / multiple) must be divisible by it."""
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % multiple:
-            fix = f"e.g. {max(multiple, round(v / multiple) * multiple)}" if isinstance(v, int) and v > 0 else ""
-            raise ValueError(f"{name}={v} is not a positive multiple of {multiple} pixels, which this model needs "
-                             f"(VAE factor x patch size); choose another {name} {fix}".rstrip())
-    if max_grid is not None and max(height, width) > max_grid * multiple:
-        limit = max_grid * multiple
-        raise ValueError(f"{height}x{width} pixels is a {height // multiple}x{width // multiple} token grid, larger "
-                         f"than this model's positional embedding table of {max_grid}x{max_grid} tokens "
-                         f"(pos_embed_max_size={max_grid} in its transformer config): it generates at most {limit} "
-                         f"pixels per side; choose height and width <= {limit}")
-    if max_pixels is not None and height * width > max_pixels:
-        side = math.isqrt(max_pixels)
-        raise ValueError(f"{height}x{width} is {height * width:,} pixels, more than the bound of {max_pixels:,} "
-                         f"(max_pixels, about {side}x{side}): that far out, one image's latents, activations and "
-                         "decoded pixels run out of memory. Choose a smaller size, or raise the bound (--max_pixels, "
-                         "or max_pixels=) if your hardware really holds it")
-    if down_factor > 1:
-        gh, gw = height // multiple, width // multiple
-        if gh % down_factor or gw % down_factor:
-            step = multiple * down_factor
-            raise ValueError(f"{height}x{width} pixels is a {gh}x{gw} token grid, not divisible by down_factor="
-                             f"{down_factor}; with this variant choose sizes that are multiples of {step} pixels")
 
 
 def check_sampling(steps: int | None = None, guidance: float | None = None, strength: float | None = None,
@@ -108,21 +77,49 @@ def check_output_path(path: str | os.PathLike, suffix: str = ".png") -> Path:
     return path
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``"2048x4096,4096x8192"`` -> ``[(2048, 4096), (4096, 8192)]`` (HEIGHTxWIDTH); a bare ``N`` is ``NxN``."""
+UPSCALE_SYNTAX = ("stages are sizes HEIGHTxWIDTH in pixels, each taller or wider than the one before (e.g. "
+                  "--upscale 2048x2048,4096x4096), or factors of the image before (e.g. --upscale 2x,2x)")
+
+
+def parse_sizes(text: str, base: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """``"2048x4096,4096x8192"`` -> ``[(2048, 4096), (4096, 8192)]`` (HEIGHTxWIDTH); a bare ``N`` is ``NxN``.
+    With ``base`` (the first image's HEIGHT, WIDTH), a factor ``2x`` (or ``x2``) is that many times
+    the size before it: ``parse_sizes("2x,2x", base=(512, 768))`` -> ``[(1024, 1536), (2048, 3072)]``."""
     sizes = []
-    for part in str(text).replace(" ", "").split(","):
+    for part in str(text).replace(" ", "").lower().split(","):
         if not part:
             continue
+        factor = part[:-1] if part.endswith("x") else part[1:] if part.startswith("x") else None
+        if factor is not None and base is None:
+            raise ValueError(f"{part!r} is a factor: it needs the size of the first image (parse_sizes(..., base=))")
         try:
-            h, w = part.lower().split("x") if "x" in part.lower() else (part, part)
-            sizes.append((int(h), int(w)))
+            if factor is not None:
+                f = float(factor)
+                if not (math.isfinite(f) and f > 0):
+                    raise ValueError(f"factor {f}")
+                h, w = sizes[-1] if sizes else base
+                sizes.append((round(h * f), round(w * f)))
+            else:
+                h, w = part.split("x") if "x" in part else (part, part)
+                sizes.append((int(h), int(w)))
         except ValueError:
-            raise ValueError(f"{part!r} is not a size like 2048x4096 (HEIGHTxWIDTH in pixels) or 2048 "
-                             "(square)") from None
+            raise ValueError(f"{part!r} is not a size like 2048x4096 (HEIGHTxWIDTH in pixels) or 2048 (square)"
+                             + (" or a factor like 2x" if base is not None else "")) from None
     if not sizes:
         raise ValueError(f"no sizes in {text!r}; write them like 2048x2048,4096x4096 (HEIGHTxWIDTH)")
     return sizes
+
+
+def check_upscaling(base: tuple[int, int], sizes) -> None:
+    """Each upscaling stage must be larger than the image before it, taller or wider (a bare
+    ``--upscale 4`` is a 4x4-pixel stage, not a factor): fail naming the stage and the syntax."""
+    before = tuple(base)
+    for i, size in enumerate(sizes):
+        h, w = size
+        if h <= before[0] and w <= before[1]:
+            raise ValueError(f"upscaling stage {i + 1}, {h}x{w} pixels, is no larger than the image before it "
+                             f"({before[0]}x{before[1]}): {UPSCALE_SYNTAX}")
+        before = (h, w)
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,20 +260,23 @@ def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 
         return
     if not known:
         raise ValueError(f"{unverified_radius_message(path)} {chosen}: if it was trained for that variant, rename it "
-                         f"{chosen}.safetensors (or save it with clear.save_clear_weights, which records the radius)")
+                         f"{chosen}.safetensors (or save it with clear.save_clear_weights, which records the radius), "
+                         f"or pass {STRICT_RADIUS_OFF} to load it anyway")
     if file_r is not None and float(file_r) != float(radius):
         raise ValueError(f"{path} is a checkpoint for radius={file_r:g} but the chosen variant is {chosen} "
                          f"(radius={radius:g}); pass --radius {file_r:g} (or the matching --variant), "
-                         "or a checkpoint made for the chosen variant")
+                         f"or a checkpoint made for the chosen variant (or {STRICT_RADIUS_OFF} to use it with "
+                         "another window on purpose)")
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down_factor: int = 1,
-                       local_dir: str | os.PathLike = "ckpt", family: str = "flux") -> str | None:
+                       local_dir: str | os.PathLike = "ckpt", family: str = "flux",
+                       strict_radius: bool = True) -> str | None:
     """``"released"`` (or ``"auto"``): the released file for the variant (FLUX.1-dev weights;
     none exist for SD3), downloaded into ``local_dir`` on first use (offline: the error says
     where to put it); ``None``/``"none"``: no checkpoint (untrained CLEAR, e.g. for tests or a
-    zero-shot look); a path: checked to match the variant and the model ``family``. Returns a
-    path or ``None``."""
+    zero-shot look); a path: checked to match the variant and the model ``family`` (its radius only
+    with ``strict_radius``: see :func:`check_checkpoint`). Returns a path or ``None``."""
     if checkpoint is None or str(checkpoint).lower() == "none":
         return None
     if str(checkpoint).lower() in ("released", "auto", "default"):
@@ -293,5 +293,5 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down
         path = download_weights(int(radius), down_factor, local_dir=local_dir)
     else:
         path = str(checkpoint)
-    check_checkpoint(path, radius, down_factor, family)
+    check_checkpoint(path, radius, down_factor, family, strict_radius)
     return path

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 import torch
 from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, family_of
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_SHIFT, DEFAULT_STRENGTH
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from .checks import check_sampling, pipeline_family, resolve_ntk_factor
-from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, _settings, _timed_call, clear_models,
-                       describe_pipeline, plan_generation, run_generate)
+from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, clear_models, describe_pipeline, plan_generation,
+                       result_settings, run_generate, timed_call)
 
 VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this many pixels
 
@@ -151,11 +151,11 @@ def run_upscale(pipe, info: PipelineInfo, image, prompt: str, height: int, width
         kwargs = dict(image=resized, prompt=prompt, height=height, width=width,
                       **info.family.guidance_kwargs(guidance), max_sequence_length=max_sequence_length)
         if warmup:
-            _timed_call(img2img, strength=1.0, num_inference_steps=1,
+            timed_call(img2img, strength=1.0, num_inference_steps=1,
                         generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
-        out, seconds = _timed_call(img2img, strength=strength, num_inference_steps=steps,
+        out, seconds = timed_call(img2img, strength=strength, num_inference_steps=steps,
                                    generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
-    return Result(out, seconds, _settings(
+    return Result(out, seconds, result_settings(
         info, seconds, prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
         max_sequence_length=max_sequence_length, strength=strength, ntk_factor=ntk_factor,
         proportional_attention=proportional, shift="dynamic" if shift is None else shift, vae_tiling=tiling,

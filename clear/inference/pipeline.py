@@ -24,10 +24,11 @@ import torch
 from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, ModelSpec, family_of, get_family
 from ..geometry import Window
-from ..models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from ..weights import load_clear_weights
 from ..devices import resolve_device, resolve_dtype
-from .checks import check_checkpoint, check_sampling, check_size, pipeline_family, resolve_ntk_factor, size_rules
+from .checks import (check_checkpoint, check_sampling, check_size, check_upscaling, pipeline_family, resolve_ntk_factor,
+                     size_rules)
 
 
 # ------------------------------------------------------------------------------------------
@@ -37,12 +38,14 @@ from .checks import check_checkpoint, check_sampling, check_size, pipeline_famil
 
 @dataclass(frozen=True)
 class ClearSpec:
-    """What CLEAR to put on a pipeline: window, checkpoint path (``None`` = untrained), backend."""
+    """What CLEAR to put on a pipeline: window, checkpoint path (``None`` = untrained), backend;
+    ``strict_radius=False`` loads a checkpoint that does not say its radius (or says another one)."""
 
     radius: float | None
     down_factor: int = 1
     checkpoint: str | None = None
     backend: str = "auto"
+    strict_radius: bool = True
 
     def __post_init__(self):
         Window(self.radius, self.down_factor)  # radius > 0 (or None), down_factor >= 1: fails before any loading
@@ -55,7 +58,8 @@ class ClearSpec:
 
     def apply(self, pipe, family: str | None = None):
         """Put this CLEAR on ``pipe`` (:func:`apply_to_pipeline`; ``family``: the pipeline's, when known)."""
-        return apply_to_pipeline(pipe, self.radius, self.down_factor, self.checkpoint, self.backend, family=family)
+        return apply_to_pipeline(pipe, self.radius, self.down_factor, self.checkpoint, self.backend,
+                                 strict_radius=self.strict_radius, family=family)
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
     info = model_or_pipe if isinstance(model_or_pipe, PipelineInfo) else describe_pipeline(model_or_pipe)
     df = clear.down_factor if clear is not None else info.down_factor
     info.check_size(*base_size, df if (base_model == "clear" or clear is None) else 1, max_pixels)
+    check_upscaling(base_size, sizes)
     for h, w in sizes:
         info.check_size(h, w, df, max_pixels)
     if sizes:
@@ -326,7 +331,7 @@ def finite_image(pipe, images):
     return pipe.numpy_to_pil(arr)[0]
 
 
-def _timed_call(pipe, **kwargs) -> tuple[object, float]:
+def timed_call(pipe, **kwargs) -> tuple[object, float]:
     """One pipeline call, timed; the latents are checked after every step and the decoded image
     at the end (:class:`NonFiniteImageError`)."""
     if "callback_on_step_end" not in kwargs:
@@ -340,7 +345,7 @@ def _timed_call(pipe, **kwargs) -> tuple[object, float]:
     return finite_image(pipe, images), seconds
 
 
-def _settings(info: PipelineInfo, seconds: float, **values) -> dict:
+def result_settings(info: PipelineInfo, seconds: float, **values) -> dict:
     """The settings of one generated image: ``values``, the attention used, the seconds, the CLEAR window."""
     settings = dict(values, attention=info.label, seconds=round(seconds, 3))
     if info.clear is not None:
@@ -372,10 +377,10 @@ def run_generate(pipe, info: PipelineInfo, prompt: str, height: int, width: int,
     kwargs = dict(prompt=prompt, height=height, width=width, **info.family.guidance_kwargs(guidance, pipe_kwargs),
                   max_sequence_length=max_sequence_length, **pipe_kwargs)
     if warmup:
-        _timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
-    image, seconds = _timed_call(pipe, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+        timed_call(pipe, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
+    image, seconds = timed_call(pipe, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
                                  **kwargs)
-    return Result(image, seconds, _settings(info, seconds, prompt=prompt, height=height, width=width, steps=steps,
+    return Result(image, seconds, result_settings(info, seconds, prompt=prompt, height=height, width=width, steps=steps,
                                             guidance=guidance, seed=seed, max_sequence_length=max_sequence_length))
 
 
@@ -410,7 +415,7 @@ def generate_patch_parallel(pipe, prompt: str, plan: Plan, seed: int = 0, warmup
         return None
     image = finite_image(pipe, out.images)  # NaN / inf: an error, not a black PNG
     world = torch.distributed.get_world_size()
-    settings = _settings(info, seconds, prompt=prompt, height=plan.base_size[0], width=plan.base_size[1],
+    settings = result_settings(info, seconds, prompt=prompt, height=plan.base_size[0], width=plan.base_size[1],
                          steps=plan.steps, guidance=plan.guidance, seed=seed,
                          max_sequence_length=plan.max_sequence_length)
     settings.update(attention=f"{info.label} patch-parallel x{world} ({text_mode})", parallel="patch",

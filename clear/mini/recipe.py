@@ -23,15 +23,16 @@ Steps, in order (every one resumable: re-run the same command after an interrupt
 10. ``scripts/evaluate.py`` (PSNR, SSIM, MS-SSIM, attention GFLOPs), image MSE and prompt following;
 11. ``report.md``, ``metrics.json``, ``grid_<size>.png`` and ``loss.png`` (:mod:`clear.mini.report`).
 
-Work files (data, caches, distillation runs, image folders) go under ``<out>/work``. The scripts
-run in this process (their ``main(argv)``; the command lines are logged and listed in the report),
-except the distillation, which accelerate launches as its own process.
+Work files (data, caches, distillation runs, image folders) go under ``<out>/work``. What the
+scripts run (:mod:`clear.commands`) runs in this process, and the command line that does the same
+is logged and listed in the report; the distillation is ``scripts/distill.py``, which accelerate
+launches as its own process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from clear.commands import cache, command_line, evaluate, generate_data, generate_eval_set
+from clear.data import LATENT_CODES, PROMPT_EMBEDS
 from clear.files import write_text
 from clear.generation import MANIFEST, Item, record_settings
 
@@ -183,26 +186,12 @@ class Log:
 
         return _Step()
 
-    def run_script(self, name: str, argv: list[str]):
-        """``scripts/<name>.py``'s ``main(argv)``, in this process."""
-        path = _script(name)
-        self.commands.append(shlex.join(["python", f"scripts/{name}.py", *argv]))
+    def run(self, script: str, command, **options):
+        """``command(**options)`` (what ``scripts/<script>.py`` runs, :mod:`clear.commands`), in this
+        process; logged as the command line that does the same."""
+        self.commands.append(command_line(script, options))
         logger.info("$ %s", self.commands[-1])
-        module_name = f"clear_mini_script_{name}"
-        module = sys.modules.get(module_name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # dataclasses look their module up there
-            sys.path.insert(0, str(path.parent))  # scripts import their siblings (cache_features)
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[module_name]  # no half-loaded script for the next call
-                raise
-            finally:
-                sys.path.remove(str(path.parent))
-        return module.main(argv)
+        return command(**options)
 
     def launch(self, argv: list[str], threads: int):
         """``accelerate launch --config_file configs/cpu.yaml`` of ``argv`` (a script and its
@@ -328,22 +317,21 @@ def run(s: Settings) -> dict:
     s.work.mkdir(parents=True, exist_ok=True)
     log, variants = Log(), s.variants()
     teacher_v, zero_v, dist_v, df_v = variants
-    common = ["--max_sequence_length", str(s.max_sequence_length)]
+    common = {"max_sequence_length": s.max_sequence_length}
 
     with log.step("prompts"):
         counts = write_prompts(s)
     with log.step("generate training data"):
-        log.run_script("generate_data", ["--pretrained_model_name_or_path", s.model, "--prompts",
-                                         str(s.work / "prompts" / "train.jsonl"), "--output_dir", str(s.work / "data"),
-                                         "--height", str(s.size), "--width", str(s.size), "--num_inference_steps",
-                                         str(s.steps), "--samples_per_shard", str(s.train_samples), "--batch_size",
-                                         str(s.data_batch), "--guidance_scale", str(s.guidance), "--seed", "0",
-                                         *common])
+        log.run("generate_data", generate_data.run, pretrained_model_name_or_path=s.model,
+                prompts=str(s.work / "prompts" / "train.jsonl"), output_dir=str(s.work / "data"), height=s.size,
+                width=s.size, num_inference_steps=s.steps, samples_per_shard=s.train_samples,
+                batch_size=s.data_batch, guidance_scale=s.guidance, seed=0, **common)
     with log.step("cache features"):
-        log.run_script("cache_prompt_embeds", ["--pretrained_model_name_or_path", s.model, "--data_root",
-                                               str(s.work / "data"), "--batch_size", "64", *common])
-        log.run_script("cache_latent_codes", ["--pretrained_model_name_or_path", s.model, "--data_root",
-                                              str(s.work / "data"), "--resolution", str(s.size), "--batch_size", "64"])
+        log.run("cache_prompt_embeds", functools.partial(cache.run, PROMPT_EMBEDS),
+                pretrained_model_name_or_path=s.model, data_root=str(s.work / "data"), batch_size=64, **common)
+        log.run("cache_latent_codes", functools.partial(cache.run, LATENT_CODES),
+                pretrained_model_name_or_path=s.model, data_root=str(s.work / "data"), resolution=s.size,
+                batch_size=64)
     weights = {}
     with log.step("distill"):
         weights[dist_v.key] = distill(s, log, dist_v, s.distill_steps)
@@ -369,14 +357,13 @@ def run(s: Settings) -> dict:
         for size, name in ((s.size, "eval"), (s.large, "eval_large")):
             for v in variants:
                 folder = s.work / "eval" / str(size) / v.key
-                argv = ["--prompts", str(s.work / "prompts" / f"{name}.jsonl"), "--out", str(folder), "--model",
-                        s.model, "--label", v.label, "--height", str(size), "--width", str(size), "--steps",
-                        str(s.steps), "--guidance", str(s.guidance), "--seed", str(eval_seed(s)), "--device", "cpu",
-                        "--batch_size", "8", *common]
+                options = dict(prompts=str(s.work / "prompts" / f"{name}.jsonl"), out=str(folder), model=s.model,
+                               label=v.label, height=size, width=size, steps=s.steps, guidance=s.guidance,
+                               seed=eval_seed(s), device="cpu", batch_size=8, **common)
                 if v.radius is not None:
-                    argv += ["--radius", str(v.radius), "--down_factor", str(v.down_factor), "--checkpoint",
-                             checkpoint_of(v), "--backend", backends[(size, v.down_factor)]]
-                log.run_script("generate_eval_set", argv)
+                    options.update(radius=v.radius, down_factor=v.down_factor, checkpoint=checkpoint_of(v),
+                                   backend=backends[(size, v.down_factor)])
+                log.run("generate_eval_set", generate_eval_set.run, **options)
                 folders[(str(size), v.key)] = folder
 
     seconds = {}
@@ -417,13 +404,12 @@ def run(s: Settings) -> dict:
         evaluations, following, mse = {}, {}, {}
         for size_key, rows in ((str(s.size), held), (str(s.large), held_large), (f"{s.large}_sdedit", held_large)):
             ref = folders[(size_key, teacher_v.key)]
-            argv = ["--original", str(ref), "--out", str(s.work / "evaluate" / size_key), "--metrics",
-                    "psnr,ssim,ms_ssim,gflops", "--workers", "0", "--device", "cpu", "--batch_size", "16",
-                    "--pixels_per_token", str(pixels_per_token), "--attention_dim", str(attention_dim),
-                    "--names", ",".join(v.label for v in variants)]
-            for v in variants[1:]:
-                argv += ["--clear", str(folders[(size_key, v.key)])]
-            evaluations[size_key] = log.run_script("evaluate", argv)
+            evaluations[size_key] = log.run(
+                "evaluate", evaluate.run, original=str(ref), out=str(s.work / "evaluate" / size_key),
+                metrics="psnr,ssim,ms_ssim,gflops", workers=0, device="cpu", batch_size=16,
+                pixels_per_token=pixels_per_token, attention_dim=attention_dim,
+                names=",".join(v.label for v in variants),
+                clear=[str(folders[(size_key, v.key)]) for v in variants[1:]])
             scenes = {r["key"]: r["scene"] for r in rows}
             for v in variants:
                 following[(size_key, v.key)] = measure.prompt_following(folders[(size_key, v.key)], scenes)

@@ -13,7 +13,7 @@ import logging
 import math
 from pathlib import Path
 
-from clear.evaluation import _json_safe
+from clear.evaluation import json_safe
 from clear.files import atomic_path, save_image, write_text
 
 COLUMNS = [  # (row key, header, decimals)
@@ -319,5 +319,5 @@ def write_all(s, metrics: dict, folders: dict) -> None:
         metrics.setdefault("loss_history", {})[label] = {tag: [v for _, v in h] for tag, h in hist.items()
                                                          if tag in ("loss", "loss_distill")}
     loss_plot(runs, out / "loss.png")
-    write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=1, default=str, allow_nan=False) + "\n")
+    write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=1, default=str, allow_nan=False) + "\n")
     write_text(out / "report.md", markdown(metrics))

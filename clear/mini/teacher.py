@@ -143,13 +143,6 @@ def images_tensor(images) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def tensor_images(x: torch.Tensor):
-    from PIL import Image
-
-    a = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(i) for i in a]
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1]."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
