@@ -62,3 +62,15 @@ def generate_cli():
     from scripts_loader import load_script
 
     return load_script("generate")
+
+
+@pytest.fixture
+def forbid_loading(monkeypatch):
+    """Loading a FLUX or SD3 pipeline fails the test: the settings must be checked first."""
+    import diffusers
+
+    def boom(*a, **k):
+        raise AssertionError("the pipeline was loaded before the settings were checked")
+
+    for name in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", boom)
