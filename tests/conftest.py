@@ -1,4 +1,21 @@
-"""Test environment: every cache inside the repo's ignored .cache/, Hub offline."""
+"""Test environment: every cache inside the repo's ignored .cache/, Hub offline; the shared fixtures.
+
+The tests by layer, each module named after the feature it protects (its reliability cases included):
+
+- unit: test_geometry (the window rule, counts), test_backends (every backend against the dense oracle),
+  test_flex_blocks, test_flex_compiled, test_checkpointing, test_data, test_devices, test_file_permissions;
+- integration, CLEAR on stock diffusers models against their own attention with an explicit mask:
+  test_flux_attention, test_sd3_attention, test_flux2, test_qwenimage, test_quantized, test_compile,
+  test_parallel; and the layers above them: test_families (the registry, a third family, whole pipelines),
+  test_weights (files, download, refused files, LoRA), test_generation, test_evaluation;
+- end to end, scripts and pipelines: test_inference (+ test_inference_sd3), test_training, test_benchmark,
+  test_notebooks, test_mini_*, test_docs.
+
+Shared helpers live in three modules and here, never in a test module: tiny_models.py (tiny models, pipelines,
+inputs, CLEAR checkpoints, loading a saved pipeline), scripts_loader.py (scripts run in-process),
+reference_attention.py (diffusers' processors with an explicit mask), toy_family.py (a third family). Tests
+that take tens of seconds are marked ``slow``.
+"""
 
 import os
 from pathlib import Path
@@ -62,3 +79,15 @@ def generate_cli():
     from scripts_loader import load_script
 
     return load_script("generate")
+
+
+@pytest.fixture
+def forbid_loading(monkeypatch):
+    """Loading a FLUX or SD3 pipeline fails the test: the settings must be checked first."""
+    import diffusers
+
+    def boom(*a, **k):
+        raise AssertionError("the pipeline was loaded before the settings were checked")
+
+    for name in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", boom)

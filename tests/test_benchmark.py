@@ -111,7 +111,8 @@ def test_flops_table_and_size_validation(tmp_path):
         benchmark.parse_sizes("2048*4096")
 
 
-def test_attention_benchmark_compiled_and_compile_choices(tmp_path):
+@pytest.mark.slow  # torch.compile of the dense attention on CPU
+def test_attention_benchmark_compiled(tmp_path):
     out = tmp_path / "attc"
     records = benchmark.main(["attention", "--sizes", "64", "--radii", "2", "--down-factors", "1", "--heads", "2",
                               "--head-dim", "16", "--text-len", "8", "--warmup", "0", "--repeats", "1", "--backend",
@@ -121,6 +122,9 @@ def test_attention_benchmark_compiled_and_compile_choices(tmp_path):
     for r in records:
         assert r["compile_s"] == pytest.approx(r["first_call_s"] - r["time_s"])
     assert "| compile |" in out.with_suffix(".md").read_text()
+
+
+def test_attention_benchmark_refuses_regional_compile(tmp_path):
     with pytest.raises(SystemExit, match="applies to step only"):
         benchmark.main(["attention", "--sizes", "64", "--radii", "2", "--compile", "regional",
                         "--out", str(tmp_path / "x")])

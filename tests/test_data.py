@@ -166,3 +166,14 @@ def test_rank_sampler_resumes_and_splits():
     assert len(e0) == len(e1) == 3 and not set(e0) & set(e1)
     with pytest.raises(ValueError, match="cannot be split"):
         RankSampler(1, world_size=2)
+
+
+def test_bad_samples_state_stays_one_entry_per_file():
+    bad = BadSamples()
+    first = [BadSample("a", "bad image: x"), BadSample("b", "bad json: y")]
+    assert bad.add(first) == first and bad.add(BadSample("a", "bad image: x")) == [] and bad.add(first) == []
+    assert len(bad) == 2 and bad.encounters == 5 and bad.state_dict()["items"] == [["a", "bad image: x"],
+                                                                                   ["b", "bad json: y"]]
+    old = BadSamples()  # a checkpoint written before the count was per file lists every encounter
+    old.load_state_dict({"items": [["a", "bad image: x"], ["a", "bad image: x"], ["b", "bad json: y"]]})
+    assert old.ids() == ["a", "b"] and old.encounters == 3

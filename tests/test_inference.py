@@ -1,18 +1,24 @@
 """Inference: scripts/generate.py end to end, the SDEdit high-resolution path, its options
 (NTK RoPE, proportional attention, fixed shift) against direct computations, pipelines
-(ControlNet, schnell), early errors, resolving once and the mask picture. Scenarios every
+(ControlNet, schnell), early errors, resolving once and the mask picture; and no silent wrong output:
+non-finite values stop with a message and no PNG, every check that needs no weights runs before they load,
+messages name local paths, the offline Hub and the fix, and --help is fast. Scenarios every
 family shares run on each (``family``: the tiny FLUX.1-dev-like and SD3.5-Medium-like
 pipelines); SD3-only ones are in tests/test_inference_sd3.py. CPU, tiny pipelines."""
 
 import json
+import logging
 import math
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
-from scripts_loader import load_script
+from scripts_loader import cli_error, load_script
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -20,12 +26,14 @@ from PIL import Image
 import clear
 import clear.inference as inf
 import clear.visualize as vis
+import clear.weights as weights
 from clear.families import get_family
 from clear.families.base import check_size as size_rule
+from clear.attention import pool_tokens
 from clear.geometry import TokenLayout, Window, allowed_mask
+from tiny_models import TINY_ARGS, clear_checkpoint, load_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu", "--quiet"]
 
 # What differs per family in the shared scenarios: classes, and the defaults of the tiny pipelines' models
 # (FLUX.1-dev-like: guidance 3.5; SD3.5-Medium-like: 4.5)
@@ -39,16 +47,12 @@ FAMILY = {
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_flux_pipeline_dir):
-    pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(tiny_flux_pipeline_dir)
 
 
 @pytest.fixture
 def fresh_pipe(tiny_flux_pipeline_dir):
-    pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(tiny_flux_pipeline_dir)
 
 
 @pytest.fixture(params=sorted(FAMILY))
@@ -64,9 +68,25 @@ def family_dir(family, request):
 
 @pytest.fixture
 def family_pipe(family_dir):
-    pipe = inf.load_pipeline(family_dir, "cpu", "float32")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(family_dir)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Records every attempt to read a pipeline's config or weights (there must be none)."""
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    calls = []
+
+    def record(name):
+        def fail(*a, **k):
+            calls.append(name)
+            raise AssertionError(f"{name} was called before the settings were checked")
+        return fail
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", record("FluxPipeline.from_pretrained"))
+    monkeypatch.setattr(DiffusionPipeline, "load_config", record("DiffusionPipeline.load_config"))
+    return calls
 
 
 def _eval(pipe):
@@ -79,20 +99,6 @@ def _eval(pipe):
 
 def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
-
-
-def save_checkpoint(path, radius, down_factor=1, seed=3, family="flux"):
-    """A CLEAR checkpoint for the family's tiny transformer with perturbed (non-original) weights."""
-    from tiny_models import tiny_flux, tiny_sd3
-
-    model = tiny_flux() if family == "flux" else tiny_sd3(dual_attention_layers=(0,), qk_norm="rms_norm")
-    clear.apply_clear(model, radius, down_factor)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in clear.clear_state_dict_keys(model).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return clear.save_clear_weights(model, path)
-
 
 
 def record_forwards(transformer, log):
@@ -121,7 +127,7 @@ def record_forwards(transformer, log):
 
 def test_generate_cli_writes_png_with_settings(generate_cli, tiny_flux_pipeline_dir, tmp_path):
     out = tmp_path / "img.png"
-    written = generate_cli.main(["--model", tiny_flux_pipeline_dir, "--prompt", "a red house", *TINY,
+    written = generate_cli.main(["--model", tiny_flux_pipeline_dir, "--prompt", "a red house", *TINY_ARGS,
                                  "--variant", "clear_local_2_down_2", "--checkpoint", "none", "--seed", "7",
                                  "--out", str(out)])
     assert written == {"image": str(out)}
@@ -139,7 +145,7 @@ def test_generate_cli_writes_png_with_settings(generate_cli, tiny_flux_pipeline_
 def test_cli_compare_and_a_checkpoint_of_the_family(family, family_dir, generate_cli, tmp_path):
     parser = generate_cli.build_parser()
     args = generate_cli.resolve_args(parser.parse_args(
-        ["--model", family_dir, "--prompt", "a red house", *TINY, "--radius", "100", "--checkpoint", "none",
+        ["--model", family_dir, "--prompt", "a red house", *TINY_ARGS, "--radius", "100", "--checkpoint", "none",
          "--compare", "--seed", "5", "--out", str(tmp_path / "cmp.png")]))
     assert args.family.name == family and args.ntk_factor is None
     pipe = generate_cli.build_pipeline(args)
@@ -177,9 +183,9 @@ def test_cli_compare_and_a_checkpoint_of_the_family(family, family_dir, generate
     assert found
 
     # a small window with trained (here: perturbed) weights of the family changes the image; the file is loaded
-    ckpt = save_checkpoint(tmp_path / f"{family}_r2.safetensors", radius=2, family=family)
-    out = generate_cli.main(["--model", family_dir, "--prompt", "a red house", *TINY, "--radius", "2", "--seed", "5",
-                             "--checkpoint", ckpt, "--out", str(tmp_path / "r2.png")])
+    ckpt = clear_checkpoint(tmp_path / f"{family}_r2.safetensors", radius=2, family=family)
+    out = generate_cli.main(["--model", family_dir, "--prompt", "a red house", *TINY_ARGS, "--radius", "2",
+                             "--seed", "5", "--checkpoint", ckpt, "--out", str(tmp_path / "r2.png")])
     local = Image.open(out["image"])
     assert local.size == (48, 32) and json.loads(local.text["clear:settings"])["checkpoint"] == ckpt
     assert np.abs(_pixels(out["image"]) - _pixels(written["original"])).max() > 0
@@ -187,26 +193,15 @@ def test_cli_compare_and_a_checkpoint_of_the_family(family, family_dir, generate
 
 def test_released_checkpoint_from_ckpt_dir_is_loaded(generate_cli, tiny_flux_pipeline_dir, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    save_checkpoint(ckpt_dir / "clear_local_16.safetensors", radius=16)  # what download_weights would have put there
-    base = ["--model", tiny_flux_pipeline_dir, *TINY, "--radius", "16"]
+    clear_checkpoint(ckpt_dir / "clear_local_16.safetensors", radius=16)  # what download_weights would have put there
+    base = ["--model", tiny_flux_pipeline_dir, *TINY_ARGS, "--radius", "16"]
     trained = generate_cli.main([*base, "--ckpt_dir", str(ckpt_dir), "--out", str(tmp_path / "t.png")])
     untrained = generate_cli.main([*base, "--checkpoint", "none", "--out", str(tmp_path / "u.png")])
     assert Image.open(trained["image"]).text["clear:checkpoint"] == str(ckpt_dir / "clear_local_16.safetensors")
     assert np.abs(_pixels(trained["image"]) - _pixels(untrained["image"])).max() > 0
 
 
-def forbid_loading(monkeypatch):
-    """From here on, loading a FLUX or SD3 pipeline fails the test: the settings must be checked first."""
-
-    def boom(*a, **k):
-        raise AssertionError("the pipeline was loaded before the settings were checked")
-
-    for name in ("FluxPipeline", "StableDiffusion3Pipeline"):
-        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", boom)
-
-
-def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli, tmp_path, monkeypatch):
-    forbid_loading(monkeypatch)
+def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli, tmp_path, forbid_loading):
     base = ["--model", family_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
     # 4 pixels per token in both tiny pipelines (VAE factor 2 x patch 2)
     with pytest.raises(ValueError, match=r"height=30 is not a positive multiple of 4"):
@@ -219,10 +214,9 @@ def test_size_errors_come_before_any_heavy_work(family, family_dir, generate_cli
 
 
 def test_an_upscale_stage_must_be_larger_than_the_image_before(generate_cli, tiny_flux_pipeline_dir, tmp_path,
-                                                               monkeypatch):
+                                                               forbid_loading):
     """`--upscale 4` (a factor, as people type it) is a 4x4-pixel stage: refused before anything loads, with the
     syntax; the factor forms 2x / x2 scale the image before each stage."""
-    forbid_loading(monkeypatch)
     base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png"),
             "--height", "32", "--width", "48", "--checkpoint", "none"]
     for upscale, stage in (("4", "1, 4x4 pixels"), ("64x96,64x96", "2, 64x96 pixels")):
@@ -235,11 +229,10 @@ def test_an_upscale_stage_must_be_larger_than_the_image_before(generate_cli, tin
         inf.plan_generation(args.plan.info, (32, 48), [(32, 48)])  # the library refuses it too
 
 
-def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
-    forbid_loading(monkeypatch)
+def test_errors_come_before_any_heavy_work(generate_cli, tiny_flux_pipeline_dir, tmp_path, forbid_loading):
     base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
 
-    ck = save_checkpoint(tmp_path / "mine.safetensors", radius=8, down_factor=2)
+    ck = clear_checkpoint(tmp_path / "mine.safetensors", radius=8, down_factor=2)
     with pytest.raises(ValueError, match=r"radius=8 but the chosen variant is clear_local_16_down_2.*--radius 8"):
         generate_cli.main([*base, "--height", "32", "--width", "32", "--radius", "16", "--down_factor", "2",
                            "--checkpoint", ck])
@@ -339,7 +332,7 @@ def test_highres_two_non_square_stages(family, family_pipe):
 def test_highres_cli_writes_every_stage(family, family_dir, tmp_path):
     out = tmp_path / "hr.png"
     last = {"flux": "64x48", "sd3": "64x96"}[family]
-    written = load_script("generate_highres").main(["--model", family_dir, *TINY, "--radius", "3",
+    written = load_script("generate_highres").main(["--model", family_dir, *TINY_ARGS, "--radius", "3",
                                                     "--checkpoint", "none", "--upscale", f"48x32,{last}",
                                                     "--upscale_steps", "3", "--vae_tiling", "on", "--out", str(out)])
     assert Image.open(written["stage0"]).size == (48, 32)
@@ -415,6 +408,51 @@ def test_proportional_attention_context_on_original_and_clear_models(fresh_pipe)
     assert not core.proportional_attention and pipe.transformer.clear_state.radius == 2
 
 
+def test_proportional_scale_release_formula_for_down_sampled_variants():
+    layout = TokenLayout(7, 8, 12)
+    n, l0, d = layout.seq_len, 64 * 64 + 512, 16
+    release = math.sqrt(math.log(10 * n, l0) / d)
+    plain = math.sqrt(math.log(n, l0) / d)
+    assert clear.ClearAttention(3, 2, proportional_attention=True).scale(layout, d) == pytest.approx(release, 1e-12)
+    assert clear.ClearAttention(3, 2, proportional_attention="release").scale(layout, d) == pytest.approx(release)
+    assert clear.ClearAttention(3, 2, proportional_attention="plain").scale(layout, d) == pytest.approx(plain, 1e-12)
+    assert clear.ClearAttention(3, 1, proportional_attention=True).scale(layout, d) == pytest.approx(plain, 1e-12)
+    assert clear.ClearAttention(3, 2, proportional_attention=False).scale(layout, d) == 0.25
+    with pytest.raises(ValueError, match="proportional_attention must be one of"):
+        clear.ClearAttention(3, 2, proportional_attention="yes")
+    # FLUX.1 at 4096² with df = 4: the two formulas are ~10% apart
+    big = TokenLayout(512, 256, 256)
+    ratio = clear.ClearAttention(16, 4, proportional_attention=True).scale(big, 128) / \
+        clear.ClearAttention(16, 4, proportional_attention="plain").scale(big, 128)
+    assert ratio == pytest.approx(math.sqrt(math.log(10 * big.seq_len) / math.log(big.seq_len)))
+    assert 1.09 < ratio < 1.11
+    # and the attention output is SDPA with that scale over [keys | pooled keys]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, layout.seq_len, 2, d, generator=g) for _ in range(3))
+    sw = torch.rand(1, 1, 1, 2, 1, 2, 1, generator=g)
+    img = layout.image_slice
+    kk = torch.cat([k, pool_tokens(k[:, img], 8, 12, sw)], 1)
+    vv = torch.cat([v, pool_tokens(v[:, img], 8, 12, sw)], 1)
+    mask = allowed_mask(layout, Window(3, 2))
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask,
+                                         scale=release).transpose(1, 2)
+    core = clear.ClearAttention(3, 2, backend="dense", proportional_attention=True)
+    torch.testing.assert_close(core(q, k, v, layout, sw), ref)
+
+
+def test_highres_upscaling_uses_the_chosen_proportional_formula(tiny_flux_pipeline_dir):
+    pipe = load_tiny_pipeline(tiny_flux_pipeline_dir)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a: seen.append(m.clear_state.core.proportional_attention if m.clear_state else None))
+    for formula in (True, "plain"):
+        inf.generate_highres(pipe, "a cat", [(48, 64)], (32, 48), clear=inf.ClearSpec(2, 2), steps=2, upscale_steps=2,
+                             strength=0.5, proportional=formula, max_sequence_length=16, progress=False,
+                             base_image=Image.new("RGB", (48, 32)))
+    assert seen == [True, "plain"]
+    assert pipe.transformer.clear_state.core.proportional_attention is False  # put back
+
+
 def test_fixed_shift_scheduler_matches_direct_computation(tiny_pipe):
     sched = inf.fixed_shift_scheduler(tiny_pipe.scheduler, 3.0)
     assert not sched.config.use_dynamic_shifting and tiny_pipe.scheduler is not sched
@@ -457,7 +495,7 @@ def test_controlnet_pipeline_one_line(tmp_path):
     assert pipe.transformer.clear_state is not None and pipe.controlnet.clear_state is not None
     np.testing.assert_allclose(pipe(**kw, generator=torch.Generator().manual_seed(0)).images, ref, atol=1e-5)
 
-    ckpt = save_checkpoint(tmp_path / "clear_local_2_down_2.safetensors", radius=2, down_factor=2)
+    ckpt = clear_checkpoint(tmp_path / "clear_local_2_down_2.safetensors", radius=2, down_factor=2)
     inf.apply_to_pipeline(pipe, radius=2, down_factor=2, checkpoint=ckpt)
     assert pipe.controlnet.clear_state.radius == 2 and pipe.transformer.clear_state.down_factor == 2
     from safetensors.torch import load_file
@@ -477,7 +515,7 @@ def test_controlnet_pipeline_one_line(tmp_path):
 def test_schnell_zero_shot_with_dev_weights(tmp_path):
     from tiny_models import tiny_flux_pipeline
 
-    dev_ckpt = save_checkpoint(tmp_path / "dev_r2.safetensors", radius=2)  # made on a guidance-embedding "dev"
+    dev_ckpt = clear_checkpoint(tmp_path / "dev_r2.safetensors", radius=2)  # made on a guidance-embedding "dev"
     pipe = tiny_flux_pipeline(guidance_embeds=False)
     _eval(pipe)
     assert inf.default_settings(pipe) == dict(steps=4, guidance=0.0, max_sequence_length=256)
@@ -535,9 +573,9 @@ def test_two_stage_highres_resolves_the_family_once_and_checks_each_size_once(fa
 def test_cli_resolves_the_family_once_and_checks_each_size_once(family, family_dir, generate_cli, tmp_path,
                                                                 monkeypatch):
     counts = count_calls(monkeypatch)
-    written = generate_cli.main(["--model", family_dir, *TINY, "--radius", "2", "--down_factor", "2", "--checkpoint",
-                                 "none", "--upscale", "48x64,64x96", "--upscale_steps", "2", "--strength", "0.5",
-                                 "--out", str(tmp_path / "hr.png")])
+    written = generate_cli.main(["--model", family_dir, *TINY_ARGS, "--radius", "2", "--down_factor", "2",
+                                 "--checkpoint", "none", "--upscale", "48x64,64x96", "--upscale_steps", "2",
+                                 "--strength", "0.5", "--out", str(tmp_path / "hr.png")])
     assert Image.open(written["image"]).size == (96, 64) and set(written) == {"stage0", "stage1", "image"}
     # read from the configs before loading, passed to the loading and to every stage: once each
     assert counts == dict(pipeline_family=1, size_rules=1, model_spec=1, resolve_ntk_factor=1, check_size=3)
@@ -616,3 +654,255 @@ def test_mask_picture_matches_allowed_mask(tmp_path):
     assert Image.open(path).size == pic.image.size and Image.open(path).text["clear:seen"] == str(pic.seen)
     with pytest.raises(ValueError, match="outside"):
         vis.draw_mask(h, w, r, query=(8, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite values: an error, never a black PNG
+# ------------------------------------------------------------------------------------------
+
+
+def test_nan_checkpoint_and_nan_guidance_exit_with_a_message_and_no_png(generate_cli, tiny_flux_pipeline_dir,
+                                                                        tmp_path, monkeypatch):
+    nan_file = clear_checkpoint(tmp_path / "nan.safetensors", fill=float("nan"))
+    out = tmp_path / "out" / "img.png"
+    msg = cli_error(generate_cli, ["--model", tiny_flux_pipeline_dir, *TINY_ARGS, "--radius", "2",
+                                  "--checkpoint", nan_file, "--out", str(out)], monkeypatch)
+    assert "holds NaN or inf values in" in msg and "transformer_blocks.0.attn.to_k.bias" in msg
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+
+    msg = cli_error(generate_cli, ["--model", tiny_flux_pipeline_dir, *TINY_ARGS, "--radius", "2",
+                                  "--checkpoint", "none", "--guidance", "nan", "--out", str(out)], monkeypatch)
+    assert msg == "error: guidance=nan is not a finite number; pass e.g. 3.5 (or leave it out for the model's default)"
+    assert not out.exists()
+
+
+def test_weights_that_blow_up_stop_generation_without_a_png(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                            monkeypatch):
+    """Finite weights whose attention logits overflow (1e30): NaN latents after the first step."""
+    huge = clear_checkpoint(tmp_path / "clear_local_2.safetensors", fill=1e30)
+    out = tmp_path / "img.png"
+    calls = []
+    original_build = generate_cli.build_pipeline
+
+    def build(args):  # count denoising steps: the run stops at the first one
+        pipe = original_build(args)
+        pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+        return pipe
+
+    monkeypatch.setattr(generate_cli, "build_pipeline", build)
+    msg = cli_error(generate_cli, ["--model", tiny_flux_pipeline_dir, *TINY_ARGS, "--radius", "2", "--checkpoint", huge,
+                                  "--out", str(out)], monkeypatch)
+    assert "NaN/inf values" in msg and "after denoising step 1 " in msg and "no image is returned" in msg
+    assert len(calls) == 1  # stopped after step 1 of 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "clear_local_2.safetensors"]  # no PNG, no temporary file
+
+
+def test_decoded_image_with_nan_is_refused():
+    class Pipe:
+        numpy_to_pil = staticmethod(lambda a: ["pil"])
+
+    images = np.full((1, 4, 4, 3), 0.5, dtype=np.float32)
+    assert inf.finite_image(Pipe(), images) == "pil"
+    images[0, 1, 2, 0] = np.nan
+    images[0, 3, 3, 1] = np.inf
+    with pytest.raises(inf.NonFiniteImageError, match=r"the decoded image holds 2 NaN/inf values of 48"):
+        inf.finite_image(Pipe(), images)
+
+
+# ------------------------------------------------------------------------------------------
+# Every check that needs no weights runs before they load
+# ------------------------------------------------------------------------------------------
+
+
+def test_settings_refused_before_anything_loads(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch,
+                                                no_loading):
+    base = ["--model", tiny_flux_pipeline_dir, *TINY_ARGS, "--checkpoint", "none"]
+    out = ["--out", str(tmp_path / "x.png")]
+    cases = [
+        (["--radius", "0"], r"--radius 0 --down_factor 1: radius must be a positive number of tokens"),
+        (["--radius", "-5"], r"--radius -5 --down_factor 1: radius must be a positive number of tokens"),
+        (["--steps", "0"], r"steps=0: the number of denoising steps must be a whole number >= 1"),
+        (["--upscale", "64x96", "--upscale_steps", "0"], r"upscale_steps=0: the number of denoising steps"),
+        (["--guidance", "inf"], r"guidance=inf is not a finite number"),
+        (["--upscale", "64x96", "--strength", "0.2", "--upscale_steps", "3"],
+         r"strength=0.2 with 3 steps leaves no denoising step; use steps >= 5"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate_cli.main([*base, *extra, *out])
+    assert no_loading == [] and not (tmp_path / "x.png").exists()
+
+
+def test_size_bound_refused_with_a_message(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch):
+    base = ["--model", tiny_flux_pipeline_dir, "--steps", "2", "--device", "cpu", "--checkpoint", "none",
+            "--out", str(tmp_path / "x.png")]
+    from diffusers import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    msg = cli_error(generate_cli, [*base, "--height", "100000", "--width", "100000"], monkeypatch)
+    assert msg == ("error: 100000x100000 is 10,000,000,000 pixels, more than the bound of 268,435,456 (max_pixels, "
+                   "about 16384x16384): that far out, one image's latents, activations and decoded pixels run out "
+                   "of memory. Choose a smaller size, or raise the bound (--max_pixels, or max_pixels=) if your "
+                   "hardware really holds it")
+    with pytest.raises(ValueError, match=r"64x96 is 6,144 pixels, more than the bound of 4,096"):
+        generate_cli.main([*base, "--height", "32", "--width", "48", "--upscale", "64x96", "--max_pixels", "4096"])
+    with pytest.raises(ValueError, match=r"more than the bound of 2,000"):  # the Python API has the same bound
+        inf.check_size(32, 64, 4, max_pixels=2000)
+    inf.check_size(100_000, 100_000, max_pixels=None)  # an explicit None: no bound
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_refused_before_loading(generate_cli, tiny_flux_pipeline_dir, tmp_path, monkeypatch,
+                                                  no_loading):
+    argv = ["--model", tiny_flux_pipeline_dir, "--height", "32", "--width", "48", "--checkpoint", "none",
+            "--out", str(tmp_path / "x.png")]
+    msg = cli_error(generate_cli, [*argv, "--device", "cuda"], monkeypatch)
+    assert msg.startswith("error: --device cuda: CUDA is not available on this machine (torch ")
+    assert "Use --device cpu" in msg
+    msg = cli_error(generate_cli, [*argv, "--device", "gpu0"], monkeypatch)
+    assert msg.startswith("error: --device 'gpu0' is not a device name")
+    with pytest.raises(ValueError, match="CUDA is not available on this machine"):  # the Python API too
+        inf.load_pipeline(tiny_flux_pipeline_dir, "cuda:1")
+    assert no_loading == []
+
+
+def test_unwritable_out_refused_before_any_denoising_step(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                          monkeypatch, no_loading):
+    base = ["--model", tiny_flux_pipeline_dir, *TINY_ARGS, "--radius", "2", "--checkpoint", "none"]
+    folder = tmp_path / "existing.png"
+    folder.mkdir()
+    msg = cli_error(generate_cli, [*base, "--out", str(folder)], monkeypatch)
+    assert msg == (f"error: --out {folder} is an existing folder; pass a file name inside it, "
+                   f"e.g. {folder / 'image.png'}")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    msg = cli_error(generate_cli, [*base, "--out", str(a_file / "sub" / "img.png")], monkeypatch)
+    assert msg == (f"error: --out {a_file / 'sub' / 'img.png'}: {a_file} is a file, so no folder can be made there; "
+                   "choose another path")
+    assert no_loading == []  # neither the config nor the weights were read: no pipeline, no denoising step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.png", "notes.txt"] and not list(folder.iterdir())
+    if os.geteuid() != 0:  # root writes into read-only folders, so only other users can see this refusal
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            msg = cli_error(generate_cli, [*base, "--out", str(ro / "img.png")], monkeypatch)
+            assert f"the folder {ro} is not writable" in msg
+        finally:
+            ro.chmod(0o755)
+
+
+def test_library_checks_before_the_pipeline_runs(tiny_flux_pipeline_dir):
+    pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    for kwargs, message in [(dict(steps=0), "steps=0"), (dict(guidance=float("nan")), "guidance=nan"),
+                            (dict(steps=1.5), "steps=1.5")]:
+        with pytest.raises(ValueError, match=message):
+            inf.generate(pipe, "a cat", 32, 48, max_sequence_length=16, **kwargs)
+    with pytest.raises(ValueError, match="more than the bound of 1,000"):
+        inf.generate(pipe, "a cat", 32, 48, max_sequence_length=16, max_pixels=1000)
+    with pytest.raises(ValueError, match="upscale_steps=0"):
+        inf.generate_highres(pipe, "a cat", [(48, 64)], (32, 48), upscale_steps=0, progress=False)
+    with pytest.raises(ValueError, match="radius must be a positive number"):
+        inf.ClearSpec(0)
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------------
+# Messages: local paths, offline, retries, --help
+# ------------------------------------------------------------------------------------------
+
+
+def test_misspelled_local_model_is_no_such_folder(generate_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "flux_dev").mkdir(parents=True)
+    argv = ["--height", "32", "--width", "48", "--checkpoint", "none", "--device", "cpu", "--out", "x.png"]
+    msg = cli_error(generate_cli, ["--model", "./models/flux-dev", *argv], monkeypatch)
+    assert msg == (f"error: --model ./models/flux-dev: no such folder ({tmp_path / 'models' / 'flux-dev'} does not "
+                   f"exist; the nearest existing folder is {tmp_path / 'models'}, which holds: flux_dev). Check the "
+                   "spelling, or pass a Hub id such as black-forest-labs/FLUX.1-dev")
+    msg = cli_error(generate_cli, ["--model", "models/flux-dev", *argv], monkeypatch)  # ./models exists: a path
+    assert "--model models/flux-dev: no such folder" in msg
+    msg = cli_error(generate_cli, ["--model", str(tmp_path / "nowhere" / "flux"), *argv], monkeypatch)
+    assert f"no such folder ({tmp_path / 'nowhere' / 'flux'} does not exist; the nearest existing folder is " \
+           f"{tmp_path}, which holds: models)" in msg
+
+
+def test_offline_hub_id_message_says_hf_auth_login(generate_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = cli_error(generate_cli, ["--model", "someone/not-cached", "--checkpoint", "none", "--device", "cpu"],
+                   monkeypatch)
+    assert "a Hub id that is not in the local Hugging Face cache, and the Hub is unreachable (HF_HUB_OFFLINE is set)" \
+        in msg
+    assert "`hf auth login`" in msg and "huggingface-cli" not in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unresolvable_hub_fails_at_once_without_retries(tmp_path, monkeypatch, capfd, caplog):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
+    assert weights.hub_unreachable().startswith("cannot resolve hub.invalid")
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with caplog.at_level(logging.DEBUG), pytest.raises(FileNotFoundError, match=r"\(cannot resolve hub\.invalid"):
+        clear.download_weights(8)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ValueError, match=r"a Hub id that is not in the local Hugging "
+                                                                      r"Face cache, and the Hub is unreachable "
+                                                                      r"\(cannot resolve hub\.invalid"):
+        inf.check_model("someone/not-cached")
+    assert time.perf_counter() - start < 5  # the hub's retries alone take ~25 s
+    assert "Retrying" not in caplog.text + "".join(capfd.readouterr())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_hub_model_generates_with_the_hub_unreachable(generate_cli, tiny_flux_pipeline_dir, tmp_path,
+                                                             monkeypatch, capfd, caplog):
+    """A Hub id in the local cache, no network (host does not resolve), HF_HUB_OFFLINE not set: configs and
+    weights come from the cache at once, without the hub's retries."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    repo = Path(constants.HF_HUB_CACHE) / f"models--clear-tests--tiny-flux-{os.getpid()}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    try:
+        shutil.copytree(tiny_flux_pipeline_dir, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        out = tmp_path / "img.png"
+        start = time.perf_counter()
+        with caplog.at_level(logging.DEBUG):
+            written = generate_cli.main(["--model", f"clear-tests/tiny-flux-{os.getpid()}", *TINY_ARGS, "--radius", "2",
+                                         "--checkpoint", "none", "--out", str(out)])
+        assert written == {"image": str(out)} and Image.open(out).size == (48, 32)
+        assert time.perf_counter() - start < 60  # the hub's retries: ~25 s for each file read
+        assert "Retrying" not in caplog.text + "".join(capfd.readouterr())
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+@pytest.mark.parametrize("script", ["generate", "generate_highres"])
+def test_help_is_fast_and_imports_nothing_heavy(script):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0 and "--max_pixels" in proc.stdout and "--proportional_formula" in proc.stdout
+    assert seconds < 3, f"--help took {seconds:.1f} s"
+    probe = ("import importlib.util, json, sys\n"
+             f"spec = importlib.util.spec_from_file_location('s', {str(ROOT / 'scripts' / (script + '.py'))!r})\n"
+             "m = importlib.util.module_from_spec(spec); sys.path.insert(0, %r); spec.loader.exec_module(m)\n"
+             "m.build_parser().parse_args(['--height', '32', '--radius', '0'])\n"
+             "print(json.dumps(sorted(k for k in ('torch', 'diffusers', 'transformers', 'safetensors', "
+             "'huggingface_hub', 'numpy') if k in sys.modules)))") % str(ROOT / "scripts")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []

@@ -13,16 +13,14 @@ import torch
 import clear
 import clear.inference as inf
 from clear.families.sd3 import SD3ClearAttnProcessor
-from test_inference import forbid_loading, save_checkpoint
+from tiny_models import clear_checkpoint, load_tiny_pipeline
 
 # the tiny pipeline: VAE factor 2 x patch 2 = 4 pixels per token, pos_embed_max_size 32 -> at most 128 pixels
 
 
 @pytest.fixture
 def sd3_pipe(tiny_sd3_pipeline_dir):
-    pipe = inf.load_pipeline(tiny_sd3_pipeline_dir, "cpu", "float32")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny_pipeline(tiny_sd3_pipeline_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -33,7 +31,7 @@ def sd3_pipe(tiny_sd3_pipeline_dir):
 def test_apply_to_pipeline_loads_sd3_checkpoint(sd3_pipe, tmp_path):
     from safetensors.torch import load_file
 
-    ckpt = save_checkpoint(tmp_path / "sd3_r2_df2.safetensors", radius=2, down_factor=2, family="sd3")
+    ckpt = clear_checkpoint(tmp_path / "sd3_r2_df2.safetensors", radius=2, down_factor=2, family="sd3")
     core = inf.apply_to_pipeline(sd3_pipe, radius=2, down_factor=2, checkpoint=ckpt)
     assert core is sd3_pipe.transformer.clear_state.core and core.window.down_factor == 2
     weights = load_file(ckpt)
@@ -50,8 +48,7 @@ def test_apply_to_pipeline_loads_sd3_checkpoint(sd3_pipe, tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_sd3_errors_come_before_any_heavy_work(generate_cli, tiny_sd3_pipeline_dir, tmp_path, monkeypatch):
-    forbid_loading(monkeypatch)
+def test_sd3_errors_come_before_any_heavy_work(generate_cli, tiny_sd3_pipeline_dir, tmp_path, forbid_loading):
     base = ["--model", tiny_sd3_pipeline_dir, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
 
     # SD3's positions are a 32x32 table here (pos_embed_max_size): 128 pixels per side at most

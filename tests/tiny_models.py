@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save_file
+
+import clear
+import clear.inference as inf
+
+# scripts/generate.py's options for a quick run of a tiny pipeline (tests/conftest.py saves them)
+TINY_ARGS = ["--height", "32", "--width", "48", "--steps", "2", "--max_sequence_length", "16", "--device", "cpu",
+             "--quiet"]
 
 FLUX_CONFIG = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
@@ -306,3 +314,33 @@ def tiny_qwenimage_pipeline(seed: int = 0, text_encoder: bool = False):
     encoder, tokenizer = tiny_qwen_text_encoder(seed) if text_encoder else (None, None)
     return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
                              tokenizer=tokenizer, transformer=tiny_qwenimage(seed))
+
+
+# ------------------------------------------------------------------------------------------
+# Saved pipelines and CLEAR checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+def load_tiny_pipeline(path):
+    """A saved tiny pipeline loaded as the command line does (CPU, float32), its progress bar off."""
+    pipe = inf.load_pipeline(path, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def clear_checkpoint(path, radius=2, down_factor=1, seed=3, family="flux", scale=0.3, fill=None, metadata=True):
+    """A CLEAR checkpoint for the family's tiny transformer with perturbed (non-original) weights, or every value
+    ``fill``; ``metadata=False`` writes the bare tensors (no radius recorded), as the first release did."""
+    model = tiny_flux() if family == "flux" else tiny_sd3(dual_attention_layers=(0,), qk_norm="rms_norm")
+    clear.apply_clear(model, radius, down_factor)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clear.clear_state_dict_keys(model).values():
+            if fill is None:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+            else:
+                p.fill_(fill)
+    if metadata:
+        return clear.save_clear_weights(model, path)
+    save_file({k: v.detach().clone() for k, v in clear.clear_state_dict_keys(model).items()}, str(path))
+    return str(path)
