@@ -298,6 +298,19 @@ class PeakRSS:
         return max(0, max(peak[0], read()) - base)
 
 
+def alternate(fns: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable per repeat, the callables taking turns (so that they share the machine's state
+    alike), after ``warmup`` untimed turns."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    timer, times = Timer(device, 0, 1), {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timer.once(fn))
+    return times
+
+
 def parse_grids(text: str) -> list[tuple[int, int]]:
     """``--grids``: image-token grids ``N`` (square) or ``HxW``, comma-separated."""
     out = []
@@ -405,14 +418,7 @@ def bench_model(args, device, dtype) -> list[dict]:
             if state is not None and state.plans:
                 rec["backend"] = next(iter(state.plans.values())).backend
             rec_of[name] = rec
-        times = {name: [] for name in fns}
-        for _ in range(args.warmup):
-            for fn in fns.values():
-                fn()
-        timer = Timer(device, 0, 1)
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                times[name].append(timer.once(fn))
+        times = alternate(fns, device, args.warmup, args.repeats)
         peak = PeakRSS()
         for name, fn in fns.items():
             rec = rec_of[name]
@@ -513,14 +519,8 @@ def bench_auto(args, device, dtype) -> list[dict]:
             else:
                 fns[name] = lambda plan=plan: plan.attend(q, k, v, scale)
             del core
-        times = {name: [] for name in fns}
         with torch.set_grad_enabled(grad):
-            for fn in fns.values():
-                fn()
-            timer = Timer(device, 0, 1)
-            for _ in range(args.repeats):
-                for name, fn in fns.items():
-                    times[name].append(timer.once(fn))
+            times = alternate(fns, device, 1, args.repeats)
         # the least of the alternating repeats: the call's own cost, least disturbed by other work on the machine
         seconds = {name: (min(times[name]) if name in times else None) for name in backends.names()}
         records.append(dict(heads=heads, head_dim=dim, text=text, image=h * w, grid=f"{h}x{w}", radius=radius,
