@@ -158,6 +158,16 @@ class Flux2Family(ModelFamily):
                                               max_sequence_length=max_sequence_length)
         return {"prompt_embeds": prompt_embeds}
 
+    def encode_image(self, pipe, images):
+        """Flux2Pipeline's own image latents (``_encode_vae_image``: the posterior mode, 2x2-patchified,
+        normalised by the VAE's batch-norm statistics) ``[B, 128, H/16, W/16]``, with std 0: FLUX.2 trains on the
+        mode, as the pipeline encodes images and diffusers' FLUX.2 training scripts do."""
+        mean = pipe._encode_vae_image(images, generator=None)
+        return {"latent_mean": mean, "latent_std": torch.zeros_like(mean)}
+
+    def latent_scaling(self, pretrained_model_name_or_path):
+        return 0.0, 1.0  # encode_image's latents are already the transformer's
+
     def transformer_inputs(self, latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
                            num_train_timesteps=1000):
         """``latents``: Flux2Pipeline's patchified latents ``[B, 128, H/16, W/16]``; ``pooled_prompt_embeds``
@@ -204,5 +214,5 @@ FAMILY = Flux2Family(
     text_components=("text_encoder", "tokenizer"), t5_tokenizer="tokenizer",
     attn_loss_layers="single:4:1",  # as FLUX.1's: every 4th single-stream block from the second
     pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
-    img2img_class="", training_data=False, rope=True, released_weights=False, example="black-forest-labs/FLUX.2-dev",
+    img2img_class="", vae_class="AutoencoderKLFlux2", prompt_features=("prompt_embeds",), rope=True, released_weights=False, example="black-forest-labs/FLUX.2-dev",
 )
