@@ -88,8 +88,8 @@ def parse_args(argv=None):
     a("--use_cached_latent", action="store_true", help="read VAE mean/std from scripts/cache_latent_codes.py")
     a("--resolution", type=int, default=1024, help="training images are resized and centre-cropped to this")
     a("--max_sequence_length", type=int, default=None,
-      help="T5 tokens per prompt (raw prompts and validation); default: the model's (FLUX.1-dev 512, "
-           "FLUX.1-schnell 256, SD3 256)")
+      help="text tokens per prompt (raw prompts and validation); default: the model's (FLUX.1-dev 512, "
+           "FLUX.1-schnell 256, SD3 256, FLUX.2 512, Qwen-Image 512)")
     a("--dataloader_num_workers", type=int, default=2)
     # objective
     a("--distill_loss_weight", "--alpha", dest="alpha", type=float, default=0.5, help="alpha: weight of L_distill")
@@ -97,10 +97,11 @@ def parse_args(argv=None):
     a("--attn_loss_layers", default=None,
       help="attention layers of L_attn: 'single:N[:offset]', 'double:N[:offset]' (FLUX), 'joint:N[:offset]' (SD3), "
            "block or attention module names, or 'none'; default: FLUX 'single:4:1' (single blocks 1, 5, ..., 37 "
-           "of FLUX.1-dev, the public release's choice), SD3 'joint:4'")
+           "of FLUX.1-dev, the public release's choice), SD3 'joint:4', FLUX.2 'single:4:1', Qwen-Image 'double:4:1'")
     a("--guidance_scale", type=float, default=None,
-      help="FLUX.1-dev: the guidance embedding value in training and validation (default 3.5); SD3: the "
-           "classifier-free guidance of the validation images only (default 7 SD3, 4.5 SD3.5-Medium, 3.5 SD3.5-Large)")
+      help="FLUX.1-dev / FLUX.2-dev: the guidance embedding value in training and validation (default 3.5 / 4); "
+           "SD3, Qwen-Image: the classifier-free guidance of the validation images only (default 7 SD3, "
+           "4.5 SD3.5-Medium, 3.5 SD3.5-Large, 4 Qwen-Image)")
     a("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"], default="none")
     a("--logit_mean", type=float, default=0.0)
     a("--logit_std", type=float, default=1.0)

@@ -180,7 +180,10 @@ def _first_batch_losses(case, family):
 @pytest.mark.parametrize("family", ["flux2", "qwenimage"])
 def test_distill_runs_on_the_caches_like_the_library_objective(family, request, tmp_path):
     case = request.getfixturevalue({"flux2": "flux2", "qwenimage": "qwen"}[family])
-    result = _distill(case, tmp_path / "run")
+    # Qwen-Image also renders validation images (teacher | student, true CFG with the empty prompt's embeddings)
+    validation = (["--validation_prompt", "a red cat", "--num_validation_inference_steps", "2"]
+                  if family == "qwenimage" else [])
+    result = _distill(case, tmp_path / "run", *validation)
     assert result["global_step"] == 2 and len(result["history"]) == 2
     for logs in result["history"]:
         assert all(np.isfinite([logs[k] for k in ("loss", "loss_fm", "loss_distill", "loss_attn")]))
@@ -192,6 +195,10 @@ def test_distill_runs_on_the_caches_like_the_library_objective(family, request, 
     # the checkpoint loads back into a fresh model of the family; the other family refuses it
     path = tmp_path / "run" / "clear_local_2.safetensors"
     assert (tmp_path / "run" / "checkpoint-2" / "clear_local_2.safetensors").is_file()
+    if validation:
+        from PIL import Image
+
+        assert Image.open(tmp_path / "run" / "validation" / "step-000002.png").size == (32, 16)
     fam = get_family(family)
     fresh = fam.transformer_cls().from_pretrained(case["pipeline"], subfolder="transformer")
     clear.apply_clear(fresh, radius=2)

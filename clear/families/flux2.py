@@ -195,8 +195,8 @@ class Flux2Family(ModelFamily):
 
 # The released models, most specific first. L0 = 64x64 image tokens at 1024^2 (16 pixels per token) + 512
 # text tokens, as FLUX.1's. FLOPs sizes: FLUX.2-dev is Flux2Transformer2DModel's default config (8 + 48 blocks,
-# 48 heads x 128); klein's sizes differ by checkpoint and are not recorded. Sampling settings: Flux2Pipeline's / Flux2KleinPipeline's defaults (the model cards';
-# the step-distilled klein checkpoints take steps=4, guidance=1).
+# 48 heads x 128); klein's sizes differ by checkpoint and are not recorded. Sampling settings: Flux2Pipeline's /
+# Flux2KleinPipeline's defaults (the model cards'; the step-distilled klein checkpoints take steps=4, guidance=1).
 FLUX2_TRAINING_TOKENS = 64 * 64 + 512
 SPECS = (
     ModelSpec("FLUX.2-dev", lambda c: bool(c.get("guidance_embeds")), steps=50, guidance=4.0,
@@ -214,5 +214,6 @@ FAMILY = Flux2Family(
     text_components=("text_encoder", "tokenizer"), t5_tokenizer="tokenizer",
     attn_loss_layers="single:4:1",  # as FLUX.1's: every 4th single-stream block from the second
     pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
-    img2img_class="", vae_class="AutoencoderKLFlux2", prompt_features=("prompt_embeds",), rope=True, released_weights=False, example="black-forest-labs/FLUX.2-dev",
+    img2img_class="", vae_class="AutoencoderKLFlux2", prompt_features=("prompt_embeds",), rope=True,
+    released_weights=False, example="black-forest-labs/FLUX.2-dev",
 )
