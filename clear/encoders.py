@@ -40,8 +40,8 @@ class PromptEncoder:
     def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32,
                  max_sequence_length: int | None = None, family: str | ModelFamily | None = None):
         self.family = resolve_family(family, pretrained_model_name_or_path)
-        self.pipe = self.family.pipeline_cls().from_pretrained(pretrained_model_name_or_path, transformer=None,
-                                                               vae=None, dtype=dtype).to(device)
+        self.pipe = self.family.folder_pipeline_cls(pretrained_model_name_or_path).from_pretrained(
+            pretrained_model_name_or_path, transformer=None, vae=None, dtype=dtype).to(device)
         self.device = torch.device(device)
         self.max_sequence_length = (max_sequence_length
                                     or self.family.model_spec(pretrained_model_name_or_path).max_sequence_length)
@@ -67,7 +67,7 @@ class LatentEncoder:
     def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32,
                  family: str | ModelFamily | None = None):
         self.family = resolve_family(family, pretrained_model_name_or_path)
-        self.pipe = self.family.pipeline_cls().from_pretrained(
+        self.pipe = self.family.folder_pipeline_cls(pretrained_model_name_or_path).from_pretrained(
             pretrained_model_name_or_path, transformer=None, **{c: None for c in self.family.text_components},
             dtype=dtype).to(device)
         self.vae.eval().requires_grad_(False)

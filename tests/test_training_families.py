@@ -1,13 +1,14 @@
 """Training from data for FLUX.2 and Qwen-Image (clear/families/flux2.py, qwenimage.py): both cache scripts and
 scripts/distill.py on a small written data set (5 random 16 px images with prompts), on the tiny pipelines.
 
-Qwen-Image runs everything from text: its tiny Qwen2.5-VL and byte-level tokenizer are built offline. FLUX.2's text
-encoder (Mistral 3) needs its processor from the Hub, so its prompt cache is written by the cache writer with fixed
-random embeddings in the cached layout (the transformer-level input); its latent cache comes from the script and
-Flux2Pipeline's own VAE encoding. Each family: the caches equal the pipeline's own encoders, a 2-step distill.py run
-stays finite, its first loss is the library objective (clear.distill.distill_losses) on the same batch built here
-from the cache files, its checkpoint loads back (and is refused by the other family), and training from raw images
-(and Qwen-Image's raw prompts) gives the cached run's first loss."""
+Qwen-Image and FLUX.2-klein run everything from text: their tiny Qwen2.5-VL / Qwen3 text encoders and byte-level
+tokenizers are built offline. FLUX.2-dev's text encoder (Mistral 3) needs its processor from the Hub, so its prompt
+cache is written by the cache writer with fixed random embeddings in the cached layout (the transformer-level
+input); its latent cache comes from the script and Flux2Pipeline's own VAE encoding. Each case: the caches equal
+the pipeline's own encoders, a 2-step distill.py run stays finite, its first loss is the library objective
+(clear.distill.distill_losses) on the same batch built here from the cache files, its checkpoint loads back (and is
+refused by the other family), and training from raw images (and raw prompts, where the text encoder is built)
+gives the cached run's first loss."""
 
 import io
 import json
@@ -24,7 +25,7 @@ from clear.data import (LATENT_CODES, PROMPT_EMBEDS, DistillDataset, TrainingBat
 from clear.distill import attention_layers, distill_losses, sample_timesteps
 from clear.families import get_family
 from clear.shards import index_samples
-from tiny_models import tiny_flux2_pipeline, tiny_qwenimage_pipeline
+from tiny_models import tiny_flux2_klein_pipeline, tiny_flux2_pipeline, tiny_qwenimage_pipeline
 
 cache_latent_codes, cache_prompt_embeds = load_script("cache_latent_codes"), load_script("cache_prompt_embeds")
 distill = load_script("distill")
@@ -75,11 +76,7 @@ def qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flux2(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-flux2")
-    pipe = tiny_flux2_pipeline()
-    g = torch.Generator().manual_seed(5)
-    pipe.vae.bn.running_mean.copy_(torch.randn(pipe.vae.bn.running_mean.shape, generator=g) * 0.1)
-    pipe.vae.bn.running_var.copy_(torch.rand(pipe.vae.bn.running_var.shape, generator=g) + 0.5)  # not a no-op
-    pipe.save_pretrained(root / "pipe")
+    _set_bn(tiny_flux2_pipeline()).save_pretrained(root / "pipe")
     data = write_data(root / "data")
     model = ["--pretrained_model_name_or_path", str(root / "pipe"), "--data_root", str(data)]
     prompts = write_feature_cache(index_samples(data), PROMPT_EMBEDS, root / "data_cache",
@@ -89,6 +86,38 @@ def flux2(tmp_path_factory):
     latents = cache_latent_codes.main(model + ["--resolution", "16", "--batch_size", "3"])
     return dict(root=root, pipeline=str(root / "pipe"), model=model, prompts=prompts, latents=latents,
                 cache=root / "data_cache", text=["--max_sequence_length", "8"])
+
+
+def _set_bn(pipe):
+    g = torch.Generator().manual_seed(5)
+    pipe.vae.bn.running_mean.copy_(torch.randn(pipe.vae.bn.running_mean.shape, generator=g) * 0.1)
+    pipe.vae.bn.running_var.copy_(torch.rand(pipe.vae.bn.running_var.shape, generator=g) + 0.5)  # not a no-op
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-klein")
+    _set_bn(tiny_flux2_klein_pipeline()).save_pretrained(root / "pipe")
+    model = ["--pretrained_model_name_or_path", str(root / "pipe"), "--data_root", str(write_data(root / "data"))]
+    prompts = cache_prompt_embeds.main(model + ["--max_sequence_length", "16", "--batch_size", "3"])
+    latents = cache_latent_codes.main(model + ["--resolution", "16", "--batch_size", "3"])
+    return dict(root=root, pipeline=str(root / "pipe"), model=model, prompts=prompts, latents=latents,
+                cache=root / "data_cache", text=["--max_sequence_length", "16"])
+
+
+def test_flux2_klein_prompt_cache_is_the_pipelines_own_encoding(klein):
+    """Flux2KleinPipeline.encode_prompt (Qwen3 hidden layers 9, 18, 27 side by side), 16 tokens; the folder's own
+    pipeline class encodes, not Flux2Pipeline's Mistral template."""
+    from diffusers import Flux2KleinPipeline
+
+    assert klein["prompts"].written == 5 and klein["latents"].written == 5
+    pipe = Flux2KleinPipeline.from_pretrained(klein["pipeline"], transformer=None, vae=None)
+    for sample, prompt in list(zip(index_samples(klein["root"] / "data"), PROMPTS))[:2]:
+        got = load_file(str(klein["cache"] / "prompt_embeds" / f"{sample.id}.safetensors"))
+        assert set(got) == {"prompt_embeds"} and got["prompt_embeds"].shape == (16, 48)
+        torch.testing.assert_close(got["prompt_embeds"], pipe.encode_prompt(prompt, max_sequence_length=16)[0][0])
+    check_cache(klein["cache"], PROMPT_EMBEDS, "flux2", max_sequence_length=16)
 
 
 def test_qwenimage_caches_equal_the_pipeline_encoders(qwen):
@@ -177,9 +206,10 @@ def _first_batch_losses(case, family):
                               family=fam).items()
 
 
-@pytest.mark.parametrize("family", ["flux2", "qwenimage"])
-def test_distill_runs_on_the_caches_like_the_library_objective(family, request, tmp_path):
-    case = request.getfixturevalue({"flux2": "flux2", "qwenimage": "qwen"}[family])
+@pytest.mark.parametrize("fixture", ["flux2", "klein", "qwen"])
+def test_distill_runs_on_the_caches_like_the_library_objective(fixture, request, tmp_path):
+    case = request.getfixturevalue(fixture)
+    family = "qwenimage" if fixture == "qwen" else "flux2"
     # Qwen-Image also renders validation images (teacher | student, true CFG with the empty prompt's embeddings)
     validation = (["--validation_prompt", "a red cat", "--num_validation_inference_steps", "2"]
                   if family == "qwenimage" else [])
@@ -215,6 +245,6 @@ def test_distill_runs_on_the_caches_like_the_library_objective(family, request, 
 
     # raw images (and Qwen-Image's raw prompts) through the family's encoders: the cached run's first losses
     raw = _distill(case, tmp_path / "raw", "--max_train_steps", "1",
-                   cached=("--use_cached_prompt_embed",) if family == "flux2" else ())
+                   cached=("--use_cached_prompt_embed",) if fixture == "flux2" else ())
     for k in ("loss", "loss_fm", "loss_distill", "loss_attn"):
         assert raw["history"][0][k] == pytest.approx(result["history"][0][k], rel=1e-4), k

@@ -163,6 +163,11 @@ class ModelFamily:
 
         return getattr(diffusers, self.pipeline_class)
 
+    def folder_pipeline_cls(self, pretrained_model_name_or_path: str):
+        """The pipeline class that encodes prompts and images for a pipeline folder / Hub id (the cache scripts,
+        ``scripts/distill.py``); default: :attr:`pipeline_class`."""
+        return self.pipeline_cls()
+
     def transformer_cls(self):
         import diffusers
 

@@ -158,6 +158,17 @@ class Flux2Family(ModelFamily):
                                               max_sequence_length=max_sequence_length)
         return {"prompt_embeds": prompt_embeds}
 
+    def folder_pipeline_cls(self, pretrained_model_name_or_path):
+        """``Flux2KleinPipeline`` for a klein folder (its Qwen3 text encoder and chat template), else
+        ``Flux2Pipeline`` (Mistral); both encode prompts with the same ``encode_prompt`` signature."""
+        import diffusers
+
+        try:
+            name = diffusers.DiffusionPipeline.load_config(pretrained_model_name_or_path).get("_class_name")
+        except (OSError, ValueError):
+            name = None
+        return diffusers.Flux2KleinPipeline if name == "Flux2KleinPipeline" else self.pipeline_cls()
+
     def encode_image(self, pipe, images):
         """Flux2Pipeline's own image latents (``_encode_vae_image``: the posterior mode, 2x2-patchified,
         normalised by the VAE's batch-norm statistics) ``[B, 128, H/16, W/16]``, with std 0: FLUX.2 trains on the
