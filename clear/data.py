@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .shards import IMAGE_EXTS, Sample
 
-PROMPT_EMBEDS = "prompt_embeds"  # cache kind: "prompt_embeds" [L, D], "pooled_prompt_embeds" [P] (encode_prompt's)
+PROMPT_EMBEDS = "prompt_embeds"  # cache kind: "prompt_embeds" [L, D] and the family's other text features [...]
 LATENT_CODES = "latent_codes"  # cache kind: VAE posterior "latent_mean" and "latent_std" [C, h, w]
 logger = logging.getLogger(__name__)
 _FEATURE_NAMES = {PROMPT_EMBEDS: ("prompt_embeds", "pooled_prompt_embeds"), LATENT_CODES: ("latent_mean", "latent_std")}
@@ -168,9 +168,13 @@ def feature_path(cache_dir: str | os.PathLike, kind: str, sample_id: str) -> Pat
     return Path(cache_dir) / kind / f"{sample_id}.safetensors"
 
 
-def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str) -> dict[str, torch.Tensor]:
+def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str,
+                  names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The cached tensors ``names`` of one sample (default: the kind's, FLUX.1 / SD3 prompt embeddings or latent
+    codes; a family's :attr:`clear.families.ModelFamily.prompt_features` for its prompt cache)."""
     from safetensors.torch import load_file
 
+    names = names or _FEATURE_NAMES[kind]
     path = feature_path(cache_dir, kind, sample_id)
     if not path.is_file():
         raise BadSampleError(f"not cached: no {path}")
@@ -178,10 +182,10 @@ def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str) -> di
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise BadSampleError(f"bad cache: cannot read {path} ({e}); delete it and re-run the cache script") from e
-    missing = [n for n in _FEATURE_NAMES[kind] if n not in tensors]
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise BadSampleError(f"bad cache: {path} lacks {', '.join(missing)}; delete it and re-run the cache script")
-    return {n: tensors[n] for n in _FEATURE_NAMES[kind]}
+    return {n: tensors[n] for n in names}
 
 
 def check_cache(cache_dir: str | os.PathLike, kind: str, family: str | None = None, **settings) -> None:
@@ -221,12 +225,12 @@ def check_cache(cache_dir: str | os.PathLike, kind: str, family: str | None = No
 # ------------------------------------------------------------------------------------------
 
 class DistillDataset(Dataset):
-    """Items are dicts with ``id`` and either ``prompt`` or ``prompt_embeds`` +
-    ``pooled_prompt_embeds``, and either ``image`` or ``latent_mean`` + ``latent_std``;
-    or a :class:`BadSample` when the sample cannot be used."""
+    """Items are dicts with ``id`` and either ``prompt`` or the cached ``prompt_features`` (default
+    ``prompt_embeds`` + ``pooled_prompt_embeds``; the family's :attr:`clear.families.ModelFamily.prompt_features`),
+    and either ``image`` or ``latent_mean`` + ``latent_std``; or a :class:`BadSample` when the sample cannot be used."""
 
     def __init__(self, samples: list[Sample], resolution: int, cache_dir=None, cached_prompts: bool = False,
-                 cached_latents: bool = False):
+                 cached_latents: bool = False, prompt_features: tuple[str, ...] | None = None):
         if not samples:
             raise ValueError("the dataset is empty: the data root holds no samples (<key>.jpg + <key>.json, in .tar "
                              "shards or loose)")
@@ -234,6 +238,7 @@ class DistillDataset(Dataset):
             raise ValueError("cached features need a cache_dir")
         self.samples, self.resolution, self.cache_dir = samples, resolution, cache_dir
         self.cached_prompts, self.cached_latents = cached_prompts, cached_latents
+        self.prompt_features = prompt_features or _FEATURE_NAMES[PROMPT_EMBEDS]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -243,7 +248,7 @@ class DistillDataset(Dataset):
         try:
             item = {"id": sample.id}
             if self.cached_prompts:
-                item.update(load_features(self.cache_dir, PROMPT_EMBEDS, sample.id))
+                item.update(load_features(self.cache_dir, PROMPT_EMBEDS, sample.id, self.prompt_features))
             else:
                 item["prompt"] = read_prompt(sample)
             if self.cached_latents:

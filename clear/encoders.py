@@ -1,10 +1,12 @@
 """Turn prompts and images into what a diffusion transformer consumes, with the pipeline's own encoders.
 
 * :class:`PromptEncoder`: the pipeline's text encoders (FLUX: CLIP pooled + T5 tokens; SD3:
-  CLIP-L + CLIP-G + T5), as its own ``encode_prompt``, at the T5 length of the model being used
+  CLIP-L + CLIP-G + T5; FLUX.2: Mistral / Qwen3 tokens; Qwen-Image: Qwen2.5-VL tokens and their mask),
+  as its own ``encode_prompt``, at the text length of the model being used
   (its :class:`clear.families.ModelSpec`: FLUX.1-dev 512, FLUX.1-schnell 256, SD3 256).
 * :class:`LatentEncoder`: the VAE posterior of an image (mean and std), which the cache
-  stores so that training can still sample ``z = mean + std * eps`` afresh every step.
+  stores so that training can still sample ``z = mean + std * eps`` afresh every step (FLUX.2: the
+  pipeline's mode, std 0).
 * :func:`latents_from_moments`: that sample, shifted and scaled as the transformer expects.
 * :func:`plan_cache` / :func:`run_cache`: the one implementation behind ``scripts/cache_prompt_embeds.py`` and
   ``scripts/cache_latent_codes.py``.
@@ -38,8 +40,8 @@ class PromptEncoder:
     def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32,
                  max_sequence_length: int | None = None, family: str | ModelFamily | None = None):
         self.family = resolve_family(family, pretrained_model_name_or_path)
-        self.pipe = self.family.pipeline_cls().from_pretrained(pretrained_model_name_or_path, transformer=None,
-                                                               vae=None, dtype=dtype).to(device)
+        self.pipe = self.family.folder_pipeline_cls(pretrained_model_name_or_path).from_pretrained(
+            pretrained_model_name_or_path, transformer=None, vae=None, dtype=dtype).to(device)
         self.device = torch.device(device)
         self.max_sequence_length = (max_sequence_length
                                     or self.family.model_spec(pretrained_model_name_or_path).max_sequence_length)
@@ -49,21 +51,31 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
-        """``prompt_embeds`` and ``pooled_prompt_embeds`` (plus the empty prompt's ``negative_*``
-        with ``negative=True`` where the family samples with classifier-free guidance)."""
+        """The family's :attr:`~clear.families.ModelFamily.prompt_features` (FLUX.1 / SD3 ``prompt_embeds`` and
+        ``pooled_prompt_embeds``; FLUX.2 ``prompt_embeds``; Qwen-Image ``prompt_embeds`` and ``prompt_embeds_mask``),
+        plus the empty prompt's ``negative_*`` with ``negative=True`` where the family samples with
+        classifier-free guidance."""
         return self.family.encode_prompt(self.pipe, prompts, self.device, self.max_sequence_length, negative)
 
 
 class LatentEncoder:
-    """The pipeline's VAE encoder: images in ``[-1, 1]`` -> posterior mean and std."""
+    """The pipeline's VAE encoder: images in ``[-1, 1]`` -> ``latent_mean`` and ``latent_std`` as the family
+    encodes them (:meth:`clear.families.ModelFamily.encode_image`: FLUX.1 / SD3 the AutoencoderKL posterior;
+    FLUX.2 Flux2Pipeline's patchified, batch-normalised latents; Qwen-Image the normalised posterior). The
+    pipeline is loaded with its VAE only."""
 
-    def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32):
-        from diffusers import AutoencoderKL
-
-        self.vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder="vae",
-                                                 dtype=dtype).to(device).eval()
-        self.vae.requires_grad_(False)
+    def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32,
+                 family: str | ModelFamily | None = None):
+        self.family = resolve_family(family, pretrained_model_name_or_path)
+        self.pipe = self.family.folder_pipeline_cls(pretrained_model_name_or_path).from_pretrained(
+            pretrained_model_name_or_path, transformer=None, **{c: None for c in self.family.text_components},
+            dtype=dtype).to(device)
+        self.vae.eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
+
+    @property
+    def vae(self):
+        return self.pipe.vae
 
     @property
     def config(self):
@@ -71,16 +83,13 @@ class LatentEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
-        return {"latent_mean": dist.mean, "latent_std": dist.std}
+        return self.family.encode_image(self.pipe, images.to(self.device, self.dtype))
 
 
-def vae_scaling(pretrained_model_name_or_path: str) -> tuple[float, float]:
-    """``(shift_factor, scaling_factor)`` of the pipeline's VAE, read from its config only."""
-    from diffusers import AutoencoderKL
-
-    cfg = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
-    return float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"])
+def vae_scaling(pretrained_model_name_or_path: str, family: str | ModelFamily | None = None) -> tuple[float, float]:
+    """``(shift, scale)`` that put a sample of :class:`LatentEncoder`'s moments into the transformer's latent
+    space (:meth:`clear.families.ModelFamily.latent_scaling`), read from configs only."""
+    return resolve_family(family, pretrained_model_name_or_path).latent_scaling(pretrained_model_name_or_path)
 
 
 def latents_from_moments(mean: torch.Tensor, std: torch.Tensor, shift_factor: float, scaling_factor: float,
@@ -129,7 +138,6 @@ def plan_cache(kind: str, pretrained_model_name_or_path: str, data_root, cache_d
     rank, world, local_rank = dist_env()
     device, torch_dtype = rank_device(local_rank, dtype)
     family = resolve_family(model_family, pretrained_model_name_or_path)
-    family.check_training_data("the cache scripts")
     if kind == LATENT_CODES:
         family.check_size(pretrained_model_name_or_path, resolution)
     elif max_sequence_length is None:
@@ -150,7 +158,7 @@ def run_cache(job: CacheJob, progress: bool = True) -> CacheReport:
         read, encode = read_prompt, encoder
         metadata["max_sequence_length"] = encoder.max_sequence_length
     else:
-        vae = LatentEncoder(job.model, job.device, job.dtype)
+        vae = LatentEncoder(job.model, job.device, job.dtype, job.family)
         read, encode = functools.partial(read_image, resolution=job.resolution), lambda im: vae(torch.stack(im))
         metadata["resolution"] = job.resolution
     return write_feature_cache(job.samples, job.kind, job.cache_dir, read=read, encode=encode,

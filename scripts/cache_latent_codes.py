@@ -6,7 +6,9 @@
 Images are resized (shorter side) and centre-cropped to --resolution, as in training.
 Writes <cache_dir>/latent_codes/<sample id>.safetensors ("latent_mean", "latent_std",
 [16, res/8, res/8] for FLUX and SD3 / SD3.5: the VAE's [C, h, w] layout, unpacked; the
-VAE's shift and scale are applied in training); cache_dir defaults to <data_root>_cache;
+VAE's shift and scale are applied in training; FLUX.2: Flux2Pipeline's patchified,
+batch-normalised latents [128, res/16, res/16] with std 0; Qwen-Image: the posterior
+normalised with the VAE's latents_mean / latents_std, [16, res/8, res/8]); cache_dir defaults to <data_root>_cache;
 the model family is recorded in each file's metadata. Training samples
 z = mean + std * eps afresh every step. Rank r of W (torchrun) takes every W-th sample;
 files already there are skipped, so a killed job resumes; each file is written atomically.

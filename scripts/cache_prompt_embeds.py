@@ -7,7 +7,9 @@ Writes <cache_dir>/prompt_embeds/<sample id>.safetensors: FLUX "prompt_embeds" [
 (T5, T = --max_sequence_length, default the model's: FLUX.1-dev 512, FLUX.1-schnell 256) and
 "pooled_prompt_embeds" [768] (CLIP); SD3 / SD3.5 "prompt_embeds" [77 + T, 4096] (CLIP-L and
 CLIP-G tokens, zero-padded to 4096, then T5; default T = 256) and "pooled_prompt_embeds" [2048]
-(CLIP-L + CLIP-G pooled). The model family is read from the model (or --model_family) and
+(CLIP-L + CLIP-G pooled); FLUX.2 "prompt_embeds" [T, 15360] (no pooled text; default T = 512);
+Qwen-Image "prompt_embeds" [T, 3584] and "prompt_embeds_mask" [T] (padded with mask 0 to T,
+default 512). The model family is read from the model (or --model_family) and
 recorded in each file's metadata, with T. cache_dir defaults to <data_root>_cache. Rank r of W
 (torchrun) takes every W-th sample; files already there are skipped, so a killed job resumes;
 each file is written atomically. A sample whose JSON is missing or broken is skipped, counted

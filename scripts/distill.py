@@ -1,4 +1,4 @@
-"""Distil a pretrained FLUX or SD3 / SD3.5 transformer into CLEAR local attention (the paper's training).
+"""Distil a pretrained FLUX.1, SD3 / SD3.5, FLUX.2 or Qwen-Image transformer into CLEAR local attention.
 
     accelerate launch --config_file deepspeed_config.yaml scripts/distill.py \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --data_root data/flux_dev_1024 \
@@ -7,7 +7,7 @@
 (``bash distill.sh`` runs exactly this with the 4xH100 defaults.) The teacher is the
 original transformer, frozen; the student is a copy with ``clear.apply_clear(radius,
 down_factor)`` whose CLEAR parameters alone train, on ``L_fm + alpha*L_distill + beta*L_attn``
-(see ``clear/distill.py``). The model family (FLUX.1, SD3 / SD3.5) is read from the model's
+(see ``clear/distill.py``). The model family (FLUX.1, SD3 / SD3.5, FLUX.2, Qwen-Image) is read from the model's
 ``model_index.json`` / transformer config (or ``--model_family``); what differs between
 families (text encoders, latent layout, how the transformer is called) lives in
 ``clear.families``. Every ``--checkpointing_steps`` the accelerate state goes to
@@ -88,8 +88,8 @@ def parse_args(argv=None):
     a("--use_cached_latent", action="store_true", help="read VAE mean/std from scripts/cache_latent_codes.py")
     a("--resolution", type=int, default=1024, help="training images are resized and centre-cropped to this")
     a("--max_sequence_length", type=int, default=None,
-      help="T5 tokens per prompt (raw prompts and validation); default: the model's (FLUX.1-dev 512, "
-           "FLUX.1-schnell 256, SD3 256)")
+      help="text tokens per prompt (raw prompts and validation); default: the model's (FLUX.1-dev 512, "
+           "FLUX.1-schnell 256, SD3 256, FLUX.2 512, Qwen-Image 512)")
     a("--dataloader_num_workers", type=int, default=2)
     # objective
     a("--distill_loss_weight", "--alpha", dest="alpha", type=float, default=0.5, help="alpha: weight of L_distill")
@@ -97,10 +97,11 @@ def parse_args(argv=None):
     a("--attn_loss_layers", default=None,
       help="attention layers of L_attn: 'single:N[:offset]', 'double:N[:offset]' (FLUX), 'joint:N[:offset]' (SD3), "
            "block or attention module names, or 'none'; default: FLUX 'single:4:1' (single blocks 1, 5, ..., 37 "
-           "of FLUX.1-dev, the public release's choice), SD3 'joint:4'")
+           "of FLUX.1-dev, the public release's choice), SD3 'joint:4', FLUX.2 'single:4:1', Qwen-Image 'double:4:1'")
     a("--guidance_scale", type=float, default=None,
-      help="FLUX.1-dev: the guidance embedding value in training and validation (default 3.5); SD3: the "
-           "classifier-free guidance of the validation images only (default 7 SD3, 4.5 SD3.5-Medium, 3.5 SD3.5-Large)")
+      help="FLUX.1-dev / FLUX.2-dev: the guidance embedding value in training and validation (default 3.5 / 4); "
+           "SD3, Qwen-Image: the classifier-free guidance of the validation images only (default 7 SD3, "
+           "4.5 SD3.5-Medium, 3.5 SD3.5-Large, 4 Qwen-Image)")
     a("--weighting_scheme", choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"], default="none")
     a("--logit_mean", type=float, default=0.0)
     a("--logit_std", type=float, default=1.0)
@@ -204,7 +205,6 @@ def check_inputs(args):
     ``(family, dataset)``; fills in the family's defaults of ``args``. Exits with the problem."""
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
-        family.check_training_data("scripts/distill.py")
         for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
@@ -216,7 +216,7 @@ def check_inputs(args):
         if args.use_cached_latent:
             check_cache(cache_dir, LATENT_CODES, family.name, resolution=args.resolution)
         dataset = DistillDataset(index_samples(args.data_root), args.resolution, cache_dir,
-                                 args.use_cached_prompt_embed, args.use_cached_latent)
+                                 args.use_cached_prompt_embed, args.use_cached_latent, family.prompt_features)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:  # a bad --data_root, a missing cache, ...
         raise SystemExit(str(e)) from e
     if args.guidance_scale is None:
@@ -331,25 +331,26 @@ def make_optimizer(args, params, fsdp_in_use: bool):
 
 class BatchInputs:
     """A batch's model inputs: x0 latents [B, C, H, W] fp32 (sampled from the VAE moments with
-    ``generator``), token and pooled text embeddings; from the caches or encoded here."""
+    ``generator``), token text embeddings and the family's second text tensor (FLUX.1 / SD3 pooled
+    text, Qwen-Image the text mask, FLUX.2 None); from the caches or encoded here."""
 
     def __init__(self, args, family, device, dtype):
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.features = device, dtype, family.prompt_features
         self.prompt_encoder = None if args.use_cached_prompt_embed else PromptEncoder(
             args.pretrained_model_name_or_path, device, dtype, args.max_sequence_length, family)
         self.latent_encoder = None if args.use_cached_latent else LatentEncoder(
-            args.pretrained_model_name_or_path, device, dtype)
-        self.shift_factor, self.scaling_factor = vae_scaling(args.pretrained_model_name_or_path)
+            args.pretrained_model_name_or_path, device, dtype, family)
+        self.shift_factor, self.scaling_factor = vae_scaling(args.pretrained_model_name_or_path, family)
 
     def __call__(self, batch: dict, generator: torch.Generator):
-        text = (self.prompt_encoder(batch["prompt"]) if self.prompt_encoder
-                else {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds")})
+        text = self.prompt_encoder(batch["prompt"]) if self.prompt_encoder else batch
         moments = (self.latent_encoder(batch["image"]) if self.latent_encoder
                    else {k: batch[k] for k in ("latent_mean", "latent_std")})
         x0 = latents_from_moments(moments["latent_mean"].to(self.device), moments["latent_std"].to(self.device),
                                   self.shift_factor, self.scaling_factor, generator)
-        return (x0, text["prompt_embeds"].to(self.device, self.dtype),
-                text["pooled_prompt_embeds"].to(self.device, self.dtype))
+        embeds, *second = (text[k].to(self.device, self.dtype if text[k].is_floating_point() else None)
+                           for k in self.features)
+        return x0, embeds, (second[0] if second else None)
 
 
 class Validation:
@@ -357,7 +358,6 @@ class Validation:
     ``<output_dir>/validation/step-<N>.png`` and the trackers. The frozen teacher is rendered once."""
 
     def __init__(self, args, family, accelerator, teacher, noise_scheduler, inputs: BatchInputs):
-        from diffusers import AutoencoderKL
         from diffusers.training_utils import free_memory
 
         self.args, self.family, self.accelerator, self.teacher = args, family, accelerator, teacher
@@ -366,7 +366,7 @@ class Validation:
         encoder = inputs.prompt_encoder or PromptEncoder(args.pretrained_model_name_or_path, device, dtype,
                                                          args.max_sequence_length, family)
         self.text = encoder(args.validation_prompt, negative=True)
-        self.vae = inputs.latent_encoder.vae if inputs.latent_encoder else AutoencoderKL.from_pretrained(
+        self.vae = inputs.latent_encoder.vae if inputs.latent_encoder else family.vae_cls().from_pretrained(
             args.pretrained_model_name_or_path, subfolder="vae", dtype=dtype).to(device)
         del encoder
         free_memory()
@@ -378,7 +378,8 @@ class Validation:
         size = args.validation_resolution or args.resolution
         with torch.no_grad(), self.accelerator.autocast():
             return [pipe(**{k: v[i: i + 1] for k, v in self.text.items()}, height=size, width=size,
-                         guidance_scale=args.guidance_scale, num_inference_steps=args.num_validation_inference_steps,
+                         **self.family.guidance_kwargs(args.guidance_scale, self.text),
+                         num_inference_steps=args.num_validation_inference_steps,
                          generator=torch.Generator(device).manual_seed(args.seed + i)).images[0]
                     for i in range(len(args.validation_prompt))]
 

@@ -233,6 +233,25 @@ def tiny_flux2_pipeline(seed: int = 0):
                          transformer=tiny_flux2(seed))
 
 
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """Flux2KleinPipeline: a tiny Qwen3 text encoder (27 layers of width 16: klein's encode_prompt stacks hidden
+    layers 9, 18, 27 into 48-wide text) with a byte-level Qwen2 tokenizer and chat template built in memory, the
+    tiny FLUX.2 VAE and a tiny FLUX.2 transformer taking that text."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tok = Qwen2Tokenizer(vocab=_byte_vocab(), merges=[], pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(seed)
+    encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=24,
+                                           num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2,
+                                           head_dim=8, max_position_embeddings=512)).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux2_vae(), text_encoder=encoder,
+                              tokenizer=tok, transformer=tiny_flux2(seed, joint_attention_dim=48))
+
+
 # ------------------------------------------------------------------------------------------
 # Qwen-Image (QwenImageTransformer2DModel): 2 heads x 16; its pipeline without a text encoder
 # ------------------------------------------------------------------------------------------

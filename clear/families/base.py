@@ -117,9 +117,11 @@ class ModelFamily:
     # (NTK scaling applies), whether CLEAR weights are released, a Hub id for messages
     pipelines: tuple[str, ...] = ()
     img2img_class: str = ""
-    # training from data (scripts/distill.py, the cache scripts): VAE posterior moments shifted and scaled
-    # (AutoencoderKL) and pooled + token text; a family without it distils through clear.distill.distill_losses
-    training_data: bool = True
+    # training from data (scripts/distill.py, the cache scripts): the VAE class of the pipeline, and the text
+    # features a prompt cache holds (the first: token embeddings; the second, if any, goes to transformer_inputs'
+    # pooled_prompt_embeds argument: FLUX.1 / SD3 pooled text, Qwen-Image the text mask)
+    vae_class: str = "AutoencoderKL"
+    prompt_features: tuple[str, ...] = ("prompt_embeds", "pooled_prompt_embeds")
     rope: bool = False
     released_weights: bool = False
     example: str = ""
@@ -160,6 +162,11 @@ class ModelFamily:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class)
+
+    def folder_pipeline_cls(self, pretrained_model_name_or_path: str):
+        """The pipeline class that encodes prompts and images for a pipeline folder / Hub id (the cache scripts,
+        ``scripts/distill.py``); default: :attr:`pipeline_class`."""
+        return self.pipeline_cls()
 
     def transformer_cls(self):
         import diffusers
@@ -212,25 +219,37 @@ class ModelFamily:
         return None
 
     # -- training ------------------------------------------------------------------------
-    def check_training_data(self, what: str = "scripts/distill.py") -> None:
-        """Refuse, saying what works instead, where this family's training data cannot be read from a folder."""
-        if not self.training_data:
-            raise NotImplementedError(
-                f"{what}: training data are read for FLUX.1 and SD3 only (AutoencoderKL latents, pooled + token text); "
-                f"{self.name} models ({self.transformer_class}) encode latents and text otherwise and are not "
-                "supported there yet. clear.distill.distill_losses trains them from latents and prompt embeddings "
-                f"made with the pipeline's own VAE and encode_prompt (see docs/families.md)")
-
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
         raise NotImplementedError
 
     def encode_prompt(self, pipe, prompts: list[str], device, max_sequence_length: int,
                       negative: bool = False) -> dict[str, torch.Tensor]:
-        """``{"prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, P]}`` as the pipeline's
-        ``encode_prompt`` gives them; ``negative``: also the empty prompt's, for classifier-free
-        guidance (``negative_*``), where the family uses it. Keys are pipeline call arguments."""
+        """:attr:`prompt_features` (FLUX.1 / SD3: ``{"prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, P]}``)
+        as the pipeline's ``encode_prompt`` gives them, every row ``[L, ...]`` of the same length (the prompt cache
+        stacks rows of different batches); ``negative``: also the empty prompt's, for classifier-free guidance
+        (``negative_*``), where the family uses it. Keys are pipeline call arguments."""
         raise NotImplementedError
+
+    def vae_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.vae_class)
+
+    def encode_image(self, pipe, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"latent_mean", "latent_std"}`` of images ``[B, 3, H, W]`` in ``[-1, 1]``, encoded by ``pipe``'s VAE
+        (a pipeline of this family; only its VAE is used). Training samples ``x0 = mean + std * eps`` and applies
+        :meth:`latent_scaling`. Default (AutoencoderKL): the posterior's moments in the VAE's ``[B, C, h, w]``."""
+        dist = pipe.vae.encode(images).latent_dist
+        return {"latent_mean": dist.mean, "latent_std": dist.std}
+
+    def latent_scaling(self, pretrained_model_name_or_path: str) -> tuple[float, float]:
+        """``(shift, scale)`` that turn a sample of :meth:`encode_image`'s moments into the transformer's latents,
+        ``(x - shift) * scale``, read from configs only. Default: the AutoencoderKL config's shift and scale."""
+        from diffusers import AutoencoderKL
+
+        cfg = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
+        return float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"])
 
     def transformer_inputs(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
                            pooled_prompt_embeds: torch.Tensor, guidance: float | None,

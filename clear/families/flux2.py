@@ -158,6 +158,27 @@ class Flux2Family(ModelFamily):
                                               max_sequence_length=max_sequence_length)
         return {"prompt_embeds": prompt_embeds}
 
+    def folder_pipeline_cls(self, pretrained_model_name_or_path):
+        """``Flux2KleinPipeline`` for a klein folder (its Qwen3 text encoder and chat template), else
+        ``Flux2Pipeline`` (Mistral); both encode prompts with the same ``encode_prompt`` signature."""
+        import diffusers
+
+        try:
+            name = diffusers.DiffusionPipeline.load_config(pretrained_model_name_or_path).get("_class_name")
+        except (OSError, ValueError):
+            name = None
+        return diffusers.Flux2KleinPipeline if name == "Flux2KleinPipeline" else self.pipeline_cls()
+
+    def encode_image(self, pipe, images):
+        """Flux2Pipeline's own image latents (``_encode_vae_image``: the posterior mode, 2x2-patchified,
+        normalised by the VAE's batch-norm statistics) ``[B, 128, H/16, W/16]``, with std 0: FLUX.2 trains on the
+        mode, as the pipeline encodes images and diffusers' FLUX.2 training scripts do."""
+        mean = pipe._encode_vae_image(images, generator=None)
+        return {"latent_mean": mean, "latent_std": torch.zeros_like(mean)}
+
+    def latent_scaling(self, pretrained_model_name_or_path):
+        return 0.0, 1.0  # encode_image's latents are already the transformer's
+
     def transformer_inputs(self, latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
                            num_train_timesteps=1000):
         """``latents``: Flux2Pipeline's patchified latents ``[B, 128, H/16, W/16]``; ``pooled_prompt_embeds``
@@ -185,8 +206,8 @@ class Flux2Family(ModelFamily):
 
 # The released models, most specific first. L0 = 64x64 image tokens at 1024^2 (16 pixels per token) + 512
 # text tokens, as FLUX.1's. FLOPs sizes: FLUX.2-dev is Flux2Transformer2DModel's default config (8 + 48 blocks,
-# 48 heads x 128); klein's sizes differ by checkpoint and are not recorded. Sampling settings: Flux2Pipeline's / Flux2KleinPipeline's defaults (the model cards';
-# the step-distilled klein checkpoints take steps=4, guidance=1).
+# 48 heads x 128); klein's sizes differ by checkpoint and are not recorded. Sampling settings: Flux2Pipeline's /
+# Flux2KleinPipeline's defaults (the model cards'; the step-distilled klein checkpoints take steps=4, guidance=1).
 FLUX2_TRAINING_TOKENS = 64 * 64 + 512
 SPECS = (
     ModelSpec("FLUX.2-dev", lambda c: bool(c.get("guidance_embeds")), steps=50, guidance=4.0,
@@ -204,5 +225,6 @@ FAMILY = Flux2Family(
     text_components=("text_encoder", "tokenizer"), t5_tokenizer="tokenizer",
     attn_loss_layers="single:4:1",  # as FLUX.1's: every 4th single-stream block from the second
     pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
-    img2img_class="", training_data=False, rope=True, released_weights=False, example="black-forest-labs/FLUX.2-dev",
+    img2img_class="", vae_class="AutoencoderKLFlux2", prompt_features=("prompt_embeds",), rope=True,
+    released_weights=False, example="black-forest-labs/FLUX.2-dev",
 )

@@ -101,6 +101,15 @@ def image_shapes(bound: inspect.BoundArguments) -> tuple[tuple[int, int], int]:
     return (height, width), refs
 
 
+def _padded(pipe, prompts, device, length):
+    """``(embeds [B, length, D], mask [B, length])`` of ``pipe.encode_prompt``, zero-padded (mask 0) to ``length``."""
+    embeds, mask = pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=length)
+    if mask is None:  # the pipeline drops a mask that is all ones
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    pad = length - embeds.shape[1]
+    return torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
+
+
 class QwenImageFamily(ModelFamily):
     """Qwen-Image: Qwen2.5-VL text with a padding mask, 2x2-packed latents, timestep in [0, 1], true
     classifier-free guidance (a second forward), no guidance embedding."""
@@ -152,13 +161,27 @@ class QwenImageFamily(ModelFamily):
         return out
 
     def encode_prompt(self, pipe, prompts, device, max_sequence_length, negative=False):
-        embeds, mask = pipe.encode_prompt(prompt=list(prompts), device=device, max_sequence_length=max_sequence_length)
-        out = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        """QwenImagePipeline.encode_prompt's embeddings and text mask, padded to ``max_sequence_length`` tokens
+        (the pipeline pads to the longest prompt of a call; padded tokens are masked, so they change nothing)."""
+        out = dict(zip(("prompt_embeds", "prompt_embeds_mask"),
+                       _padded(pipe, list(prompts), device, max_sequence_length)))
         if negative:
-            neg, neg_mask = pipe.encode_prompt(prompt=[" "] * len(prompts), device=device,
-                                               max_sequence_length=max_sequence_length)
-            out.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+            out.update(zip(("negative_prompt_embeds", "negative_prompt_embeds_mask"),
+                           _padded(pipe, [" "] * len(prompts), device, max_sequence_length)))
         return out
+
+    def encode_image(self, pipe, images):
+        """The VAE posterior of images ``[B, 3, H, W]`` normalised as QwenImageImg2ImgPipeline's
+        ``_encode_vae_image`` normalises its sample (``(z - latents_mean) / latents_std`` per channel; the one
+        frame dropped): ``mean + std * eps`` is that pipeline's latent for noise ``eps``. ``[B, 16, H/8, W/8]``."""
+        dist = pipe.vae.encode(images.unsqueeze(2)).latent_dist
+        cfg = pipe.vae.config
+        shift = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(dist.mean)
+        scale = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(dist.mean)
+        return {"latent_mean": ((dist.mean - shift) / scale).squeeze(2), "latent_std": (dist.std / scale).squeeze(2)}
+
+    def latent_scaling(self, pretrained_model_name_or_path):
+        return 0.0, 1.0  # encode_image's moments are already normalised
 
     def transformer_inputs(self, latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
                            num_train_timesteps=1000):
@@ -203,5 +226,7 @@ FAMILY = QwenImageFamily(
     t5_tokenizer="tokenizer", attn_loss_layers="double:4:1",  # blocks 1, 5, ..., 57 of 60
     pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
                "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"),
-    img2img_class="QwenImageImg2ImgPipeline", training_data=False, rope=False, released_weights=False, example="Qwen/Qwen-Image",
+    img2img_class="QwenImageImg2ImgPipeline", vae_class="AutoencoderKLQwenImage",
+    prompt_features=("prompt_embeds", "prompt_embeds_mask"), rope=False, released_weights=False,
+    example="Qwen/Qwen-Image",
 )

@@ -281,8 +281,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down
         return None
     if str(checkpoint).lower() in ("released", "auto", "default"):
         if not get_family(family).released_weights:
-            how = ("scripts/distill.py" if get_family(family).training_data
-                   else "clear.distill.distill_losses (docs/families.md)")
+            how = "scripts/distill.py"
             raise ValueError(f"no released CLEAR weights for {family} models (the released ones, Huage001/CLEAR, are "
                              f"for FLUX.1-dev); train your own with {how} and pass --checkpoint PATH, or "
                              "--checkpoint none for untrained CLEAR")
