@@ -269,33 +269,32 @@ def bench_step(args, device, dtype) -> list[dict]:
 # ------------------------------------------------------------------------------------------
 
 
-class PeakRSS:
-    """Peak resident memory of this process while a callable runs, above what it held before (sampled
-    from /proc every half millisecond by a thread; the timed runs are separate)."""
+def _rss_child(args, name: str, grid: tuple[int, int], train: bool, result) -> None:
+    """In a fresh process: load the model, make one variant, run one step; how far the process's peak resident
+    memory grew during that step (bytes)."""
+    import resource
 
-    def __call__(self, fn) -> int | None:
-        import threading
+    device = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    base, cfg = model_under_test(args, device, dtype)
+    args.variants = name.removeprefix("clear:")
+    model, ctx = model_variants(base, args)[name]
+    fn = model_step(model, ctx, model_inputs(cfg, *grid, args.text_len, device, dtype), train)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    result.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # Linux: KiB
 
-        statm = Path("/proc/self/statm")
-        if not statm.exists():
-            return None
-        page = os.sysconf("SC_PAGE_SIZE")
-        read = lambda: int(statm.read_text().split()[1]) * page  # noqa: E731
-        base, peak, done = read(), [0], threading.Event()
 
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], read())
-                done.wait(0.0005)
-
-        t = threading.Thread(target=sample, daemon=True)
-        t.start()
-        try:
-            fn()
-        finally:
-            done.set()
-            t.join()
-        return max(0, max(peak[0], read()) - base)
+def peak_rss(args, name: str, grid: tuple[int, int], train: bool) -> int:
+    """Peak resident memory one step of ``name`` adds (CPU), measured in its own process: in a process that has
+    run other variants, memory freed by them is reused and the peak says nothing."""
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    proc = ctx.Process(target=_rss_child, args=(args, name, grid, train, result))
+    proc.start()
+    value = result.get(timeout=3600)
+    proc.join()
+    return value
 
 
 def alternate(fns: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -380,6 +379,24 @@ def model_variants(base, args) -> dict:
     return out
 
 
+def model_step(model, ctx, x: dict, train: bool):
+    """One forward (``train``: forward + backward of the attention projections) of ``model`` on inputs ``x``."""
+    model.train(train)
+    for name, p in model.named_parameters():
+        p.requires_grad_(train and ("attn" in name or "spatial" in name))
+
+    def fn():
+        with ctx():
+            if not train:
+                with torch.no_grad():
+                    return model(**x, return_dict=False)[0]
+            out = model(**x, return_dict=False)[0]
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+    return fn
+
+
 def bench_model(args, device, dtype) -> list[dict]:
     """Seconds per forward (and per training step: forward + backward of the attention projections) of a whole
     model per grid, the variants' timed runs alternating so that they share the machine's state alike."""
@@ -391,23 +408,7 @@ def bench_model(args, device, dtype) -> list[dict]:
     for (h, w), train in tqdm(jobs, desc="model"):
         x = model_inputs(cfg, h, w, text, device, dtype)
         names = [n for n in variants_ if not (train and n in ("floor", "clear:flex"))]  # flex: no CPU backward
-        fns = {}
-        for name in names:
-            model, ctx = variants_[name]
-            model.train(train)
-            for n_, p in model.named_parameters():
-                p.requires_grad_(train and ("attn" in n_ or "spatial" in n_))
-
-            def fn(model=model, ctx=ctx):
-                with ctx():
-                    if not train:
-                        with torch.no_grad():
-                            return model(**x, return_dict=False)[0]
-                    out = model(**x, return_dict=False)[0]
-                    out.float().square().mean().backward()
-                    model.zero_grad(set_to_none=True)
-
-            fns[name] = fn
+        fns = {name: model_step(*variants_[name], x, train) for name in names}
         rec_of = {}
         for name, fn in fns.items():
             rec = dict(grid=f"{h}x{w}", tokens=h * w, text_len=text, step="train" if train else "forward",
@@ -419,11 +420,10 @@ def bench_model(args, device, dtype) -> list[dict]:
                 rec["backend"] = next(iter(state.plans.values())).backend
             rec_of[name] = rec
         times = alternate(fns, device, args.warmup, args.repeats)
-        peak = PeakRSS()
-        for name, fn in fns.items():
-            rec = rec_of[name]
-            rec["time_s"] = statistics.median(times[name])
-            rec["peak_rss_bytes"] = peak(fn) if device.type == "cpu" else None
+        for name, rec in rec_of.items():
+            rec["time_s"], rec["min_s"] = statistics.median(times[name]), min(times[name])
+            measure_rss = device.type == "cpu" and (h, w) in parse_grids(args.rss_grids)
+            rec["peak_rss_bytes"] = peak_rss(args, name, (h, w), train) if measure_rss else None
         full = rec_of["full"]["time_s"]
         for rec in rec_of.values():
             rec["speedup_vs_full"] = full / rec["time_s"]
@@ -456,7 +456,7 @@ def model_markdown(records: list[dict]) -> str:
             cells = []
             for g in grids:
                 r = next((r for r in rows if r["grid"] == g and r["variant"] == name), None)
-                mem = r and r.get("peak_rss_bytes")
+                mem = r and r.get("peak_rss_bytes")  # measured on --rss-grids only
                 cells.append("–" if r is None else f"{r['first_call_s']:.2f} / "
                              + ("–" if mem is None else f"{mem / 2**20:.0f}"))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -772,6 +772,8 @@ def main(argv=None) -> list[dict]:
                    "the paper's average)")
     p.add_argument("--grids", default="16,32,64,128", help="model/auto: image-token grids, N or HxW")
     p.add_argument("--train-grids", default="32,64", help="model: grids of the training step (forward + backward)")
+    p.add_argument("--rss-grids", default="", help="model, CPU: grids whose peak resident memory per step is "
+                   "measured, each variant in a process of its own")
     p.add_argument("--radius", type=float, default=4, help="model: CLEAR's radius in tokens")
     p.add_argument("--down-factor", type=int, default=1, help="model: CLEAR's down factor")
     p.add_argument("--shapes", default="4x24:32,4x128:512", help="auto: call shapes HEADSxHEAD_DIM:TEXT")

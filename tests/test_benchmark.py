@@ -67,8 +67,23 @@ def test_model_benchmark_smoke(tmp_path):
     assert by[("forward", "clear:tiled")]["backend"] == "tiled" and by[("train", "clear:dense")]["backend"] == "dense"
     assert all(r["time_s"] > 0 and r["first_call_s"] > 0 for r in records)
     assert "s per training step" in out.with_suffix(".md").read_text()
+    assert all(r["peak_rss_bytes"] is None and r["min_s"] <= r["time_s"] for r in records)  # no --rss-grids
     with pytest.raises(SystemExit, match="--variants: unknown"):
         benchmark.main(["model", "--variants", "full,sparse", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_model_benchmark_measures_peak_memory_in_a_process_per_variant(tmp_path):
+    """Peak resident memory of one step, each variant in a fresh process (spawned: the script as run)."""
+    out = tmp_path / "rss"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "model", "--heads", "2", "--num-layers",
+                          "1", "--num-single-layers", "1", "--grids", "24", "--train-grids", "", "--radius", "2",
+                          "--text-len", "8", "--variants", "full,tiled", "--rss-grids", "24", "--warmup", "0",
+                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert [r["variant"] for r in records] == ["full", "clear:tiled"]
+    assert all(isinstance(r["peak_rss_bytes"], int) and r["peak_rss_bytes"] >= 0 for r in records)
 
 
 def test_auto_benchmark_measures_every_backend_that_can_run_and_ships_only_when_asked(tmp_path):
