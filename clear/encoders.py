@@ -58,7 +58,7 @@ class LatentEncoder:
     """The pipeline's VAE encoder: images in ``[-1, 1]`` -> posterior mean and std."""
 
     def __init__(self, pretrained_model_name_or_path: str, device="cpu", dtype=torch.float32):
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # here: diffusers loads after --help
 
         self.vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder="vae",
                                                  dtype=dtype).to(device).eval()
@@ -77,7 +77,7 @@ class LatentEncoder:
 
 def vae_scaling(pretrained_model_name_or_path: str) -> tuple[float, float]:
     """``(shift_factor, scaling_factor)`` of the pipeline's VAE, read from its config only."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # here: diffusers loads after --help
 
     cfg = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
     return float(cfg.get("shift_factor") or 0.0), float(cfg["scaling_factor"])
