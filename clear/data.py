@@ -24,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
+from .files import save_safetensors
 from .shards import IMAGE_EXTS, Sample
 
 PROMPT_EMBEDS = "prompt_embeds"  # cache kind: "prompt_embeds" [L, D] and the family's other text features [...]
@@ -127,7 +131,7 @@ def image_ext(sample: Sample) -> str:
 def image_to_tensor(image, resolution: int) -> torch.Tensor:
     """PIL image -> ``[3, resolution, resolution]`` in ``[-1, 1]``: shorter side resized to
     ``resolution`` (bicubic), then centre-cropped."""
-    from PIL import Image
+    from PIL import Image  # here: PIL loads after --help
 
     image = image.convert("RGB")
     w, h = image.size
@@ -142,7 +146,7 @@ def image_to_tensor(image, resolution: int) -> torch.Tensor:
 
 
 def read_image(sample: Sample, resolution: int) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image  # here: PIL loads after --help
 
     ext = image_ext(sample)
     try:
@@ -172,8 +176,6 @@ def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str,
                   names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """The cached tensors ``names`` of one sample (default: the kind's, FLUX.1 / SD3 prompt embeddings or latent
     codes; a family's :attr:`clear.families.ModelFamily.prompt_features` for its prompt cache)."""
-    from safetensors.torch import load_file
-
     names = names or _FEATURE_NAMES[kind]
     path = feature_path(cache_dir, kind, sample_id)
     if not path.is_file():
@@ -201,7 +203,6 @@ def check_cache(cache_dir: str | os.PathLike, kind: str, family: str | None = No
                                 "--data_root and --cache_dir first, or train without the --use_cached_* flag")
     if family is None and not settings:
         return
-    from safetensors import safe_open
 
     try:
         with safe_open(str(first), framework="pt") as f:
@@ -364,10 +365,6 @@ def write_feature_cache(samples: list[Sample], kind: str, cache_dir, read, encod
     :class:`BadSampleError` (the sample is then skipped, counted and listed);
     ``encode(inputs)`` maps a list of inputs to ``{name: tensor [len(inputs), ...]}``.
     Every sample's features go to ``<cache_dir>/<kind>/<id>.safetensors``, written atomically."""
-    from tqdm.auto import tqdm
-
-    from .files import save_safetensors
-
     report = CacheReport()
     mine = samples[rank::world_size]
     todo = [s for s in mine if not feature_path(cache_dir, kind, s.id).is_file()]

@@ -30,7 +30,7 @@ DTYPE_CHOICES = ("auto", *DTYPES)  # for argparse: "auto" = bfloat16 on CUDA, fl
 def check_device(device: str | torch.device) -> torch.device:
     """The device, if this machine has it: ``cuda`` needs a CUDA build of torch and a visible GPU
     (``cuda:N``: at least N+1 of them), ``mps`` Apple's backend."""
-    import torch
+    import torch  # here: command lines import this module before parsing; --help stays torch-free
 
     try:
         dev = torch.device(device)
@@ -52,14 +52,14 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def default_device() -> str:
     """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    import torch
+    import torch  # here: command lines import this module before parsing; --help stays torch-free
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"``: :func:`default_device`; anything else checked by :func:`check_device`."""
-    import torch
+    import torch  # here: command lines import this module before parsing; --help stays torch-free
 
     if device is None or str(device) == "auto":
         return torch.device(default_device())
@@ -68,7 +68,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
     """A ``torch.dtype``, a name of :data:`DTYPES`, or ``None``/``"auto"`` (bfloat16 on CUDA, float32 elsewhere)."""
-    import torch
+    import torch  # here: command lines import this module before parsing; --help stays torch-free
 
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -82,7 +82,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
 def rank_device(local_rank: int, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
     """A torchrun process's device (``cuda:LOCAL_RANK`` when CUDA is there, else the CPU) and
     its dtype (:func:`resolve_dtype`)."""
-    import torch
+    import torch  # here: command lines import this module before parsing; --help stays torch-free
 
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return device, resolve_dtype(dtype, device)

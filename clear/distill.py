@@ -124,7 +124,7 @@ def sample_timesteps(scheduler, batch_size: int, weighting_scheme: str = "none",
                      device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``(timesteps, sigmas)`` drawn as diffusers' SD3/FLUX training scripts do: a density
     sample ``u`` in [0, 1) picks one of the scheduler's training timesteps."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from diffusers.training_utils import compute_density_for_timestep_sampling  # here: diffusers loads after --help
 
     u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=batch_size,
                                               logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale,
@@ -163,7 +163,7 @@ def distill_losses(student, teacher, x0: torch.Tensor, noise: torch.Tensor, time
     ``student_module``; hooks go on that. The teacher runs without grad. ``family``: how the
     transformer is called (default: the teacher's); ``guidance`` is the embedded guidance
     value, for models that have one (FLUX.1-dev), ignored by SD3."""
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
+    from diffusers.training_utils import compute_loss_weighting_for_sd3  # here: diffusers loads after --help
 
     family = family or family_of(teacher)
     s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)

@@ -89,7 +89,7 @@ def write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> Path:
 def _compact(t):
     """``t`` on the CPU, contiguous and owning its whole storage (safetensors refuses views that
     share a buffer, e.g. the rows of a batch, and would write a slice's whole buffer)."""
-    import torch
+    import torch  # here: clear.files stays torch-free
 
     t = t.detach().to("cpu")
     if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
@@ -99,7 +99,7 @@ def _compact(t):
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """A ``.safetensors`` file of ``tensors`` (moved to the CPU; views copied to their own buffer)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # here: clear.files stays torch-free
 
     tensors = {k: _compact(v) for k, v in tensors.items()}
     with atomic_path(path) as tmp:

@@ -31,8 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .files import write_bytes, write_json, write_tar
-from .shards import split_key
+import torch
+from tqdm.auto import tqdm
+
+from .data import BadSampleError, read_prompt
+from .files import save_image, write_bytes, write_json, write_tar
+from .shards import index_samples, split_key
 
 __all__ = ["MANIFEST", "DATA_MANIFEST", "Item", "share", "settings_diff", "record_settings", "run",
            "generate_images", "read_training_prompts", "generate_dataset", "staged_keys"]
@@ -92,9 +96,6 @@ def run(pipe, items: Sequence[Item], save: Callable[[Item, Any], None], call: di
     """Generate ``items`` in batches of ``batch_size``: ``pipe(prompt=[...], generator=[one CPU
     generator per item, seeded with its seed], **call).images``, then ``save(item, image)`` for each.
     Returns the number of images made."""
-    import torch
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
@@ -129,8 +130,6 @@ def generate_images(pipe, prompts: Sequence, out_dir: str | os.PathLike, setting
     :class:`clear.families.ModelFamily`, whose :meth:`~clear.families.ModelFamily.guidance_kwargs` turn
     ``guidance_scale`` into the pipeline's arguments (default: ``guidance_scale`` as it is).
     Returns counts: generated, skipped, total."""
-    from .files import save_image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     guidance = {"guidance_scale": guidance_scale} if family is None else family.guidance_kwargs(guidance_scale)
@@ -159,9 +158,6 @@ def read_training_prompts(path: str | os.PathLike, base_seed: int = 0) -> tuple[
     path = Path(path)
     raw, bad = [], []  # (key or None, prompt, seed or None)
     if path.suffix == ".tar":
-        from .data import BadSampleError, read_prompt
-        from .shards import index_samples
-
         for sample in index_samples(path):
             try:
                 raw.append((re.sub(r"[^A-Za-z0-9_-]", "_", sample.id), read_prompt(sample), None))

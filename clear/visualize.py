@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from PIL import Image, ImageDraw, ImageFont
+
 from .geometry import TokenLayout, Window, allowed_mask
+from .inference import save_png
 
 SEEN = (66, 133, 244)
 UNSEEN = (228, 228, 228)
@@ -33,14 +36,10 @@ class MaskPicture:
     total: int  # keys there are
 
     def save(self, path: str | os.PathLike) -> str:
-        from .inference import save_png
-
         return save_png(self.image, path, {"seen": self.seen, "total": self.total})
 
 
 def _font(size):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:
@@ -53,8 +52,6 @@ def draw_mask(height: int, width: int, radius: float | None, down_factor: int = 
     centre) sees, on a ``height x width`` token grid (pixels / 16 for FLUX) with
     ``text_len`` text tokens, for CLEAR with ``radius`` (``None`` = full attention) and
     ``down_factor``. Blue: seen; grey: not seen; red: the query."""
-    from PIL import Image, ImageDraw
-
     window = Window(radius, down_factor)
     layout = TokenLayout(text_len, height, width, text_first=True)
     ph, pw = layout.pooled_grid(window)

@@ -16,11 +16,14 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
 
 from .apply import clear_attention_modules
 from .families import family_of_checkpoint
+from .files import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +65,7 @@ def hub_unreachable() -> str | None:
     name does not resolve), or ``None``. Asked once before a download, so that an offline
     machine goes straight to the local cache instead of through the hub's retries (five
     "Retrying in Ns" lines and ~25 s)."""
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # here: huggingface_hub loads after --help
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
@@ -98,7 +99,7 @@ def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.Path
     target = Path(local_dir) / variant.filename
     if target.is_file():
         return str(target)
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # here: huggingface_hub loads after --help
 
     reason = hub_unreachable()
     if reason is None:
@@ -176,8 +177,6 @@ def _metadata(transformer) -> dict[str, str]:
 def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
     """Write the CLEAR parameters of ``transformer`` in the released layout, atomically
     (a temporary file renamed into place), with the radius and family as metadata."""
-    from .files import save_safetensors
-
     _check_not_fused(transformer, "save")
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in clear_state_dict_keys(transformer).items()}
     if not tensors:
@@ -188,8 +187,6 @@ def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) ->
 
 def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata): the header checked first (:func:`read_header`), then every tensor read."""
-    from safetensors import safe_open
-
     metadata, _ = read_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -228,8 +225,6 @@ def file_variant(path: str | os.PathLike) -> tuple[float | None, int, bool]:
 def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
     """(metadata, {key: shape}) of a safetensors file, without reading its tensors; fails on
     tensors that are not floating point (see :func:`check_tensors`)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CLEAR checkpoint {path} does not exist; pass an existing .safetensors file, "

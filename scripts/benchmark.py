@@ -31,6 +31,8 @@ is the first call's time minus the steady one: compile (and plan building) time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import platform
@@ -40,6 +42,7 @@ import tempfile
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,7 @@ import clear
 from clear import backends
 from clear.attention import ClearAttention
 from clear.devices import DTYPE_CHOICES, resolve_device, resolve_dtype
+from clear.families import FAMILIES
 from clear.files import atomic_path, write_bytes
 from clear.geometry import TokenLayout, Window
 from clear.parallel import TEXT_MODES, PatchParallelAttention, expected_comm_bytes, plan_bands
@@ -198,7 +202,7 @@ def compile_transformer(model, mode: str):
 
 
 def flux_model(args, device, dtype):
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel  # here: diffusers loads after --help
 
     cfg = dict(FLUX_DEV)
     if args.tiny:
@@ -216,7 +220,7 @@ def flux_model(args, device, dtype):
 
 
 def bench_step(args, device, dtype) -> list[dict]:
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline  # here: diffusers loads after --help
 
     timer = Timer(device, args.warmup, args.repeats)
     model, cfg = flux_model(args, device, dtype)
@@ -322,7 +326,7 @@ def parse_grids(text: str) -> list[tuple[int, int]]:
 def model_under_test(args, device, dtype):
     """``--model``: a FLUX pipeline folder's transformer (the mini: ``ckpt/mini``); else FLUX-shaped heads
     (``--heads`` x 128, ``--num-layers`` + ``--num-single-layers`` blocks, random weights)."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel  # here: diffusers loads after --help
 
     if args.model:
         model = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer")
@@ -334,7 +338,7 @@ def model_under_test(args, device, dtype):
 
 
 def model_inputs(cfg: dict, h: int, w: int, text: int, device, dtype) -> dict:
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline  # here: diffusers loads after --help
 
     g = torch.Generator(device).manual_seed(0)
     x = dict(hidden_states=torch.randn(1, h * w, cfg["in_channels"], device=device, dtype=dtype, generator=g),
@@ -357,11 +361,7 @@ def _no_attention(query, key, value, **kwargs):
 def model_variants(base, args) -> dict:
     """name -> (model, context factory): full attention, the floor, and CLEAR on every backend and ``auto``,
     each on its own copy of the model so that the timed runs can alternate."""
-    import contextlib
-    import copy
-    from unittest import mock
-
-    from diffusers.models.transformers import transformer_flux
+    from diffusers.models.transformers import transformer_flux  # here: diffusers loads after --help
 
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(wanted) - {"full", "floor", *backends.choices()})
@@ -544,8 +544,6 @@ def auto_markdown(records: list[dict]) -> str:
 
 def released_spec(name: str):
     """The ModelSpec of a released model, by name, from every family's specs."""
-    from clear.families import FAMILIES
-
     specs = {s.name: s for f in FAMILIES.values() for s in f.specs if s.width}
     if name not in specs:
         raise SystemExit(f"--model {name!r}: choose one of {', '.join(specs)}")
@@ -652,7 +650,7 @@ def environment(device) -> dict:
                torch=torch.__version__, python=platform.python_version(), device=str(device),
                command="python " + " ".join(sys.argv))
     try:
-        import diffusers
+        import diffusers  # here: diffusers loads after --help
 
         env["diffusers"] = diffusers.__version__
     except ImportError:
@@ -660,7 +658,7 @@ def environment(device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         try:
-            import triton
+            import triton  # here: optional: CPU machines have no triton
 
             env["triton"] = triton.__version__
         except ImportError:
@@ -710,10 +708,10 @@ def markdown(mode: str, records: list[dict], env: dict) -> str:
 
 
 def plot(mode: str, records: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # here: optional: matplotlib loads only to plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: after the Agg backend is chosen
 
     key, label = ("tflops", "attention TFLOPs per layer") if mode == "flops" else ("time_s", "time (s)")
     fig, ax = plt.subplots(figsize=(6, 4.5))

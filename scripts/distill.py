@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import (DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list,
+                               gather_object, set_seed)
 from tqdm.auto import tqdm
 
 import clear
@@ -183,7 +186,7 @@ def run_settings(args, num_processes: int) -> dict:
 
 def side_by_side(teacher_images, student_images):
     """One row per prompt: teacher | student."""
-    from PIL import Image
+    from PIL import Image  # here: PIL loads after --help
 
     w, h = teacher_images[0].size
     grid = Image.new("RGB", (2 * w, h * len(teacher_images)))
@@ -228,9 +231,6 @@ def check_inputs(args):
 
 def make_accelerator(args):
     """The accelerator (logging, trackers, gloo without GPUs), DeepSpeed's batch settings from ours, the seed."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -267,8 +267,6 @@ def take_output_dir(lock: OutputDirLock, accelerator) -> None:
         except CheckpointError as e:
             problem = str(e)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         problem = broadcast_object_list([problem])[0]
     if problem:
         raise SystemExit(problem)
@@ -278,8 +276,6 @@ def main(argv=None) -> dict:
     """Arguments, the accelerator and every check that needs no model (family, sizes, data,
     caches, the output folder and its lock, the checkpoint to resume and its settings); then
     :func:`train`, holding the output folder's lock until it ends."""
-    from accelerate.utils import DistributedType
-
     args = parse_args(argv)
     family, dataset = check_inputs(args)
     accelerator = make_accelerator(args)
@@ -303,7 +299,7 @@ def main(argv=None) -> dict:
 def load_models(args, family, device, dtype, is_deepspeed: bool):
     """The frozen teacher, its copy with CLEAR whose CLEAR parameters alone train (fp32 unless DeepSpeed),
     and those parameters by name."""
-    from diffusers.training_utils import cast_training_params
+    from diffusers.training_utils import cast_training_params  # here: diffusers loads after --help
 
     teacher = family.transformer_cls().from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer",
                                                        dtype=dtype).to(device)
@@ -323,7 +319,7 @@ def make_optimizer(args, params, fsdp_in_use: bool):
     """AdamW or Prodigy over ``params`` with this run's settings (:func:`optimizer_settings`)."""
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.learning_rate, **optimizer_settings(args))
-    import prodigyopt
+    import prodigyopt  # here: optional: only --optimizer prodigy needs it
 
     # fsdp_in_use: ZeRO hands each process a shard of the parameters; Prodigy must all-reduce its step-size estimate
     return prodigyopt.Prodigy(params, lr=args.learning_rate, **optimizer_settings(args), fsdp_in_use=fsdp_in_use)
@@ -401,7 +397,7 @@ class Validation:
 def train(args, accelerator, family, dataset, checkpoints: CheckpointManager, resume: Path | None,
           data_state: dict | None) -> dict:
     """Models, data, optimizer, resume, the loop (loss, step, log, validation, checkpoint), export."""
-    from accelerate.utils import DistributedType, gather_object
+    # here: diffusers loads after --help
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
 

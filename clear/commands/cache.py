@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..devices import DTYPE_CHOICES
 from ..families import FAMILIES
+from ..encoders import plan_cache, run_cache
 
 
 def add_arguments(p, batch_size: int = 8) -> None:
@@ -23,8 +24,6 @@ def run(kind: str, **options):
     """Check everything before any weights load (errors exit with their message), then cache this
     rank's samples of ``kind`` and print the summary. ``options``: :func:`clear.encoders.plan_cache`'s
     keyword arguments (the command line's names). Returns the :class:`clear.data.CacheReport`."""
-    from ..encoders import plan_cache, run_cache
-
     try:
         job = plan_cache(kind, **options)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:  # a missing --data_root, a truncated shard, ...

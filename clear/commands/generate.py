@@ -98,6 +98,7 @@ def resolve_args(args):
     plan (:func:`clear.inference.plan_generation`: the model's path and family from its configs;
     every size once, with SD3's largest size and --max_pixels; the NTK factor), then the checkpoint
     (its variant, family and dtypes; downloaded if 'released'). Fails fast."""
+    # here: --help stays torch-free
     from clear import inference as inf
     from clear.geometry import Window
     from clear.weights import Variant
@@ -144,7 +145,7 @@ def resolve_args(args):
 
 def build_pipeline(args):
     """Load the pipeline (CLEAR is put on it by :func:`run`, after an optional original run)."""
-    from clear import inference as inf
+    from clear import inference as inf  # here: --help stays torch-free
 
     pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, info=args.plan.info)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
@@ -152,7 +153,7 @@ def build_pipeline(args):
 
 
 def _settings(args, result, **extra) -> dict:
-    from clear import inference as inf
+    from clear import inference as inf  # here: --help stays torch-free
 
     dtype = str(inf.resolve_dtype(args.dtype, args.device)).replace("torch.", "")
     return dict(model=args.model, checkpoint=args.checkpoint_path or "none", device=str(args.device), dtype=dtype,
@@ -165,7 +166,7 @@ def _stage_path(out: Path, i: int, h: int, w: int, tag: str = "") -> Path:
 
 def run(args, pipe) -> dict[str, str]:
     """Generate (and compare, and upscale) as the arguments say; returns the written paths."""
-    from clear import inference as inf
+    from clear import inference as inf  # here: --help stays torch-free
 
     out, written = args.out, {}
 
@@ -203,8 +204,9 @@ def run_patch_parallel(args) -> dict[str, str]:
     """``--parallel patch``, one process per GPU under torchrun: every rank denoises its band
     of image rows (:func:`clear.inference.generate_patch_parallel`); rank 0 writes the PNG (other
     ranks return ``{}``)."""
-    import torch
+    import torch  # here: --help stays torch-free
 
+    # here: --help stays torch-free
     from clear import inference as inf
     from clear import parallel
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..devices import resolve_device
+
 
 def preflight(model: str, height: int, width: int, radius: float | None = None, down_factor: int = 1,
               checkpoint: str = "released", ckpt_dir: str = "ckpt", backend: str = "auto",
@@ -13,8 +15,7 @@ def preflight(model: str, height: int, width: int, radius: float | None = None, 
     """Every check that needs no weights: device, sampling, the model (its configs, described once:
     :class:`clear.inference.PipelineInfo`), sizes, the CLEAR variant and its checkpoint (header only).
     Returns (device, pipeline description, CLEAR spec or None)."""
-    from .. import inference as inf
-    from ..devices import resolve_device
+    from .. import inference as inf  # here: scripts/generate_eval_set.py --help stays torch-free
 
     device = resolve_device(device)
     inf.check_sampling(steps, guidance)
@@ -36,6 +37,7 @@ def run(prompts: str, out: str, num: int | None = None, sample_seed: int | None 
         no_progress: bool = False) -> dict:
     """Generate the images of ``prompts`` (see scripts/generate_eval_set.py for the options) into
     ``out``; a bad setting exits with its message. Prints and returns the counts."""
+    # here, not at the top: scripts/generate_eval_set.py --help stays torch-free
     from .. import inference as inf
     from ..evaluation import load_prompts
     from ..generation import generate_images

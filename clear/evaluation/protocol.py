@@ -24,11 +24,13 @@ import os
 import random
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..devices import resolve_device
 from ..files import write_text
@@ -163,7 +165,7 @@ def list_images(folder: str | os.PathLike) -> dict[str, Path]:
 
 def read_image(path: Path, size: tuple[int, int] | None = None) -> Tensor:
     """uint8 ``[3, H, W]``; with ``size=(width, height)`` resized to cover it and center-cropped."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps  # here: PIL loads after --help
 
     with Image.open(path) as img:
         img.load()
@@ -318,6 +320,7 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
         except Unavailable as e:
             notes[model][key] = f"unavailable: {e}"
 
+    # here: torchmetrics loads after --help
     from torchmetrics.image import (MultiScaleStructuralSimilarityIndexMeasure, PeakSignalNoiseRatio,
                                     StructuralSimilarityIndexMeasure)
 
@@ -352,8 +355,6 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
             add(n, "rmse_condition", rmse_job, "condition", "__condition__")
 
     # --- one pass over the images --------------------------------------------------------
-    from tqdm.auto import tqdm
-
     loader = torch.utils.data.DataLoader(
         _PairedImages(stems, paths, size, resized={"real", "__condition__"}),
         batch_size=config.batch_size, num_workers=config.workers, collate_fn=list)
@@ -437,8 +438,6 @@ def evaluate(original: ModelImages, candidates: Sequence[ModelImages], *, real: 
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("torch", "torchmetrics", "transformers", "torch-fidelity", "torchvision", "clear-dit"):
         try:

@@ -16,6 +16,8 @@ import os
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
+import torch
+
 from . import flux, flux2, qwenimage, sd3
 from .base import ModelFamily, ModelSpec
 
@@ -65,7 +67,7 @@ def _of_config(config: Mapping) -> ModelFamily | None:
 
 def _of_path(path: str | os.PathLike) -> ModelFamily | None:
     """The family of a pipeline folder / Hub id, from ``model_index.json`` or ``transformer/config.json``."""
-    from diffusers import ConfigMixin, DiffusionPipeline
+    from diffusers import ConfigMixin, DiffusionPipeline  # here: the registry imports no diffusers model
 
     path = str(path)
     try:
@@ -88,8 +90,6 @@ def family_of(obj) -> ModelFamily:
     """The family of a transformer / ControlNet (the first class of its MRO that a family
     recognises), a pipeline (its transformer), a ``model_index.json`` or transformer config dict,
     or a pipeline folder / Hub id (its ``model_index.json``, else ``transformer/config.json``)."""
-    import torch
-
     if isinstance(obj, torch.nn.Module):
         for cls in type(obj).__mro__:
             found = _by_class(cls.__name__)

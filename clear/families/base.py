@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
+from ..geometry import attention_flops
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ class ModelSpec:
                         text_len: int | None = None) -> int:
         """Attention FLOPs of one forward (every attention layer) at a ``height x width`` token grid, with
         this model's width and ``text_len`` text tokens (default: its ``max_sequence_length``)."""
-        from ..geometry import attention_flops
-
         if self.width is None or self.layers is None:
             raise ValueError(f"{self.name}: no width / layer count recorded for FLOPs")
         text = self.max_sequence_length if text_len is None else text_len
@@ -159,7 +158,7 @@ class ModelFamily:
 
     # -- loading -------------------------------------------------------------------------
     def pipeline_cls(self):
-        import diffusers
+        import diffusers  # here: the registry imports no diffusers model
 
         return getattr(diffusers, self.pipeline_class)
 
@@ -169,7 +168,7 @@ class ModelFamily:
         return self.pipeline_cls()
 
     def transformer_cls(self):
-        import diffusers
+        import diffusers  # here: the registry imports no diffusers model
 
         return getattr(diffusers, self.transformer_class)
 
@@ -184,7 +183,7 @@ class ModelFamily:
     # -- sizes ---------------------------------------------------------------------------
     def size_rules(self, pretrained_model_name_or_path: str) -> tuple[int, int | None]:
         """``(pixels per token, most tokens per side or None)``, from the configs only."""
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # here: the registry imports no diffusers model
 
         vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae")
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)

@@ -30,6 +30,7 @@ class FluxClearAttnProcessor(ClearProcessorBase):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
+        # here: the registry imports no diffusers model
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -71,7 +72,7 @@ class NTKFluxPosEmbed(torch.nn.Module):
         self.theta, self.axes_dim, self.ntk_factor = theta, axes_dim, float(ntk_factor)
 
     def forward(self, ids: torch.Tensor):
-        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed  # here: the registry imports no diffusers model
 
         pos = ids.float()
         freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
@@ -91,6 +92,7 @@ class NTKFluxPosEmbed(torch.nn.Module):
 def set_ntk_rope(model: torch.nn.Module, ntk_factor: float) -> None:
     """Make ``model.pos_embed`` (FLUX transformer or ControlNet) NTK-scaled by ``ntk_factor``;
     ``1`` restores a plain ``FluxPosEmbed``. Nothing else of the model changes."""
+    # here: the registry imports no diffusers model
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     pe = model.pos_embed
@@ -152,7 +154,7 @@ class FluxFamily(ModelFamily):
 
     def transformer_inputs(self, latents, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
                            num_train_timesteps=1000):
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline  # here: the registry imports no diffusers model
 
         b, c, h, w = latents.shape
         dtype = prompt_embeds.dtype
@@ -169,7 +171,7 @@ class FluxFamily(ModelFamily):
         )
 
     def output_layout(self, latents):
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline  # here: the registry imports no diffusers model
 
         b, c, h, w = latents.shape
         return FluxPipeline._pack_latents(latents, b, c, h, w)

@@ -28,6 +28,7 @@ import torch
 from ..geometry import grid_from_ids
 from ..processors import Arrangement, ClearProcessorBase, attend_arranged
 from .base import ModelFamily, ModelSpec
+from .flux import NTKFluxPosEmbed
 
 
 class Flux2ClearAttnProcessor(ClearProcessorBase):
@@ -41,6 +42,7 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
         return self._double(attn, hidden_states, *args, **kwargs)
 
     def _double(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        # here: the registry imports no diffusers model
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
@@ -67,7 +69,7 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
         return out if encoder_hidden_states is None else (out, enc_out)
 
     def _single(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.embeddings import apply_rotary_emb  # here: the registry imports no diffusers model
 
         if attention_mask is not None:
             raise ValueError("CLEAR defines its own attention pattern; an explicit attention_mask is not supported")
@@ -114,8 +116,6 @@ def ntk_rope(models, ntk_factor: float | None):
     """Within the block, the given FLUX.2 transformer(s) use NTK-scaled RoPE (FLUX.1's
     :class:`clear.families.flux.NTKFluxPosEmbed` over FLUX.2's four axes and theta); the original
     ``pos_embed`` objects are put back afterwards. ``ntk_factor`` 1 or ``None``: nothing changes."""
-    from .flux import NTKFluxPosEmbed
-
     models = [models] if isinstance(models, torch.nn.Module) else list(models)
     saved = [(m, m.pos_embed) for m in models]
     try:
@@ -183,7 +183,7 @@ class Flux2Family(ModelFamily):
                            num_train_timesteps=1000):
         """``latents``: Flux2Pipeline's patchified latents ``[B, 128, H/16, W/16]``; ``pooled_prompt_embeds``
         is not used (FLUX.2 has no pooled text)."""
-        from diffusers import Flux2Pipeline
+        from diffusers import Flux2Pipeline  # here: the registry imports no diffusers model
 
         b = latents.shape[0]
         dtype = prompt_embeds.dtype
@@ -199,7 +199,7 @@ class Flux2Family(ModelFamily):
         )
 
     def output_layout(self, latents):
-        from diffusers import Flux2Pipeline
+        from diffusers import Flux2Pipeline  # here: the registry imports no diffusers model
 
         return Flux2Pipeline._pack_latents(latents)
 

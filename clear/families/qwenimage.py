@@ -34,6 +34,7 @@ class QwenClearAttnProcessor(ClearProcessorBase):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
+        # here: the registry imports no diffusers model
         from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
         if encoder_hidden_states is None:
@@ -127,7 +128,7 @@ class QwenImageFamily(ModelFamily):
                                  device=bound.arguments["hidden_states"].device)
 
     def size_rules(self, pretrained_model_name_or_path):
-        from diffusers import AutoencoderKLQwenImage
+        from diffusers import AutoencoderKLQwenImage  # here: the registry imports no diffusers model
 
         vae = AutoencoderKLQwenImage.load_config(pretrained_model_name_or_path, subfolder="vae")
         vae_factor = 2 ** len(vae.get("temperal_downsample", (False, True, True)))  # as QwenImagePipeline
@@ -187,7 +188,7 @@ class QwenImageFamily(ModelFamily):
                            num_train_timesteps=1000):
         """``latents``: the VAE's ``[B, 16, H/8, W/8]``; ``pooled_prompt_embeds``: Qwen-Image has no pooled text,
         this is the text mask ``[B, L]`` (``prompt_embeds_mask``; ``None``: every token valid)."""
-        from diffusers import QwenImagePipeline
+        from diffusers import QwenImagePipeline  # here: the registry imports no diffusers model
 
         b, c, h, w = latents.shape
         dtype = prompt_embeds.dtype
@@ -201,7 +202,7 @@ class QwenImageFamily(ModelFamily):
         )
 
     def output_layout(self, latents):
-        from diffusers import QwenImagePipeline
+        from diffusers import QwenImagePipeline  # here: the registry imports no diffusers model
 
         b, c, h, w = latents.shape
         return QwenImagePipeline._pack_latents(latents, b, c, h, w)

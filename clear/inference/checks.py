@@ -153,7 +153,7 @@ def check_model(model: str) -> dict:
     local directory and fail unless it is a FLUX.1 or SD3/SD3.5 pipeline CLEAR inference
     supports (:data:`clear.families.FAMILIES`). A path that does not exist fails as "no such folder" without
     asking the Hub; offline, only the local Hugging Face cache is read. Returns the config."""
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # here: every check answers before diffusers loads (seconds)
 
     model = str(model)
     is_dir = Path(model).expanduser().is_dir()
@@ -191,7 +191,7 @@ def pipeline_family(model_or_pipe, check: bool = True) -> ModelFamily:
         return family_of(model_or_pipe)
     if check:
         return family_of(check_model(model_or_pipe))
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # here: every check answers before diffusers loads (seconds)
 
     return family_of(DiffusionPipeline.load_config(model_or_pipe))
 

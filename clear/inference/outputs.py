@@ -7,6 +7,10 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from .. import __version__
 from ..files import save_image
 
 if TYPE_CHECKING:
@@ -15,10 +19,6 @@ if TYPE_CHECKING:
 
 def png_metadata(settings: dict):
     """PNG text chunks: one per setting (``clear:<name>``) and all of them as JSON (``clear:settings``)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .. import __version__
-
     info = PngInfo()
     info.add_text("Software", f"clear {__version__}")
     for k, v in settings.items():
@@ -34,8 +34,6 @@ def save_png(image, path: str | os.PathLike, settings: dict | None = None) -> st
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -45,8 +43,6 @@ def _font(size: int):
 def image_grid(images, labels=None, max_side: int = 2048, columns: int | None = None):
     """Images side by side (``columns`` per row; default all in one row), each under its label,
     scaled down so that no panel's long side exceeds ``max_side``."""
-    from PIL import Image, ImageDraw
-
     images = [im.convert("RGB") for im in images]
     labels = list(labels) if labels is not None else [""] * len(images)
     panels = []

@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from ..apply import apply_clear, remove_clear
@@ -26,6 +27,7 @@ from ..families import ModelFamily, ModelSpec, family_of, get_family
 from ..geometry import Window
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
 from ..weights import load_clear_weights
+from .. import parallel
 from ..devices import resolve_device, resolve_dtype
 from .checks import (check_checkpoint, check_sampling, check_size, check_upscaling, pipeline_family, resolve_ntk_factor,
                      size_rules)
@@ -152,7 +154,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
     offload instead of moving everything to the device). ``info``: the model's
     :func:`describe_pipeline`, when the caller has it (nothing is read twice); ``check=False``
     skips :func:`check_model` (already done) and trusts the config's transformer class."""
-    import diffusers
+    import diffusers  # here: clear.inference imports without diffusers, so its checks answer fast
 
     device = str(resolve_device(device))  # before anything is read
     family = info.family if info is not None else pipeline_family(model, check=check)
@@ -321,8 +323,6 @@ def _finite_latents_callback(pipe, step, timestep, callback_kwargs):
 def finite_image(pipe, images):
     """The first image of a pipeline's ``output_type="np"`` output as PIL, after checking that
     every value is finite (NaN would become black pixels without a word)."""
-    import numpy as np
-
     arr = np.asarray(images)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
@@ -392,8 +392,6 @@ def generate_patch_parallel(pipe, prompt: str, plan: Plan, seed: int = 0, warmup
     tiling per ``plan.tiling``) and gets the :class:`Result` (settings as :func:`generate`'s,
     plus ``parallel``, ``world_size``, ``text_mode``); the other ranks get ``None``. Every rank
     calls this with the same arguments; the transformer is single-process again afterwards."""
-    from .. import parallel
-
     if plan.sizes:
         raise ValueError("patch parallelism generates one image: drop the upscaling stages")
     info = plan.info
