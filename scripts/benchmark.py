@@ -274,19 +274,23 @@ def bench_step(args, device, dtype) -> list[dict]:
 
 
 def _rss_child(args, name: str, grid: tuple[int, int], train: bool, result) -> None:
-    """In a fresh process: load the model, make one variant, run one step; how far the process's peak resident
-    memory grew during that step (bytes)."""
-    import resource
-
+    """In a fresh process: load the model, make one variant, run one step; how far the process's resident memory
+    peaked above what it held before that step (bytes; Linux)."""
     device = torch.device("cpu")
     dtype = resolve_dtype(args.dtype, device)
     base, cfg = model_under_test(args, device, dtype)
     args.variants = name.removeprefix("clear:")
     model, ctx = model_variants(base, args)[name]
     fn = model_step(model, ctx, model_inputs(cfg, *grid, args.text_len, device, dtype), train)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    status = Path("/proc/self/status")
+
+    def kib(field):
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(field))
+
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) starts again from the current RSS
+    before = kib("VmRSS:")
     fn()
-    result.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # Linux: KiB
+    result.put((kib("VmHWM:") - before) * 1024)
 
 
 def peak_rss(args, name: str, grid: tuple[int, int], train: bool) -> int:
