@@ -363,7 +363,7 @@ def evaluate(pipe, n: int = 32, seed: int = 0, size: int = SIZE) -> dict:
     scores = [S.score(im, s) for im, s in zip(images, held)]
     parts = [S.score_parts(im, s) for im, s in zip(images, held)]
     return {"n": n, "size": size, "score": float(np.mean(scores)),
-            "parts": {k: float(np.mean([p[k] for p in parts])) for k in parts[0]},
+            "parts": {k: float(np.mean([p[k] for p in parts])) for k in parts[0] if k != "per_shape"},
             "chance": S.chance_score(n=256, seed=seed + 1, size=size), "images": images, "scenes": held}
 
 
