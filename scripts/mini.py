@@ -101,12 +101,14 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
                    help=f"proportional attention (true/false), default {d.proportional}")
     p.add_argument("--ntk_factor", type=float, default=None, help=f"default {d.ntk_factor}")
     p.add_argument("--shift", type=float, default=None, help="a fixed scheduler shift (default: the scheduler's)")
+    p.add_argument("--lowres_guidance", type=float, default=None,
+                   help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
     p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    fields = ("sizes", "strength", "upscale_steps", "prompts", "proportional", "ntk_factor", "shift", "backend",
-              "seed", "threads")
+    fields = ("sizes", "strength", "upscale_steps", "prompts", "proportional", "ntk_factor", "shift",
+              "lowres_guidance", "backend", "seed", "threads")
     s = highres.make_settings(quick=args.quick, model=args.model, out=args.out,
                               **{k: getattr(args, k) for k in fields})
     return s, args.tune

@@ -65,6 +65,7 @@ class HighresSettings:
     proportional: bool = False  # the proportional attention scale, L0 = the mini's training length (288)
     ntk_factor: float = 1.0  # NTK-scaled RoPE factor (1: the model's own RoPE)
     shift: float | None = None  # a fixed scheduler shift (None: the scheduler's dynamic shift)
+    lowres_guidance: float = 0.0  # I-Max's projected flow toward each stage's input (clear.inference.upscale)
     radius: int = 4
     down_factor: int = 2
     backend: str = "auto"  # CLEAR's attention backend (clear.backends.choices())
@@ -267,7 +268,7 @@ def student_weights(s: HighresSettings) -> dict:
 
 def cascade_settings(s: HighresSettings, stage: int) -> dict:
     return dict(strength=s.strength[stage], steps=s.upscale_steps[stage], ntk_factor=s.ntk_factor,
-                proportional=s.proportional, shift=s.shift)
+                proportional=s.proportional, shift=s.shift, lowres_guidance=s.lowres_guidance)
 
 
 def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Path, seeds: list[int],
@@ -426,12 +427,13 @@ def run(s: HighresSettings, command: str = "") -> dict:
 # Tuning the teacher's cascade
 # ------------------------------------------------------------------------------------------
 
-TUNE_GRID = (  # one setting changed at a time from the first (the base run's 2x settings, strength 0.4)
+TUNE_GRID = (  # one setting changed at a time from the settings given (the defaults: the base run's 2x settings)
     dict(),
     dict(strength=0.3), dict(strength=0.55), dict(strength=0.7),
     dict(proportional=True),
     dict(ntk_factor=2.0), dict(ntk_factor=4.0),
     dict(shift=1.0), dict(shift=3.0),
+    dict(lowres_guidance=0.5), dict(lowres_guidance=1.0),
 )
 
 

@@ -66,7 +66,8 @@ def table3(metrics: dict) -> list[str]:
         cells = [_fmt(v["stages"][base]["prompt_following"], 3)]
         for x in sizes:
             st = v["stages"][x]
-            cells += [_fmt(st.get("ms_ssim"), 3) if st.get("psnr") is None or st.get("ms_ssim") is not None else "n/a", _fmt(st.get("psnr"), 2),
+            ms = _fmt(st.get("ms_ssim"), 3) if st.get("psnr") is None or st.get("ms_ssim") is not None else "n/a"
+            cells += [ms, _fmt(st.get("psnr"), 2),
                       _fmt(st.get("ssim"), 3), _fmt(st["prompt_following"], 3)]
         lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
     return lines
@@ -118,7 +119,8 @@ def markdown(metrics: dict) -> str:
         "",
         f"Teacher `{_shown_path(s['model'])}`; {s['prompts']} held-out prompts, the teacher's {s['base_steps']}-step "
         f"64 px image each, then {stages}; proportional attention {s['proportional']}, NTK factor "
-        f"{s['ntk_factor']}, shift {s['shift'] or 'the scheduler’s (dynamic)'}; every variant runs the same "
+        f"{s['ntk_factor']}, shift {s['shift'] or 'the scheduler’s (dynamic)'}, low-resolution guidance "
+        f"{s['lowres_guidance']}; every variant runs the same "
         f"settings from the same 64 px image and seeds. CLEAR backend: `{s['backend']}`.", "",
         "## Bars", "",
     ]
@@ -128,7 +130,8 @@ def markdown(metrics: dict) -> str:
                      f"(bar ≥ {b['bar']:g})")
     lines += ["", "## SDEdit upscaling, similarity to the teacher's image at each stage (as the paper's Table 3)", "",
               *table3(metrics), "",
-              "MS-SSIM: 5 scales with an 11-pixel window, defined above 160 px a side (n/a below). Prompt following: `clear.mini.scenes.score`.", "",
+              "MS-SSIM: 5 scales with an 11-pixel window, defined above 160 px a side (n/a below). Prompt "
+              "following: `clear.mini.scenes.score`.", "",
               "## Time per image and per forward (as the paper's Table 7)", "", *table7(metrics), "",
               "(×): the teacher's seconds per image / this variant's. Peak RSS: the process's resident memory "
               "during the stage.", "",
