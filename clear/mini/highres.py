@@ -19,7 +19,8 @@ cascade keeps), seconds per image and per transformer forward, the peak resident
 and attention FLOPs per forward (:func:`clear.geometry.attention_flops`, every block). The speed sweep
 times one transformer forward per size for the teacher, for CLEAR (``backend``, ``auto`` by default:
 whatever the machine's fastest registered backend is) and for the teacher with its attention core removed
-(the floor attention cannot go below).
+(the floor attention cannot go below); at the cascade's sizes the times are the cascade's own forwards
+(median).
 """
 
 from __future__ import annotations
@@ -310,19 +311,24 @@ def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Pat
     return {"stats": stats, "images": images}
 
 
-def speed_sweep(s: HighresSettings, teacher, pixels_per_token: int) -> dict:
+def speed_sweep(s: HighresSettings, teacher, pixels_per_token: int, measured: dict | None = None) -> dict:
     """Seconds per transformer forward by size: the teacher, CLEAR r (zero-shot weights: the same cost as
-    distilled), CLEAR r with df, and the teacher without its attention core (the floor)."""
+    distilled), CLEAR r with df, and the teacher without its attention core (the floor). ``measured``:
+    ``{row: {size: seconds}}`` already timed (the cascade's forwards), not timed again."""
     from .measure import load_transformer
 
+    measured = measured or {}
     rows = {"teacher": {}, "clear": {}, f"clear_df{s.down_factor}": {}, "floor": {}}
-    students = {"clear": load_transformer(s.model, s.radius, 1, backend=s.backend, base=teacher),
-                f"clear_df{s.down_factor}": load_transformer(s.model, s.radius, s.down_factor, backend=s.backend,
-                                                             base=teacher)}
+    windows = {"teacher": None, "clear": 1, f"clear_df{s.down_factor}": s.down_factor}
+    models = {"teacher": teacher}
     for size in s.speed_sizes:
-        rows["teacher"][size] = forward_seconds(teacher, size, pixels_per_token, T.MAX_SEQUENCE_LENGTH)
-        for name, model in students.items():
-            rows[name][size] = forward_seconds(model, size, pixels_per_token, T.MAX_SEQUENCE_LENGTH)
+        for name, df in windows.items():
+            if size in measured.get(name, {}):
+                rows[name][size] = measured[name][size]
+                continue
+            if name not in models:
+                models[name] = load_transformer(s.model, s.radius, df, backend=s.backend, base=teacher)
+            rows[name][size] = forward_seconds(models[name], size, pixels_per_token, T.MAX_SEQUENCE_LENGTH)
         with no_attention_core():
             rows["floor"][size] = forward_seconds(teacher, size, pixels_per_token, T.MAX_SEQUENCE_LENGTH)
         logger.info("forward at %d px: %s", size, {k: round(v[size], 3) for k, v in rows.items()})
@@ -401,7 +407,10 @@ def run(s: HighresSettings, command: str = "") -> dict:
         step_seconds[f"cascade {v.key}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     teacher = load_transformer(s.model)
-    speed = speed_sweep(s, teacher, pixels_per_token)
+    measured = {row: {size: results[key]["stats"][size]["forward_seconds"] for size in s.sizes}
+                for row, key in (("teacher", "teacher"), ("clear", "zero_shot"),
+                                 (f"clear_df{s.down_factor}", f"distilled_df{s.down_factor}"))}
+    speed = speed_sweep(s, teacher, pixels_per_token, measured)
     step_seconds["speed sweep"] = time.perf_counter() - t0
 
     teacher_images = results["teacher"]["images"]
