@@ -62,7 +62,7 @@ def test_teacher_options_keep_their_spellings_and_defaults(monkeypatch, cli):
     from clear.mini import teacher
 
     assert cli.parse_teacher_args([]) == teacher.TeacherConfig()
-    assert teacher.TeacherConfig().out == teacher.MINI_DIR and teacher.TeacherConfig().steps == 2400
+    assert teacher.TeacherConfig().out == teacher.MINI_DIR and teacher.TeacherConfig().steps == 2000
     c = cli.parse_teacher_args(["--work-dir", "w", "--out", "o", "--steps", "2400", "--timesteps", "logit-normal",
                                 "--vae-batch-size", "4", "--early-out-step", "9", "--threads", "0"])
     assert c == teacher.TeacherConfig(out=Path("o"), work_dir=Path("w"), steps=2400, timesteps="logit-normal",

@@ -60,7 +60,7 @@ class TeacherConfig:
     vae_crop: int = 32  # VAE training crop in pixels (0: whole images)
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
-    steps: int = 2400  # transformer training steps
+    steps: int = 2000  # transformer training steps
     batch_size: int = 16
     lr: float = 1e-3
     timesteps: str = "uniform"  # one of TIMESTEPS, shifted as the scheduler shifts
