@@ -100,7 +100,7 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
     p.add_argument("--proportional", type=lambda x: x.lower() in ("1", "true", "yes"), default=None,
                    help=f"proportional attention (true/false), default {d.proportional}")
     p.add_argument("--ntk_factor", type=float, default=None, help=f"default {d.ntk_factor}")
-    p.add_argument("--shift", type=float, default=None, help="a fixed scheduler shift (default: the scheduler's)")
+    p.add_argument("--shift", type=float, default=None, help=f"a fixed scheduler shift, default {d.shift}")
     p.add_argument("--lowres_guidance", type=float, default=None,
                    help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
     p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")

@@ -65,7 +65,7 @@ class HighresSettings:
     strength: tuple[float, ...] = (0.4, 0.4, 0.4)
     proportional: bool = False  # the proportional attention scale, L0 = the mini's training length (288)
     ntk_factor: float = 1.0  # NTK-scaled RoPE factor (1: the model's own RoPE)
-    shift: float | None = None  # a fixed scheduler shift (None: the scheduler's dynamic shift)
+    shift: float | None = 1.0  # a fixed scheduler shift (None: the scheduler's dynamic shift); 1: no shift
     lowres_guidance: float = 0.0  # I-Max's projected flow toward each stage's input (clear.inference.upscale)
     radius: int = 4
     down_factor: int = 2
