@@ -61,7 +61,7 @@ class HighresSettings:
     sizes: tuple[int, ...] = (128, 256, 512)
     prompts: int = 4
     base_steps: int = T.STEPS  # the 64 px image
-    upscale_steps: tuple[int, ...] = (20, 20, 10)
+    upscale_steps: tuple[int, ...] = (10, 10, 10)
     strength: tuple[float, ...] = (0.4, 0.4, 0.4)
     proportional: bool = False  # the proportional attention scale, L0 = the mini's training length (288)
     ntk_factor: float = 1.0  # NTK-scaled RoPE factor (1: the model's own RoPE)
