@@ -5,6 +5,7 @@
     python scripts/mini.py --quick          # a reduced run
     python scripts/mini.py run [...]        # the same as without `run`
     python scripts/mini.py train-teacher    # train the mini teacher (see ckpt/mini/TRAINING.md)
+    python scripts/mini.py highres          # the SDEdit cascade 64 -> 512 px (clear/mini/highres.py)
 """
 
 import argparse
@@ -13,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from clear.mini import recipe, report, teacher
+from clear.mini import highres, recipe, report, teacher
 
 PROG = "python scripts/mini.py"
 # Settings fields the recipe's command line can override (the rest are fixed by the recipe)
@@ -25,8 +26,9 @@ RECIPE_OPTIONS = ("size", "steps", "max_sequence_length", "train_samples", "dist
 def parse_recipe_args(argv=None) -> recipe.Settings:
     fields = {f.name: f for f in dataclasses.fields(recipe.Settings)}
     p = argparse.ArgumentParser(prog=PROG, description=recipe.__doc__.split("\n\n")[0],
-                                epilog=f"Subcommands: `{PROG} run [...]` (this, the default) and "
-                                       f"`{PROG} train-teacher [...]` (the teacher; see its --help).")
+                                epilog=f"Subcommands: `{PROG} run [...]` (this, the default), "
+                                       f"`{PROG} train-teacher [...]` (the teacher) and `{PROG} highres [...]` "
+                                       "(the cascade to 512 px); see their --help.")
     p.add_argument("--quick", action="store_true",
                    help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in recipe.QUICK.items()))
     p.add_argument("--model", default=None, help="the teacher pipeline folder (default: ckpt/mini)")
@@ -68,6 +70,69 @@ def parse_teacher_args(argv=None) -> teacher.TeacherConfig:
     return teacher.TeacherConfig(**dict(vars(args), out=Path(args.out), work_dir=Path(args.work_dir)))
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
+    from clear import backends
+
+    d = highres.HighresSettings
+    p = argparse.ArgumentParser(prog=f"{PROG} highres", description=highres.__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in highres.QUICK.items()))
+    p.add_argument("--tune", action="store_true",
+                   help="measure the teacher's cascade under one change at a time (strength, proportional "
+                        "attention, NTK factor, shift) and write OUT/highres/tune.json instead")
+    p.add_argument("--model", default=None, help="the teacher pipeline folder (default: ckpt/mini)")
+    p.add_argument("--out", default=str(d.out),
+                   help="the base run's folder: its distilled weights are used (trained first if absent); "
+                        "results under OUT/highres")
+    p.add_argument("--sizes", type=_ints, default=None, help=f"stage sizes in pixels, default {d.sizes}")
+    p.add_argument("--strength", type=_floats, default=None, help=f"per stage, default {d.strength}")
+    p.add_argument("--upscale_steps", type=_ints, default=None,
+                   help=f"full schedule per stage (int(steps * strength) run), default {d.upscale_steps}")
+    p.add_argument("--prompts", type=int, default=None, help=f"held-out prompts, default {d.prompts}")
+    p.add_argument("--proportional", type=lambda x: x.lower() in ("1", "true", "yes"), default=None,
+                   help=f"proportional attention (true/false), default {d.proportional}")
+    p.add_argument("--ntk_factor", type=float, default=None, help=f"default {d.ntk_factor}")
+    p.add_argument("--shift", type=float, default=None, help=f"a fixed scheduler shift, default {d.shift}")
+    p.add_argument("--lowres_guidance", type=float, default=None,
+                   help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
+    p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    fields = ("sizes", "strength", "upscale_steps", "prompts", "proportional", "ntk_factor", "shift",
+              "lowres_guidance", "backend", "seed", "threads")
+    s = highres.make_settings(quick=args.quick, model=args.model, out=args.out,
+                              **{k: getattr(args, k) for k in fields})
+    return s, args.tune
+
+
+def run_highres(argv) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    s, tune = parse_highres_args(argv)
+    command = f"{PROG} highres " + " ".join(argv)
+    if tune:
+        return highres.tune(s, command=command.strip())
+    metrics = highres.run(s, command=command.strip())
+    print(highres_summary(metrics))
+    return metrics
+
+
+def highres_summary(metrics: dict) -> str:
+    from clear.mini import highres_report
+
+    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), ""]
+    lines += [f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()]
+    return "\n".join(lines)
+
+
 def run_recipe(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     metrics = recipe.run(parse_recipe_args(argv))
@@ -84,6 +149,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-teacher"]:
         return train_teacher(argv[1:])
+    if argv[:1] == ["highres"]:
+        return run_highres(argv[1:])
     return run_recipe(argv[1:] if argv[:1] == ["run"] else argv)
 
 

@@ -74,6 +74,10 @@ def add_arguments(p) -> None:
     h.add_argument("--shift", default=str(defaults.DEFAULT_SHIFT),
                    help="fixed scheduler shift in upscaling stages (default 3), or 'dynamic' for the scheduler's own "
                         "(FLUX: resolution-dependent; SD3: its config's fixed shift)")
+    h.add_argument("--lowres_guidance", type=float, default=0.0,
+                   help="weight of low-resolution guidance in each upscaling stage: I-Max's projected flow "
+                        "(arXiv 2410.07536) keeps the low frequencies of the stage's input image, strongest at the "
+                        "first step; 0 (default) = off; e.g. 1 for large upscales (docs/mini.md)")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
                    help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
     m = p.add_argument_group("multi-GPU (launch with torchrun --nproc_per_node N; docs/parallel.md)")
@@ -132,7 +136,8 @@ def resolve_args(args):
         base_model=args.base if args.sizes else "clear", strength=args.strength, steps=args.steps,
         upscale_steps=args.upscale_steps, guidance=args.guidance, ntk_factor=args.ntk_factor,
         proportional=args.proportional, shift=args.shift, tiling=args.tiling,
-        max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels)
+        max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels,
+        lowres_guidance=args.lowres_guidance)
     args.family, args.ntk_factor = plan.info.family, plan.ntk_factor
     if args.parallel == "patch" and args.family.name != "flux":
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -105,6 +106,100 @@ def img2img_pipeline(pipe, scheduler=None, family: ModelFamily | None = None):
 
 
 # ------------------------------------------------------------------------------------------
+# Low-resolution guidance: I-Max's projected flow
+# ------------------------------------------------------------------------------------------
+
+
+def _current_sigma(scheduler) -> float:
+    """The noise level of the step the pipeline is at (flow-matching schedulers: ``sigmas``, ``step_index``,
+    ``begin_index``, as FLUX's and SD3's img2img pipelines set them)."""
+    index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+    return float(scheduler.sigmas[index])
+
+
+def _low_pass(grid: torch.Tensor, factor: float) -> torch.Tensor:
+    """What ``grid`` (``[B, C, h, w]``) keeps at ``factor`` times fewer cells a side: area-averaged down,
+    bilinearly up again."""
+    h, w = grid.shape[-2:]
+    small = torch.nn.functional.adaptive_avg_pool2d(grid, (max(1, round(h / factor)), max(1, round(w / factor))))
+    return torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+@contextlib.contextmanager
+def projected_flow(transformer, scheduler, weight: float, factor: float):
+    """Within the block, one SDEdit stage follows the low-resolution image it starts from: I-Max's projected
+    flow (Du et al., "I-Max: Maximize the Resolution Potential of Pre-trained Rectified Flow Transformers
+    with Projected Flow", arXiv 2410.07536). At every step the clean image the transformer's velocity
+    points to, ``x0 = x_t - sigma * v``, gets the low frequencies (``factor`` x fewer cells a side, the
+    stage's upscaling factor) of the stage's input latents instead of its own, by
+    ``weight * sigma / sigma_first`` (strongest at the first step, none at the last), and the velocity is
+    recomputed from it: ``v' = v - w(sigma) * (L(ref) - L(x0)) / sigma``.
+
+    The input latents are caught where the img2img pipeline noises them (``scheduler.scale_noise``), so
+    any family whose img2img pipeline does that works (FLUX's and SD3's): packed FLUX tokens are
+    matched to the ``[B, C, H, W]`` latents by pixel-unshuffling. ``weight`` 0: nothing changes."""
+    if not weight:
+        yield
+        return
+    state: dict = {}
+    scale_noise = scheduler.scale_noise
+
+    def catching_scale_noise(sample, timestep, noise=None):
+        state["reference"] = sample.detach()
+        return scale_noise(sample, timestep, noise)
+
+    def guide(module, args, kwargs, output):
+        ref = state.get("reference")
+        if ref is None:
+            return output
+        x_t = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        v = output[0] if isinstance(output, tuple) else output.sample
+        sigma = _current_sigma(scheduler)
+        state.setdefault("sigma_first", sigma)
+        if sigma <= 0:
+            return output
+        b, c, hh, ww = ref.shape
+        if x_t.dim() == 3:  # packed tokens [B, N, C * p * p] (FLUX): to a [B, C * p * p, H / p, W / p] grid
+            p = math.isqrt(x_t.shape[-1] // c)
+            h, w = hh // p, ww // p
+            if p * p * c != x_t.shape[-1] or h * w != x_t.shape[1]:
+                raise ValueError(f"low-resolution guidance: tokens {tuple(x_t.shape)} do not pack latents "
+                                 f"{tuple(ref.shape)}")
+            ref_grid = torch.nn.functional.pixel_unshuffle(ref, p)
+
+            def to_grid(x):
+                return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+            def from_grid(g):
+                return g.flatten(2).transpose(1, 2)
+        else:
+            ref_grid = ref
+
+            def to_grid(x):
+                return x
+
+            def from_grid(g):
+                return g
+        x0 = to_grid(x_t.float()) - sigma * to_grid(v.float())
+        ref_grid = ref_grid.to(x0).expand(x0.shape[0], *ref_grid.shape[1:])
+        w_sigma = weight * sigma / state["sigma_first"]
+        delta = _low_pass(ref_grid, factor) - _low_pass(x0, factor)
+        guided = (v.float() - from_grid(w_sigma * delta / sigma)).to(v.dtype)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    scheduler.scale_noise = catching_scale_noise
+    handle = transformer.register_forward_hook(guide, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        del scheduler.scale_noise  # the instance attribute: the class's method again
+
+
+# ------------------------------------------------------------------------------------------
 # SDEdit stages
 # ------------------------------------------------------------------------------------------
 
@@ -113,7 +208,8 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
             steps: int | None = None, guidance: float | None = None, seed: int = 0,
             ntk_factor: float | None = None, proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT,
             tiling: bool | None = None, max_sequence_length: int | None = None, warmup: bool = False,
-            max_pixels: int | None = DEFAULT_MAX_PIXELS, info: PipelineInfo | None = None) -> Result:
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, info: PipelineInfo | None = None,
+            lowres_guidance: float = 0.0) -> Result:
     """One SDEdit stage: resize ``image`` to ``height x width`` (Lanczos), encode it, noise it
     to ``strength`` and denoise at the new size with the family's img2img pipeline on ``pipe``'s
     components (original or CLEAR, as the pipeline is). ``steps`` is the full schedule;
@@ -123,7 +219,9 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
     above 2048x2048 pixels) apply to this call only; ``proportional``: ``True`` (the release's
     scale, see :class:`clear.ClearAttention`), ``"plain"`` or ``False``. ``warmup``: an untimed
     1-step call at the same size first. ``info``: the pipeline's
-    :func:`clear.inference.describe_pipeline` as it is now, when the caller has it."""
+    :func:`clear.inference.describe_pipeline` as it is now, when the caller has it.
+    ``lowres_guidance``: the weight of I-Max's projected flow toward the input image's low
+    frequencies (:func:`projected_flow`; 0, the default: off)."""
     check_sampling(steps, guidance)
     info = info or describe_pipeline(pipe)
     steps, guidance, max_sequence_length = info.sampling(steps, guidance, max_sequence_length)
@@ -132,22 +230,28 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
     check_sampling(steps, strength=strength)
     return run_upscale(pipe, info, image, prompt, height, width, steps=steps, guidance=guidance,
                        max_sequence_length=max_sequence_length, strength=strength, ntk_factor=ntk_factor,
-                       proportional=proportional, shift=shift, tiling=tiling, seed=seed, warmup=warmup)
+                       proportional=proportional, shift=shift, tiling=tiling, seed=seed, warmup=warmup,
+                       lowres_guidance=lowres_guidance)
 
 
 def run_upscale(pipe, info: PipelineInfo, image, prompt: str, height: int, width: int, *, steps: int,
                 guidance: float, max_sequence_length: int, strength: float, ntk_factor: float | None,
                 proportional: bool | str, shift: float | None, tiling: bool | None, seed: int = 0,
-                warmup: bool = False) -> Result:
+                warmup: bool = False, lowres_guidance: float = 0.0) -> Result:
     """:func:`upscale` with its settings already resolved and checked (by :func:`upscale` or
     :func:`clear.inference.plan_generation`): no defaults, no checks."""
     from PIL import Image
 
     tiling = height * width > VAE_TILING_PIXELS if tiling is None else tiling
-    scheduler = fixed_shift_scheduler(pipe.scheduler, shift) if shift is not None else None
+    if lowres_guidance < 0:
+        raise ValueError(f"lowres_guidance must be >= 0 (0: off), got {lowres_guidance}")
+    scheduler = fixed_shift_scheduler(pipe.scheduler, shift) if shift is not None else (
+        type(pipe.scheduler).from_config(pipe.scheduler.config) if lowres_guidance else None)
     img2img = img2img_pipeline(pipe, scheduler, info.family)
     resized = image.convert("RGB").resize((width, height), Image.LANCZOS)
-    with info.family.ntk_rope(clear_models(pipe), ntk_factor), proportional_attention(pipe, proportional), vae_tiling(pipe.vae, tiling):
+    factor = max(height / image.height, width / image.width)
+    with info.family.ntk_rope(clear_models(pipe), ntk_factor), proportional_attention(pipe, proportional), \
+            vae_tiling(pipe.vae, tiling), projected_flow(pipe.transformer, img2img.scheduler, lowres_guidance, factor):
         kwargs = dict(image=resized, prompt=prompt, height=height, width=width,
                       **info.family.guidance_kwargs(guidance), max_sequence_length=max_sequence_length)
         if warmup:
@@ -159,7 +263,7 @@ def run_upscale(pipe, info: PipelineInfo, image, prompt: str, height: int, width
         info, seconds, prompt=prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
         max_sequence_length=max_sequence_length, strength=strength, ntk_factor=ntk_factor,
         proportional_attention=proportional, shift="dynamic" if shift is None else shift, vae_tiling=tiling,
-        source_size=f"{image.height}x{image.width}"))
+        source_size=f"{image.height}x{image.width}", lowres_guidance=lowres_guidance))
 
 
 @dataclass
@@ -188,7 +292,7 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
                      proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
                      max_sequence_length: int | None = None, warmup: bool = False,
                      progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                     info: PipelineInfo | None = None) -> list[Stage]:
+                     info: PipelineInfo | None = None, lowres_guidance: float = 0.0) -> list[Stage]:
     """The paper's high-resolution recipe: a base image at ``base_size`` (HEIGHT, WIDTH), then
     one :func:`upscale` stage per entry of ``sizes`` (e.g. ``[(2048, 2048), (4096, 4096)]``,
     any aspect ratios). ``clear``: the CLEAR to put on the pipeline before the upscaling
@@ -197,9 +301,11 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
     checked before anything runs (and ``ntk_factor``: see :func:`upscale`), once
     (:func:`clear.inference.plan_generation`). ``warmup``: untimed 1-step calls before each
     timed one. ``info``: the pipeline's :func:`clear.inference.describe_pipeline`, when the
-    caller has it. Returns the stages, base first."""
+    caller has it. ``lowres_guidance``: I-Max's projected flow in every upscaling stage (see
+    :func:`upscale`; 0: off). Returns the stages, base first."""
     plan = plan_generation(info or pipe, base_size, sizes, clear, base_model, strength, steps, upscale_steps,
-                           guidance, ntk_factor, proportional, shift, tiling, max_sequence_length, max_pixels)
+                           guidance, ntk_factor, proportional, shift, tiling, max_sequence_length, max_pixels,
+                           lowres_guidance)
     return run_plan(pipe, prompt, plan, seed, warmup, base_image, progress)
 
 
@@ -235,7 +341,7 @@ def run_plan(pipe, prompt: str, plan: Plan, seed: int = 0, warmup: bool = False,
             res = run_upscale(pipe, info, image, prompt, h, w, steps=plan.upscale_steps, guidance=plan.guidance,
                               max_sequence_length=plan.max_sequence_length, strength=plan.strength,
                               ntk_factor=plan.ntk_factor, proportional=plan.proportional, shift=plan.shift,
-                              tiling=plan.tiling, seed=seed, warmup=warmup)
+                              tiling=plan.tiling, seed=seed, warmup=warmup, lowres_guidance=plan.lowres_guidance)
             stages.append(Stage("upscale", h, w, res, source=image))
             image = res.image
             bar.update()

@@ -234,6 +234,7 @@ class Plan:
     proportional: bool | str
     shift: float | None  # None: the scheduler's own
     tiling: bool | None  # None: VAE tiling above VAE_TILING_PIXELS
+    lowres_guidance: float = 0.0  # I-Max's projected flow in each upscaling stage (0: off)
 
     def with_clear(self, clear: ClearSpec | None) -> Plan:
         """This plan with ``clear`` instead of its own: ``None`` (the original model of a pipeline
@@ -252,7 +253,8 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
                     base_model: str = "original", strength: float = DEFAULT_STRENGTH, steps: int | None = None,
                     upscale_steps: int | None = None, guidance: float | None = None, ntk_factor: float | None = None,
                     proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
-                    max_sequence_length: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Plan:
+                    max_sequence_length: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    lowres_guidance: float = 0.0) -> Plan:
     """Check and resolve a generation (see :func:`clear.inference.generate_highres` for the
     arguments) for a :class:`PipelineInfo`, a pipeline or a Hub id / local directory (its
     configs only): first what needs no model (steps, guidance), then the model
@@ -277,8 +279,10 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
     upscale_steps = steps if upscale_steps is None else upscale_steps
     if sizes:
         check_sampling(upscale_steps=upscale_steps, strength=strength)
+    if not lowres_guidance >= 0:
+        raise ValueError(f"lowres_guidance must be >= 0 (0: off), got {lowres_guidance}")
     return Plan(info, tuple(base_size), sizes, clear, base_model, steps, upscale_steps, guidance, max_sequence_length,
-                strength, ntk_factor, proportional, shift, tiling)
+                strength, ntk_factor, proportional, shift, tiling, float(lowres_guidance))
 
 
 # ------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ from . import teacher as T
 logger = logging.getLogger("clear.mini")
 
 REPO = Path(__file__).resolve().parents[2]
-VELOCITY_BAR = 0.4  # the bar: distilled error <= 40% of zero-shot's at the training size
 
 
 @dataclass(frozen=True)
@@ -309,7 +308,7 @@ def run(s: Settings) -> dict:
     import clear.inference as inf
 
     from . import measure, report
-    from .scenes import chance_score
+    from .scenes import controls as score_controls
 
     check_teacher(s.model)
     t_start = time.perf_counter()
@@ -415,10 +414,10 @@ def run(s: Settings) -> dict:
                 following[(size_key, v.key)] = measure.prompt_following(folders[(size_key, v.key)], scenes)
                 if v is not teacher_v:
                     mse[(size_key, v.key)] = measure.image_mse(ref, folders[(size_key, v.key)])
-        chance = {str(size): chance_score(n=64, seed=s.seed + 1, size=size) for size in (s.size, s.large)}
+        controls = {str(size): score_controls(n=64, seed=s.seed + 1, size=size) for size in (s.size, s.large)}
 
     metrics = report.collect(s, variants, counts=counts, velocity=velocity, evaluations=evaluations,
-                             following=following, mse=mse, seconds=seconds, chance=chance, backend_times=backend_times,
+                             following=following, mse=mse, seconds=seconds, controls=controls, backend_times=backend_times,
                              commands=log.commands, step_seconds=log.seconds, teacher=teacher,
                              pixels_per_token=pixels_per_token,
                              machine=machine(), wall_seconds=time.perf_counter() - t_start)
