@@ -17,17 +17,28 @@ from . import Options
 
 # Logits materialised at once by the log-sum-exp path (heads are taken in chunks below it).
 MAX_LOGITS = 2**26
+# Masks up to this many elements also keep an additive float32 copy (0 / -inf), built once with the plan:
+# SDPA would otherwise turn the boolean mask into one on every call (a third of a small model's attention time).
+MAX_BIAS = 2**22
 
 
 @dataclass
 class Plan:
-    """A boolean mask ``[queries, keys]`` (``None`` when every query sees every key)."""
+    """A boolean mask ``[queries, keys]`` (``None`` when every query sees every key) and, for small masks, the
+    same as an additive float32 ``bias``."""
 
     layout: TokenLayout | BandLayout
     mask: torch.Tensor | None = None
     backend: str = "dense"
+    bias: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.mask is not None and self.bias is None and self.mask.numel() <= MAX_BIAS:
+            self.bias = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, float("-inf"))
 
     def attend(self, query, key, value, scale: float, return_lse: bool = False):
+        if not return_lse and self.bias is not None and self.bias.dtype == query.dtype:
+            return attend(query, key, value, scale, mask=self.bias)
         return attend(query, key, value, scale, return_lse=return_lse, mask=self.mask)
 
 
@@ -47,7 +58,8 @@ def band_plan(band: BandLayout, window: Window, device, options: Options = Optio
 def attend(query, key, value, scale: float, *, return_lse: bool = False, options: Options = Options(), mask=None,
            max_logits: int = MAX_LOGITS):
     """Softmax attention of ``query [B, Sq, H, D]`` on ``key/value [B, Sk, H, D]``, ``mask``
-    ``[Sq, Sk]`` bool (``None``: no mask). ``return_lse``: ``(out, lse)`` in float32."""
+    ``[Sq, Sk]`` bool, or an additive float mask without ``return_lse`` (``None``: no mask). ``return_lse``:
+    ``(out, lse)`` in float32."""
     if not return_lse:
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                              attn_mask=mask, scale=scale)
