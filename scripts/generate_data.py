@@ -22,7 +22,7 @@ its images exist, so a killed job resumes where it stopped: finished shards and 
 images are skipped. The settings are recorded in <output_dir>/.generation.json; resuming
 with different settings is refused.
 
-The work is clear.commands.generate_data (the loop: clear.generation.generate_dataset): each image is drawn with a CPU generator seeded
+The work is clear.commands.generate_data (the loop: clear.image_sets.generate_dataset): each image is drawn with a CPU generator seeded
 with its seed, so an image does not depend on the device, --batch_size or the rank count.
 """
 

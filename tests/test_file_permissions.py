@@ -21,7 +21,7 @@ import clear
 from clear import checkpointing, files
 from clear.data import write_feature_cache
 from clear.evaluation import EvalConfig, ModelImages, evaluate, write_report
-from clear.generation import Item, generate_dataset, generate_images
+from clear.image_sets import Item, generate_dataset, generate_images
 from clear.inference import save_png
 from clear.shards import Sample
 

@@ -1,5 +1,5 @@
 """What scripts/generate_data.py runs: the teacher generates its own training set
-(:func:`clear.generation.generate_dataset`, with the model's family, sizes and defaults checked first)."""
+(:func:`clear.image_sets.generate_dataset`, with the model's family, sizes and defaults checked first)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..devices import rank_device
 from ..families import resolve_family
-from ..generation import generate_dataset, read_training_prompts
+from ..image_sets import generate_dataset, read_training_prompts
 from ..shards import dist_env
 
 

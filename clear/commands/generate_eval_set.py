@@ -1,5 +1,5 @@
 """What scripts/generate_eval_set.py runs: one model's evaluation images, one PNG per prompt
-(:func:`clear.generation.generate_images`), after every check that needs no weights."""
+(:func:`clear.image_sets.generate_images`), after every check that needs no weights."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def run(prompts: str, out: str, num: int | None = None, sample_seed: int | None 
     # here, not at the top: scripts/generate_eval_set.py --help stays torch-free
     from .. import inference as inf
     from ..evaluation import load_prompts
-    from ..generation import generate_images
+    from ..image_sets import generate_images
 
     entries = load_prompts(prompts, num=num, sample_seed=sample_seed)
     try:

@@ -12,7 +12,7 @@ subset; every model generates one image per caption with the same seed; then
   and the condition re-extracted from the generated image.
 
 Images are paired across folders by file stem (``000000391895.png`` in every folder), as
-:func:`clear.generation.generate_images` writes them; :func:`load_prompts` reads COCO
+:func:`clear.image_sets.generate_images` writes them; :func:`load_prompts` reads COCO
 caption files, ``.txt`` and ``.jsonl`` prompt lists.
 """
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..devices import resolve_device
 from ..files import write_text
-from ..generation import MANIFEST
+from ..image_sets import MANIFEST
 from ..geometry import attention_flops
 from .metrics import (COLUMNS, METRIC_DEFINITIONS, METRIC_KEYS, EvalConfig, FeatureNets, Job, Unavailable, clip_job,
                       dino_job, fid_job, image_pair_job, inception_score_job, lpips_job, resolve_net, rmse_job)

@@ -50,7 +50,7 @@ import torch
 from clear.commands import cache, command_line, evaluate, generate_data, generate_eval_set
 from clear.data import LATENT_CODES, PROMPT_EMBEDS
 from clear.files import write_text
-from clear.generation import MANIFEST, Item, record_settings
+from clear.image_sets import MANIFEST, Item, record_settings
 
 from . import teacher as T
 

@@ -1,5 +1,5 @@
-"""The one resumable, sharded, manifest-checked generation loop: a pipeline draws one image per
-prompt, for the training set (:func:`generate_dataset`, webdataset tar shards) and for
+"""Image sets made by a model (not single images: those are :mod:`clear.inference`'s): the one resumable,
+sharded, manifest-checked generation loop, where a pipeline draws one image per prompt, for the training set (:func:`generate_dataset`, webdataset tar shards) and for
 evaluation sets (:func:`generate_images`, a folder of ``<key>.png``).
 
 The rules both follow:

@@ -1,4 +1,4 @@
-"""clear.generation: the one resumable, sharded, manifest-checked generation loop, for evaluation
+"""clear.image_sets: the one resumable, sharded, manifest-checked generation loop, for evaluation
 folders (generate_images) and the training set (generate_dataset); and scripts/generate_eval_set.py
 on an SD3 pipeline, through clear.inference's loading and pre-flight checks."""
 
@@ -17,7 +17,7 @@ from scripts_loader import load_script
 
 import clear
 from clear.evaluation import MANIFEST, Prompt
-from clear.generation import (DATA_MANIFEST, Item, generate_dataset, generate_images, read_training_prompts, run,
+from clear.image_sets import (DATA_MANIFEST, Item, generate_dataset, generate_images, read_training_prompts, run,
                               settings_diff, share)
 
 PROMPTS = [Prompt(f"{i:05d}", f"prompt number {i}") for i in range(7)]
