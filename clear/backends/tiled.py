@@ -171,7 +171,11 @@ def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window
             continue
         if own_mask:
             valid = torch.cat([k_valid.reshape(n_tiles, nb)[ids], glob[:1].expand(ids.numel(), -1)], 1)
-            mask = (shared[None] & valid[:, None, :])[:, None]
+            mask = shared[None] & valid[:, None, :]
+            # padding queries (outside the grid; their rows are dropped) see every valid key, so that no row is
+            # all -inf (a NaN there would reach the gradient of the real token their position repeats)
+            padding = ~q_valid.reshape(n_tiles, tq)[ids]
+            mask = torch.where(padding[:, :, None], valid[:, None, :], mask)[:, None]
         else:
             mask = shared[None, None]
         bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
