@@ -24,6 +24,24 @@ from ..processors import ClearProcessorBase
 from .base import ModelFamily, ModelSpec
 
 
+def joint_heads(attn, qkv, enc_qkv, image_rotary_emb):
+    """FLUX's (and FLUX.2's) step after the projections: heads, q/k norms, the text stream's q/k/v first
+    (double-stream blocks), RoPE; ``[B, S, heads, D]`` each, as diffusers' processors hold them."""
+    from diffusers.models.embeddings import apply_rotary_emb  # here: the registry imports no diffusers model
+
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv)
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if attn.added_kv_proj_dim is not None:
+        enc_q, enc_k, enc_v = (x.unflatten(-1, (-1, attn.head_dim)) for x in enc_qkv)
+        query = torch.cat([attn.norm_added_q(enc_q), query], dim=1)
+        key = torch.cat([attn.norm_added_k(enc_k), key], dim=1)
+        value = torch.cat([enc_v, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
 class FluxClearAttnProcessor(ClearProcessorBase):
     """CLEAR for ``FluxAttention`` (FLUX.1 transformer and ControlNet), double-stream
     blocks (separate text stream) and single-stream blocks (``[text | image]`` concatenated)."""
@@ -31,20 +49,10 @@ class FluxClearAttnProcessor(ClearProcessorBase):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
         # here: the registry imports no diffusers model
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(enc_q.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(enc_k.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-            value = torch.cat([enc_v.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = joint_heads(attn, (query, key, value), (enc_q, enc_k, enc_v), image_rotary_emb)
 
         layout, plan = self._layout_and_plan(attention_mask, query.shape[1], text_first=True)
         text_len = layout.text_len

@@ -28,7 +28,7 @@ import torch
 from ..geometry import grid_from_ids
 from ..processors import Arrangement, ClearProcessorBase, attend_arranged
 from .base import ModelFamily, ModelSpec
-from .flux import NTKFluxPosEmbed
+from .flux import NTKFluxPosEmbed, joint_heads
 
 
 class Flux2ClearAttnProcessor(ClearProcessorBase):
@@ -43,22 +43,12 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
 
     def _double(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         # here: the registry imports no diffusers model
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
         if attention_mask is not None:
             raise ValueError("CLEAR defines its own attention pattern; an explicit attention_mask is not supported")
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(enc_q.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(enc_k.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-            value = torch.cat([enc_v.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = joint_heads(attn, (query, key, value), (enc_q, enc_k, enc_v), image_rotary_emb)
 
         out = attend_arranged(self, query, key, value).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
