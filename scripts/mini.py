@@ -66,8 +66,13 @@ def parse_teacher_args(argv=None) -> teacher.TeacherConfig:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads (0: torch's default). 1 is fastest on a shared 2-core machine: "
                         "with 2 threads each waits for the other whenever a core is taken")
+    p.add_argument("--init-from", default=None,
+                   help="continue from this teacher pipeline folder (its VAE, text encoders and transformer)")
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="keep the EMA weights at the first checkpoint past every N steps (0: never)")
     args = p.parse_args(argv)
-    return teacher.TeacherConfig(**dict(vars(args), out=Path(args.out), work_dir=Path(args.work_dir)))
+    return teacher.TeacherConfig(**dict(vars(args), out=Path(args.out), work_dir=Path(args.work_dir),
+                                        init_from=Path(args.init_from) if args.init_from else None))
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -67,6 +67,8 @@ class TeacherConfig:
     eval_scenes: int = 32
     early_out_step: int = 0  # also save the EMA pipeline to ``out`` at the first checkpoint after it (0: never)
     threads: int = 1  # torch threads (0: torch's default); 1 is fastest on a shared 2-core machine
+    init_from: Path | None = None  # continue from this teacher pipeline folder (its VAE and text encoders kept)
+    snapshot_every: int = 0  # keep the EMA weights of the first checkpoint past every N steps (0: never)
 
     def __post_init__(self):
         if self.timesteps not in TIMESTEPS:
@@ -406,6 +408,45 @@ def save_grid(images, path: Path, cols: int = 8) -> None:
 # All stages
 # ------------------------------------------------------------------------------------------
 
+def load_init(pipe, folder: Path):
+    """``pipe`` with the VAE, text encoders and transformer weights of the teacher pipeline in ``folder``
+    (a continued run: ``TeacherConfig.init_from``)."""
+    from diffusers import FluxPipeline
+
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"--init-from {folder}: no model_index.json there; pass a teacher pipeline folder "
+                                "(for example ckpt/mini)")
+    init = FluxPipeline.from_pretrained(folder)
+    for m in (init.vae, init.text_encoder, init.text_encoder_2, init.transformer):
+        m.eval()
+    return init
+
+
+@torch.no_grad()
+def set_latent_stats_unchanged(vae, seed: int, n: int = 64) -> dict:
+    """Reconstruction PSNR of an already trained VAE (its scaling and shift factors kept) on held-out scenes."""
+    held = S.held_out_scenes(n, seed=seed)
+    x = images_tensor([S.render(s, SIZE) for s in held])
+    return {"psnr_64": psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x),
+            "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
+
+
+def save_snapshot(work: Path, step: int, ema, every: int) -> None:
+    """The EMA transformer weights at the first checkpoint past each multiple of ``every`` steps, as
+    ``work/snapshots/ema_<step>.safetensors`` (for the curve of held-out scores against steps)."""
+    from safetensors.torch import save_file
+
+    from clear.files import atomic_path
+
+    snaps = Path(work) / "snapshots"
+    snaps.mkdir(exist_ok=True)
+    done = {int(p.stem.split("_")[1]) // every for p in snaps.glob("ema_*.safetensors")}
+    if step // every in done or step < every:
+        return
+    with atomic_path(snaps / f"ema_{step}.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp))
+
+
 def train(c: TeacherConfig, command: str = "") -> dict:
     """All stages; returns the metrics written to ``<out>/metrics.json`` (``command``: the command line
     that ran them, recorded there)."""
@@ -421,7 +462,11 @@ def train(c: TeacherConfig, command: str = "") -> dict:
                      "transformer_config": {k: v for k, v in pipe.transformer.config.items()
                                             if not k.startswith("_")}}
     vae_path = work / "vae"
-    if (vae_path / "config.json").exists():
+    if c.init_from is not None:
+        pipe = load_init(pipe, Path(c.init_from))
+        metrics["init_from"] = str(c.init_from)
+        metrics["vae"] = set_latent_stats_unchanged(pipe.vae, c.seed)
+    elif (vae_path / "config.json").exists():
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_path).eval()
@@ -441,6 +486,8 @@ def train(c: TeacherConfig, command: str = "") -> dict:
     metrics["vae_s"] = time.time() - t0
 
     def on_checkpoint(step, ema):
+        if c.snapshot_every:
+            save_snapshot(work, step, ema, c.snapshot_every)
         if c.early_out_step and step >= c.early_out_step and not (work / "early_saved").exists():
             import copy
 
