@@ -137,14 +137,18 @@ def projected_flow(transformer, scheduler, weight: float, factor: float):
 
     The input latents are caught where the img2img pipeline noises them (``scheduler.scale_noise``), so
     any family whose img2img pipeline does that works (FLUX's and SD3's): packed FLUX tokens are
-    matched to the ``[B, C, H, W]`` latents by pixel-unshuffling. ``weight`` 0: nothing changes."""
+    matched to the ``[B, C, H, W]`` latents by pixel-unshuffling. Each pipeline call in the block noises
+    its own input once, before its first step: that starts the call's own state (its reference and its
+    ``sigma_first``), so a warm-up call in the same block (:func:`run_upscale`'s) leaves the next call's
+    guidance as it would be alone. ``weight`` 0: nothing changes."""
     if not weight:
         yield
         return
-    state: dict = {}
+    state: dict = {}  # the current pipeline call's: "reference", then "sigma_first" at its first step
     scale_noise = scheduler.scale_noise
 
     def catching_scale_noise(sample, timestep, noise=None):
+        state.clear()  # a new call: nothing of the previous call's carries over
         state["reference"] = sample.detach()
         return scale_noise(sample, timestep, noise)
 
