@@ -86,7 +86,8 @@ def test_run_without_a_teacher_names_the_fix(tmp_path):
 
 
 @pytest.mark.parametrize("argv, options", [([], ["--quick", "--distill_steps", "--max_sequence_length"]),
-                                           (["train-teacher"], ["--work-dir", "--early-out-step", "--vae-lr"])])
+                                           (["train-teacher"], ["--work-dir", "--early-out-step", "--vae-lr"]),
+                                           (["teacher-curve"], ["--work-dir", "--n", "--model"])])
 def test_help_answers(argv, options):
     proc = subprocess.run([sys.executable, str(SCRIPTS / "mini.py"), *argv, "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)

@@ -253,3 +253,52 @@ def test_teacher_training_resumes_exactly(tmp_path):
     assert not all(torch.equal(straight[k], init[k]) for k in init)
     logged = [json.loads(line)["step"] for line in open(tmp_path / "a" / "transformer_log.jsonl")]
     assert logged == [0, 3]
+
+
+def test_teacher_curve_scores_every_snapshot_and_resumes(tmp_path, shipped, monkeypatch):
+    """``python scripts/mini.py teacher-curve``: each EMA snapshot (here the shipped transformer's weights, as
+    save_snapshot writes them) is loaded into the pipeline, scored on held-out scenes, and appended to
+    curve.jsonl; a rerun scores only the snapshots without a row; a snapshot of another model names the fix."""
+    from safetensors.torch import save_file
+
+    from clear.mini import teacher as T
+    from scripts_loader import load_script
+
+    weights = {k: v.contiguous() for k, v in shipped.transformer.state_dict().items()}
+    snaps = tmp_path / "run" / "snapshots"
+    snaps.mkdir(parents=True)
+    save_file(weights, str(snaps / "ema_250.safetensors"))
+    calls = []
+    real = T.generate
+
+    def counting(pipe, scene_list, **kw):
+        calls.append(len(scene_list))
+        return real(pipe, scene_list, **kw)
+
+    monkeypatch.setattr(T, "generate", counting)
+    cli = load_script("mini")
+    rows = cli.main(["teacher-curve", "--work-dir", str(tmp_path / "run"), "--n", "4", "--seed", "2"])
+    held = S.held_out_scenes(4, seed=2)
+    direct = S.score_images(real(shipped, held, seed=2), held)
+    assert [r["step"] for r in rows] == [250] and calls == [4]
+    assert {k: rows[0][k] for k in ("n", "seed", "size", "kind_accuracy", "placement", "background", "shapes")} == \
+        {"n": 4, "seed": 2, "size": 64, **{k: direct[k] for k in ("kind_accuracy", "placement", "background", "shapes")}}
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
+    # resumed: the scored step is skipped, a new snapshot is scored and appended
+    save_file(weights, str(snaps / "ema_500.safetensors"))
+    rows = T.evaluate_snapshots(tmp_path / "run", n=4, seed=2, progress=False)
+    assert [r["step"] for r in rows] == [250, 500] and calls == [4, 4]
+    assert {k: v for k, v in rows[1].items() if k not in ("step", "seconds")} == \
+        {k: v for k, v in rows[0].items() if k not in ("step", "seconds")}
+    lines = [json.loads(x) for x in (tmp_path / "run" / T.CURVE).read_text().splitlines()]
+    assert [r["step"] for r in lines] == [250, 500]
+    assert [r["step"] for r in T.evaluate_snapshots(tmp_path / "run", n=4, seed=2, progress=False)] == [250, 500]
+    assert calls == [4, 4] and len((tmp_path / "run" / T.CURVE).read_text().splitlines()) == 2
+    # another n is another curve, kept in the same file
+    assert [r["n"] for r in T.evaluate_snapshots(tmp_path / "run", n=2, seed=2, progress=False)] == [2, 2]
+    # a snapshot of another model and an empty work dir say what to do
+    save_file({"x": weights[next(iter(weights))][:1]}, str(snaps / "ema_750.safetensors"))
+    with pytest.raises(ValueError, match="does not fit the transformer.*--model"):
+        T.evaluate_snapshots(tmp_path / "run", n=2, seed=2, progress=False)
+    with pytest.raises(FileNotFoundError, match="--snapshot-every"):
+        T.evaluate_snapshots(tmp_path / "empty", n=2)

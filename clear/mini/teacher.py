@@ -370,6 +370,105 @@ def evaluate(pipe, n: int = 32, seed: int = 0, size: int = SIZE) -> dict:
             "chance": S.chance_score(n=256, seed=seed + 1, size=size), "images": images, "scenes": held}
 
 
+CURVE = "curve.jsonl"  # the held-out score of each EMA snapshot: one JSON row per step, under the work dir
+CURVE_PLOT = "curve.png"
+
+
+def snapshot_steps(work: Path) -> dict[int, Path]:
+    """``{step: path}`` of the EMA snapshots :func:`save_snapshot` kept under ``work/snapshots``."""
+    snaps = Path(work) / "snapshots"
+    return dict(sorted((int(p.stem.split("_")[1]), p) for p in snaps.glob("ema_*.safetensors")))
+
+
+def evaluate_snapshots(work: Path, n: int = 200, seed: int = 0, model: Path = MINI_DIR, size: int = SIZE,
+                       batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """The curve of the held-out score against training steps: each EMA snapshot of ``work/snapshots``
+    (:func:`save_snapshot`) loaded into the teacher pipeline ``model`` (its transformer must have the run's
+    config: the pipeline the run continued from, or one it saved), ``n`` held-out scenes (seed ``seed``)
+    generated at ``size`` px (:func:`generate`) and scored (:func:`clear.mini.scenes.score_images`).
+
+    Each snapshot appends one row ``{"step", "n", "seed", "size", "kind_accuracy", "placement", "background",
+    "shapes", "seconds"}`` to ``work/curve.jsonl`` as soon as it is scored; a rerun skips the steps whose row
+    (same ``n``, ``seed`` and ``size``) is there, so an interrupted curve resumes. Writes ``work/curve.png``
+    (kind accuracy and placement against step, the kind accuracy of other scenes' rendered images as
+    chance). Returns every row of this ``n``, ``seed`` and ``size``, by step."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    work, model = Path(work), Path(model)
+    snaps = snapshot_steps(work)
+    if not snaps:
+        raise FileNotFoundError(f"no EMA snapshots under {work / 'snapshots'}: train with --snapshot-every N "
+                                "(python scripts/mini.py train-teacher --work-dir ... --snapshot-every 250)")
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} holds no teacher pipeline (model_index.json): pass --model the pipeline "
+                                "the run continued from (its --init-from) or the one it saved (its --out)")
+    key = {"n": n, "seed": seed, "size": size}
+    path = work / CURVE
+    done = {r["step"]: r for r in _read_rows(path) if all(r.get(k) == v for k, v in key.items())}
+    todo = [step for step in snaps if step not in done]
+    if todo:
+        pipe = FluxPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+        held = S.held_out_scenes(n, seed=seed)
+        for step in todo:
+            t0 = time.time()
+            try:
+                pipe.transformer.load_state_dict(load_file(snaps[step]))
+            except RuntimeError as e:
+                why = " ".join(str(e).split())[:200]
+                raise ValueError(f"{snaps[step]} does not fit the transformer of {model} ({why}...): pass --model "
+                                 "the pipeline this run trained (its --init-from or --out)") from e
+            images = generate(pipe, held, seed=seed, size=size, batch_size=batch_size)
+            scored = S.score_images(images, held)
+            row = {"step": step, **key, **{k: scored[k] for k in ("kind_accuracy", "placement", "background",
+                                                                  "shapes")},
+                   "seconds": round(time.time() - t0, 1)}
+            _log(path, **row)
+            done[step] = row
+            if progress:
+                print(f"[curve] step {step}: kind accuracy {row['kind_accuracy']:.3f}, placement "
+                      f"{row['placement']:.3f} ({row['seconds']:.0f}s)", flush=True)
+    rows = [done[k] for k in sorted(done)]
+    plot_score_curve(rows, work / CURVE_PLOT, chance=S.chance_score(n=256, seed=seed + 1, size=size))
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_score_curve(rows: list[dict], path: Path, chance: float | None = None) -> None:
+    """``curve.png``: kind accuracy and placement on held-out scenes against training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clear.files import atomic_path
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, [r["kind_accuracy"] for r in rows], "o-", label="kind accuracy")
+    ax.plot(steps, [r["placement"] for r in rows], "s-", label="placement")
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls=":", label="kind accuracy, another scene's image")
+    ax.axhline(1 / 3, color="gray", ls="--", lw=0.8, label="one kind everywhere (~1/3)")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out score")
+    n = rows[0]["n"] if rows else 0
+    ax.set_title(f"mini teacher: EMA snapshots, {n} held-out scenes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def plot_curve(work: Path, path: Path) -> None:
     import matplotlib
 
