@@ -135,11 +135,13 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
     p.add_argument("--lowres_guidance", type=float, default=None,
                    help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
     p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")
+    p.add_argument("--vae_tiling_latents", type=int, default=None,
+                   help=f"diffusers' VAE tiling from this many latent cells (0: always), default {d.vae_tiling_latents}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     fields = ("sizes", "strength", "upscale_steps", "prompts", "proportional", "ntk_factor", "shift",
-              "lowres_guidance", "backend", "seed", "threads")
+              "lowres_guidance", "backend", "vae_tiling_latents", "seed", "threads")
     s = highres.make_settings(quick=args.quick, model=args.model, out=args.out,
                               **{k: getattr(args, k) for k in fields})
     return s, args.tune
@@ -159,7 +161,8 @@ def run_highres(argv) -> dict:
 def highres_summary(metrics: dict) -> str:
     from clear.mini import highres_report
 
-    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), ""]
+    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), "",
+             *highres_report.time_split_table(metrics), ""]
     lines += [f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()]
     return "\n".join(lines)
 

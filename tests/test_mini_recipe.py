@@ -275,6 +275,8 @@ def test_highres_report_shows_kind_accuracy_and_the_bars():
 
     def stage(kind, seconds, ms_ssim=None, psnr=None):
         return {"kind_accuracy": kind, "placement": kind - 0.05, "background": 1.0, "seconds": seconds,
+                "text_seconds": 0.01, "denoise_seconds": seconds - 0.31, "vae_encode_seconds": 0.1,
+                "vae_decode_seconds": 0.2, "vae_tiling": seconds >= 10,
                 "forward_seconds": seconds / 4, "forwards": 4, "attention_gflops": 0.1, "peak_rss_mb": 100.0,
                 "ms_ssim": ms_ssim, "psnr": psnr, "ssim": None if psnr is None else 0.9}
 
@@ -300,6 +302,8 @@ def test_highres_report_shows_kind_accuracy_and_the_bars():
            "0.780 | 0.730 |" in text
     assert "PASS: 192 px: kind accuracy of distilled below the teacher's by: 0.020 (bar ≤ 0.05)" in text
     assert "Controls of the score (8 held-out scenes at 192 px" in text
+    assert "| 192 px text s | denoise s | VAE encode s | VAE decode s (tiled) |" in text
+    assert "| teacher (full attention) | 0.010 | 4.69 | 0.100 | 0.200 | 0.010 | 9.69 | 0.100 | 0.200 (tiled) |" in text
     tables["distilled"]["stages"]["192"].update(kind_accuracy=0.7, seconds=2.0)
     worse = highres_report.bars(tables, "192")
     assert not worse["kind_accuracy"]["pass"] and not worse["speed"]["pass"]
@@ -371,6 +375,8 @@ def test_highres_settings(cli):
     assert full == highres.make_settings() and not tune and full.sizes == (128, 256, 512) and full.backend == "auto"
     quick, tune = cli.parse_highres_args(["--quick", "--tune", "--strength", "0.3,0.5", "--out", "x"])
     assert tune and quick.quick and quick.sizes == highres.QUICK["sizes"] and quick.strength == (0.3, 0.5)
+    assert full.vae_tiling_latents == clear.inference.VAE_TILING_LATENTS  # the 512 px stage: 256² latents, tiled
+    assert cli.parse_highres_args(["--vae_tiling_latents", "0"])[0].vae_tiling_latents == 0
     assert quick.dir == Path("x/highres") and quick.recipe_settings().work == Path("x/work")
     assert quick.recipe_settings() == recipe.make_settings(quick=True, out="x")
     with pytest.raises(ValueError, match="one value per stage"):
@@ -411,6 +417,31 @@ def test_highres_measurements(tiny_dir):
     assert full == pytest.approx(4 * (16 * 16 + 7) ** 2 * cfg.num_attention_heads * cfg.attention_head_dim
                                  * (cfg.num_layers + cfg.num_single_layers) / 1e9)
     assert highres.attention_gflops(cfg, 256, 16, 7, 2) < full
+
+
+def test_highres_time_split(tiny_dir):
+    """PhaseTimer splits an upscaling call's seconds into the text encoders, the VAE's encode and decode, and
+    the rest (denoising); each part is measured (the VAE decodes once, the encoders run once each), and the
+    pipeline is as it was afterwards."""
+    import clear.inference as inf
+    from clear.mini import highres
+
+    pipe = inf.load_pipeline(tiny_dir, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    real = type(pipe.vae).decode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(pipe.vae), "decode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+        phases = highres.PhaseTimer(pipe)
+        res = inf.upscale(pipe, Image.new("RGB", (32, 32), "red"), "a cat", 64, 64, strength=0.5, steps=4,
+                          max_sequence_length=8, ntk_factor=1)
+        split = phases.take(res.seconds)
+        phases.close()
+    assert set(split) == set(highres.PHASES) and all(v > 0 for v in split.values()) and calls == [1]
+    assert sum(split.values()) == pytest.approx(res.seconds)
+    assert phases.take(1.0) == {"text": 0.0, "denoise": 1.0, "vae_encode": 0.0, "vae_decode": 0.0}
+    assert "decode" not in vars(pipe.vae) and "encode" not in vars(pipe.vae)
+    assert not pipe.text_encoder._forward_hooks and not pipe.text_encoder_2._forward_pre_hooks
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clear.defaults import VAE_TILING_LATENTS
 from clear.files import write_text
 
 from . import scenes as S
@@ -68,6 +69,7 @@ class HighresSettings:
     ntk_factor: float = 1.0  # NTK-scaled RoPE factor (1: the model's own RoPE)
     shift: float | None = 1.0  # a fixed scheduler shift (None: the scheduler's dynamic shift); 1: no shift
     lowres_guidance: float = 0.0  # I-Max's projected flow toward each stage's input (clear.inference.upscale)
+    vae_tiling_latents: int = VAE_TILING_LATENTS  # diffusers' VAE tiling from this many latent cells (0: always)
     radius: int = 4
     down_factor: int = 2
     backend: str = "auto"  # CLEAR's attention backend (clear.backends.choices())
@@ -115,6 +117,55 @@ def make_settings(*, quick: bool = False, model: str | None = None, out=HighresS
 # ------------------------------------------------------------------------------------------
 # Measuring: forwards, memory
 # ------------------------------------------------------------------------------------------
+
+PHASES = ("text", "denoise", "vae_encode", "vae_decode")  # the parts of one image's time (PhaseTimer)
+
+
+class PhaseTimer:
+    """Where a pipeline call's time goes: the text encoders (forward hooks on ``text_encoder``,
+    ``text_encoder_2``, ``text_encoder_3``, those the pipeline has), the VAE's ``encode`` and ``decode``
+    (wrapped on the VAE instance, which the img2img pipeline shares), and the rest (:meth:`take`: the call's
+    seconds less those; the transformer's forwards and the scheduler)."""
+
+    def __init__(self, pipe):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._handles, self._wrapped = [], []
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                start = {}
+                self._handles += [
+                    module.register_forward_pre_hook(lambda *_, t=start: t.update(t0=time.perf_counter())),
+                    module.register_forward_hook(lambda *_, t=start: self._add("text", t["t0"]))]
+        self.vae = pipe.vae
+        for phase, method in (("vae_encode", "encode"), ("vae_decode", "decode")):
+            setattr(self.vae, method, self._timed(getattr(self.vae, method), phase))
+            self._wrapped.append(method)
+
+    def _add(self, phase: str, t0: float) -> None:
+        self.seconds[phase] += time.perf_counter() - t0
+
+    def _timed(self, fn, phase: str):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(phase, t0)
+        return timed
+
+    def take(self, total: float) -> dict:
+        """``{phase: seconds}`` since the last take; ``denoise``: ``total`` (the call's seconds) less the others."""
+        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        out["denoise"] = total - sum(v for k, v in out.items() if k != "denoise")
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for method in self._wrapped:
+            delattr(self.vae, method)  # the instance attribute: the class's method again
+
 
 class ForwardTimer:
     """Wall time of every forward of ``module`` (hooks; :meth:`take` returns and clears them)."""
@@ -270,7 +321,8 @@ def student_weights(s: HighresSettings) -> dict:
 
 def cascade_settings(s: HighresSettings, stage: int) -> dict:
     return dict(strength=s.strength[stage], steps=s.upscale_steps[stage], ntk_factor=s.ntk_factor,
-                proportional=s.proportional, shift=s.shift, lowres_guidance=s.lowres_guidance)
+                proportional=s.proportional, shift=s.shift, lowres_guidance=s.lowres_guidance, tiling=None,
+                tiling_latents=s.vae_tiling_latents)
 
 
 def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Path, seeds: list[int],
@@ -284,7 +336,7 @@ def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Pat
 
     from .measure import _forward_inputs
 
-    timer = ForwardTimer(pipe.transformer)
+    timer, phases = ForwardTimer(pipe.transformer), PhaseTimer(pipe)
     images = {BASE: dict(bases)}
     stats = {}
     try:
@@ -292,23 +344,26 @@ def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Pat
             with torch.no_grad():
                 pipe.transformer(**_forward_inputs(pipe.transformer, size, pixels_per_token, T.MAX_SEQUENCE_LENGTH))
             timer.take()
-            seconds, forwards = [], []
+            seconds, forwards, split = [], [], []
             images[size] = {}
             prev = s.sizes[i - 1] if i else BASE
             with peak_rss() as mem:
                 for j, sc in enumerate(tqdm(scenes, desc=f"{folder.name} {size}px", unit="img", disable=not progress)):
                     key = f"h{j:04d}"
                     res = inf.upscale(pipe, images[prev][key], S.caption(sc), size, size, seed=seeds[j],
-                                      tiling=False, max_sequence_length=T.MAX_SEQUENCE_LENGTH,
-                                      **cascade_settings(s, i))
+                                      max_sequence_length=T.MAX_SEQUENCE_LENGTH, **cascade_settings(s, i))
                     inf.save_png(res.image, folder / str(size) / f"{key}.png", res.settings)
                     images[size][key] = res.image
                     seconds.append(res.seconds)
                     forwards += timer.take()
+                    split.append(phases.take(res.seconds))
             stats[size] = {"seconds": float(np.mean(seconds)), "forward_seconds": float(np.median(forwards)),
-                           "forwards": len(forwards) / len(scenes), "peak_rss_mb": mem["peak"] / 2**20}
+                           "forwards": len(forwards) / len(scenes), "peak_rss_mb": mem["peak"] / 2**20,
+                           **{f"{p}_seconds": float(np.mean([t[p] for t in split])) for p in PHASES},
+                           "vae_tiling": bool(res.settings["vae_tiling"])}
     finally:
         timer.close()
+        phases.close()
     return {"stats": stats, "images": images}
 
 

@@ -113,6 +113,24 @@ def table7(metrics: dict) -> list[str]:
     return lines
 
 
+def time_split_table(metrics: dict) -> list[str]:
+    """Per stage: one image's seconds in the text encoders, in denoising (the transformer's forwards and the
+    scheduler: the rest of the call), in the VAE's encode and decode, and whether the VAE was tiled."""
+    sizes = [str(x) for x in metrics["settings"]["sizes"]]
+    lines = ["| variant | " + " | ".join(f"{x} px text s | denoise s | VAE encode s | VAE decode s (tiled)"
+                                         for x in sizes) + " |",
+             "|---|" + "---:|" * (4 * len(sizes))]
+    for v in metrics["variants"].values():
+        cells = []
+        for x in sizes:
+            st = v["stages"][x]
+            tiled = {True: " (tiled)", False: ""}.get(st.get("vae_tiling"), "")
+            cells += [_fmt(st.get("text_seconds"), 3), _fmt(st.get("denoise_seconds"), 2),
+                      _fmt(st.get("vae_encode_seconds"), 3), _fmt(st.get("vae_decode_seconds"), 3) + tiled]
+        lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def speed_table(metrics: dict) -> list[str]:
     sp = metrics["speed"]
     sizes = list(sp["teacher"])
@@ -158,6 +176,10 @@ def markdown(metrics: dict) -> str:
               "## Time per image and per forward (as the paper's Table 7)", "", *table7(metrics), "",
               "(×): the teacher's seconds per image / this variant's. Peak RSS: the process's resident memory "
               "during the stage.", "",
+              "## Where one image's time goes", "", *time_split_table(metrics), "",
+              "Text: the text encoders; VAE: diffusers' `AutoencoderKL.encode` (the stage's input) and `decode`, "
+              f"tiled (`vae.enable_tiling()`) from {s.get('vae_tiling_latents', '?')} latent cells; denoise: the "
+              "rest of the pipeline call (the transformer's forwards, the scheduler).", "",
               "## Seconds per transformer forward (batch 1)", "", *speed_table(metrics), "",
               f"![speed](speed.png)  ![grid](grid_{top}.png)", "",
               "## Step times (seconds)", "", "```", json.dumps(metrics["step_seconds"], indent=1), "```", ""]
