@@ -249,12 +249,13 @@ def score_parts(image: Image.Image, scene: Scene) -> dict:
             "background": background, "shapes": shapes}
 
 
-def score(image: Image.Image, scene: Scene) -> float:
-    """Kind accuracy of ``image`` for ``scene``'s caption, in [0, 1]: the fraction of the named shapes drawn
-    as the named kind, in the named colour, in the named place (see :func:`score_parts`, which also gives
-    placement and background). The rendered scene scores 1 (controls: >= 0.95 over held-out scenes); its
-    blank background 0; the image flooded with a named colour at most 0.15; shapes of one kind drawn at every
-    named place whatever the caption's kinds about 1/3 (chance); every shape as another kind about 0."""
+def score(image: Image.Image, scene: Scene) -> float | None:
+    """Kind accuracy of ``image`` for ``scene``'s caption, in [0, 1] (``None`` when it names no shape): the
+    fraction of the named shapes drawn as the named kind, in the named colour, in the named place (see
+    :func:`score_parts`, which also gives placement and background). The rendered scene scores 1 (controls:
+    >= 0.95 over held-out scenes); its blank background 0; the image flooded with a named colour at most
+    0.15; shapes of one kind drawn at every named place whatever the caption's kinds about 1/3 (chance);
+    every shape as another kind about 0."""
     return score_parts(image, scene)["kind_accuracy"]
 
 

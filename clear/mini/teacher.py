@@ -612,8 +612,10 @@ def train(c: TeacherConfig, command: str = "") -> dict:
     save_grid(ev.pop("images"), out / "samples.png")
     ev["captions"] = [S.caption(s) for s in ev.pop("scenes")[:8]]
     metrics["eval"] = ev
+    metrics["score_controls"] = S.controls(n=200, seed=1, size=SIZE)
     metrics["total_s_this_run"] = time.time() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[eval] held-out kind accuracy {ev['kind_accuracy']:.3f} (chance {ev['chance']:.3f}), placement "
           f"{ev['placement']:.3f}, background {ev['background']:.3f}", flush=True)
+    print(f"[eval] {S.controls_text(metrics['score_controls'])}", flush=True)
     return metrics
