@@ -1,23 +1,40 @@
 """The ``tiled`` backend: query tiles, each with its gathered key window, in one batched SDPA.
 
-Every image query of a ``tile_h x tile_w`` tile sees the same small neighbourhood of keys: the
-tile grown by the window's reach (``halo`` rows and columns on each side), plus the text keys
-and the pooled keys. A plan lists, once per layout, the query positions of every tile, the key
-positions of its window (``[window box | text | pooled]``) and the boolean mask inside it (the
-circle, and the box's cells outside the grid hidden); a call gathers queries and keys with one
-``index_select`` each, runs ONE ``scaled_dot_product_attention`` over ``[B * tiles, heads,
-tile, window]``, and gathers the output back to natural order. Text queries see every text and
-image key (never pooled ones): one unmasked SDPA. The work per image query is the window box
-(``(tile_h + 2 halo) (tile_w + 2 halo) + text + pooled`` keys) instead of the whole sequence;
-the backward is SDPA's and ``index_select``'s, so it trains on every device. With
-``return_lse`` the tiles' logits are computed explicitly in float32 (they are small).
+Every image query of a ``tile_h x tile_w`` tile sees the same small neighbourhood of image keys:
+the tile grown by the window's reach (``halo`` rows and columns on each side). A plan lists, once
+per layout, the query positions of every tile, the key positions of its window box and the
+boolean mask inside it (the circle, and the box's cells outside the grid hidden); a call gathers
+queries and keys with one ``index_select`` each, runs ONE ``scaled_dot_product_attention`` over
+``[tiles, B * heads, tile, window]``, and gathers the output back to natural order. Text queries
+see every text and image key (never pooled ones): one unmasked SDPA. The backward is SDPA's and
+``index_select``'s, so it trains on every device.
+
+The keys every image query sees besides its window, the text keys and the pooled keys (the
+*shared* keys), are handled in one of two ways (:func:`split_for`):
+
+* few of them (under :data:`SPLIT_FROM`): gathered into every tile's window, ``[box | text |
+  pooled]``, so one SDPA covers all of a query's keys;
+* many: attended once, all image queries against the shared keys in one call, and merged with
+  the windows' softmax exactly: with ``lse`` the log-sum-exp of each part's scaled logits,
+  ``out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2)``. One part, the one with fewer keys per
+  query, gets explicit float32 logits (its output and log-sum-exp, differentiable torch ops); the
+  other runs in SDPA with ONE extra key that stands for the explicit part: its logit is the
+  explicit part's log-sum-exp (an extra channel of the query, ``lse / scale``, against a 1 in the
+  extra key) and its value a one-hot extra channel. SDPA's own softmax then weighs the two parts,
+  its extra output channel is the explicit part's weight ``e^lse_E / (e^lse_E + e^lse_F)``, and
+  ``out = out_F[:D] + out_F[D] * o_E`` is the exact merge, with SDPA's fused kernel and backward.
+  Nothing is copied per tile but the window box. In lower precision the extra logit is carried
+  by two channels (high and low part), so it keeps float32's precision.
+
+With ``return_lse`` (patch-parallel bands) every part's logits are computed explicitly in
+float32 (they are small) and the parts merge by ``logaddexp``.
 
 Tiles that lie wholly inside the grid share one mask (the circle): they run as one batch with a
 broadcast mask, and only the tiles on the border carry masks of their own, so the plan's memory
 grows with the grid's perimeter, not its area.
 
-The tile is chosen from the reach and the number of text and pooled keys (:func:`tile_for`,
-measured on CPU, docs/benchmarks.md). Tensors are ``[B, S, heads, D]``; see
+The tile is chosen from the reach and the number of keys gathered besides the box
+(:func:`tile_for`, measured on CPU, docs/benchmarks.md). Tensors are ``[B, S, heads, D]``; see
 :mod:`clear.backends` for the plan interface.
 """
 
@@ -33,10 +50,20 @@ from ..geometry import BandLayout, TokenLayout, Window
 from . import Options
 from . import dense
 
-# Logits materialised at once by the log-sum-exp path (tiles are taken in chunks below it).
+# Logits materialised at once by the log-sum-exp paths (tiles or queries are taken in chunks below it).
 MAX_LOGITS = 2**26
 # Elements of gathered keys (as many of values) held at once by a forward; more tiles run in chunks.
 MAX_GATHERED = 2**27
+# From this many shared keys (text + pooled) on, they run as their own attention call merged by log-sum-exp
+# instead of being gathered into every tile: each tile's copy of them costs 2 * shared * head_dim elements
+# (keys and values) per batch and head, the split costs one extra key per tile, one or two extra channels per
+# head and explicit logits for one part. Chosen by reasoning, not measured on an idle machine: tune it with
+# scripts/benchmark.py (FLUX-shaped heads have 512 text keys; the mini model 32, plus (H/df)(W/df) pooled).
+SPLIT_FROM = 256
+# With the split, the window part gets the explicit logits when the shared keys outnumber its box's keys by more
+# than this factor (pooled keys at high resolution); otherwise the shared part does (text). Explicit logits cost a
+# few passes over memory per logit, SDPA's fused kernel none: the part with fewer keys per query takes them.
+EXPLICIT_WINDOW_ABOVE = 1.0
 
 
 def reach(window: Window) -> int:
@@ -45,98 +72,234 @@ def reach(window: Window) -> int:
 
 
 def tile_for(halo: int, n_global: int, height: int, width: int) -> tuple[int, int]:
-    """The query tile for a reach of ``halo`` with ``n_global`` keys every image query sees (text and pooled)
-    on a ``height x width`` grid: 8 x 8, or 16 x 16 where the window reaches 8 tokens or more or there are
-    256 global keys or more (each tile gathers its own copy of them: fewer, larger tiles copy less). Measured
-    on CPU for head sizes 24 and 128, radii 4, 8, 16 and 32 or 512 text tokens (docs/benchmarks.md)."""
+    """The query tile for a reach of ``halo`` with ``n_global`` keys gathered into every tile besides its box
+    (text and pooled; 0 when they run as their own call) on a ``height x width`` grid: 8 x 8, or 16 x 16 where
+    the window reaches 8 tokens or more or there are 256 gathered keys or more (each tile gathers its own copy
+    of them: fewer, larger tiles copy less). Measured on CPU for head sizes 24 and 128, radii 4, 8, 16 and 32
+    or 512 text tokens (docs/benchmarks.md)."""
     side = 16 if halo >= 8 or n_global >= 256 else 8
     return min(side, height), min(side, width)
+
+
+def split_for(n_shared: int, box: int) -> str | None:
+    """How ``n_shared`` keys every image query sees (text and pooled) meet windows of ``box`` keys: ``None``,
+    gathered into every tile (fewer than :data:`SPLIT_FROM`); else their own call, merged by log-sum-exp, with
+    explicit logits for the ``"window"`` part (more than :data:`EXPLICIT_WINDOW_ABOVE` x ``box`` shared keys)
+    or the ``"shared"`` part."""
+    if n_shared == 0 or n_shared < SPLIT_FROM:
+        return None
+    return "window" if n_shared > EXPLICIT_WINDOW_ABOVE * box else "shared"
 
 
 @dataclass
 class _Group:
     """Tiles that run as one batch: ``q_idx [tiles, tq]`` query positions, ``kv_idx [tiles, tk]`` key
-    positions, ``bias`` ``[tiles or 1, 1, tq, tk]``: 0 where the query sees the key, -inf elsewhere
-    (float32; cast to a call's dtype)."""
+    positions, ``bias`` ``[tiles or 1, 1, tq, tk (+ 1)]``: 0 where the query sees the key, -inf elsewhere
+    (float32; cast to a call's dtype). With ``sink`` the bias has one more column, 0: the extra key that
+    stands for the shared keys' part (see the module's docstring)."""
 
     q_idx: torch.Tensor
     kv_idx: torch.Tensor
     bias: torch.Tensor
+    sink: bool = False
+
+    def chunks(self, step: int):
+        """The group as sub-groups of at most ``step`` tiles."""
+        n = self.q_idx.shape[0]
+        if n <= step:
+            return [self]
+        return [_Group(self.q_idx[i : i + step], self.kv_idx[i : i + step],
+                       self.bias if self.bias.shape[0] == 1 else self.bias[i : i + step], self.sink)
+                for i in range(0, n, step)]
 
 
 @dataclass
 class Plan:
-    """The tile groups of one layout (interior tiles share a mask; border tiles have their own), the text
-    queries' positions and the gather that puts ``[group outputs | text outputs]`` back in natural order."""
+    """The tile groups of one layout (interior tiles share a mask; border tiles have their own) and what
+    puts the outputs back together: ``image``, the image queries in the call's queries; ``from_tiles
+    [image queries]``, each image query's (row-major) position in the groups' concatenated outputs;
+    ``text``, the text queries (whole grids with text; ``None`` for bands), which see keys ``[0, text_kv)``;
+    ``shared``, the shared keys' positions when they run as their own call (``None``: gathered into the
+    tiles) and ``explicit``, the part with explicit logits then (:func:`split_for`)."""
 
     layout: TokenLayout | BandLayout
     groups: list
-    text_q: torch.Tensor | None  # text query positions (whole grids), None for bands
-    text_kv: int  # the text queries see keys [0, text_kv) of the natural order
-    from_tiles: torch.Tensor  # natural position -> position in the concatenated outputs
+    image: slice
+    from_tiles: torch.Tensor
+    text: slice | None = None
+    text_kv: int = 0
     tile: tuple[int, int] = (0, 0)
+    shared: torch.Tensor | None = None
+    explicit: str | None = None
     backend: str = "tiled"
 
     def attend(self, query, key, value, scale: float, return_lse: bool = False):
-        outs, lses = [], []
-        for g in self.groups:
-            res = _attend_group(query, key, value, g, scale, return_lse)
-            outs.append(res[0] if return_lse else res)
-            if return_lse:
-                lses.append(res[1])
-        if self.text_q is not None:
-            q = query.index_select(1, self.text_q)
-            res = dense.attend(q, key[:, : self.text_kv], value[:, : self.text_kv], scale, return_lse=return_lse)
-            outs.append(res[0] if return_lse else res)
-            if return_lse:
-                lses.append(res[1])
-        out = torch.cat(outs, 1).index_select(1, self.from_tiles)
+        """``query [B, S, heads, D]``, ``key/value [B, Sk, heads, D]`` (the plan's key order) -> ``[B, S, heads,
+        D]``, or with ``return_lse`` ``(out, lse [B, S, heads])``, both float32."""
+        image = self._image(query, key, value, scale, return_lse)
+        if self.text is None:
+            return image
+        kv = slice(0, self.text_kv)
+        text = dense.attend(query[:, self.text], key[:, kv], value[:, kv], scale, return_lse=return_lse)
+        first = self.layout.text_first
         if not return_lse:
-            return out
-        return out.float(), torch.cat(lses, 1).index_select(1, self.from_tiles)
+            return torch.cat([text, image] if first else [image, text], 1)
+        return tuple(torch.cat([t, i] if first else [i, t], 1) for t, i in zip(text, image))
+
+    def _untile(self, parts):
+        """Group outputs ``[B, tiles * tq, heads, ...]`` (slot order) -> ``[B, image queries, heads, ...]``."""
+        return torch.cat(parts, 1).index_select(1, self.from_tiles)
+
+    def _image(self, query, key, value, scale: float, return_lse: bool):
+        """The image queries' outputs ``[B, N, heads, D]`` in row-major order (and their log-sum-exp)."""
+        if self.shared is None:
+            parts = [_windows(query, key, value, g, scale, return_lse) for g in self.groups]
+            if not return_lse:
+                return self._untile(parts)
+            return self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+        d = query.shape[-1]
+        q_img = query[:, self.image]
+        k_sh, v_sh = key.index_select(1, self.shared), value.index_select(1, self.shared)
+        if return_lse or self.explicit == "window":
+            parts = [_windows(query, key, value, g, scale, True) for g in self.groups]
+            o_win, lse_win = self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+        if return_lse or self.explicit == "shared":
+            o_sh, lse_sh = _explicit_shared(q_img, k_sh, v_sh, scale)
+        if return_lse:  # both explicit: merge by log-sum-exp
+            lse = torch.logaddexp(lse_win, lse_sh)
+            out = (lse_win - lse).exp()[..., None] * o_win + (lse_sh - lse).exp()[..., None] * o_sh
+            return out, lse
+        if self.explicit == "window":
+            fused = _shared_with_sink(q_img, k_sh, v_sh, scale, _sink_logit(lse_win, scale, d, query))
+            o_exp = o_win
+        else:
+            sink = _sink_logit(lse_sh, scale, d, query)
+            fused = self._untile([_windows(query, key, value, g, scale, False, sink, self.image.start)
+                                  for g in self.groups])
+            o_exp = o_sh
+        return (fused[..., :d] + fused[..., d : d + 1] * o_exp).to(query.dtype)
 
 
-def _attend_group(query, key, value, g: _Group, scale: float, return_lse: bool):
+def _tiles_of(x, idx):
+    """``x [B, S, heads, C]`` at ``idx [tiles, length]`` -> a view ``[tiles, B, heads, length, C]`` of one copy."""
+    b, _, heads, c = x.shape
+    n, length = idx.shape
+    return x.index_select(1, idx.reshape(-1)).view(b, n, length, heads, c).permute(1, 0, 3, 2, 4)
+
+
+def _windows(query, key, value, g: _Group, scale: float, return_lse: bool, sink=None, offset: int = 0):
     """The group's tiles as one batch ``[tiles, B * heads, tile, window]`` (the tile leads, so a mask of
-    ``[tiles, 1, tq, tk]`` broadcasts over batch and heads without a copy)."""
+    ``[tiles, 1, tq, tk]`` broadcasts over batch and heads without a copy). Returns ``[B, tiles * tq, heads,
+    D]`` in slot order (tile-major); with ``return_lse`` float32 ``(out, lse [B, tiles * tq, heads])`` from
+    explicit logits (the sink column left out); with ``sink [B, N, heads, x]`` (the extra key's logit over
+    ``scale`` by image query, ``offset`` the first image query's position) ``[B, tiles * tq, heads, D + x]``:
+    the extra key's weight in channel ``D``."""
     b, _, heads, d = query.shape
     n, tq = g.q_idx.shape
-    tk = g.kv_idx.shape[1]
-
-    def gather(x, idx, length):  # [B, S, heads, D] -> [tiles, B * heads, length, D]
-        x = x.index_select(1, idx.reshape(-1)).reshape(b, n, length, heads, d)
-        return x.permute(1, 0, 3, 2, 4).reshape(n, b * heads, length, d)
-
-    chunk = max(1, MAX_GATHERED // max(1, b * heads * tk * d))  # tiles whose keys are gathered at once
+    nb = g.kv_idx.shape[1]
+    x = 0 if sink is None else sink.shape[-1]
+    chunk = max(1, MAX_GATHERED // max(1, b * heads * (nb + g.sink) * (d + x)))  # tiles whose keys are gathered at once
     if not return_lse and n > chunk:  # bound the gathered copies (many tiles x long text at high resolution)
-        parts = [_attend_group(query, key, value, _Group(g.q_idx[i : i + chunk], g.kv_idx[i : i + chunk],
-                                                         g.bias if g.bias.shape[0] == 1 else g.bias[i : i + chunk]),
-                               scale, False) for i in range(0, n, chunk)]
-        return torch.cat(parts, 1)
-    q, k, v = gather(query, g.q_idx, tq), gather(key, g.kv_idx, tk), gather(value, g.kv_idx, tk)
-    if not return_lse:
-        bias = g.bias if g.bias.dtype == q.dtype else g.bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # [tiles, B*heads, tq, D]
-        return out.reshape(n, b, heads, tq, d).permute(1, 0, 3, 2, 4).reshape(b, n * tq, heads, d)
-    step = max(1, MAX_LOGITS // max(1, b * heads * tq * tk))
-    outs, lses = [], []
-    for i in range(0, n, step):
-        logits = (q[i : i + step].float() @ k[i : i + step].float().transpose(-1, -2)) * scale
-        logits = logits + (g.bias if g.bias.shape[0] == 1 else g.bias[i : i + step]).float()
-        lse = logits.logsumexp(-1)
-        outs.append((logits - lse[..., None]).exp() @ v[i : i + step].float())
-        lses.append(lse)
-    out = torch.cat(outs).reshape(n, b, heads, tq, d).permute(1, 0, 3, 2, 4).reshape(b, n * tq, heads, d)
-    lse = torch.cat(lses).reshape(n, b, heads, tq).permute(1, 0, 3, 2).reshape(b, n * tq, heads)
-    return out, lse
+        return torch.cat([_windows(query, key, value, c, scale, False, sink, offset) for c in g.chunks(chunk)], 1)
+
+    def gather(t, idx):  # [B, S, heads, D] -> [tiles, B * heads, length, D]
+        return _tiles_of(t, idx).reshape(n, b * heads, idx.shape[1], t.shape[-1])
+
+    if return_lse:
+        q, k, v = gather(query, g.q_idx), gather(key, g.kv_idx), gather(value, g.kv_idx)
+        bias = g.bias[..., :nb] if g.sink else g.bias
+        step = max(1, MAX_LOGITS // max(1, b * heads * tq * nb))
+        outs, lses = [], []
+        for i in range(0, n, step):
+            logits = (q[i : i + step].float() @ k[i : i + step].float().transpose(-1, -2)) * scale
+            logits = logits + (bias if bias.shape[0] == 1 else bias[i : i + step]).float()
+            lse = logits.logsumexp(-1)
+            outs.append((logits - lse[..., None]).exp() @ v[i : i + step].float())
+            lses.append(lse)
+        out = torch.cat(outs).reshape(n, b, heads, tq, d).permute(1, 0, 3, 2, 4).reshape(b, n * tq, heads, d)
+        lse = torch.cat(lses).reshape(n, b, heads, tq).permute(1, 0, 3, 2).reshape(b, n * tq, heads)
+        return out, lse
+    if sink is None:
+        q, k, v = gather(query, g.q_idx), gather(key, g.kv_idx), gather(value, g.kv_idx)
+    else:  # one copy each, straight into buffers with the extra channels and the extra key
+        q = query.new_empty(n, b, heads, tq, d + x)
+        q[..., :d] = _tiles_of(query, g.q_idx)
+        q[..., d:] = _tiles_of(sink, g.q_idx - offset)
+        k, v = _with_sink_key(_tiles_of(key, g.kv_idx), x), _with_sink_key(_tiles_of(value, g.kv_idx), x, value=True)
+        q, k, v = (t.view(n, b * heads, t.shape[-2], d + x) for t in (q, k, v))
+    bias = g.bias if g.bias.dtype == q.dtype else g.bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # [tiles, B*heads, tq, D (+ x)]
+    return out.reshape(n, b, heads, tq, d + x).permute(1, 0, 3, 2, 4).reshape(b, n * tq, heads, d + x)
+
+
+def _with_sink_key(t, x: int, value: bool = False):
+    """``t [..., keys, D]`` -> ``[..., keys + 1, D + x]``: ``x`` zero channels, and one extra key whose channels
+    are 0 but the extra ones: for keys 1 in each of the logit's channels (of :func:`_sink_logit`), for values 1 in
+    the first (the extra key's weight)."""
+    *lead, keys, d = t.shape
+    out = t.new_empty(*lead, keys + 1, d + x)
+    out[..., :keys, :d] = t
+    out[..., :keys, d:] = 0
+    out[..., keys, :] = 0
+    if value:
+        out[..., keys, d] = 1
+    else:
+        out[..., keys, d : d + _logit_channels(t.dtype)] = 1
+    return out
+
+
+def _logit_channels(dtype) -> int:
+    """Channels that carry the extra key's logit: one in float32/64; a high and a low part in lower precision."""
+    return 1 if dtype in (torch.float32, torch.float64) else 2
+
+
+def _sink_logit(lse, scale: float, d: int, like):
+    """The explicit part's ``lse [B, N, heads]`` (float32) as the query's extra channels ``[B, N, heads, x]`` in
+    ``like``'s dtype, whose sum times ``scale`` is ``lse``: one channel, or a high and a low part (bfloat16
+    alone would round a logit of 10 by 0.03). Off CPU, zero channels pad ``D + x`` to a multiple of 8 (the
+    fused CUDA kernels need it)."""
+    z = lse / scale
+    if _logit_channels(like.dtype) == 1:
+        cols = z.to(like.dtype)[..., None]
+    else:
+        hi = z.to(like.dtype)
+        cols = torch.stack([hi, (z - hi.float()).to(like.dtype)], -1)
+    pad = 0 if like.device.type == "cpu" else -(d + cols.shape[-1]) % 8
+    return F.pad(cols, (0, pad)) if pad else cols
+
+
+def _explicit_shared(q_img, k_sh, v_sh, scale: float):
+    """All image queries ``q_img [B, N, heads, D]`` against the shared keys ``k_sh/v_sh [B, G, heads, D]`` with
+    explicit float32 logits, queries in chunks of at most :data:`MAX_LOGITS` logits: ``(out [B, N, heads, D],
+    lse [B, N, heads])``, float32."""
+    b, n, heads, _ = q_img.shape
+    step = max(1, MAX_LOGITS // max(1, b * heads * k_sh.shape[1]))
+    parts = [dense.attend(q_img[:, i : i + step], k_sh, v_sh, scale, return_lse=True) for i in range(0, n, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def _shared_with_sink(q_img, k_sh, v_sh, scale: float, sink):
+    """All image queries ``q_img [B, N, heads, D]`` against the shared keys ``[B, G, heads, D]`` plus the extra key
+    whose logit ``sink [B, N, heads, x]`` carries (times ``scale``): one unmasked SDPA -> ``[B, N, heads, D + x]``,
+    the extra key's weight in channel ``D``."""
+    b, n, heads, d = q_img.shape
+    x = sink.shape[-1]
+    q = q_img.new_empty(b, heads, n, d + x)
+    q[..., :d] = q_img.transpose(1, 2)
+    q[..., d:] = sink.transpose(1, 2)
+    k, v = _with_sink_key(k_sh.transpose(1, 2), x), _with_sink_key(v_sh.transpose(1, 2), x, value=True)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
 def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window, tile: tuple[int, int],
-           key_of_cell, global_keys: torch.Tensor, device):
+           key_of_cell, global_keys: torch.Tensor, device, sink: bool = False):
     """The tile groups of ``q_rows x width`` image queries (query position ``row * width + col``) whose
     row ``i`` is row ``i + row_offset`` of a ``k_rows x width`` key grid (``key_of_cell(rows, cols)``: key
-    positions), each also seeing ``global_keys``. Returns ``(groups, q_slots)``: ``q_slots [q_rows*width]``
-    is each query's position in the groups' concatenated output."""
+    positions), each also seeing ``global_keys`` (gathered into every tile; may be empty) and, with ``sink``,
+    one extra key after them. Returns ``(groups, q_slots)``: ``q_slots [q_rows*width]`` is each query's
+    position in the groups' concatenated output."""
     th, tw = tile
     halo_y, halo_x = min(reach(window), k_rows - 1), min(reach(window), width - 1)
     kh, kw = th + 2 * halo_y, tw + 2 * halo_x
@@ -160,8 +323,8 @@ def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window
     dy = torch.arange(kh, **i64)[None, :] - halo_y - torch.arange(th, **i64)[:, None]  # [th, kh]
     dx = torch.arange(kw, **i64)[None, :] - halo_x - torch.arange(tw, **i64)[:, None]  # [tw, kw]
     circle = (dy[:, None, :, None] ** 2 + dx[None, :, None, :] ** 2 < window.radius_sq_bound).reshape(tq, nb)
-    glob = torch.ones(tq, global_keys.numel(), dtype=torch.bool, device=device)
-    shared = torch.cat([circle, glob], 1)  # [tq, nb + globals]
+    glob = torch.ones(tq, global_keys.numel() + sink, dtype=torch.bool, device=device)
+    shared = torch.cat([circle, glob], 1)  # [tq, nb + globals (+ sink)]
     inside = k_valid.reshape(n_tiles, nb).all(1)
     groups = []
     order = []
@@ -179,7 +342,7 @@ def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window
         else:
             mask = shared[None, None]
         bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        groups.append(_Group(q_pos[ids].contiguous(), k_pos[ids].contiguous(), bias))
+        groups.append(_Group(q_pos[ids].contiguous(), k_pos[ids].contiguous(), bias, sink))
         order.append(ids)
     # each query's slot in the concatenated group outputs (tile-major, then the cell inside the tile)
     tiles = torch.cat(order)
@@ -192,24 +355,33 @@ def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window
     return groups, q_slots
 
 
+def _arrangement(halo: int, n_shared: int, q_rows: int, width: int, k_rows: int, options: Options):
+    """The query tile and :func:`split_for`'s answer for ``n_shared`` shared keys of a ``q_rows x width`` query grid
+    on ``k_rows`` key rows."""
+    split = split_for(n_shared, 1) is not None  # whether to split does not depend on the box
+    tile = options.query_tile or tile_for(halo, 0 if split else n_shared, q_rows, width)
+    th, tw = min(tile[0], q_rows), min(tile[1], width)
+    box = (th + 2 * min(halo, k_rows - 1)) * (tw + 2 * min(halo, width - 1))
+    return tile, split_for(n_shared, box)
+
+
 def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Options(), with_grad: bool = False):
     """Queries in natural order; keys ``[natural order | pooled]``."""
     device = torch.device(device)
     h, w, t = layout.height, layout.width, layout.text_len
     img0 = layout.image_slice.start
     n_pooled = layout.num_pooled(window)
-    tile = options.query_tile or tile_for(reach(window), t + n_pooled, h, w)
-    txt = torch.arange(layout.text_slice.start, layout.text_slice.stop, device=device)
-    global_keys = torch.cat([txt, layout.seq_len + torch.arange(n_pooled, device=device)])
-    groups, q_slots = _tiles(h, w, 0, h, window, tile, lambda r, c: img0 + r * w + c, global_keys, device)
+    shared = torch.cat([torch.arange(layout.text_slice.start, layout.text_slice.stop, device=device),
+                        layout.seq_len + torch.arange(n_pooled, device=device)])
+    tile, explicit = _arrangement(reach(window), shared.numel(), h, w, h, options)
+    gathered = shared if explicit is None else shared[:0]
+    groups, q_slots = _tiles(h, w, 0, h, window, tile, lambda r, c: img0 + r * w + c, gathered, device,
+                             sink=explicit == "shared")
     # the group outputs hold ``img0 + position`` queries: shift their positions into the natural order
     for g in groups:
         g.q_idx = g.q_idx + img0
-    n_out = sum(g.q_idx.numel() for g in groups)
-    from_tiles = torch.empty(layout.seq_len, dtype=torch.long, device=device)
-    from_tiles[layout.image_slice] = q_slots
-    from_tiles[layout.text_slice] = n_out + torch.arange(t, device=device)
-    return Plan(layout, groups, txt if t else None, layout.seq_len, from_tiles, tile)
+    return Plan(layout, groups, layout.image_slice, q_slots, layout.text_slice if t else None, layout.seq_len, tile,
+                None if explicit is None else shared, explicit)
 
 
 def band_plan(band: BandLayout, window: Window, device, options: Options = Options()):
@@ -217,12 +389,14 @@ def band_plan(band: BandLayout, window: Window, device, options: Options = Optio
     device = torch.device(device)
     win = Window(window.radius)  # pooled keys are counted by the band itself
     t, w = band.text_len, band.width
-    tile = options.query_tile or tile_for(reach(win), t + band.n_pooled, band.rows, w)
-    global_keys = torch.cat([torch.arange(t, device=device),
-                             t + band.ext_rows * w + torch.arange(band.n_pooled, device=device)])
+    shared = torch.cat([torch.arange(t, device=device),
+                        t + band.ext_rows * w + torch.arange(band.n_pooled, device=device)])
+    tile, explicit = _arrangement(reach(win), shared.numel(), band.rows, w, band.ext_rows, options)
+    gathered = shared if explicit is None else shared[:0]
     groups, q_slots = _tiles(band.rows, w, band.above, band.ext_rows, win, tile, lambda r, c: t + r * w + c,
-                             global_keys, device)
-    return Plan(band, groups, None, 0, q_slots, tile)
+                             gathered, device, sink=explicit == "shared")
+    return Plan(band, groups, slice(0, band.num_queries), q_slots, tile=tile,
+                shared=None if explicit is None else shared, explicit=explicit)
 
 
 def attend(query, key, value, scale: float, *, return_lse: bool = False, options: Options = Options()):
