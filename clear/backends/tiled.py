@@ -52,8 +52,9 @@ from . import dense
 
 # Logits materialised at once by the log-sum-exp paths (tiles or queries are taken in chunks below it).
 MAX_LOGITS = 2**26
-# Elements of gathered keys (as many of values) held at once by a forward; more tiles run in chunks.
-MAX_GATHERED = 2**27
+# Elements of gathered keys (as many of values) held at once by a forward; more tiles run in chunks. 2**24 (64 MiB
+# of float32 keys) is still ~15 tiles of FLUX-shaped heads (r = 16) or ~900 tiles of the mini model's (r = 4).
+MAX_GATHERED = 2**24
 # From this many shared keys (text + pooled) on, they run as their own attention call merged by log-sum-exp
 # instead of being gathered into every tile: each tile's copy of them costs 2 * shared * head_dim elements
 # (keys and values) per batch and head, the split costs one extra key per tile, one or two extra channels per
@@ -64,6 +65,19 @@ SPLIT_FROM = 256
 # than this factor (pooled keys at high resolution); otherwise the shared part does (text). Explicit logits cost a
 # few passes over memory per logit, SDPA's fused kernel none: the part with fewer keys per query takes them.
 EXPLICIT_WINDOW_ABOVE = 1.0
+
+
+def _fused_with_lse():
+    """SDPA's CPU kernel that also returns the log-sum-exp (``out, lse [B, heads, L]`` float32), or ``None`` where
+    this torch has none with a mask. Its log-sum-exp has no gradient: used only for calls without a backward."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    try:
+        return op if op is not None and "attn_mask" in str(op.default._schema) else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+FUSED_WITH_LSE = _fused_with_lse()
 
 
 def reach(window: Window) -> int:
@@ -153,31 +167,50 @@ class Plan:
     def _image(self, query, key, value, scale: float, return_lse: bool):
         """The image queries' outputs ``[B, N, heads, D]`` in row-major order (and their log-sum-exp)."""
         if self.shared is None:
-            parts = [_windows(query, key, value, g, scale, return_lse) for g in self.groups]
+            lse = "explicit" if return_lse else None
+            parts = [_windows(query, key, value, g, scale, lse) for g in self.groups]
             if not return_lse:
                 return self._untile(parts)
             return self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
-        d = query.shape[-1]
         q_img = query[:, self.image]
         k_sh, v_sh = key.index_select(1, self.shared), value.index_select(1, self.shared)
+        if _fused_lse_runs(query, key, value):  # no backward: both parts in SDPA's kernel, with their log-sum-exp
+            parts = [_windows(query, key, value, g, scale, "fused") for g in self.groups]
+            window = self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+            out, lse = FUSED_WITH_LSE(q_img.transpose(1, 2), k_sh.transpose(1, 2), v_sh.transpose(1, 2), scale=scale)
+            return _merge(window, (out.transpose(1, 2), lse.transpose(1, 2)), query.dtype, return_lse)
         if return_lse or self.explicit == "window":
-            parts = [_windows(query, key, value, g, scale, True) for g in self.groups]
-            o_win, lse_win = self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+            parts = [_windows(query, key, value, g, scale, "explicit") for g in self.groups]
+            window = self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
         if return_lse or self.explicit == "shared":
-            o_sh, lse_sh = _explicit_shared(q_img, k_sh, v_sh, scale)
-        if return_lse:  # both explicit: merge by log-sum-exp
-            lse = torch.logaddexp(lse_win, lse_sh)
-            out = (lse_win - lse).exp()[..., None] * o_win + (lse_sh - lse).exp()[..., None] * o_sh
-            return out, lse
+            shared = _explicit_shared(q_img, k_sh, v_sh, scale)
+        if return_lse:  # both explicit
+            return _merge(window, shared, torch.float32, True)
+        d = query.shape[-1]
         if self.explicit == "window":
-            fused = _shared_with_sink(q_img, k_sh, v_sh, scale, _sink_logit(lse_win, scale, d, query))
-            o_exp = o_win
+            fused = _shared_with_sink(q_img, k_sh, v_sh, scale, _sink_logit(window[1], scale, d, query))
+            o_exp = window[0]
         else:
-            sink = _sink_logit(lse_sh, scale, d, query)
-            fused = self._untile([_windows(query, key, value, g, scale, False, sink, self.image.start)
+            sink = _sink_logit(shared[1], scale, d, query)
+            fused = self._untile([_windows(query, key, value, g, scale, None, sink, self.image.start)
                                   for g in self.groups])
-            o_exp = o_sh
+            o_exp = shared[0]
         return (fused[..., :d] + fused[..., d : d + 1] * o_exp).to(query.dtype)
+
+
+def _fused_lse_runs(query, key, value) -> bool:
+    """Whether :data:`FUSED_WITH_LSE` serves this call: on CPU, with no backward to run."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return FUSED_WITH_LSE is not None and query.device.type == "cpu" and not needs_grad
+
+
+def _merge(a, b, dtype, return_lse: bool):
+    """Two parts' ``(out [B, N, heads, D], lse [B, N, heads])`` of one softmax -> the whole's output in ``dtype``
+    (and log-sum-exp; then both float32): ``(e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b)``."""
+    (o_a, l_a), (o_b, l_b) = a, b
+    lse = torch.logaddexp(l_a, l_b)
+    out = (l_a - lse).exp()[..., None] * o_a + (l_b - lse).exp()[..., None] * o_b
+    return (out.float(), lse) if return_lse else out.to(dtype)
 
 
 def _tiles_of(x, idx):
@@ -187,38 +220,44 @@ def _tiles_of(x, idx):
     return x.index_select(1, idx.reshape(-1)).view(b, n, length, heads, c).permute(1, 0, 3, 2, 4)
 
 
-def _windows(query, key, value, g: _Group, scale: float, return_lse: bool, sink=None, offset: int = 0):
+def _windows(query, key, value, g: _Group, scale: float, lse: str | None = None, sink=None, offset: int = 0):
     """The group's tiles as one batch ``[tiles, B * heads, tile, window]`` (the tile leads, so a mask of
     ``[tiles, 1, tq, tk]`` broadcasts over batch and heads without a copy). Returns ``[B, tiles * tq, heads,
-    D]`` in slot order (tile-major); with ``return_lse`` float32 ``(out, lse [B, tiles * tq, heads])`` from
-    explicit logits (the sink column left out); with ``sink [B, N, heads, x]`` (the extra key's logit over
-    ``scale`` by image query, ``offset`` the first image query's position) ``[B, tiles * tq, heads, D + x]``:
-    the extra key's weight in channel ``D``."""
+    D]`` in slot order (tile-major). With ``lse`` (the sink column left out) ``(out, lse [B, tiles * tq,
+    heads])``: ``"explicit"`` from float32 logits (differentiable; out in float32), ``"fused"`` from
+    :data:`FUSED_WITH_LSE` (no backward). With ``sink [B, N, heads, x]`` (the extra key's logit over ``scale``
+    by image query, ``offset`` the first image query's position) ``[B, tiles * tq, heads, D + x]``: the extra
+    key's weight in channel ``D``."""
     b, _, heads, d = query.shape
     n, tq = g.q_idx.shape
     nb = g.kv_idx.shape[1]
     x = 0 if sink is None else sink.shape[-1]
-    chunk = max(1, MAX_GATHERED // max(1, b * heads * (nb + g.sink) * (d + x)))  # tiles whose keys are gathered at once
-    if not return_lse and n > chunk:  # bound the gathered copies (many tiles x long text at high resolution)
-        return torch.cat([_windows(query, key, value, c, scale, False, sink, offset) for c in g.chunks(chunk)], 1)
+    chunk = max(1, MAX_GATHERED // max(1, b * heads * (nb + 1) * (d + x)))  # tiles whose keys are gathered at once
+    if lse != "explicit" and n > chunk:  # bound the gathered copies (many tiles x long text at high resolution)
+        parts = [_windows(query, key, value, c, scale, lse, sink, offset) for c in g.chunks(chunk)]
+        if lse is None:
+            return torch.cat(parts, 1)
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
     def gather(t, idx):  # [B, S, heads, D] -> [tiles, B * heads, length, D]
         return _tiles_of(t, idx).reshape(n, b * heads, idx.shape[1], t.shape[-1])
 
-    if return_lse:
+    def untile(t):  # [tiles, B * heads, tq, ...] -> [B, tiles * tq, heads, ...]
+        t = t.reshape(n, b, heads, tq, *t.shape[3:]).transpose(2, 3).transpose(0, 1)
+        return t.reshape(b, n * tq, heads, *t.shape[4:])
+
+    bias = g.bias[..., :nb] if g.sink and sink is None else g.bias
+    if lse == "explicit":
         q, k, v = gather(query, g.q_idx), gather(key, g.kv_idx), gather(value, g.kv_idx)
-        bias = g.bias[..., :nb] if g.sink else g.bias
         step = max(1, MAX_LOGITS // max(1, b * heads * tq * nb))
         outs, lses = [], []
         for i in range(0, n, step):
             logits = (q[i : i + step].float() @ k[i : i + step].float().transpose(-1, -2)) * scale
             logits = logits + (bias if bias.shape[0] == 1 else bias[i : i + step]).float()
-            lse = logits.logsumexp(-1)
-            outs.append((logits - lse[..., None]).exp() @ v[i : i + step].float())
-            lses.append(lse)
-        out = torch.cat(outs).reshape(n, b, heads, tq, d).permute(1, 0, 3, 2, 4).reshape(b, n * tq, heads, d)
-        lse = torch.cat(lses).reshape(n, b, heads, tq).permute(1, 0, 3, 2).reshape(b, n * tq, heads)
-        return out, lse
+            lse_i = logits.logsumexp(-1)
+            outs.append((logits - lse_i[..., None]).exp() @ v[i : i + step].float())
+            lses.append(lse_i)
+        return untile(torch.cat(outs)), untile(torch.cat(lses))
     if sink is None:
         q, k, v = gather(query, g.q_idx), gather(key, g.kv_idx), gather(value, g.kv_idx)
     else:  # one copy each, straight into buffers with the extra channels and the extra key
@@ -227,9 +266,11 @@ def _windows(query, key, value, g: _Group, scale: float, return_lse: bool, sink=
         q[..., d:] = _tiles_of(sink, g.q_idx - offset)
         k, v = _with_sink_key(_tiles_of(key, g.kv_idx), x), _with_sink_key(_tiles_of(value, g.kv_idx), x, value=True)
         q, k, v = (t.view(n, b * heads, t.shape[-2], d + x) for t in (q, k, v))
-    bias = g.bias if g.bias.dtype == q.dtype else g.bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # [tiles, B*heads, tq, D (+ x)]
-    return out.reshape(n, b, heads, tq, d + x).permute(1, 0, 3, 2, 4).reshape(b, n * tq, heads, d + x)
+    bias = bias if bias.dtype == q.dtype else bias.to(q.dtype)
+    if lse == "fused":
+        out, lse_t = FUSED_WITH_LSE(q, k, v, attn_mask=bias, scale=scale)
+        return untile(out), untile(lse_t)
+    return untile(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))  # from [tiles, B*heads, tq, D]
 
 
 def _with_sink_key(t, x: int, value: bool = False):
