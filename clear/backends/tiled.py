@@ -16,18 +16,23 @@ The keys every image query sees besides its window, the text keys and the pooled
   pooled]``, so one SDPA covers all of a query's keys;
 * many: attended once, all image queries against the shared keys in one call, and merged with
   the windows' softmax exactly: with ``lse`` the log-sum-exp of each part's scaled logits,
-  ``out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2)``. One part, the one with fewer keys per
-  query, gets explicit float32 logits (its output and log-sum-exp, differentiable torch ops); the
-  other runs in SDPA with ONE extra key that stands for the explicit part: its logit is the
-  explicit part's log-sum-exp (an extra channel of the query, ``lse / scale``, against a 1 in the
-  extra key) and its value a one-hot extra channel. SDPA's own softmax then weighs the two parts,
-  its extra output channel is the explicit part's weight ``e^lse_E / (e^lse_E + e^lse_F)``, and
-  ``out = out_F[:D] + out_F[D] * o_E`` is the exact merge, with SDPA's fused kernel and backward.
-  Nothing is copied per tile but the window box. In lower precision the extra logit is carried
-  by two channels (high and low part), so it keeps float32's precision.
+  ``out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2)`` (:func:`_merge`, computed with
+  ``logaddexp``). Nothing is copied per tile but the window box.
 
-With ``return_lse`` (patch-parallel bands) every part's logits are computed explicitly in
-float32 (they are small) and the parts merge by ``logaddexp``.
+  - Without a backward on CPU, both parts run in SDPA's CPU kernel, which also returns the
+    log-sum-exp (:data:`FUSED_WITH_LSE`); its log-sum-exp has no gradient, hence:
+  - with a backward (or off CPU), one part, the one with fewer keys per query, gets explicit
+    float32 logits (its output and log-sum-exp, differentiable torch ops); the other runs in SDPA
+    with ONE extra key that stands for the explicit part: its logit is the explicit part's
+    log-sum-exp (an extra channel of the query, ``lse / scale``, against a 1 in the extra key) and
+    its value a one-hot extra channel. SDPA's own softmax then weighs the two parts, its extra
+    output channel is the explicit part's weight ``e^lse_E / (e^lse_E + e^lse_F)``, and
+    ``out = out_F[:D] + out_F[D] * o_E`` is the exact merge, with SDPA's kernel and backward. In
+    lower precision the extra logit rides in two channels (a high and a low part), so it keeps
+    float32's precision.
+
+With ``return_lse`` (patch-parallel bands) and a backward, every part's logits are computed
+explicitly in float32 (they are small) and the parts merge by ``logaddexp``.
 
 Tiles that lie wholly inside the grid share one mask (the circle): they run as one batch with a
 broadcast mask, and only the tiles on the border carry masks of their own, so the plan's memory
