@@ -354,6 +354,36 @@ def test_tiled_split_traces_whole(split, monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("split", ["shared", "window"])
+def test_tiled_split_in_a_flux_model_equals_dense(split, monkeypatch):
+    """A whole tiny FLUX model with pooled keys through apply_clear: the tiled backend with the shared keys split
+    off equals the dense backend in inference and in a training step (the gradients of every parameter)."""
+    _use_variant(monkeypatch, "tiled", split)
+    calls = {"merged": 0, "extra key": 0}  # the split's two merges both ran (the fused one only without a backward)
+    for fn, what in ((tiled._merge, "merged"), (tiled._sink_logit, "extra key")):
+        def counted(*args, _fn=fn, _what=what):
+            calls[_what] += 1
+            return _fn(*args)
+        monkeypatch.setattr(tiled, fn.__name__, counted)
+    x = flux_inputs(6, 8, batch=2)
+    results = {}
+    for backend in ("dense", "tiled"):
+        model = tiny_flux()
+        clear.apply_clear(model, radius=2.5, down_factor=2, backend=backend)
+        with torch.no_grad():
+            out = model(**x).sample
+        model.train()
+        model(**x).sample.square().mean().backward()
+        results[backend] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (out, grads), (ref, ref_grads) = results["tiled"], results["dense"]
+    assert calls["extra key"] > 0 and (calls["merged"] > 0) == (split == "shared")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5 * max(1.0, ref_grads[name].abs().max().item()),
+                                   rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 # ------------------------------------------------------------------------------------------
 # The registry
 # ------------------------------------------------------------------------------------------
