@@ -62,9 +62,10 @@ MAX_LOGITS = 2**26
 MAX_GATHERED = 2**24
 # From this many shared keys (text + pooled) on, they run as their own attention call merged by log-sum-exp
 # instead of being gathered into every tile: each tile's copy of them costs 2 * shared * head_dim elements
-# (keys and values) per batch and head, the split costs one extra key per tile, one or two extra channels per
-# head and explicit logits for one part. Chosen by reasoning, not measured on an idle machine: tune it with
-# scripts/benchmark.py (FLUX-shaped heads have 512 text keys; the mini model 32, plus (H/df)(W/df) pooled).
+# (keys and values) per batch and head; the split costs a second SDPA call and a merge over the image outputs
+# (with a backward: one extra key per tile, one or two extra channels per head and explicit logits for one
+# part). Chosen by reasoning, not measured on an idle machine: tune it with scripts/benchmark.py (FLUX-shaped
+# heads have 512 text keys; the mini model 32, plus (H/df)(W/df) pooled with down_factor df).
 SPLIT_FROM = 256
 # With the split, the window part gets the explicit logits when the shared keys outnumber its box's keys by more
 # than this factor (pooled keys at high resolution); otherwise the shared part does (text). Explicit logits cost a
@@ -166,27 +167,25 @@ class Plan:
         return tuple(torch.cat([t, i] if first else [i, t], 1) for t, i in zip(text, image))
 
     def _untile(self, parts):
-        """Group outputs ``[B, tiles * tq, heads, ...]`` (slot order) -> ``[B, image queries, heads, ...]``."""
+        """Group outputs ``[B, tiles * tq, heads, ...]`` (slot order), or ``(out, lse)`` pairs of them ->
+        ``[B, image queries, heads, ...]`` in row-major order (or the pair)."""
+        if isinstance(parts[0], tuple):
+            return tuple(self._untile(list(p)) for p in zip(*parts))
         return torch.cat(parts, 1).index_select(1, self.from_tiles)
 
     def _image(self, query, key, value, scale: float, return_lse: bool):
         """The image queries' outputs ``[B, N, heads, D]`` in row-major order (and their log-sum-exp)."""
         if self.shared is None:
-            lse = "explicit" if return_lse else None
-            parts = [_windows(query, key, value, g, scale, lse) for g in self.groups]
-            if not return_lse:
-                return self._untile(parts)
-            return self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+            return self._untile([_windows(query, key, value, g, scale, "explicit" if return_lse else None)
+                                 for g in self.groups])
         q_img = query[:, self.image]
         k_sh, v_sh = key.index_select(1, self.shared), value.index_select(1, self.shared)
         if _fused_lse_runs(query, key, value):  # no backward: both parts in SDPA's kernel, with their log-sum-exp
-            parts = [_windows(query, key, value, g, scale, "fused") for g in self.groups]
-            window = self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+            window = self._untile([_windows(query, key, value, g, scale, "fused") for g in self.groups])
             out, lse = FUSED_WITH_LSE(q_img.transpose(1, 2), k_sh.transpose(1, 2), v_sh.transpose(1, 2), scale=scale)
             return _merge(window, (out.transpose(1, 2), lse.transpose(1, 2)), query.dtype, return_lse)
         if return_lse or self.explicit == "window":
-            parts = [_windows(query, key, value, g, scale, "explicit") for g in self.groups]
-            window = self._untile([p[0] for p in parts]), self._untile([p[1] for p in parts])
+            window = self._untile([_windows(query, key, value, g, scale, "explicit") for g in self.groups])
         if return_lse or self.explicit == "shared":
             shared = _explicit_shared(q_img, k_sh, v_sh, scale)
         if return_lse:  # both explicit
@@ -404,7 +403,7 @@ def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window
 def _arrangement(halo: int, n_shared: int, q_rows: int, width: int, k_rows: int, options: Options):
     """The query tile and :func:`split_for`'s answer for ``n_shared`` shared keys of a ``q_rows x width`` query grid
     on ``k_rows`` key rows."""
-    split = split_for(n_shared, 1) is not None  # whether to split does not depend on the box
+    split = split_for(n_shared, math.inf) is not None  # whether to split does not depend on the box
     tile = options.query_tile or tile_for(halo, 0 if split else n_shared, q_rows, width)
     th, tw = min(tile[0], q_rows), min(tile[1], width)
     box = (th + 2 * min(halo, k_rows - 1)) * (tw + 2 * min(halo, width - 1))
