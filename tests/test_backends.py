@@ -50,12 +50,12 @@ EDGE_GRIDS = [(5, 7, 9, 20, 1, False, (4, 4), 2), (4, 6, 6, 0.5, 3, False, (4, 4
               (2, 4, 6, 20, 2, False, (2, 4), 2), (6, 9, 6, 1.5, 3, True, (3, 5), 2)]
 GRIDS = _grid_cases(14, seed=12) + EDGE_GRIDS
 
-# Every backend, and the tiled backend's three ways with the keys every image query shares (text, pooled):
-# gathered into every tile, or their own call merged by log-sum-exp (tiled.split_for; forced here whatever the
-# number of shared keys). Split, a call without a backward runs both parts in SDPA's CPU kernel with their
-# log-sum-exp ("shared"), else the shared or the window part gets explicit logits ("window" forces its
-# differentiable path on every call; the gradient checks run the "shared" one).
-VARIANTS = [(name, None) for name in backends.names()] + [("tiled", "shared"), ("tiled", "window")]
+# Every backend, and the tiled backend's ways with the keys every image query shares (text, pooled): gathered
+# into every tile, or their own call merged by log-sum-exp (tiled.split_for; forced here whatever the number of
+# shared keys): "fused", both parts in SDPA's CPU kernel (with its backward); "shared" and "window", the
+# differentiable merge with explicit logits for the shared or the window part (what runs off CPU).
+SPLITS = ["fused", "shared", "window"]
+VARIANTS = [(name, None) for name in backends.names()] + [("tiled", split) for split in SPLITS]
 VARIANT_IDS = [name if split is None else f"{name}-split-{split}" for name, split in VARIANTS]
 
 
@@ -65,14 +65,14 @@ def _use_variant(monkeypatch, name: str, split: str | None):
         return
     monkeypatch.setattr(tiled, "SPLIT_FROM", math.inf if split is None else 1)
     monkeypatch.setattr(tiled, "EXPLICIT_WINDOW_ABOVE", 0.0 if split == "window" else math.inf)
-    if split == "window":  # calls without a backward too run the differentiable merge, not the fused kernel's
+    if split in ("shared", "window"):  # without the CPU kernel's log-sum-exp: the differentiable merge
         monkeypatch.setattr(tiled, "FUSED_WITH_LSE", None)
 
 
 def _check_variant(plan, split: str | None, n_shared: int):
     """The plan runs the forced way (no shared keys: nothing to split)."""
     if plan.backend == "tiled":
-        assert plan.explicit == (split if n_shared else None)
+        assert plan.explicit == ({"fused": "shared"}.get(split, split) if n_shared else None)
         assert (plan.shared is None) == (plan.explicit is None)
 
 
@@ -224,10 +224,7 @@ def test_dense_lse_takes_heads_in_chunks():
     torch.testing.assert_close(whole[1], _oracle(q, k, v, mask, 0.5)[1], atol=1e-5, rtol=1e-5)
 
 
-SPLITS = [None, "shared", "window"]
-
-
-@pytest.mark.parametrize("split", SPLITS, ids=str)
+@pytest.mark.parametrize("split", [None, *SPLITS], ids=str)
 @pytest.mark.parametrize("text", [0, 3])
 def test_tiled_padding_queries_never_poison_gradients(text, split, monkeypatch):
     """A grid that is no multiple of the tile pads its border tiles with queries that repeat a real token; with a
@@ -248,7 +245,7 @@ def test_tiled_padding_queries_never_poison_gradients(text, split, monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("split", SPLITS, ids=str)
+@pytest.mark.parametrize("split", [None, *SPLITS], ids=str)
 def test_tiled_runs_many_tiles_in_chunks_and_chunks_change_nothing(split, monkeypatch):
     """The tiled backend bounds its gathered keys by taking tiles in chunks (long text x many tiles at high
     resolution) and its explicit logits by taking tiles or queries in chunks; interior tiles share one mask,
@@ -301,16 +298,14 @@ def test_tiled_split_with_the_shipped_thresholds_equals_oracle(text, h, w, radiu
     _assert_same_grads(plan, q, k, v, _grid_mask(layout, window), 0.35)
 
 
-@pytest.mark.parametrize("split,fused", [("shared", True), ("shared", False), ("window", False)])
-def test_tiled_split_merge_is_stable_and_keeps_low_precision(split, fused, monkeypatch):
+@pytest.mark.parametrize("split", SPLITS)
+def test_tiled_split_merge_is_stable_and_keeps_low_precision(split, monkeypatch):
     """The merge by log-sum-exp holds where one part's logits dwarf the other's (hundreds apart: e^lse overflows
     float32), and in bfloat16 and float16 the split stays about as close to float64 attention as the dense
     backend in the same dtype: the differentiable merge within 1.25x its error (the extra key's logit rides in a
     high and a low part; one channel gives 1.4x in float16), the fused kernels' within 2x (each part's output
     is rounded to the dtype before the merge)."""
     _use_variant(monkeypatch, "tiled", split)
-    if not fused:
-        monkeypatch.setattr(tiled, "FUSED_WITH_LSE", None)
     layout, window = TokenLayout(6, 8, 8, text_first=False), Window(2.5, 2)
     n_k = layout.seq_len + layout.num_pooled(window)
     q, k, v = _qkv(layout.seq_len, n_k, batch=2, heads=2, dim=16, seed=4)
@@ -328,10 +323,10 @@ def test_tiled_split_merge_is_stable_and_keeps_low_precision(split, fused, monke
         lo = [t.to(dtype) for t in (q, k, v)]
         err = (plan.attend(*lo, 0.5).double() - ref).abs().max().item()
         dense_err = (dense.attend(*lo, 0.5).double() - ref).abs().max().item()
-        assert err <= (2.0 if fused else 1.25) * dense_err, (dtype, err, dense_err)
+        assert err <= (2.0 if split == "fused" else 1.25) * dense_err, (dtype, err, dense_err)
 
 
-@pytest.mark.parametrize("split", ["shared", "window"])
+@pytest.mark.parametrize("split", SPLITS)
 def test_tiled_split_traces_whole(split, monkeypatch):
     """The split paths trace as one graph under torch.compile(fullgraph=True) (AOT autograd: the forward without a
     backward, and forward and backward), and the compiled calls equal the eager ones."""
@@ -354,12 +349,12 @@ def test_tiled_split_traces_whole(split, monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("split", ["shared", "window"])
+@pytest.mark.parametrize("split", SPLITS)
 def test_tiled_split_in_a_flux_model_equals_dense(split, monkeypatch):
     """A whole tiny FLUX model with pooled keys through apply_clear: the tiled backend with the shared keys split
     off equals the dense backend in inference and in a training step (the gradients of every parameter)."""
     _use_variant(monkeypatch, "tiled", split)
-    calls = {"merged": 0, "extra key": 0}  # the split's two merges both ran (the fused one only without a backward)
+    calls = {"merged": 0, "extra key": 0}  # which merge ran: the fused kernels' or the differentiable one
     for fn, what in ((tiled._merge, "merged"), (tiled._sink_logit, "extra key")):
         def counted(*args, _fn=fn, _what=what):
             calls[_what] += 1
@@ -376,7 +371,7 @@ def test_tiled_split_in_a_flux_model_equals_dense(split, monkeypatch):
         model(**x).sample.square().mean().backward()
         results[backend] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     (out, grads), (ref, ref_grads) = results["tiled"], results["dense"]
-    assert calls["extra key"] > 0 and (calls["merged"] > 0) == (split == "shared")
+    assert (calls["merged"] > 0, calls["extra key"] > 0) == ((True, False) if split == "fused" else (False, True))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys() and len(grads) > 10
     for name, g in grads.items():

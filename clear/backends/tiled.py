@@ -73,17 +73,20 @@ SPLIT_FROM = 256
 EXPLICIT_WINDOW_ABOVE = 1.0
 
 
-def _fused_with_lse():
-    """SDPA's CPU kernel that also returns the log-sum-exp (``out, lse [B, heads, L]`` float32), or ``None`` where
-    this torch has none with a mask. Its log-sum-exp has no gradient: used only for calls without a backward."""
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+def _cpu_kernel(name: str):
+    """SDPA's CPU kernel ``name`` (``torch.ops.aten``) where this torch has it with a mask, else ``None``."""
+    op = getattr(torch.ops.aten, name, None)
     try:
         return op if op is not None and "attn_mask" in str(op.default._schema) else None
     except (AttributeError, RuntimeError):
         return None
 
 
-FUSED_WITH_LSE = _fused_with_lse()
+# SDPA's CPU kernel that also returns the log-sum-exp (``out, lse [B, heads, L]`` float32; the lse without a
+# gradient), and its backward, which takes the output and log-sum-exp as arguments: the split runs both parts in
+# it and merges them (:class:`_FusedParts`). ``None`` where torch lacks them: the differentiable merge runs.
+FUSED_WITH_LSE = _cpu_kernel("_scaled_dot_product_flash_attention_for_cpu")
+FUSED_BACKWARD = _cpu_kernel("_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 def reach(window: Window) -> int:
@@ -184,6 +187,15 @@ class Plan:
             window = self._untile([_windows(query, key, value, g, scale, "fused") for g in self.groups])
             out, lse = FUSED_WITH_LSE(q_img.transpose(1, 2), k_sh.transpose(1, 2), v_sh.transpose(1, 2), scale=scale)
             return _merge(window, (out.transpose(1, 2), lse.transpose(1, 2)), query.dtype, return_lse)
+        if not return_lse and _fused_backward_runs(query):  # a backward on CPU: the kernel's, part by part
+            tiles = []
+            for g in self.groups:
+                bias = g.bias[..., : g.kv_idx.shape[1]] if g.sink else g.bias
+                tiles += [_tile_batch(query, g.q_idx), _tile_batch(key, g.kv_idx), _tile_batch(value, g.kv_idx),
+                          bias.to(query.dtype)]
+            slot_query = torch.cat([g.q_idx.reshape(-1) for g in self.groups]) - self.image.start
+            return _FusedParts.apply(scale, self.from_tiles, slot_query, q_img.transpose(1, 2), k_sh.transpose(1, 2),
+                                     v_sh.transpose(1, 2), *tiles)
         if return_lse or self.explicit == "window":
             window = self._untile([_windows(query, key, value, g, scale, "explicit") for g in self.groups])
         if return_lse or self.explicit == "shared":
@@ -208,6 +220,59 @@ def _fused_lse_runs(query, key, value) -> bool:
     return FUSED_WITH_LSE is not None and query.device.type == "cpu" and not needs_grad
 
 
+def _fused_backward_runs(query) -> bool:
+    """Whether :class:`_FusedParts` serves a call with a backward: on CPU, where torch has both kernels."""
+    return FUSED_WITH_LSE is not None and FUSED_BACKWARD is not None and query.device.type == "cpu"
+
+
+class _FusedParts(torch.autograd.Function):
+    """The split with a backward on CPU: the image queries against their windows (the tile groups) and against the
+    shared keys, each part in SDPA's CPU kernel, merged by the kernels' log-sum-exp. The backward runs the
+    kernel's own backward on every part with the merged output and log-sum-exp (a part's share of the softmax is
+    the whole's restricted to its keys, the way ring attention merges blocks), so it keeps nothing but the
+    inputs, the output and the log-sum-exp.
+
+    ``apply(scale, from_tiles [N], slot_query [slots], qs [B, heads, N, D], ks/vs [B, heads, G, D], *tiles)``:
+    ``tiles`` are ``(q [n, B * heads, tq, D], k/v [n, B * heads, nb, D], bias)`` per group; ``slot_query`` each
+    slot's image query (padding slots repeat one); returns ``[B, N, heads, D]``."""
+
+    @staticmethod
+    def forward(ctx, scale, from_tiles, slot_query, qs, ks, vs, *tiles):
+        b, heads = qs.shape[:2]
+        parts = [FUSED_WITH_LSE(*tiles[i : i + 3], attn_mask=tiles[i + 3], scale=scale) for i in range(0, len(tiles), 4)]
+        window = tuple(torch.cat([_from_tile_batch(p[j], b, heads) for p in parts], 1).index_select(1, from_tiles)
+                       for j in (0, 1))
+        o_s, l_s = FUSED_WITH_LSE(qs, ks, vs, scale=scale)
+        out, lse = _merge(window, (o_s.transpose(1, 2), l_s.transpose(1, 2)), qs.dtype, True)
+        out = out.to(qs.dtype)
+        ctx.scale = scale
+        ctx.save_for_backward(from_tiles, slot_query, qs, ks, vs, out, lse, *tiles)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from_tiles, slot_query, qs, ks, vs, out, lse, *tiles = ctx.saved_tensors
+        b, heads = qs.shape[:2]
+        grad = grad.to(qs.dtype)
+        dqs, dks, dvs = FUSED_BACKWARD(grad.transpose(1, 2), qs, ks, vs, out.transpose(1, 2), lse.transpose(1, 2),
+                                       0.0, False, scale=ctx.scale)
+        # slot order; padding slots get no gradient and an infinite log-sum-exp (their probabilities are 0)
+        real = from_tiles.index_select(0, slot_query) == torch.arange(slot_query.numel(), device=grad.device)
+        g_slots = grad.index_select(1, slot_query) * real[None, :, None, None]
+        o_slots = out.index_select(1, slot_query)
+        l_slots = lse.index_select(1, slot_query).masked_fill(~real[None, :, None], float("inf"))
+        grads, start = [], 0
+        for i in range(0, len(tiles), 4):
+            q, k, v, bias = tiles[i : i + 4]
+            n, tq = q.shape[0], q.shape[2]
+            rows = slice(start, start + n * tq)
+            start += n * tq
+            grads += [*FUSED_BACKWARD(_tile_batch_of(g_slots[:, rows], n), q, k, v, _tile_batch_of(o_slots[:, rows], n),
+                                      _tile_batch_of(l_slots[:, rows], n), 0.0, False, attn_mask=bias, scale=ctx.scale),
+                      None]
+        return (None, None, None, dqs, dks, dvs, *grads)
+
+
 def _merge(a, b, dtype, return_lse: bool):
     """Two parts' ``(out [B, N, heads, D], lse [B, N, heads])`` of one softmax -> the whole's output in ``dtype``
     (and log-sum-exp; then both float32): ``(e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b)``."""
@@ -222,6 +287,27 @@ def _tiles_of(x, idx):
     b, _, heads, c = x.shape
     n, length = idx.shape
     return x.index_select(1, idx.reshape(-1)).view(b, n, length, heads, c).permute(1, 0, 3, 2, 4)
+
+
+def _tile_batch(x, idx):
+    """``x [B, S, heads, C]`` at ``idx [tiles, length]`` -> ``[tiles, B * heads, length, C]`` (SDPA's batch)."""
+    b, _, heads, c = x.shape
+    return _tiles_of(x, idx).reshape(idx.shape[0], b * heads, idx.shape[1], c)
+
+
+def _from_tile_batch(t, b: int, heads: int):
+    """``[tiles, B * heads, tq, ...]`` -> ``[B, tiles * tq, heads, ...]`` (slot order)."""
+    n, _, tq = t.shape[:3]
+    t = t.reshape(n, b, heads, tq, *t.shape[3:]).transpose(2, 3).transpose(0, 1)
+    return t.reshape(b, n * tq, heads, *t.shape[4:])
+
+
+def _tile_batch_of(t, n: int):
+    """``[B, tiles * tq, heads, ...]`` (slot order) -> ``[tiles, B * heads, tq, ...]``: :func:`_from_tile_batch`'s
+    inverse."""
+    b, slots, heads = t.shape[:3]
+    t = t.reshape(b, n, slots // n, heads, *t.shape[3:]).transpose(0, 1).transpose(2, 3)
+    return t.reshape(n, b * heads, slots // n, *t.shape[4:])
 
 
 def _windows(query, key, value, g: _Group, scale: float, lse: str | None = None, sink=None, offset: int = 0):
@@ -243,12 +329,10 @@ def _windows(query, key, value, g: _Group, scale: float, lse: str | None = None,
             return torch.cat(parts, 1)
         return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
-    def gather(t, idx):  # [B, S, heads, D] -> [tiles, B * heads, length, D]
-        return _tiles_of(t, idx).reshape(n, b * heads, idx.shape[1], t.shape[-1])
+    gather = _tile_batch
 
     def untile(t):  # [tiles, B * heads, tq, ...] -> [B, tiles * tq, heads, ...]
-        t = t.reshape(n, b, heads, tq, *t.shape[3:]).transpose(2, 3).transpose(0, 1)
-        return t.reshape(b, n * tq, heads, *t.shape[4:])
+        return _from_tile_batch(t, b, heads)
 
     bias = g.bias[..., :nb] if g.sink and sink is None else g.bias
     if lse == "explicit":
