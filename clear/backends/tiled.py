@@ -19,20 +19,22 @@ The keys every image query sees besides its window, the text keys and the pooled
   ``out = (e^lse1 o1 + e^lse2 o2) / (e^lse1 + e^lse2)`` (:func:`_merge`, computed with
   ``logaddexp``). Nothing is copied per tile but the window box.
 
-  - Without a backward on CPU, both parts run in SDPA's CPU kernel, which also returns the
-    log-sum-exp (:data:`FUSED_WITH_LSE`); its log-sum-exp has no gradient, hence:
-  - with a backward (or off CPU), one part, the one with fewer keys per query, gets explicit
-    float32 logits (its output and log-sum-exp, differentiable torch ops); the other runs in SDPA
-    with ONE extra key that stands for the explicit part: its logit is the explicit part's
-    log-sum-exp (an extra channel of the query, ``lse / scale``, against a 1 in the extra key) and
-    its value a one-hot extra channel. SDPA's own softmax then weighs the two parts, its extra
-    output channel is the explicit part's weight ``e^lse_E / (e^lse_E + e^lse_F)``, and
-    ``out = out_F[:D] + out_F[D] * o_E`` is the exact merge, with SDPA's kernel and backward. In
-    lower precision the extra logit rides in two channels (a high and a low part), so it keeps
-    float32's precision.
+  - On CPU both parts run in SDPA's CPU kernel, which also returns the log-sum-exp
+    (:data:`FUSED_WITH_LSE`); with a backward, :class:`_FusedParts` runs the kernel's own
+    backward on each part with the merged output and log-sum-exp, as ring attention merges blocks.
+  - Elsewhere (other devices, or a torch without that kernel), one part, the one with fewer keys
+    per query, gets explicit float32 logits (its output and log-sum-exp, differentiable torch
+    ops); the other runs in SDPA with ONE extra key that stands for the explicit part: its logit
+    is the explicit part's log-sum-exp (an extra channel of the query, ``lse / scale``, against a
+    1 in the extra key) and its value a one-hot extra channel. SDPA's own softmax then weighs the
+    two parts, its extra output channel is the explicit part's weight ``e^lse_E / (e^lse_E +
+    e^lse_F)``, and ``out = out_F[:D] + out_F[D] * o_E`` is the exact merge, with SDPA's kernel
+    and backward. In lower precision the extra logit rides in two channels (a high and a low
+    part), so it keeps float32's precision.
 
-With ``return_lse`` (patch-parallel bands) and a backward, every part's logits are computed
-explicitly in float32 (they are small) and the parts merge by ``logaddexp``.
+With ``return_lse`` (patch-parallel bands), when the kernel's log-sum-exp cannot serve (a
+backward, or off CPU), every part's logits are computed explicitly in float32 (they are small) and
+the parts merge by ``logaddexp``.
 
 Tiles that lie wholly inside the grid share one mask (the circle): they run as one batch with a
 broadcast mask, and only the tiles on the border carry masks of their own, so the plan's memory
@@ -63,12 +65,11 @@ MAX_GATHERED = 2**24
 # From this many shared keys (text + pooled) on, they run as their own attention call merged by log-sum-exp
 # instead of being gathered into every tile: each tile's copy of them costs 2 * shared * head_dim elements
 # (keys and values) per batch and head; the split costs a second SDPA call and a merge over the image outputs
-# (with a backward: one extra key per tile, one or two extra channels per head and explicit logits for one
-# part). Chosen by reasoning, not measured on an idle machine: tune it with scripts/benchmark.py (FLUX-shaped
+# (off CPU: one extra key per tile, one or two extra channels per head and explicit logits for one part). Chosen by reasoning, not measured on an idle machine: tune it with scripts/benchmark.py (FLUX-shaped
 # heads have 512 text keys; the mini model 32, plus (H/df)(W/df) pooled with down_factor df).
 SPLIT_FROM = 256
-# With the split, the window part gets the explicit logits when the shared keys outnumber its box's keys by more
-# than this factor (pooled keys at high resolution); otherwise the shared part does (text). Explicit logits cost a
+# With the split off CPU (the differentiable merge), the window part gets the explicit logits when the shared keys
+# outnumber its box's keys by more than this factor (pooled keys at high resolution); else the shared part does. Explicit logits cost a
 # few passes over memory per logit, SDPA's fused kernel none: the part with fewer keys per query takes them.
 EXPLICIT_WINDOW_ABOVE = 1.0
 
