@@ -159,8 +159,10 @@ def _band_cases(n: int, seed: int) -> list[tuple]:
     return out
 
 
-BANDS = _band_cases(12, seed=7) + [((5, 9, 6, 20, 3, True, (4, 4), 2), 3, 3), ((4, 8, 10, 1.5, 2, True, (3, 5), 2), 2, 4),
-                                    ((3, 6, 6, 0.5, 3, True, (2, 4), 1), 0, 3)]
+# with the edge cases: a huge radius with df 3, a band inside a df 2 grid, a tiny radius
+BANDS = _band_cases(12, seed=7) + [((5, 9, 6, 20, 3, True, (4, 4), 2), 3, 3),
+                                   ((4, 8, 10, 1.5, 2, True, (3, 5), 2), 2, 4),
+                                   ((3, 6, 6, 0.5, 3, True, (2, 4), 1), 0, 3)]
 
 
 @pytest.mark.parametrize("name,split", VARIANTS, ids=VARIANT_IDS)

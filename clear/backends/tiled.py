@@ -65,12 +65,14 @@ MAX_GATHERED = 2**24
 # From this many shared keys (text + pooled) on, they run as their own attention call merged by log-sum-exp
 # instead of being gathered into every tile: each tile's copy of them costs 2 * shared * head_dim elements
 # (keys and values) per batch and head; the split costs a second SDPA call and a merge over the image outputs
-# (off CPU: one extra key per tile, one or two extra channels per head and explicit logits for one part). Chosen by reasoning, not measured on an idle machine: tune it with scripts/benchmark.py (FLUX-shaped
-# heads have 512 text keys; the mini model 32, plus (H/df)(W/df) pooled with down_factor df).
+# (off CPU: one extra key per tile, one or two extra channels per head and explicit logits for one part).
+# Chosen by reasoning, not measured on an idle machine: tune it with scripts/benchmark.py (FLUX-shaped heads
+# have 512 text keys; the mini model 32, plus (H/df)(W/df) pooled with down_factor df).
 SPLIT_FROM = 256
-# With the split off CPU (the differentiable merge), the window part gets the explicit logits when the shared keys
-# outnumber its box's keys by more than this factor (pooled keys at high resolution); else the shared part does. Explicit logits cost a
-# few passes over memory per logit, SDPA's fused kernel none: the part with fewer keys per query takes them.
+# With the split off CPU (the differentiable merge), the window part gets the explicit logits when the shared
+# keys outnumber its box's keys by more than this factor (pooled keys at high resolution), else the shared part
+# does. Explicit logits cost a few passes over memory per logit, SDPA's fused kernel none: the part with fewer
+# keys per query takes them.
 EXPLICIT_WINDOW_ABOVE = 1.0
 
 
@@ -240,7 +242,8 @@ class _FusedParts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale, from_tiles, slot_query, qs, ks, vs, *tiles):
         b, heads = qs.shape[:2]
-        parts = [FUSED_WITH_LSE(*tiles[i : i + 3], attn_mask=tiles[i + 3], scale=scale) for i in range(0, len(tiles), 4)]
+        parts = [FUSED_WITH_LSE(*tiles[i : i + 3], attn_mask=tiles[i + 3], scale=scale)
+                 for i in range(0, len(tiles), 4)]
         window = tuple(torch.cat([_from_tile_batch(p[j], b, heads) for p in parts], 1).index_select(1, from_tiles)
                        for j in (0, 1))
         o_s, l_s = FUSED_WITH_LSE(qs, ks, vs, scale=scale)
