@@ -351,7 +351,7 @@ def test_tiled_split_traces_whole(split, monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("split", ["fused", "window"])
 def test_tiled_split_in_a_flux_model_equals_dense(split, monkeypatch):
     """A whole tiny FLUX model with pooled keys through apply_clear: the tiled backend with the shared keys split
     off equals the dense backend in inference and in a training step (the gradients of every parameter)."""
@@ -362,7 +362,7 @@ def test_tiled_split_in_a_flux_model_equals_dense(split, monkeypatch):
             calls[_what] += 1
             return _fn(*args)
         monkeypatch.setattr(tiled, fn.__name__, counted)
-    x = flux_inputs(6, 8, batch=2)
+    x = flux_inputs(4, 6, batch=1)
     results = {}
     for backend in ("dense", "tiled"):
         model = tiny_flux()
