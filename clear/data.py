@@ -194,6 +194,12 @@ def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str,
     missing = [n for n in names if n not in tensors]
     if missing:
         raise BadSampleError(f"bad cache: {path} lacks {', '.join(missing)}; delete it and re-run the cache script")
+    for n in names:  # a NaN here would reach the loss and read as divergence
+        t = tensors[n]
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise BadSampleError(f"bad cache: {path} holds {bad} NaN or infinite values in {n}; delete it and re-run "
+                                 "the cache script")
     return {n: tensors[n] for n in names}
 
 

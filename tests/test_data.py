@@ -271,3 +271,24 @@ def test_cache_scripts_refuse_a_crafted_shard_and_write_nothing(tmp_path, tiny_f
                                       "--data_root", str(root), *extra])
         assert str(e.value.code).startswith(f"{shard}: member '{escape}.jpg' is a '..' component")
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_non_finite_cached_feature_is_a_bad_sample_named(tmp_path):
+    from safetensors.torch import save_file
+
+    root = tmp_path / "d"
+    root.mkdir()
+    for key in ("a", "b", "c"):
+        (root / f"{key}.json").write_text('{"prompt": "x"}')
+    cache = tmp_path / "cache"
+    (cache / "latent_codes").mkdir(parents=True)
+    good = {"latent_mean": torch.zeros(4, 2, 2), "latent_std": torch.ones(4, 2, 2)}
+    save_file(good, cache / "latent_codes" / "a.safetensors")
+    save_file(dict(good, latent_mean=torch.full((4, 2, 2), float("nan"))), cache / "latent_codes" / "b.safetensors")
+    save_file(dict(good, latent_std=torch.full((4, 2, 2), float("inf"))), cache / "latent_codes" / "c.safetensors")
+    ds = DistillDataset(index_samples(root), 8, cache_dir=cache, cached_latents=True)
+    assert not isinstance(ds[0], BadSample)
+    for i, name in ((1, "latent_mean"), (2, "latent_std")):
+        assert isinstance(ds[i], BadSample) and ds[i].kind == "bad cache"
+        assert ds[i].reason == (f"bad cache: {cache / 'latent_codes' / ds.samples[i].id}.safetensors holds "
+                                f"16 NaN or infinite values in {name}; delete it and re-run the cache script")
