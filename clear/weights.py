@@ -28,6 +28,11 @@ from .files import save_safetensors
 logger = logging.getLogger(__name__)
 
 HUB_REPO = "Huage001/CLEAR"
+# The revision of HUB_REPO that download_weights fetches (a branch, tag or commit sha), named in every Hub call so
+# that what is downloaded is chosen here, not by whatever the repo's default branch holds that day. Override it with
+# download_weights(revision=...) or the generate scripts' --weights_revision. To pin the files byte for byte, set it
+# to a commit sha (huggingface_hub.model_info(HUB_REPO).sha on a machine with network access).
+HUB_REVISION = "main"
 # FLUX.2's single-stream blocks fuse q, k, v with the MLP input (to_qkv_mlp_proj) and attention with the MLP output
 # (to_out, a Linear there; a ModuleList, without parameters of its own, everywhere else)
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "to_out")
@@ -88,11 +93,12 @@ def _remove_new_dirs(created: list[Path]) -> None:
 
 
 def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.PathLike = "ckpt",
-                     repo_id: str = HUB_REPO) -> str:
+                     repo_id: str = HUB_REPO, revision: str | None = None) -> str:
     """Path to the released file for ``(radius, down_factor)``, fetched with
-    ``huggingface_hub.hf_hub_download`` into ``local_dir`` unless already there. Offline (or
-    after a failed download) the Hugging Face cache is tried; a failed download leaves nothing
-    behind in ``local_dir``."""
+    ``huggingface_hub.hf_hub_download`` at ``revision`` (default :data:`HUB_REVISION`) into ``local_dir``
+    unless already there. Offline (or after a failed download) the Hugging Face cache is tried at the same
+    revision; a failed download leaves nothing behind in ``local_dir``."""
+    revision = revision or HUB_REVISION
     variant = Variant(radius, down_factor)
     if repo_id == HUB_REPO and variant.name not in RELEASED:
         raise ValueError(f"no released CLEAR weights for {variant.name}; released: {', '.join(RELEASED)}")
@@ -106,15 +112,16 @@ def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.Path
         local = Path(local_dir)
         created = [p for p in (local, local / ".cache", local / ".cache" / "huggingface") if not p.exists()]
         try:
-            return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_dir=str(local_dir))
+            return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_dir=str(local_dir),
+                                   revision=revision)
         except Exception as e:  # no such file, gated, network error: the HF cache may still have it
             _remove_new_dirs(created)
             reason = f"{type(e).__name__}: {e}"
     try:
-        return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_files_only=True)
+        return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_files_only=True, revision=revision)
     except Exception as e:
         raise FileNotFoundError(
-            f"could not get {variant.filename} from the Hub repo {repo_id} ({reason}), and it is not in the local "
+            f"could not get {variant.filename} from the Hub repo {repo_id} at revision {revision} ({reason}), and it is not in the local "
             f"Hugging Face cache. Download it by hand and put it at {target} (for a gated or private repo, "
             "`hf auth login` first)"
         ) from e

@@ -271,12 +271,13 @@ def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down_factor: int = 1,
                        local_dir: str | os.PathLike = "ckpt", family: str = "flux",
-                       strict_radius: bool = True) -> str | None:
+                       strict_radius: bool = True, revision: str | None = None) -> str | None:
     """``"released"`` (or ``"auto"``): the released file for the variant (FLUX.1-dev weights;
     none exist for SD3), downloaded into ``local_dir`` on first use (offline: the error says
     where to put it); ``None``/``"none"``: no checkpoint (untrained CLEAR, e.g. for tests or a
     zero-shot look); a path: checked to match the variant and the model ``family`` (its radius only
-    with ``strict_radius``: see :func:`check_checkpoint`). Returns a path or ``None``."""
+    with ``strict_radius``: see :func:`check_checkpoint`). ``revision``: of the released files' Hub repo
+    (default :data:`clear.weights.HUB_REVISION`). Returns a path or ``None``."""
     if checkpoint is None or str(checkpoint).lower() == "none":
         return None
     if str(checkpoint).lower() in ("released", "auto", "default"):
@@ -289,7 +290,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down
         if name not in RELEASED:
             raise ValueError(f"no released CLEAR weights for radius={radius:g}, down_factor={down_factor}; released: "
                              f"{', '.join(RELEASED)}. Pass --checkpoint PATH to your own weights or --checkpoint none")
-        path = download_weights(int(radius), down_factor, local_dir=local_dir)
+        path = download_weights(int(radius), down_factor, local_dir=local_dir, revision=revision)
     else:
         path = str(checkpoint)
     check_checkpoint(path, radius, down_factor, family, strict_radius)
