@@ -212,7 +212,9 @@ def check_inputs(args):
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
         transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
-        args.max_sequence_length = args.max_sequence_length or family.spec(transformer_config).max_sequence_length
+        family.check_text_length(args.max_sequence_length)
+        if args.max_sequence_length is None:
+            args.max_sequence_length = family.spec(transformer_config).max_sequence_length
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
         if args.use_cached_prompt_embed:
             check_cache(cache_dir, PROMPT_EMBEDS, family.name, max_sequence_length=args.max_sequence_length)

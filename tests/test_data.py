@@ -292,3 +292,18 @@ def test_a_non_finite_cached_feature_is_a_bad_sample_named(tmp_path):
         assert isinstance(ds[i], BadSample) and ds[i].kind == "bad cache"
         assert ds[i].reason == (f"bad cache: {cache / 'latent_codes' / ds.samples[i].id}.safetensors holds "
                                 f"16 NaN or infinite values in {name}; delete it and re-run the cache script")
+
+
+def test_cache_and_training_scripts_refuse_zero_text_tokens(tmp_path, tiny_flux_pipeline_dir):
+    """--max_sequence_length 0 used to become the model's default without a word."""
+    from scripts_loader import load_script
+
+    (tmp_path / "a.json").write_text('{"prompt": "x"}')
+    argv = ["--pretrained_model_name_or_path", str(tiny_flux_pipeline_dir), "--data_root", str(tmp_path),
+            "--max_sequence_length", "0"]
+    want = "max_sequence_length=0: the number of text tokens must be a whole number >= 1"
+    with pytest.raises(SystemExit, match=want):
+        load_script("cache_prompt_embeds").main(argv)
+    with pytest.raises(SystemExit, match=want):
+        load_script("distill").main([*argv, "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("*.safetensors"))

@@ -184,6 +184,7 @@ def run(args, pipe) -> dict[str, str]:
 
     original = None
     if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
+        inf.check_weights_fit(pipe, args.clear)  # so the checkpoint's keys and shapes are checked before it runs
         original = chain(None)
         meta = _settings(args, original[-1].result, total_seconds=round(_total(original), 3))
         written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"), meta)
