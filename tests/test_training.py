@@ -1066,6 +1066,31 @@ def test_a_truncated_shard_exits_with_its_message_and_no_traceback(data, tmp_pat
     assert not (tmp_path / "run").exists()  # refused before the output folder is touched
 
 
+def test_launched_refusals_and_failures_are_one_line(data, tmp_path):
+    """`--accelerate_config CONFIG`: the checks run in this process before any worker starts (a truncated shard:
+    one line), and a failure inside the launched worker (divergence at step 2) is its one line, exit 1, without
+    accelerate's CalledProcessError traceback (which a plain `accelerate launch` prints after it)."""
+    root = _truncated_copy(data, tmp_path)
+    launch = [sys.executable, str(REPO / "scripts" / "distill.py"), "--accelerate_config",
+              str(REPO / "configs" / "cpu.yaml")]
+    proc = subprocess.run([*launch, *distill_args(data, tmp_path / "run", "--data_root", str(root), "--cache_dir",
+                                                  str(data["root"] / "data_cache"))],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{root / 'shard-00000.tar'} is not a readable"), \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+    out = tmp_path / "diverges"
+    proc = subprocess.run([*launch, *distill_args(data, out, "--learning_rate", "1e30", "--max_grad_norm", "1e30",
+                                                  "--max_train_steps", "3", "--checkpointing_steps", "1")],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "training diverged at step 2: " in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+
+
 # ------------------------------------------------------------------------------------------
 # bad samples: distinct files, once
 # ------------------------------------------------------------------------------------------
