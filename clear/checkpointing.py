@@ -8,9 +8,9 @@ or edited, the manifest left behind) is recognised before anything of it is load
 (``--checkpoints_total_limit``) counts and deletes complete checkpoints only, never the newest one.
 The optimizer, schedule and random states (and DeepSpeed's ``*.pt`` files) are pickles, which
 loading runs as code: the hashes find damage, not a forger who rewrites the manifest too, so a
-checkpoint folder must come from someone you trust. ``run_settings.json`` holds the settings of the run that wrote it; a resumed run
-compares its own with them (:func:`settings_changes`), and each process's data state holds
-a fingerprint of the dataset (:func:`dataset_fingerprint`).
+checkpoint folder must come from someone you trust. ``run_settings.json`` holds the settings of the
+run that wrote it; a resumed run compares its own with them (:func:`settings_changes`), and each
+process's data state holds a fingerprint of the dataset (:func:`dataset_fingerprint`).
 
 One run per output folder: :class:`OutputDirLock` holds ``<output_dir>/.lock`` (pid, host)
 for the run's lifetime. :class:`CheckpointManager` puts these together for one run: which

@@ -141,6 +141,10 @@ def index_samples(root: str | os.PathLike) -> list[Sample]:
                     continue
                 path = Path(dirpath) / name
                 _check_inside(path, inside)
+                why = unsafe_name(rel + name)  # only a literal "\\" in a file name can lead out here
+                if why is not None:
+                    raise ValueError(f"{path}: its name could lead outside the cache folder ({why}, reading '\\' as a "
+                                     "folder separator); rename the file")
                 if name.endswith(".tar"):
                     groups.update(_tar_samples(path, rel + name[: -len(".tar")]))
                     continue

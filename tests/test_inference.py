@@ -759,6 +759,10 @@ def test_late_or_silent_settings_are_refused_before_anything_loads(generate_cli,
         with pytest.raises(ValueError, match=message):
             generate_cli.main([*base, *extra, *out])
     assert not (tmp_path / "x.png").exists()
+    from clear.commands import generate_eval_set
+
+    with pytest.raises(ValueError, match=r"^max_sequence_length=0: the number of text tokens"):  # evaluation sets too
+        generate_eval_set.preflight(tiny_flux_pipeline_dir, 32, 48, max_sequence_length=0)
     from tiny_models import tiny_flux
 
     for radius in (float("inf"), float("nan")):  # the library refuses them too

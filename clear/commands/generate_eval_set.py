@@ -11,7 +11,7 @@ from ..devices import resolve_device
 def preflight(model: str, height: int, width: int, radius: float | None = None, down_factor: int = 1,
               checkpoint: str = "released", ckpt_dir: str = "ckpt", backend: str = "auto",
               strict_radius: bool = True, steps: int | None = None, guidance: float | None = None,
-              device: str = "auto", weights_revision: str | None = None):
+              device: str = "auto", weights_revision: str | None = None, max_sequence_length: int | None = None):
     """Every check that needs no weights: device, sampling, the model (its configs, described once:
     :class:`clear.inference.PipelineInfo`), sizes, the CLEAR variant and its checkpoint (header only).
     Returns (device, pipeline description, CLEAR spec or None)."""
@@ -21,6 +21,7 @@ def preflight(model: str, height: int, width: int, radius: float | None = None, 
     inf.check_sampling(steps, guidance)
     info = inf.describe_pipeline(model)  # configs only; fails on unsupported models
     info.check_size(height, width, down_factor if radius is not None else 1)
+    info.family.check_text_length(max_sequence_length)
     if radius is None:
         return device, info, None
     checkpoint = inf.resolve_checkpoint(checkpoint, radius, down_factor, ckpt_dir, family=info.family.name,
@@ -45,7 +46,8 @@ def run(prompts: str, out: str, num: int | None = None, sample_seed: int | None 
     entries = load_prompts(prompts, num=num, sample_seed=sample_seed)
     try:
         device, info, spec = preflight(model, height, width, radius, down_factor, checkpoint, ckpt_dir, backend,
-                                       strict_radius, steps, guidance, device, weights_revision)
+                                       strict_radius, steps, guidance, device, weights_revision,
+                                       max_sequence_length)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
     pipe = inf.load_pipeline(model, str(device), dtype, offload=cpu_offload, info=info)
