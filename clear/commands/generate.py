@@ -81,7 +81,10 @@ def add_arguments(p) -> None:
                         "(arXiv 2410.07536) keeps the low frequencies of the stage's input image, strongest at the "
                         "first step; 0 (default) = off; e.g. 1 for large upscales (docs/mini.md)")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
-                   help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
+                   help="diffusers' VAE tiling in upscaling stages (auto: from --vae_tiling_latents latent cells)")
+    h.add_argument("--vae_tiling_latents", type=int, default=defaults.VAE_TILING_LATENTS,
+                   help=f"--vae_tiling auto turns tiling on from this many latent cells (height/f x width/f, f the "
+                        f"VAE's scale factor; default {defaults.VAE_TILING_LATENTS}: FLUX from 2048x2048 pixels)")
     m = p.add_argument_group("multi-GPU (launch with torchrun --nproc_per_node N; docs/parallel.md)")
     m.add_argument("--parallel", default="none", choices=("none", "patch"),
                    help="patch (FLUX only): each GPU denoises a band of image rows, exchanging K/V halos "
@@ -139,7 +142,7 @@ def resolve_args(args):
         upscale_steps=args.upscale_steps, guidance=args.guidance, ntk_factor=args.ntk_factor,
         proportional=args.proportional, shift=args.shift, tiling=args.tiling,
         max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels,
-        lowres_guidance=args.lowres_guidance)
+        lowres_guidance=args.lowres_guidance, tiling_latents=args.vae_tiling_latents)
     args.family, args.ntk_factor = plan.info.family, plan.ntk_factor
     if args.parallel == "patch" and args.family.name != "flux":
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
