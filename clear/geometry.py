@@ -42,8 +42,10 @@ class Window:
     down_factor: int = 1
 
     def __post_init__(self):
-        if self.radius is not None and not (isinstance(self.radius, (int, float)) and self.radius > 0):
-            raise ValueError(f"radius must be a positive number of tokens or None (full attention), got {self.radius!r}")
+        if self.radius is not None and not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius)
+                                            and self.radius > 0):
+            raise ValueError(f"radius must be a finite positive number of tokens or None (full attention), got "
+                             f"{self.radius!r}")
         if not isinstance(self.down_factor, int) or self.down_factor < 1:
             raise ValueError(f"down_factor must be an integer >= 1, got {self.down_factor!r}")
         if self.radius is None and self.down_factor > 1:

@@ -35,6 +35,8 @@ def add_arguments(p) -> None:
                    "downloaded into --ckpt_dir on first use; none exist for SD3), a .safetensors path, or 'none' "
                    "(untrained CLEAR)")
     g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
+    g.add_argument("--weights_revision", default=None, help="revision (commit sha, tag, branch) of the released "
+                   "weights' Hub repo to download (default: clear.weights.HUB_REVISION)")
     g.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
                    help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
                    "public release's attn_weights.safetensors) or says another one: you vouch for the window")
@@ -145,7 +147,8 @@ def resolve_args(args):
     if args.parallel == "patch" and args.family.name != "flux":
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
     args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                                  family=args.family.name, strict_radius=args.strict_radius)
+                                                  family=args.family.name, strict_radius=args.strict_radius,
+                                                  revision=args.weights_revision)
     args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend, args.strict_radius)
     args.plan = plan.with_clear(args.clear)
     return args
@@ -184,6 +187,7 @@ def run(args, pipe) -> dict[str, str]:
 
     original = None
     if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
+        inf.check_weights_fit(pipe, args.clear)  # so the checkpoint's keys and shapes are checked before it runs
         original = chain(None)
         meta = _settings(args, original[-1].result, total_seconds=round(_total(original), 3))
         written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"), meta)

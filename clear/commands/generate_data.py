@@ -24,11 +24,12 @@ def run(pretrained_model_name_or_path: str, prompts: str, output_dir: str, model
         family = resolve_family(model_family, pretrained_model_name_or_path)
         for name, pixels in (("--height", height), ("--width", width)):
             family.check_size(pretrained_model_name_or_path, pixels, name=name)
+        family.check_text_length(max_sequence_length)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     spec = family.model_spec(pretrained_model_name_or_path)  # the model's own guidance and T5 length
     guidance_scale = spec.guidance if guidance_scale is None else guidance_scale
-    max_sequence_length = max_sequence_length or spec.max_sequence_length
+    max_sequence_length = spec.max_sequence_length if max_sequence_length is None else max_sequence_length
     entries, bad = read_training_prompts(prompts, base_seed=seed)
     for line in bad:
         print(f"skipped prompt entry {line}", file=sys.stderr)

@@ -124,6 +124,9 @@ class ModelFamily:
     rope: bool = False
     released_weights: bool = False
     example: str = ""
+    # the most text tokens (max_sequence_length) the family's pipelines accept (FluxPipeline and SD3's refuse more
+    # than 512, QwenImagePipeline more than 1024); None: no bound known
+    max_text_tokens: int | None = 512
 
     # -- the released models -------------------------------------------------------------
     def spec(self, transformer_config: Mapping) -> ModelSpec:
@@ -278,10 +281,27 @@ class ModelFamily:
                             "not RoPE), so NTK scaling does not apply")
         return contextlib.nullcontext()
 
+    def check_text_length(self, max_sequence_length: int | None) -> None:
+        """``max_sequence_length`` (``None``: the model's default) is a whole number of text tokens >= 1 and at
+        most :attr:`max_text_tokens`; checked before anything loads (a 0 must not turn into the default)."""
+        n = max_sequence_length
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_sequence_length={n!r}: the number of text tokens must be a whole number >= 1 "
+                             "(leave it out for the model's default)")
+        if self.max_text_tokens is not None and n > self.max_text_tokens:
+            raise ValueError(f"max_sequence_length={n}: {self.name} pipelines take at most {self.max_text_tokens} text "
+                             f"tokens; pass at most {self.max_text_tokens} (or leave it out for the model's default)")
+
     def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
         """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.defaults.DEFAULT_NTK_FACTOR`
-        (10), 1 = off. Without: nothing, with a logged note; an explicit factor other than 1 is an error, it
-        cannot be honoured."""
+        (10), 1 = off; a factor must be finite and > 0. Without: nothing, with a logged note; an explicit factor
+        other than 1 is an error, it cannot be honoured."""
+        if ntk_factor is not None and not (isinstance(ntk_factor, (int, float)) and math.isfinite(ntk_factor)
+                                           and ntk_factor > 0):
+            raise ValueError(f"ntk_factor={ntk_factor:g}: the NTK factor scales RoPE's base and must be a finite "
+                             f"number > 0 (1 = off); leave --ntk_factor out for the default {DEFAULT_NTK_FACTOR:g}")
         if self.rope:
             return DEFAULT_NTK_FACTOR if ntk_factor is None else float(ntk_factor)
         if ntk_factor is not None and float(ntk_factor) != 1.0:

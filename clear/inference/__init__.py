@@ -49,7 +49,8 @@ from ..families.flux import NTKFluxPosEmbed, set_ntk_rope
 from .highres import (Stage, fixed_shift_scheduler, generate_highres, img2img_pipeline, ntk_rope,
                       proportional_attention, run_plan, run_upscale, upscale, vae_tiling)
 from .outputs import image_grid, png_metadata, save_png, timing_label
-from .pipeline import (ClearSpec, NonFiniteImageError, PipelineInfo, Plan, Result, apply_to_pipeline, clear_label,
+from .pipeline import (ClearSpec, NonFiniteImageError, PipelineInfo, Plan, Result, apply_to_pipeline, check_weights_fit,
+                       clear_label,
                        clear_models, default_settings, describe_pipeline, finite_image, generate,
                        generate_patch_parallel, load_pipeline, model_name, model_spec, plan_generation,
                        remove_from_pipeline, run_generate, wants_vae_tiling)
@@ -63,7 +64,7 @@ __all__ = [
     "SUPPORTED_PIPELINES", "SUPPORTED_TRANSFORMERS",
     # pipelines, CLEAR on them, generation
     "PipelineInfo", "describe_pipeline", "model_spec", "model_name", "default_settings", "load_pipeline",
-    "clear_models", "apply_to_pipeline", "remove_from_pipeline", "ClearSpec", "clear_label",
+    "clear_models", "apply_to_pipeline", "check_weights_fit", "remove_from_pipeline", "ClearSpec", "clear_label",
     "Plan", "plan_generation", "Result", "NonFiniteImageError", "finite_image", "generate", "run_generate",
     "generate_patch_parallel",
     # high resolution

@@ -22,8 +22,8 @@ from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, family_of
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_SHIFT, DEFAULT_STRENGTH, VAE_TILING_LATENTS
 from .checks import check_sampling, pipeline_family, resolve_ntk_factor
-from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, clear_models, describe_pipeline, plan_generation,
-                       result_settings, run_generate, timed_call, wants_vae_tiling)
+from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, check_weights_fit, clear_models, describe_pipeline,
+                       plan_generation, result_settings, run_generate, timed_call, wants_vae_tiling)
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,6 +330,8 @@ def run_plan(pipe, prompt: str, plan: Plan, seed: int = 0, warmup: bool = False,
         plan.clear.apply(pipe, family=info.family.name)
         return replace(info, clear=plan.clear)
 
+    if plan.base_model == "original" or base_image is not None:  # CLEAR loads after the base image: check it now
+        check_weights_fit(pipe, plan.clear)
     stages = []
     with tqdm(total=len(plan.sizes) + 1, desc="high-res stages", disable=not (progress and plan.sizes)) as bar:
         if base_image is None:

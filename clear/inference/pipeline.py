@@ -15,6 +15,7 @@ plan a generation (every setting checked once, before anything runs) and generat
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, ModelSpec, family_of, get_family
 from ..geometry import Window
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH, VAE_TILING_LATENTS
-from ..weights import load_clear_weights
+from ..weights import check_clear_weights, load_clear_weights
 from .. import parallel
 from ..devices import resolve_device, resolve_dtype
 from .checks import (check_checkpoint, check_sampling, check_size, check_upscaling, pipeline_family, resolve_ntk_factor,
@@ -90,7 +91,7 @@ class PipelineInfo:
                  max_sequence_length: int | None) -> tuple[int, float, int]:
         """The given steps, guidance and text length, the model's defaults where ``None``."""
         return (self.steps if steps is None else steps, self.guidance if guidance is None else guidance,
-                max_sequence_length or self.max_sequence_length)
+                self.max_sequence_length if max_sequence_length is None else max_sequence_length)
 
     def check_size(self, height: int, width: int, down_factor: int | None = None,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
@@ -201,6 +202,22 @@ def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoi
     return cores[0]
 
 
+def check_weights_fit(pipe, spec: ClearSpec | None) -> None:
+    """Check ``spec``'s checkpoint against ``pipe``'s transformer from the file's header (keys, shapes,
+    variant; nothing read or loaded), CLEAR put on and taken off again: for runs that generate with the
+    original model before the checkpoint loads (``--compare``, an original base image), so that a file of
+    another model fails before anything is generated. Nothing to do without a checkpoint, or when the
+    transformer already has CLEAR."""
+    transformer = pipe.transformer
+    if spec is None or spec.checkpoint is None or getattr(transformer, "clear_state", None) is not None:
+        return
+    apply_clear(transformer, spec.radius, spec.down_factor, backend=spec.backend)
+    try:
+        check_clear_weights(transformer, spec.checkpoint, strict_radius=spec.strict_radius)
+    finally:
+        remove_clear(transformer)
+
+
 def remove_from_pipeline(pipe) -> None:
     """Undo :func:`apply_to_pipeline`'s processors (loaded weights stay)."""
     for m in clear_models(pipe):
@@ -287,6 +304,10 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
         info.family.check_img2img()
     if sizes or ntk_factor is not None:
         ntk_factor = resolve_ntk_factor(info.family, ntk_factor)
+    if shift is not None and not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift={shift:g}: the scheduler shift of the upscaling stages must be a finite number > 0 "
+                         f"(the release uses {DEFAULT_SHIFT:g}), or 'dynamic'")
+    info.family.check_text_length(max_sequence_length)
     steps, guidance, max_sequence_length = info.sampling(steps, guidance, max_sequence_length)
     upscale_steps = steps if upscale_steps is None else upscale_steps
     if sizes:
