@@ -222,5 +222,5 @@ def test_quick_command_end_to_end(cli, mini_dir, tmp_path):
     assert "| variant | velocity MSE to the LoRA teacher ↓ (÷ zero-shot) | PSNR to the LoRA teacher ↑ |" in text
     for row in lora.ROWS:
         assert f"| {rows[row]['label']} |" in text
-    assert f"| CLEAR r=4 zero-shot + LoRA | {rows['zero_shot']['velocity_mse']:.4f} (1.00) |" in text
+    assert f"| CLEAR r=4 zero-shot + LoRA | {lora._mse(rows['zero_shot']['velocity_mse'])} (1.00) |" in text
     assert "FAIL: velocity error to the LoRA teacher: base-distilled below zero-shot" in text

@@ -295,6 +295,10 @@ def labels(s: LoraSettings) -> dict[str, str]:
             "base_teacher": "control: base teacher, LoRA off (full attention)"}
 
 
+GRID_LABELS = {"lora_teacher": "LoRA teacher", "zero_shot": "zero-shot + LoRA", "distilled": "base-distilled + LoRA",
+               "base_teacher": "base teacher, no LoRA"}
+
+
 def with_transformer(pipe, transformer):
     """A pipeline sharing ``pipe``'s components but ``transformer``."""
     return type(pipe)(**{**pipe.components, "transformer": transformer})
@@ -345,7 +349,7 @@ def bars(rows: dict) -> dict:
     in PSNR."""
     d, z = rows["distilled"], rows["zero_shot"]
     return {"velocity": {"text": "velocity error to the LoRA teacher: base-distilled below zero-shot",
-                         "value": f"{d['velocity_mse']:.4f} vs {z['velocity_mse']:.4f} "
+                         "value": f"{_mse(d['velocity_mse'])} vs {_mse(z['velocity_mse'])} "
                                   f"({d['velocity_vs_zero_shot']:.2f}x)",
                          "pass": d["velocity_mse"] < z["velocity_mse"]},
             "psnr": {"text": "same-seed PSNR to the LoRA teacher: base-distilled above zero-shot",
@@ -361,13 +365,17 @@ def _f(value, decimals: int) -> str:
     return "—" if value is None else f"{value:.{decimals}f}"
 
 
+def _mse(value: float) -> str:
+    return f"{value:.4f}" if value >= 1e-3 else f"{value:.2e}"
+
+
 def table(metrics: dict) -> list[str]:
     """The markdown table: one line per row of :data:`ROWS`."""
     out = ["| variant | velocity MSE to the LoRA teacher ↓ (÷ zero-shot) | PSNR to the LoRA teacher ↑ "
            "| kind accuracy ↑ | placement ↑ |", "|---|---:|---:|---:|---:|"]
     for row in ROWS:
         r = metrics["rows"][row]
-        v = "—" if "velocity_mse" not in r else f"{r['velocity_mse']:.4f} ({r['velocity_vs_zero_shot']:.2f})"
+        v = "—" if "velocity_mse" not in r else f"{_mse(r['velocity_mse'])} ({r['velocity_vs_zero_shot']:.2f})"
         out.append(f"| {r['label']} | {v} | {_f(r.get('psnr'), 2)} | {_f(r['kind_accuracy'], 3)} "
                    f"| {_f(r['placement'], 3)} |")
     return out
@@ -379,7 +387,7 @@ def markdown(metrics: dict) -> str:
     sc = metrics["style_check"]
     lines = ["# Mini CLEAR: plug-and-play on a LoRA of the teacher", "",
              f"`{metrics['command']}` — {metrics['date']}, {metrics['seconds']:.0f} s "
-             f"({metrics['machine']['cpu_count']} cores, {metrics['machine']['torch_threads']} torch threads).", "",
+             f"({metrics['machine']['cpu_count']} cores, torch threads: {metrics['machine']['torch_threads']}).", "",
              f"CLEAR r = {s['radius']} weights distilled from the **base** teacher (`{metrics['clear_weights']['path']}`,"
              f" sha256 {str(metrics['clear_weights']['sha256'])[:12]}…), applied unchanged to the teacher with a LoRA "
              f"trained on the `{s['style']}` style (rank {s['rank']}, alpha {s['alpha']:g}, "
@@ -391,10 +399,10 @@ def markdown(metrics: dict) -> str:
              "(`clear.mini.scenes.score_images`).", "",
              *table(metrics), "",
              *[f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()], "",
-             f"The LoRA draws its style: the LoRA teacher's images have PSNR {sc['lora_teacher'][s['style']]:.2f} dB to "
-             f"the scenes rendered `{s['style']}` and {sc['lora_teacher']['flat']:.2f} dB to them rendered `flat`; "
-             f"the base teacher's: {sc['base_teacher'][s['style']]:.2f} / {sc['base_teacher']['flat']:.2f} dB.", "",
-             "`grid.png`: per prompt, " + " | ".join(metrics["rows"][r]["label"] for r in ROWS) + "."]
+             f"Style check (does the LoRA draw its style?): PSNR of the LoRA teacher's images to the scenes rendered "
+             f"`{s['style']}` {sc['lora_teacher'][s['style']]:.2f} dB, rendered `flat` {sc['lora_teacher']['flat']:.2f} dB;"
+             f" of the base teacher's: {sc['base_teacher'][s['style']]:.2f} / {sc['base_teacher']['flat']:.2f} dB.", "",
+             "`grid.png`: per prompt, " + " | ".join(GRID_LABELS[r] for r in ROWS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -417,7 +425,7 @@ def write_outputs(s: LoraSettings, metrics: dict, measured: dict) -> None:
     write_text(out / "report.md", markdown(metrics))
     n = min(s.grid_prompts, len(measured["scenes"]))
     grid = grid_image([(S.caption(measured["scenes"][i]), [measured["images"][r][i] for r in ROWS])
-                       for i in range(n)], [metrics["rows"][r]["label"] for r in ROWS], panel=128)
+                       for i in range(n)], [GRID_LABELS[r] for r in ROWS], panel=128)
     with atomic_path(out / "grid.png") as tmp:
         grid.save(tmp, format="png")
 
