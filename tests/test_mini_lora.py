@@ -2,6 +2,7 @@
 score, the LoRA (trained with the teacher's flow matching, resumable, saved so that ``pipe.load_lora_weights``
 loads it), and the whole command on a tiny random mini pipeline with CLEAR weights made on the spot."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -224,3 +225,31 @@ def test_quick_command_end_to_end(cli, mini_dir, tmp_path):
         assert f"| {rows[row]['label']} |" in text
     assert f"| CLEAR r=4 zero-shot + LoRA | {lora._mse(rows['zero_shot']['velocity_mse'])} (1.00) |" in text
     assert "FAIL: velocity error to the LoRA teacher: base-distilled below zero-shot" in text
+
+
+def test_clear_weights_go_under_the_lora_unchanged(mini_dir, tmp_path):
+    """load_variants: the base-distilled file's tensors become the attention projections of the CLEAR copy, under
+    the LoRA loaded by pipe.load_lora_weights (its weights kept); the LoRA teacher itself is left untouched."""
+    from safetensors.torch import load_file, save_file
+
+    s = _settings(mini_dir, tmp_path / "lora", steps=2)
+    lora.make_lora(s)
+    from diffusers import FluxTransformer2DModel
+
+    base = FluxTransformer2DModel.from_pretrained(mini_dir, subfolder="transformer")
+    clear.apply_clear(base, radius=4)
+    path = clear.save_clear_weights(base, tmp_path / "clear_local_4.safetensors")
+    g = torch.Generator().manual_seed(3)
+    tensors = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt", "clear.radius": "4", "clear.down_factor": "1",
+                                       "clear.family": "flux", "clear.model": "FluxTransformer2DModel"})
+    _, models = lora.load_variants(dataclasses.replace(s, clear_weights=Path(path)))
+    teacher, distilled, zero = models["lora_teacher"], models["distilled"], models["zero_shot"]
+    key = "transformer_blocks.0.attn.to_q"
+    got = distilled.get_submodule(key)
+    assert torch.equal(got.base_layer.weight, tensors[key + ".weight"])
+    assert torch.equal(zero.get_submodule(key).base_layer.weight, teacher.get_submodule(key).base_layer.weight)
+    assert not torch.equal(teacher.get_submodule(key).base_layer.weight, tensors[key + ".weight"])
+    lora_a = [n for n, _ in teacher.named_parameters() if n.startswith(key + ".lora_A")]
+    assert lora_a and all(torch.equal(distilled.get_parameter(n), teacher.get_parameter(n)) for n in lora_a)
+    assert getattr(teacher, "clear_state", None) is None and getattr(models["base_teacher"], "peft_config", None) is None
