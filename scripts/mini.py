@@ -185,8 +185,8 @@ def parse_lora_args(argv=None) -> lora.LoraSettings:
         if f.name == "quick":
             continue
         default = getattr(defaults, f.name)
-        p.add_argument(f"--{f.name}", type=_lora_field_type(default), default=None,
-                       help=f"default {default}" + (f" (--quick: {lora.QUICK[f.name]})" if f.name in lora.QUICK else ""))
+        quick = f" (--quick: {lora.QUICK[f.name]})" if f.name in lora.QUICK else ""
+        p.add_argument(f"--{f.name}", type=_lora_field_type(default), default=None, help=f"default {default}{quick}")
     args = vars(p.parse_args(argv))
     return lora.make_settings(**args)
 

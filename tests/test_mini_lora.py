@@ -162,6 +162,8 @@ def test_lora_training_resumes_exactly(mini_dir, tmp_path):
         run(tmp_path / "b", crash_at=2)
     resumed = run(tmp_path / "b")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(ValueError, match="other settings.*another --out"):  # a state of another LoRA is not resumed
+        lora.train_lora(FluxPipeline.from_pretrained(mini_dir), data, _settings(mini_dir, tmp_path / "a", rank=2))
     assert [json.loads(line)["step"] for line in open(tmp_path / "a" / "work" / "lora_log.jsonl")] == [0, 3]
 
 
@@ -252,4 +254,5 @@ def test_clear_weights_go_under_the_lora_unchanged(mini_dir, tmp_path):
     assert not torch.equal(teacher.get_submodule(key).base_layer.weight, tensors[key + ".weight"])
     lora_a = [n for n, _ in teacher.named_parameters() if n.startswith(key + ".lora_A")]
     assert lora_a and all(torch.equal(distilled.get_parameter(n), teacher.get_parameter(n)) for n in lora_a)
-    assert getattr(teacher, "clear_state", None) is None and getattr(models["base_teacher"], "peft_config", None) is None
+    assert getattr(teacher, "clear_state", None) is None  # CLEAR went on the copies only
+    assert getattr(models["base_teacher"], "peft_config", None) is None  # the control has no LoRA

@@ -68,8 +68,9 @@ class LoraSettings:
     """Everything that defines a run. ``quick`` marks the reduced run (:data:`QUICK`)."""
 
     model: str = str(T.MINI_DIR)  # the base teacher pipeline folder
-    out: Path = Path("outputs/mini/lora")  # the LoRA (weights/), report.md, metrics.json, grid.png; work files under work/
-    clear_weights: Path = dataclasses.field(default_factory=default_clear_weights)  # CLEAR weights distilled from the base teacher
+    out: Path = Path("outputs/mini/lora")  # the LoRA (weights/), report.md, metrics.json, grid.png; work/: work files
+    # the CLEAR weights distilled from the base teacher (default: where `python scripts/mini.py` writes them)
+    clear_weights: Path = dataclasses.field(default_factory=default_clear_weights)
     radius: int = recipe.Settings.radius  # CLEAR's window radius in tokens (the weights' own)
     style: str = "outline"  # the LoRA's new style: one of clear.mini.scenes.STYLES other than "flat"
     rank: int = 8  # LoRA rank
@@ -166,7 +167,8 @@ def train_lora(pipe, data: dict, s: LoraSettings, checkpoint_every_s: float = 12
     (:func:`clear.mini.teacher.encode_dataset`) with the teacher's flow matching, one batch per step from the
     step's own generator; AdamW on the LoRA weights, warm-up and cosine LR. Resumes from
     ``<work>/lora_state.pt`` (written every ``checkpoint_every_s`` seconds and at the end; ``on_checkpoint(step)``
-    after each write); logs to ``<work>/lora_log.jsonl``. Returns ``{"trainable_params", "final_loss"}``."""
+    after each write; a state of other settings, ``steps`` aside, is refused); logs to ``<work>/lora_log.jsonl``.
+    Returns ``{"trainable_params", "final_loss"}``."""
     model = pipe.transformer
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # the LoRA's initial A from the run's seed, torch's own generator untouched
@@ -180,8 +182,12 @@ def train_lora(pipe, data: dict, s: LoraSettings, checkpoint_every_s: float = 12
     work.mkdir(parents=True, exist_ok=True)
     state_path, log_path = work / "lora_state.pt", work / "lora_log.jsonl"
     start = 0
+    key = {k: v for k, v in _training_key(s).items() if k != "steps"}  # a run may be resumed to more steps
     if state_path.exists():
         st = torch.load(state_path, weights_only=True)
+        if st.get("settings") != key:
+            raise ValueError(f"{state_path} is the state of a LoRA trained with other settings ({st.get('settings')}, "
+                             f"now {key}): pass another --out, or delete {state_path} to start again")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(st["lora"][n])
@@ -207,7 +213,7 @@ def train_lora(pipe, data: dict, s: LoraSettings, checkpoint_every_s: float = 12
                 print(f"[lora] step {step}/{s.steps} loss {loss.item():.4f} ({el:.0f}s)", flush=True)
         if time.time() - t_last > checkpoint_every_s or step == s.steps - 1:
             T._save_state(state_path, {"lora": {n: p.detach().clone() for n, p in params.items()},
-                                       "opt": opt.state_dict(), "step": step + 1})
+                                       "opt": opt.state_dict(), "step": step + 1, "settings": key})
             t_last = time.time()
             if on_checkpoint is not None:
                 on_checkpoint(step + 1)
@@ -381,34 +387,37 @@ def table(metrics: dict) -> list[str]:
     return out
 
 
+def _bar_lines(metrics: dict) -> list[str]:
+    return [f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()]
+
+
 def markdown(metrics: dict) -> str:
-    s = metrics["settings"]
-    lora = metrics["lora"]
-    sc = metrics["style_check"]
+    """report.md: the command and the date, what was measured, the table, the bars, the style check."""
+    s, lora, sc, m = metrics["settings"], metrics["lora"], metrics["style_check"], metrics["machine"]
+    weights = metrics["clear_weights"]
+    style = s["style"]
+    setup = (f"CLEAR r = {s['radius']} weights distilled from the **base** teacher (`{weights['path']}`, sha256 "
+             f"{weights['sha256'][:12]}…), applied unchanged to the teacher with a LoRA trained on the `{style}` "
+             f"style (rank {s['rank']}, alpha {s['alpha']:g}, {lora['trainable_params']:,} parameters on "
+             f"{', '.join(metrics['targets'])}; {s['steps']} steps of batch {s['batch_size']} on {s['train_scenes']} "
+             f"scenes, lr {s['lr']:g}; loaded with `pipe.load_lora_weights({metrics['lora_dir']})`).")
+    held = (f"{s['eval_prompts']} held-out scenes and seeds at {metrics['size']} px, {s['sample_steps']} sampling "
+            f"steps; velocity error over σ = (j + 0.5)/{s['sigmas']} on the LoRA teacher's own images; kind "
+            f"accuracy scored in the `{style}` style (`clear.mini.scenes.score_images`).")
+    check = (f"Style check (does the LoRA draw its style?): PSNR of the LoRA teacher's images to the scenes rendered "
+             f"`{style}` {sc['lora_teacher'][style]:.2f} dB, rendered `flat` {sc['lora_teacher']['flat']:.2f} dB; of "
+             f"the base teacher's: {sc['base_teacher'][style]:.2f} / {sc['base_teacher']['flat']:.2f} dB.")
     lines = ["# Mini CLEAR: plug-and-play on a LoRA of the teacher", "",
-             f"`{metrics['command']}` — {metrics['date']}, {metrics['seconds']:.0f} s "
-             f"({metrics['machine']['cpu_count']} cores, torch threads: {metrics['machine']['torch_threads']}).", "",
-             f"CLEAR r = {s['radius']} weights distilled from the **base** teacher (`{metrics['clear_weights']['path']}`,"
-             f" sha256 {str(metrics['clear_weights']['sha256'])[:12]}…), applied unchanged to the teacher with a LoRA "
-             f"trained on the `{s['style']}` style (rank {s['rank']}, alpha {s['alpha']:g}, "
-             f"{lora['trainable_params']:,} parameters on {', '.join(metrics['targets'])}; {s['steps']} steps of batch "
-             f"{s['batch_size']} on {s['train_scenes']} scenes, lr {s['lr']:g}; loaded with "
-             f"`pipe.load_lora_weights({metrics['lora_dir']})`). {s['eval_prompts']} held-out scenes and seeds at "
-             f"{metrics['size']} px, {s['sample_steps']} sampling steps; velocity error over σ = (j + 0.5)/{s['sigmas']}"
-             f" on the LoRA teacher's own images; kind accuracy scored in the `{s['style']}` style "
-             "(`clear.mini.scenes.score_images`).", "",
-             *table(metrics), "",
-             *[f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()], "",
-             f"Style check (does the LoRA draw its style?): PSNR of the LoRA teacher's images to the scenes rendered "
-             f"`{s['style']}` {sc['lora_teacher'][s['style']]:.2f} dB, rendered `flat` {sc['lora_teacher']['flat']:.2f} dB;"
-             f" of the base teacher's: {sc['base_teacher'][s['style']]:.2f} / {sc['base_teacher']['flat']:.2f} dB.", "",
+             f"`{metrics['command']}` — {metrics['date']}, {metrics['seconds']:.0f} s ({m['cpu_count']} cores, "
+             f"torch threads: {m['torch_threads']}).", "", f"{setup} {held}", "", *table(metrics), "",
+             *_bar_lines(metrics), "", check, "",
              "`grid.png`: per prompt, " + " | ".join(GRID_LABELS[r] for r in ROWS) + "."]
     return "\n".join(lines) + "\n"
 
 
 def summary(metrics: dict) -> str:
-    return "\n".join([*table(metrics), "",
-                      *[f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()]])
+    """What the command prints: the table and the bars."""
+    return "\n".join([*table(metrics), "", *_bar_lines(metrics)])
 
 
 def _sha256(path: Path) -> str:
