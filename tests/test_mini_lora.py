@@ -183,7 +183,7 @@ def test_settings_and_options(cli):
         lora.LoraSettings(attention=False, mlp=False)
 
 
-def test_missing_clear_weights_say_which_command_makes_them(cli, mini_dir, tmp_path):
+def test_missing_or_mismatched_clear_weights_stop_with_the_fix(cli, mini_dir, tmp_path):
     out = tmp_path / "lora"
     with pytest.raises(SystemExit) as e:
         cli.main(["lora", "--model", mini_dir, "--out", str(out), "--clear_weights", str(tmp_path / "no.safetensors")])
@@ -191,6 +191,14 @@ def test_missing_clear_weights_say_which_command_makes_them(cli, mini_dir, tmp_p
     assert "\n" not in text and text.startswith(f"no CLEAR weights at {tmp_path / 'no.safetensors'}")
     assert f"`python scripts/mini.py --model {mini_dir}`" in text and "--clear_weights FILE" in text
     assert not out.exists()  # checked before anything runs
+    from diffusers import FluxTransformer2DModel
+
+    base = FluxTransformer2DModel.from_pretrained(mini_dir, subfolder="transformer")
+    clear.apply_clear(base, radius=3)
+    other = clear.save_clear_weights(base, tmp_path / "clear_local_3.safetensors")
+    with pytest.raises(SystemExit, match=r"for r=3, df=1; this run applies r=4 .*pass --radius"):
+        cli.main(["lora", "--model", mini_dir, "--out", str(out), "--clear_weights", other])
+    assert not out.exists()
 
 
 def test_quick_command_end_to_end(cli, mini_dir, tmp_path):

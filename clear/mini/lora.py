@@ -134,13 +134,22 @@ def make_settings(*, quick: bool = False, **overrides) -> LoraSettings:
 
 
 def check_inputs(s: LoraSettings) -> None:
-    """Stop with one line naming the fix when the teacher or the base-distilled CLEAR weights are missing."""
+    """Stop with one line naming the fix when the teacher or the base-distilled CLEAR weights are missing, or the
+    weights are for another window than ``s.radius`` without pooled tokens (read from their header only)."""
     recipe.check_teacher(s.model)
     if not Path(s.clear_weights).is_file():
         command = "python scripts/mini.py" + ("" if s.model == LoraSettings.model else f" --model {s.model}")
         made = "" if Path(s.clear_weights) == default_clear_weights() else f" (it writes {default_clear_weights()})"
         raise SystemExit(f"no CLEAR weights at {s.clear_weights}: distil them from the base teacher with "
                          f"`{command}`{made}, or pass --clear_weights FILE")
+    from clear.weights import file_variant
+
+    radius, down_factor, known = file_variant(s.clear_weights)
+    if not known or radius != s.radius or down_factor != 1:
+        window = f"r={radius:g}, df={down_factor}" if known and radius is not None else "an unknown window"
+        raise SystemExit(f"{s.clear_weights} holds CLEAR weights for {window}; this run applies r={s.radius} without "
+                         f"pooled tokens: pass --radius to match, or --clear_weights the base recipe's r = {s.radius} "
+                         "file (clear_local_<r>.safetensors)")
 
 
 # ------------------------------------------------------------------------------------------
