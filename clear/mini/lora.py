@@ -54,6 +54,8 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pr
 MLP_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what FluxPipeline.save_lora_weights writes
 ROWS = ("lora_teacher", "zero_shot", "distilled", "base_teacher")  # the table's rows, in order
+GRID_LABELS = {"lora_teacher": "LoRA teacher", "zero_shot": "zero-shot + LoRA", "distilled": "base-distilled + LoRA",
+               "base_teacher": "base teacher, no LoRA"}
 
 
 def default_clear_weights() -> Path:
@@ -305,13 +307,10 @@ def load_variants(s: LoraSettings) -> tuple[object, dict]:
 
 
 def labels(s: LoraSettings) -> dict[str, str]:
+    """The table's name of each row of :data:`ROWS`."""
     return {"lora_teacher": "LoRA teacher (full attention)", "zero_shot": f"CLEAR r={s.radius} zero-shot + LoRA",
             "distilled": f"CLEAR r={s.radius} base-distilled + LoRA",
             "base_teacher": "control: base teacher, LoRA off (full attention)"}
-
-
-GRID_LABELS = {"lora_teacher": "LoRA teacher", "zero_shot": "zero-shot + LoRA", "distilled": "base-distilled + LoRA",
-               "base_teacher": "base teacher, no LoRA"}
 
 
 def with_transformer(pipe, transformer):
