@@ -7,6 +7,7 @@
     python scripts/mini.py train-teacher    # train the mini teacher (see ckpt/mini/TRAINING.md)
     python scripts/mini.py highres          # the SDEdit cascade 64 -> 512 px (clear/mini/highres.py)
     python scripts/mini.py teacher-curve --work-dir ckpt/mini_run   # held-out score of each EMA snapshot
+    python scripts/mini.py lora             # base-distilled CLEAR on a LoRA of the teacher (clear/mini/lora.py)
 """
 
 import argparse
@@ -15,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from clear.mini import highres, recipe, report, teacher
+from clear.mini import highres, lora, recipe, report, teacher
 
 PROG = "python scripts/mini.py"
 # Settings fields the recipe's command line can override (the rest are fixed by the recipe)
@@ -28,8 +29,9 @@ def parse_recipe_args(argv=None) -> recipe.Settings:
     fields = {f.name: f for f in dataclasses.fields(recipe.Settings)}
     p = argparse.ArgumentParser(prog=PROG, description=recipe.__doc__.split("\n\n")[0],
                                 epilog=f"Subcommands: `{PROG} run [...]` (this, the default), "
-                                       f"`{PROG} train-teacher [...]` (the teacher) and `{PROG} highres [...]` "
-                                       "(the cascade to 512 px); see their --help.")
+                                       f"`{PROG} train-teacher [...]` (the teacher), `{PROG} highres [...]` "
+                                       f"(the cascade to 512 px) and `{PROG} lora [...]` (base-distilled CLEAR on a "
+                                       "LoRA of the teacher); see their --help.")
     p.add_argument("--quick", action="store_true",
                    help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in recipe.QUICK.items()))
     p.add_argument("--model", default=None, help="the teacher pipeline folder (default: ckpt/mini)")
@@ -167,6 +169,36 @@ def highres_summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _lora_field_type(default):
+    if isinstance(default, bool):
+        return lambda x: x.lower() in ("1", "true", "yes")
+    return Path if isinstance(default, Path) else type(default)
+
+
+def parse_lora_args(argv=None) -> lora.LoraSettings:
+    """The options of `lora`: one per field of lora.LoraSettings (but ``quick``), spelt as the field."""
+    p = argparse.ArgumentParser(prog=f"{PROG} lora", description=lora.__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in lora.QUICK.items()))
+    defaults = lora.LoraSettings()
+    for f in dataclasses.fields(lora.LoraSettings):
+        if f.name == "quick":
+            continue
+        default = getattr(defaults, f.name)
+        quick = f" (--quick: {lora.QUICK[f.name]})" if f.name in lora.QUICK else ""
+        p.add_argument(f"--{f.name}", type=_lora_field_type(default), default=None, help=f"default {default}{quick}")
+    args = vars(p.parse_args(argv))
+    return lora.make_settings(**args)
+
+
+def run_lora(argv) -> dict:
+    s = parse_lora_args(argv)
+    metrics = lora.run(s, command=f"{PROG} lora {' '.join(argv)}".strip())
+    print(lora.summary(metrics))
+    print(f"report: {Path(s.out) / 'report.md'}, grid: {Path(s.out) / 'grid.png'}")
+    return metrics
+
+
 def run_recipe(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     metrics = recipe.run(parse_recipe_args(argv))
@@ -187,6 +219,8 @@ def main(argv=None):
         return run_highres(argv[1:])
     if argv[:1] == ["teacher-curve"]:
         return teacher_curve(argv[1:])
+    if argv[:1] == ["lora"]:
+        return run_lora(argv[1:])
     return run_recipe(argv[1:] if argv[:1] == ["run"] else argv)
 
 

@@ -87,7 +87,8 @@ def test_run_without_a_teacher_names_the_fix(tmp_path):
 
 @pytest.mark.parametrize("argv, options", [([], ["--quick", "--distill_steps", "--max_sequence_length"]),
                                            (["train-teacher"], ["--work-dir", "--early-out-step", "--vae-lr"]),
-                                           (["teacher-curve"], ["--work-dir", "--n", "--model"])])
+                                           (["teacher-curve"], ["--work-dir", "--n", "--model"]),
+                                           (["lora"], ["--quick", "--clear_weights", "--style", "--rank"])])
 def test_help_answers(argv, options):
     proc = subprocess.run([sys.executable, str(SCRIPTS / "mini.py"), *argv, "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)

@@ -250,9 +250,15 @@ def eval_seed(s: Settings) -> int:
     return HELD_OUT_SEED0 + s.seed
 
 
+def weights_path(s: Settings, variant: Variant) -> Path:
+    """Where the run ``s`` writes the distilled CLEAR weights of ``variant``
+    (``<out>/work/distill/<key>/clear_local_<r>[_down_<df>].safetensors``)."""
+    return s.work / "distill" / variant.key / f"{variant.weights_name()}.safetensors"
+
+
 def distill(s: Settings, log: Log, variant: Variant, steps: int) -> Path:
-    out = s.work / "distill" / variant.key
-    weights = out / f"{variant.weights_name()}.safetensors"
+    weights = weights_path(s, variant)
+    out = weights.parent
     if weights.is_file() and (out / f"checkpoint-{steps}").is_dir():
         logger.info("%s: already trained (%s)", variant.label, weights)
         return weights

@@ -1,7 +1,8 @@
 """Procedural scenes for the mini teacher: a background colour and one to three large shapes whose
 colours, kinds, count and places a caption states. Everything is a function of the scene's parameters:
-its caption, its image at any size, and a score of any image against it (kind accuracy, placement,
-background) with the controls that show what the score measures.
+its caption, its image at any size and in any of :data:`STYLES` (the teacher's filled shapes, or outlines
+only: the new style a LoRA of the teacher learns, :mod:`clear.mini.lora`), and a score of any image against
+it (kind accuracy, placement, background) with the controls that show what the score measures.
 
 Layout is set by the caption (a named place or relation puts each shape in a fixed slot) with a small
 per-scene jitter of position and size; shapes are 18-29 px across at 64 px, wider than the r = 4 token
@@ -32,6 +33,11 @@ SIZE_ONE, SIZE_TWO, SIZE_THREE = 0.45, 0.38, 0.28
 ROW_OF_THREE = ((0.2, 0.5), (0.5, 0.5), (0.8, 0.5))
 JITTER = 0.02  # centre jitter, fraction of the side
 SIZE_JITTER = 0.06  # relative size jitter
+
+# Rendering styles: "flat" (filled shapes: the teacher's training data) and "outline" (each shape drawn as
+# its outline only, OUTLINE_WIDTH wide, the background inside: the style of clear.mini.lora's LoRA)
+STYLES = ("flat", "outline")
+OUTLINE_WIDTH = 1 / 16  # stroke width of the "outline" style, fraction of the side (4 px = one token at 64 px)
 
 # Seeds: training scenes come from seeds [0, HELD_OUT_SEED0); held-out scenes from [HELD_OUT_SEED0, ...).
 HELD_OUT_SEED0 = 1_000_000_000
@@ -131,8 +137,36 @@ def _polygon(kind: str, x: float, y: float, size: float):
     raise ValueError(kind)
 
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as an RGB ``size`` x ``size`` image (drawn at 4x and downsampled: anti-aliased edges)."""
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}")
+
+
+def _inset(kind: str, x: float, y: float, size: float, width: float):
+    """The ``kind`` outline (centre ``x``, ``y``, side ``size``) with every edge moved ``width`` inwards: a
+    circle of radius ``size / 2 - width``, or the polygon scaled about its incentre (``None`` when nothing is
+    left inside)."""
+    if kind == "circle":
+        r = size / 2 - width
+        return [x - r, y - r, x + r, y + r] if r > 0 else None
+    pts = np.array(_polygon(kind, x, y, size))
+    edges = np.linalg.norm(np.roll(pts, -1, axis=0) - np.roll(pts, 1, axis=0), axis=1)  # side opposite each vertex
+    if kind == "square":
+        centre, inradius = np.array([x, y]), size / 2
+    else:  # triangle: incentre = side-weighted mean of the vertices, inradius = area / semi-perimeter
+        centre = (edges[:, None] * pts).sum(0) / edges.sum()
+        area = 0.5 * abs(np.cross(pts[1] - pts[0], pts[2] - pts[0]))
+        inradius = area / (edges.sum() / 2)
+    if inradius <= width:
+        return None
+    return [tuple(p) for p in centre + (pts - centre) * (inradius - width) / inradius]
+
+
+def render(scene: Scene, size: int = 64, style: str = "flat") -> Image.Image:
+    """The scene as an RGB ``size`` x ``size`` image (drawn at 4x and downsampled: anti-aliased edges).
+    ``style`` (:data:`STYLES`): ``"flat"`` fills each shape with its colour; ``"outline"`` draws its outline
+    only, ``OUTLINE_WIDTH`` of the side wide, with the background colour inside."""
+    _check_style(style)
     ss = 4
     big = size * ss
     img = Image.new("RGB", (big, big), COLORS[scene.background])
@@ -143,6 +177,10 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
             draw.ellipse([x - s / 2, y - s / 2, x + s / 2, y + s / 2], fill=COLORS[sh.color])
         else:
             draw.polygon(_polygon(sh.kind, x, y, s), fill=COLORS[sh.color])
+        if style == "outline":
+            inner = _inset(sh.kind, x, y, s, OUTLINE_WIDTH * big)
+            if inner is not None:
+                (draw.ellipse if sh.kind == "circle" else draw.polygon)(inner, fill=COLORS[scene.background])
     return img.resize((size, size), Image.BOX)
 
 
@@ -207,7 +245,15 @@ def outline_fits(mask: np.ndarray, x: np.ndarray, y: np.ndarray, cx: float, cy: 
     return out
 
 
-def score_parts(image: Image.Image, scene: Scene) -> dict:
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (``[n, n]`` bool) with every region it encloses (not connected to the border through
+    unmasked pixels, 4-neighbours) filled in."""
+    padded = Image.fromarray(np.pad(mask, 1).astype(np.uint8) * 255).copy()  # a copy: its own, writable pixels
+    ImageDraw.floodfill(padded, (0, 0), 128)  # the outside: every unmasked pixel reachable from the border
+    return (np.asarray(padded) != 128)[1:-1, 1:-1]
+
+
+def score_parts(image: Image.Image, scene: Scene, style: str = "flat") -> dict:
     """What ``image`` shows of ``scene``'s caption, from what the caption states (each shape's slot, kind and
     colour; not the scene's jittered positions), every pixel read as its nearest palette colour. For each
     named shape, within its region (its slot's box x ``REGION``, split between slots by nearest centre),
@@ -222,7 +268,12 @@ def score_parts(image: Image.Image, scene: Scene) -> dict:
     * ``background``: the fraction of pixels away from every slot that have the background colour.
     * ``shapes``: per named shape ``{"kind", "best_kind", "fits": {kind: IoU}, "right"}``.
 
-    A scene without shapes (no caption names one) has ``kind_accuracy`` and ``placement`` ``None``."""
+    A scene without shapes (no caption names one) has ``kind_accuracy`` and ``placement`` ``None``.
+
+    ``style="outline"`` scores images of that style (:func:`render`): the pixels of the named colour are
+    taken with the holes they enclose filled (an outline counts as its shape; a filled shape, which
+    encloses nothing, is scored as in ``"flat"``)."""
+    _check_style(style)
     if image.width > SCORE_MAX_SIZE:
         image = image.convert("RGB").resize((SCORE_MAX_SIZE, SCORE_MAX_SIZE), Image.BOX)
     labels = _labels(image)
@@ -235,7 +286,8 @@ def score_parts(image: Image.Image, scene: Scene) -> dict:
     for i, sh in enumerate(scene.shapes):
         cx, cy, s = slots[i]
         region = (centre_d[i] <= REGION / 2) & (centre_d[i] <= centre_d.min(0))
-        mask = labels[region] == _PALETTE_NAMES.index(sh.color)
+        named = labels == _PALETTE_NAMES.index(sh.color)
+        mask = (_fill_holes(named) if style == "outline" else named)[region]
         fits = outline_fits(mask, xx[region], yy[region], cx, cy, s)
         best = max(KINDS, key=lambda k: fits[k])
         right = best == sh.kind and fits[sh.kind] >= KIND_IOU and all(
@@ -249,21 +301,22 @@ def score_parts(image: Image.Image, scene: Scene) -> dict:
             "background": background, "shapes": shapes}
 
 
-def score(image: Image.Image, scene: Scene) -> float | None:
+def score(image: Image.Image, scene: Scene, style: str = "flat") -> float | None:
     """Kind accuracy of ``image`` for ``scene``'s caption, in [0, 1] (``None`` when it names no shape): the
     fraction of the named shapes drawn as the named kind, in the named colour, in the named place (see
     :func:`score_parts`, which also gives placement and background). The rendered scene scores 1 (controls:
     >= 0.95 over held-out scenes); its blank background 0; the image flooded with a named colour at most
     0.15; shapes of one kind drawn at every named place whatever the caption's kinds about 1/3 (chance);
-    every shape as another kind about 0."""
-    return score_parts(image, scene)["kind_accuracy"]
+    every shape as another kind about 0. ``style``: the style the image is drawn in (:func:`score_parts`)."""
+    return score_parts(image, scene, style)["kind_accuracy"]
 
 
-def score_images(images, scenes) -> dict:
+def score_images(images, scenes, style: str = "flat") -> dict:
     """The score of images against their scenes (two equal-length sequences), pooled over named shapes:
     ``{"kind_accuracy", "placement", "background", "shapes", "images", "per_image"}`` (``background``:
-    mean over images; ``per_image``: each image's :func:`score_parts` without its per-shape detail)."""
-    parts = [score_parts(im, sc) for im, sc in zip(images, scenes, strict=True)]
+    mean over images; ``per_image``: each image's :func:`score_parts` without its per-shape detail);
+    ``style``: the style the images are drawn in (:func:`score_parts`)."""
+    parts = [score_parts(im, sc, style) for im, sc in zip(images, scenes, strict=True)]
     shapes = [p for part in parts for p in part["shapes"]]
     return {"kind_accuracy": float(np.mean([p["right"] for p in shapes])) if shapes else None,
             "placement": float(np.mean([max(p["fits"].values()) for p in shapes])) if shapes else None,

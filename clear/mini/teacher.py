@@ -242,9 +242,11 @@ def set_latent_stats(vae, seed: int, n: int = 256) -> dict:
 
 
 @torch.no_grad()
-def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128) -> dict:
+def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128, style: str = "flat") -> dict:
     """Latents (scaled and shifted as the pipeline un-does them), T5 and CLIP embeddings of ``n`` training
-    scenes (seeds ``seed * n ... ``, all below ``S.HELD_OUT_SEED0``)."""
+    scenes (seeds ``seed * n ... ``, all below ``S.HELD_OUT_SEED0``) rendered in ``style``
+    (:data:`clear.mini.scenes.STYLES`): ``{"latents": [n, C, H, W], "prompt_embeds": [n, L, D],
+    "pooled": [n, P]}``, float16."""
     if (seed + 1) * n > S.HELD_OUT_SEED0:
         raise ValueError(f"training seeds {seed * n}..{(seed + 1) * n - 1} reach the held-out seeds "
                          f"(from {S.HELD_OUT_SEED0}): use fewer scenes or a smaller seed")
@@ -252,7 +254,7 @@ def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128) -> dict:
     t0 = time.time()
     for i in range(0, n, batch_size):
         sc = [S.scene_for_seed(seed * n + j) for j in range(i, min(n, i + batch_size))]
-        x = images_tensor([S.render(s, SIZE) for s in sc])
+        x = images_tensor([S.render(s, SIZE, style) for s in sc])
         z = pipe.vae.encode(x).latent_dist.mode()
         lat.append(((z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).half())
         pe, pp, _ = pipe.encode_prompt([S.caption(s) for s in sc], prompt_2=None,
@@ -272,14 +274,51 @@ def sample_sigmas(g: torch.Generator, n: int, shift: float, kind: str = "uniform
     return shift * u / (1 + (shift - 1) * u)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The torch generator of one training step (its batch, noise and timesteps): the same whether the run
+    was resumed or not."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def training_shift(pipe, data: dict) -> float:
+    """The timestep shift the pipeline's scheduler applies at the size of ``data``'s latents (``[N, C, H, W]``,
+    H/2 x W/2 tokens): ``exp(mu)`` of FLUX's dynamic shifting."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    _, _, h, w = data["latents"].shape
+    sc = pipe.scheduler.config
+    return math.exp(calculate_shift(h // 2 * w // 2, sc.base_image_seq_len, sc.max_image_seq_len,
+                                    sc.base_shift, sc.max_shift))
+
+
+def flow_matching_loss(model, pipe, data: dict, g: torch.Generator, batch_size: int, shift: float,
+                       timesteps: str = "uniform") -> torch.Tensor:
+    """The flow-matching loss of ``model`` (a FLUX transformer: the teacher, or the teacher under a LoRA) on
+    one batch drawn with ``g``: ``batch_size`` samples of ``data`` (:func:`encode_dataset`: ``latents``
+    ``[N, C, H, W]``, ``prompt_embeds`` ``[N, L, D]``, ``pooled`` ``[N, P]``), packed as FLUX packs them
+    (``[B, H/2 * W/2, 4C]``) with its image and text ids; noise ``e``; sigmas from :func:`sample_sigmas`
+    (``shift``: :func:`training_shift`); ``x_t = (1 - s) x_0 + s e``. Returns the mean squared error of the
+    predicted velocity against ``e - x_0`` (a scalar with a graph)."""
+    n, c, h, w = data["latents"].shape
+    idx = torch.randint(0, n, (batch_size,), generator=g)
+    x0 = pipe._pack_latents(data["latents"][idx].float(), batch_size, c, h, w)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_sigmas(g, batch_size, shift, timesteps)
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    img_ids = pipe._prepare_latent_image_ids(batch_size, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3)
+    pred = model(hidden_states=xt, timestep=sigma, guidance=torch.full((batch_size,), GUIDANCE),
+                 encoder_hidden_states=data["prompt_embeds"][idx].float(),
+                 pooled_projections=data["pooled"][idx].float(), img_ids=img_ids, txt_ids=txt_ids).sample
+    return (pred - (noise - x0)).pow(2).mean()
+
+
 def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int, lr: float, seed: int,
                       ema_decay: float = 0.998, warmup: int = 200, checkpoint_every_s: float = 180.0,
                       on_checkpoint=None, timesteps: str = "uniform") -> None:
     """Flow matching: x_t = (1 - s) x_0 + s e, target e - x_0, FLUX packing and ids; AdamW, cosine LR,
     EMA. Resumes from ``work/transformer_state.pt``; the EMA weights end up in ``pipe.transformer``."""
     import copy
-
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     model = pipe.transformer
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -295,29 +334,14 @@ def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int,
         opt.load_state_dict(st["opt"])
         start = st["step"]
         print(f"[transformer] resumed at step {start}", flush=True)
-    n, c, h, w = data["latents"].shape
-    sc = pipe.scheduler.config
-    shift = math.exp(calculate_shift(h // 2 * w // 2, sc.base_image_seq_len, sc.max_image_seq_len,
-                                     sc.base_shift, sc.max_shift))
-    img_ids = pipe._prepare_latent_image_ids(batch_size, h // 2, w // 2, "cpu", torch.float32)
-    txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3)
-    guidance = torch.full((batch_size,), GUIDANCE)
+    shift = training_shift(pipe, data)
     model.train()
     t0, t_last = time.time(), time.time()
     for step in range(start, steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (batch_size,), generator=g)
-        x0 = pipe._pack_latents(data["latents"][idx].float(), batch_size, c, h, w)
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = sample_sigmas(g, batch_size, shift, timesteps)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (
                 0.55 + 0.45 * math.cos(math.pi * min(1.0, step / steps)))
-        pred = model(hidden_states=xt, timestep=sigma, guidance=guidance,
-                     encoder_hidden_states=data["prompt_embeds"][idx].float(),
-                     pooled_projections=data["pooled"][idx].float(), img_ids=img_ids, txt_ids=txt_ids).sample
-        loss = (pred - (noise - x0)).pow(2).mean()
+        loss = flow_matching_loss(model, pipe, data, step_generator(seed, step), batch_size, shift, timesteps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
