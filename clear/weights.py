@@ -170,8 +170,11 @@ def _check_not_fused(transformer, action: str) -> None:
 
 def _metadata(transformer) -> dict[str, str]:
     state = transformer.clear_state
-    return {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
+    meta = {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
             "clear.family": state.family.name, "clear.model": type(transformer).__name__}
+    if state.family.video:
+        meta["clear.temporal_radius"] = str(state.temporal_radius)  # "None": every frame
+    return meta
 
 
 def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
@@ -333,6 +336,8 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             f"call clear.apply_clear(transformer, radius={file_radius:g}, ...) (or pass {STRICT_RADIUS_OFF} to "
             "use the weights with another window on purpose)"
         )
+    if strict_radius and state.family.video:
+        _check_temporal_radius(path, metadata, state.temporal_radius)
     if not radius_known:
         if strict_radius:
             r = state.radius
@@ -369,6 +374,22 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
         for attn in clear_attention_modules(transformer).values():
             _refresh_fused(attn)
+
+
+def _check_temporal_radius(path, metadata, temporal_radius) -> None:
+    """A video checkpoint must say its temporal radius (``clear.temporal_radius``) and match the applied one."""
+    if "clear.temporal_radius" not in metadata:
+        raise ValueError(f"{path} does not say which temporal radius it was trained for (no clear.temporal_radius "
+                         f"metadata), so it cannot be checked against temporal_radius={temporal_radius}: pass "
+                         f"{STRICT_RADIUS_OFF} to load it anyway")
+    written = metadata["clear.temporal_radius"]
+    file_rt = None if written == "None" else float(written)
+    if file_rt != (None if temporal_radius is None else float(temporal_radius)):
+        said = "every frame (None)" if file_rt is None else f"{file_rt:g}"
+        raise ValueError(f"{path} was trained for temporal_radius={said} but CLEAR was applied with temporal_radius="
+                         f"{temporal_radius}; call clear.apply_clear(transformer, radius=..., temporal_radius="
+                         f"{file_rt if file_rt is None else f'{file_rt:g}'}) (or pass {STRICT_RADIUS_OFF} to use the "
+                         "weights with another window on purpose)")
 
 
 def _refresh_fused(attn) -> None:

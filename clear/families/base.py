@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
-from ..geometry import attention_flops
+from ..geometry import TokenLayout, attention_flops
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class ModelFamily:
     rope: bool = False
     released_weights: bool = False
     example: str = ""
+    # a video family: its grids are (frames, height, width) and apply_clear takes a temporal_radius
+    video: bool = False
 
     # -- the released models -------------------------------------------------------------
     def spec(self, transformer_config: Mapping) -> ModelSpec:
@@ -205,6 +207,17 @@ class ModelFamily:
     def grid(self, bound: inspect.BoundArguments) -> tuple[int, int]:
         """The image grid (tokens high, wide) of a forward, from its bound arguments."""
         raise NotImplementedError
+
+    def layout(self, text_len: int, grid: tuple[int, ...]) -> TokenLayout:
+        """The token layout of an attention call with ``text_len`` text tokens on a forward's ``grid`` (what
+        :meth:`grid` returns). Default: ``(height, width)`` of one image, text where :attr:`text_first` says;
+        a video family's grid is ``(frames, height, width)``."""
+        return TokenLayout(text_len, *grid, self.text_first)
+
+    def clear_module(self, processor_name: str) -> bool:
+        """Whether the attention module of ``processor_name`` (a key of the model's ``attn_processors``) gets
+        CLEAR; the others keep their own processors. Default: every attention module."""
+        return True
 
     def text_lens(self, bound: inspect.BoundArguments) -> tuple[int, ...]:
         """The text length of each attention layout of a forward (one per kind of attention call)."""
