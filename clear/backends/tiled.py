@@ -194,6 +194,10 @@ def _tiles(q_rows: int, width: int, row_offset: int, k_rows: int, window: Window
 
 def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Options(), with_grad: bool = False):
     """Queries in natural order; keys ``[natural order | pooled]``."""
+    if layout.frames > 1:  # a video: 3-D query tiles
+        from . import tiled_video
+
+        return tiled_video.grid_plan(layout, window, device, options, with_grad)
     device = torch.device(device)
     h, w, t = layout.height, layout.width, layout.text_len
     img0 = layout.image_slice.start

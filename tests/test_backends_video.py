@@ -1,0 +1,67 @@
+"""The tiled and flex backends on video layouts (frames x height x width) against the dense oracle: outputs,
+log-sum-exp, every query tile, text and pooled keys; flex's analytic block mask against FlexAttention's own."""
+
+import pytest
+import torch
+
+from clear.backends import Options, dense, flex, tiled
+from clear.backends.flex_video import VideoTileOrder, video_mask_mod
+from clear.geometry import TokenLayout, Window
+
+CASES = [  # (frames, height, width), radius, temporal radius, text tokens, down factor
+    ((5, 7, 9), 3, 2, 0, 1),
+    ((5, 7, 9), 2.5, None, 0, 1),
+    ((5, 7, 9), 3, 0.5, 0, 1),  # each frame alone
+    ((4, 5, 6), 1.5, 3.5, 3, 1),  # text tokens
+    ((3, 4, 6), 1.5, 1.5, 0, 2),  # pooled keys, per frame
+    ((6, 3, 5), 100, 100, 2, 1),  # the window covers the grid
+    ((7, 9, 11), 2, 2.5, 0, 1),
+]
+
+
+def oracle(layout, window, q, k, v, scale, return_lse=False):
+    return dense.attend(q, k, v, scale, return_lse=return_lse, mask=dense.allowed_mask(layout, window))
+
+
+def qkv(layout, window, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, p = layout.seq_len, layout.num_pooled(window)
+    return (torch.randn(2, s, 2, 8, generator=g), torch.randn(2, s + p, 2, 8, generator=g),
+            torch.randn(2, s + p, 2, 8, generator=g))
+
+
+@pytest.mark.parametrize("grid,r,rt,text,df", CASES)
+@pytest.mark.parametrize("query_tile", [None, (2, 3, 4), (1, 2, 2), (3, 8, 8)])
+def test_tiled_video_equals_dense(grid, r, rt, text, df, query_tile):
+    layout, window = TokenLayout(text, grid[1], grid[2], frames=grid[0]), Window(r, df, rt)
+    q, k, v = qkv(layout, window)
+    plan = tiled.grid_plan(layout, window, "cpu", Options(query_tile=query_tile))
+    torch.testing.assert_close(plan.attend(q, k, v, 0.3), oracle(layout, window, q, k, v, 0.3), atol=2e-6, rtol=1e-5)
+    out, lse = plan.attend(q, k, v, 0.3, return_lse=True)
+    ref_out, ref_lse = oracle(layout, window, q, k, v, 0.3, return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_tiled_video_plan_memory_follows_classes_not_tiles():
+    layout, window = TokenLayout(0, 30, 52, frames=21), Window(8, 1, 3)  # 480p, 81 frames
+    plan = tiled.grid_plan(layout, window, "cpu")
+    n_tiles = sum(g.q_idx.shape[0] for g in plan.groups)
+    assert len(plan.groups) <= 5 * 5 * 9 and n_tiles > 4 * len(plan.groups)
+    assert all(g.bias.shape[0] == 1 for g in plan.groups)  # one broadcast mask per class
+
+
+@pytest.mark.parametrize("grid,r,rt,text,df", CASES)
+@pytest.mark.parametrize("tile", [(2, 4), (8, 16), (3, 3)])
+def test_flex_video_equals_dense_and_its_block_mask_is_flex_own(grid, r, rt, text, df, tile):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    layout, window = TokenLayout(text, grid[1], grid[2], frames=grid[0]), Window(r, df, rt)
+    q, k, v = qkv(layout, window)
+    plan = flex.grid_plan(layout, window, "cpu", Options(tile=tile))
+    torch.testing.assert_close(plan.attend(q, k, v, 0.3), oracle(layout, window, q, k, v, 0.3), atol=2e-6, rtol=1e-5)
+    order = VideoTileOrder(layout, window, *tile)
+    own = create_block_mask(video_mask_mod(order), None, None, order.q_len, order.kv_len, device="cpu",
+                            BLOCK_SIZE=order.block_size)
+    assert torch.equal(plan.block_mask.to_dense(), own.to_dense())
+    assert torch.equal(plan.block_mask.full_kv_num_blocks, own.full_kv_num_blocks)
