@@ -240,3 +240,51 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     clear.apply_clear(other, radius=2, temporal_radius=1.5, backend="dense")
     with pytest.raises(ValueError, match="for a flux model, not wan"):
         clear.load_clear_weights(other, flux_path)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,df", [("dense", 1), ("tiled", 2), ("flex", 1)])
+def test_compile_explain_one_graph_no_break(backend, df):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_wan()
+    clear.apply_clear(model, radius=2, temporal_radius=1.5, down_factor=df, backend=backend)
+    x = wan_inputs(3, 4, 6, batch=1)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**x)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["full", "regional"])
+def test_compiled_equals_eager(path):
+    """fullgraph, whole model and regional: grids A, B (same token count, other aspect), A again."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_wan()
+    clear.apply_clear(model, radius=2, temporal_radius=1.5, backend="tiled")
+    xs = [wan_inputs(*g, batch=1, seed=i) for i, g in enumerate(((3, 4, 6), (3, 6, 4), (3, 4, 6)))]
+    with torch.no_grad():
+        refs = [model(**x)[0] for x in xs]
+        cnt = CompileCounterWithBackend("aot_eager")
+        if path == "full":
+            compiled = torch.compile(model, fullgraph=True, backend=cnt)
+        else:
+            model.compile_repeated_blocks(fullgraph=True, backend=cnt)
+            compiled = model
+        for x, ref in zip(xs, refs):
+            torch.testing.assert_close(compiled(**x)[0], ref, atol=1e-5, rtol=1e-5)
+    frames = cnt.frame_count
+    torch._dynamo.reset()
+    assert not counters["graph_break"]
+    assert (frames == 2) if path == "full" else frames >= 1  # full: one graph per grid, none for A again
