@@ -397,11 +397,11 @@ def wan_inputs(frames: int, height: int, width: int, batch: int = 2, seed: int =
     return out
 
 
-def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, image_to_video: bool = False):
     """WanPipeline with a tiny random UMT5 (T5 tokenizer from the in-memory vocabulary), a tiny Wan VAE (8x
     spatial, 4x temporal: sizes multiples of 16 pixels, ``num_frames = 4k + 1``) and tiny transformers;
     ``two_experts``: Wan 2.2 A14B's layout, ``transformer`` (high noise) and ``transformer_2`` (low noise) with
-    ``boundary_ratio`` 0.5."""
+    ``boundary_ratio`` 0.5; ``image_to_video``: a ``WanImageToVideoPipeline`` (Wan 2.2 I2V: no image encoder)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
@@ -414,8 +414,12 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True],
                            latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
-    kw = dict(transformer=tiny_wan(seed))
+    cls = WanPipeline
+    if image_to_video:  # Wan 2.2 I2V's layout: no CLIP image encoder; latents + mask + image latents in
+        from diffusers import WanImageToVideoPipeline as cls
+
+    channels = dict(in_channels=12) if image_to_video else {}
+    kw = dict(transformer=tiny_wan(seed, **channels))
     if two_experts:
-        kw.update(transformer_2=tiny_wan(seed + 1), boundary_ratio=0.5)
-    return WanPipeline(tokenizer=tok, text_encoder=umt5, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       **kw)
+        kw.update(transformer_2=tiny_wan(seed + 1, **channels), boundary_ratio=0.5)
+    return cls(tokenizer=tok, text_encoder=umt5, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **kw)
