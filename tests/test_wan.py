@@ -288,3 +288,76 @@ def test_compiled_equals_eager(path):
     torch._dynamo.reset()
     assert not counters["graph_break"]
     assert (frames == 2) if path == "full" else frames >= 1  # full: one graph per grid, none for A again
+
+
+# ------------------------------------------------------------------------------------------
+# Distillation: the objective on Wan, and the data commands' refusal
+# ------------------------------------------------------------------------------------------
+
+def distill_setup(radius, rt, seed=0):
+    from clear.distill import attention_layers, freeze_for_distillation
+
+    teacher = tiny_wan(seed)
+    student = copy.deepcopy(teacher)
+    clear.apply_clear(student, radius=radius, temporal_radius=rt, backend="tiled")
+    trainable = freeze_for_distillation(student)
+    teacher.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    x0, noise = torch.randn(2, 4, 3, 8, 12, generator=g), torch.randn(2, 4, 3, 8, 12, generator=g)
+    sigmas = torch.tensor([0.3, 0.8])
+    prompt = torch.randn(2, 6, 16, generator=g)
+    return teacher, student, trainable, attention_layers(student), (x0, noise, sigmas * 1000, sigmas, prompt, None)
+
+
+def test_attention_layers_of_wan_are_the_self_attention():
+    from clear.distill import attention_layers
+
+    model = tiny_wan(num_layers=5)
+    assert attention_layers(model) == ["blocks.0.attn1", "blocks.4.attn1"]  # "self:4", the family's default
+    assert attention_layers(model, "self:2:1") == ["blocks.1.attn1", "blocks.3.attn1"]
+    assert attention_layers(model, "blocks.2") == ["blocks.2.attn1"]
+    with pytest.raises(ValueError, match="'self:4'"):
+        attention_layers(model, "single:4")
+
+
+def test_distillation_steps_on_wan():
+    from clear.distill import distill_losses
+
+    # a window that covers the 3x4x6 grid: the student is the teacher, every loss but flow matching is 0
+    teacher, student, _, layers, batch = distill_setup(100, 100)
+    same = distill_losses(student, teacher, *batch, layers, guidance=None)
+    assert same.distill.item() == 0 and same.attn.item() == 0 and same.fm.item() > 0
+    # a local window: the losses train the attention projections of attn1 only, and go down
+    teacher, student, trainable, layers, batch = distill_setup(1.5, 1)
+    assert trainable and all(".attn1." in k for k in trainable)
+    opt = torch.optim.Adam(trainable.values(), lr=3e-3)
+    first = None
+    for _ in range(8):
+        losses = distill_losses(student, teacher, *batch, layers, guidance=None, alpha=1.0, beta=1.0)
+        loss = losses.distill + losses.attn
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for n, p in student.named_parameters() if "attn2" in n)
+        opt.step()
+    assert loss.item() < first
+
+
+def test_data_commands_refuse_wan(tmp_path):
+    from tiny_models import tiny_wan_pipeline
+
+    from clear.commands import generate_data
+    from clear.encoders import plan_cache
+
+    tiny_wan_pipeline().save_pretrained(tmp_path / "wan")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit, match="training Wan from data is not built"):
+        generate_data.run(str(tmp_path / "wan"), "a cat", str(tmp_path / "out"), height=32, width=32)
+    with pytest.raises(NotImplementedError, match="training Wan from data is not built"):
+        plan_cache("prompt_embeds", pretrained_model_name_or_path=str(tmp_path / "wan"), data_root=str(tmp_path / "data"))
+    from scripts_loader import load_script
+
+    with pytest.raises(SystemExit, match="training Wan from data is not built"):
+        load_script("distill").main(["--pretrained_model_name_or_path", str(tmp_path / "wan"), "--data_root",
+                                     str(tmp_path / "data"), "--output_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

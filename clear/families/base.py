@@ -126,6 +126,8 @@ class ModelFamily:
     example: str = ""
     # a video family: its grids are (frames, height, width) and apply_clear takes a temporal_radius
     video: bool = False
+    # the attention module of a block whose output enters L_attn (clear.distill.attention_layers): FLUX's "attn"
+    block_attention: str = "attn"
 
     # -- the released models -------------------------------------------------------------
     def spec(self, transformer_config: Mapping) -> ModelSpec:
@@ -231,6 +233,10 @@ class ModelFamily:
         return None
 
     # -- training ------------------------------------------------------------------------
+    def check_trains_from_data(self) -> None:
+        """Refuse the data, cache and distillation commands (scripts/generate_data.py, the cache scripts,
+        scripts/distill.py) where they are not built for this family; default: they are."""
+
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
         raise NotImplementedError

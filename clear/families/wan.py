@@ -180,6 +180,13 @@ class WanFamily(ModelFamily):
     def training_guidance(self, transformer_config, guidance_scale):
         return None
 
+    def check_trains_from_data(self):
+        raise NotImplementedError(
+            "training Wan from data is not built: the data, cache and distillation commands handle images (tar "
+            "shards of pictures, AutoencoderKL posteriors, 4-D latents), not clips. The objective itself runs on Wan "
+            "(clear.distill.distill_losses with 5-D latents [B, C, frames, H, W] and UMT5 embeddings; "
+            "tests/test_wan.py takes distillation steps): drive it from your own clip loader (docs/families.md)")
+
     def encode_prompt(self, pipe, prompts, device, max_sequence_length, negative=False):
         embeds, neg = pipe.encode_prompt(prompt=list(prompts), negative_prompt=[""] * len(prompts) if negative else None,
                                          do_classifier_free_guidance=negative, num_videos_per_prompt=1,
@@ -229,5 +236,5 @@ FAMILY = WanFamily(
     text_components=("text_encoder", "tokenizer"), t5_tokenizer="tokenizer", attn_loss_layers="self:4",
     pipelines=("WanPipeline", "WanImageToVideoPipeline"), vae_class="AutoencoderKLWan",
     prompt_features=("prompt_embeds",), rope=False, released_weights=False, example="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    video=True,
+    video=True, block_attention="attn1",
 )
