@@ -361,3 +361,12 @@ def test_data_commands_refuse_wan(tmp_path):
         load_script("distill").main(["--pretrained_model_name_or_path", str(tmp_path / "wan"), "--data_root",
                                      str(tmp_path / "data"), "--output_dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+
+
+def test_the_flops_table_in_the_docs_is_the_one_computed():
+    from pathlib import Path
+
+    from clear.families.wan import flops_table
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text()
+    assert flops_table() in docs

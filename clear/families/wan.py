@@ -139,6 +139,38 @@ def step_flops(size: WanSize, frames: int, height: int, width: int, radius: floa
     return out
 
 
+# the table of docs/families.md: (name, shown as), sizes (HEIGHT, WIDTH) at 81 frames, CLEAR windows (r, rt)
+TABLE_MODELS = (("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B"), ("Wan2.2-TI2V-5B", "Wan2.2-TI2V-5B"),
+                ("Wan2.1-T2V-14B", "Wan2.1-T2V-14B, each Wan2.2-A14B expert"), ("Wan2.1-I2V-14B", "Wan2.1-I2V-14B"))
+TABLE_SIZES = (("480p", 480, 832), ("720p", 720, 1280))
+TABLE_WINDOWS = ((16, 4), (8, 2), (16, None))
+
+
+def flops_table(num_frames: int = 81) -> str:
+    """The markdown table of docs/families.md: per released model and size, the tokens, the TFLOPs of one
+    transformer forward with full attention, the self-attention's share of it, and for each CLEAR window the
+    self-attention FLOPs it keeps and the bound on the forward's speed-up (full FLOPs / CLEAR FLOPs). TI2V-5B's
+    720p is 1280x704 (its VAE compresses 16x: sides are multiples of 32)."""
+    head = ["model", "size (81 frames)", "tokens T×H×W", "TFLOPs / forward", "self-attention share"]
+    head += [f"r={r}, rt={rt if rt is not None else 'all'}: attention kept, speed-up bound" for r, rt in TABLE_WINDOWS]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|" + "---:|" * len(TABLE_WINDOWS)]
+    for name, shown in TABLE_MODELS:
+        size = SIZES[name]
+        for tag, height, width in TABLE_SIZES:
+            height = height - height % (size.spatial * size.patch[1])
+            grid = size.grid(num_frames, height, width)
+            full = step_flops(size, *grid)
+            cells = []
+            for r, rt in TABLE_WINDOWS:
+                local = step_flops(size, *grid, radius=r, temporal_radius=rt)
+                cells.append(f"{100 * local['self_attention'] / full['self_attention']:.1f}%, "
+                             f"{full['total'] / local['total']:.2f}×")
+            tokens = f"{grid[0]}×{grid[1]}×{grid[2]} = {grid[0] * grid[1] * grid[2]:,}"
+            lines.append(f"| {shown} | {tag} {width}×{height} | {tokens} | {full['total'] / 1e12:,.0f} | "
+                         f"{100 * full['self_attention'] / full['total']:.0f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------
 # The family
 # ------------------------------------------------------------------------------------------
