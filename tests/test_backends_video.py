@@ -65,3 +65,12 @@ def test_flex_video_equals_dense_and_its_block_mask_is_flex_own(grid, r, rt, tex
                             BLOCK_SIZE=order.block_size)
     assert torch.equal(plan.block_mask.to_dense(), own.to_dense())
     assert torch.equal(plan.block_mask.full_kv_num_blocks, own.full_kv_num_blocks)
+
+
+@pytest.mark.slow
+def test_compiled_flex_video_kernel_equals_dense():
+    """The compiled FlexAttention kernel (inductor on CPU; CUDA runs it by default) with the 3-D mask_mod."""
+    layout, window = TokenLayout(0, 7, 9, frames=5), Window(3, 1, 2)
+    q, k, v = qkv(layout, window)
+    plan = flex.grid_plan(layout, window, "cpu", Options(tile=(4, 8), compiled=True))
+    torch.testing.assert_close(plan.attend(q, k, v, 0.3), oracle(layout, window, q, k, v, 0.3), atol=2e-6, rtol=1e-5)

@@ -154,6 +154,8 @@ def test_refusals():
         model(**wan_inputs(2, 5, 4, batch=1))
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         model(**{**wan_inputs(2, 4, 4, batch=1), "hidden_states": torch.randn(1, 4, 2, 7, 8)})
+    with pytest.raises(TypeError, match="patch parallelism supports FluxTransformer2DModel, not WanTransformer3DModel"):
+        clear.parallelize(model)  # refused before torch.distributed is asked
 
 
 # ------------------------------------------------------------------------------------------
