@@ -26,7 +26,6 @@ import torch
 
 from .attention import ClearAttention
 from .families import ModelFamily, ModelSpec, family_of
-from .geometry import TokenLayout
 from .processors import ClearProcessorBase
 
 
@@ -126,8 +125,8 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     their processors. Image families refuse a ``temporal_radius``."""
     family = family_of(transformer)
     if temporal_radius is not None and not family.video:
-        raise ValueError(f"temporal_radius={temporal_radius!r} is for video models, but {type(transformer).__name__} is "
-                         f"a {family.name} image model (no frames): drop temporal_radius")
+        raise ValueError(f"temporal_radius={temporal_radius!r} is for video models, but {type(transformer).__name__} "
+                         f"is a {family.name} image model (no frames): drop temporal_radius")
     spec = family.spec(transformer.config)
     if getattr(transformer, "clear_state", None) is not None:
         remove_clear(transformer)

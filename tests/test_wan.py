@@ -356,7 +356,8 @@ def test_data_commands_refuse_wan(tmp_path):
     with pytest.raises(SystemExit, match="training Wan from data is not built"):
         generate_data.run(str(tmp_path / "wan"), "a cat", str(tmp_path / "out"), height=32, width=32)
     with pytest.raises(NotImplementedError, match="training Wan from data is not built"):
-        plan_cache("prompt_embeds", pretrained_model_name_or_path=str(tmp_path / "wan"), data_root=str(tmp_path / "data"))
+        plan_cache("prompt_embeds", pretrained_model_name_or_path=str(tmp_path / "wan"),
+                   data_root=str(tmp_path / "data"))
     from scripts_loader import load_script
 
     with pytest.raises(SystemExit, match="training Wan from data is not built"):

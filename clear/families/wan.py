@@ -220,7 +220,8 @@ class WanFamily(ModelFamily):
             "tests/test_wan.py takes distillation steps): drive it from your own clip loader (docs/families.md)")
 
     def encode_prompt(self, pipe, prompts, device, max_sequence_length, negative=False):
-        embeds, neg = pipe.encode_prompt(prompt=list(prompts), negative_prompt=[""] * len(prompts) if negative else None,
+        embeds, neg = pipe.encode_prompt(prompt=list(prompts),
+                                         negative_prompt=[""] * len(prompts) if negative else None,
                                          do_classifier_free_guidance=negative, num_videos_per_prompt=1,
                                          max_sequence_length=max_sequence_length, device=device)
         out = {"prompt_embeds": embeds}

@@ -77,9 +77,9 @@ def check_video_checkpoints(clear: VideoClear, names: list[str]) -> None:
     if not clear.checkpoints:
         return
     if len(clear.checkpoints) != len(names):
-        raise ValueError(f"this pipeline has {len(names)} transformer(s) ({', '.join(names)}) but {len(clear.checkpoints)} "
-                         "CLEAR checkpoint(s) were given: pass one per transformer, in that order (Wan 2.2 A14B: "
-                         "--checkpoint HIGH_NOISE.safetensors,LOW_NOISE.safetensors), or none")
+        raise ValueError(f"this pipeline has {len(names)} transformer(s) ({', '.join(names)}) but "
+                         f"{len(clear.checkpoints)} CLEAR checkpoint(s) were given: pass one per transformer, in that "
+                         "order (Wan 2.2 A14B: --checkpoint HIGH_NOISE.safetensors,LOW_NOISE.safetensors), or none")
     for path in clear.checkpoints:
         check_checkpoint(path, clear.radius, clear.down_factor, "wan", clear.strict_radius)
         if not clear.strict_radius:
