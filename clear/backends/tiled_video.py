@@ -8,27 +8,71 @@ keys. Boxes are shifted to stay inside the grid (never a key outside it, so no c
 padding and a window as large as the grid gathers the grid once), which makes a tile's mask depend only on
 where its box sits relative to it and on how much of the tile is inside the grid: along each axis the tiles
 fall into a few such classes (interior, and a few near each border), and the tiles of one class triple share
-one mask and run as one batch. The plan's memory grows with the number of classes, not of tiles.
+one mask and run as one batch.
 
 Inside a box the mask is the 3-D rule of :mod:`clear.geometry`: ``dy^2 + dx^2 < bound(|dt|)``. Padding
 queries of a tile (past the grid's end; they repeat a real query and their rows are dropped) see every key
 of their box. The plan is a :class:`clear.backends.tiled.Plan`: its ``attend`` is the image plans' one.
 
 The query tile: ``Options.query_tile`` as ``(t, h, w)``, else the image rule
-(:func:`clear.backends.tiled.tile_for`) for ``h x w`` and ``tile_t = max(1, min(frames, temporal halo))``
-(a chosen, not yet measured, trade: a taller tile shares its box's frames among more queries). Tensors are
+(:func:`clear.backends.tiled.tile_for`) for ``h x w`` and ``tile_t = max(1, min(frames, temporal halo, 4))``
+(a chosen, not yet measured, trade: a taller tile shares its box's frames among more queries). The plan keeps each
+class's mask as its factors (offsets per axis) and builds it per call (:class:`VideoPlan`). Tensors are
 ``[B, S, heads, D]``.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 from ..geometry import TokenLayout, Window
 from . import Options
 from .tiled import Plan, _Group, reach, tile_for
+
+# Frames of a query tile at most (the temporal reach, up to this): more frames share a box's keys among more queries,
+# but grow every tile's mask (tq x tk). Chosen, not measured.
+MAX_TILE_FRAMES = 4
+
+
+@dataclass
+class _WindowGroup:
+    """Tiles of one class: ``q_idx [tiles, tq]``, ``kv_idx [tiles, tk + globals]`` and the factors of their shared
+    mask: frame offsets ``dt [tile_t, box_t]`` (absolute), row and column offsets ``dy [tile_h, box_h]``,
+    ``dx [tile_w, box_w]``, which tile cells are real queries (``real [tq]``) and the bounds per ``|dt|``."""
+
+    q_idx: torch.Tensor
+    kv_idx: torch.Tensor
+    dt: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    real: torch.Tensor
+    bounds: torch.Tensor
+
+    def build(self) -> _Group:
+        """The group with its mask as the image plans hold it: bias ``[1, 1, tq, tk + globals]``."""
+        d2 = self.dy[:, None, :, None] ** 2 + self.dx[None, :, None, :] ** 2  # [th, tw, bh, bw]
+        local = d2[None, :, :, None] < self.bounds[self.dt][:, None, None, :, None, None]  # [tt, th, tw, bt, bh, bw]
+        tq = self.real.numel()
+        local = local.reshape(tq, -1) | ~self.real[:, None]  # padding queries see their whole box
+        n_global = self.kv_idx.shape[1] - local.shape[1]
+        mask = torch.cat([local, local.new_ones(tq, n_global)], 1)
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return _Group(self.q_idx, self.kv_idx, bias[None, None])
+
+
+@dataclass
+class VideoPlan(Plan):
+    """A :class:`clear.backends.tiled.Plan` whose groups keep only their masks' factors (``_WindowGroup``): each
+    call builds the masks (``tq x tk`` per class, elementwise, small next to the attention itself) instead of the
+    plan holding them, which at 720p with a radius of 16 would be gigabytes."""
+
+    def attend(self, query, key, value, scale: float, return_lse: bool = False):
+        built = Plan(self.layout, [g.build() for g in self.groups], self.text_q, self.text_kv, self.from_tiles,
+                     self.tile, self.backend)
+        return built.attend(query, key, value, scale, return_lse)
 
 
 def video_tile(layout: TokenLayout, window: Window, options: Options = Options()) -> tuple[int, int, int]:
@@ -39,7 +83,7 @@ def video_tile(layout: TokenLayout, window: Window, options: Options = Options()
         return min(tile[0], f), min(tile[1], h), min(tile[2], w)
     halo_t = window.temporal_reach(f)
     th, tw = tile if tile is not None else tile_for(reach(window), layout.text_len + layout.num_pooled(window), h, w)
-    return max(1, min(f, halo_t)), min(th, h), min(tw, w)
+    return max(1, min(f, halo_t, MAX_TILE_FRAMES)), min(th, h), min(tw, w)
 
 
 def _axis_classes(size: int, tile: int, halo: int) -> tuple[int, dict]:
@@ -93,13 +137,9 @@ def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Op
         # the window inside the box: query cell (i, j, k) against box cell (a, b, c) is offset rel + box - query
         dt, dy, dx = (r + torch.arange(box, **i64)[None, :] - torch.arange(tl, **i64)[:, None]
                       for r, box, tl in zip(rel, boxes, tile))
-        d2 = dy[:, None, :, None] ** 2 + dx[None, :, None, :] ** 2  # [th, tw, bh, bw]
-        local = d2[None, :, :, None] < bounds[dt.abs()][:, None, None, :, None, None]  # [tt, th, tw, bt, bh, bw]
         real = q_real[0][:, None, None] & q_real[1][None, :, None] & q_real[2][None, None, :]  # [tt, th, tw]
-        local = local.reshape(tq, tk) | ~real.reshape(tq, 1)  # padding queries see their whole box
-        mask = torch.cat([local, torch.ones(tq, global_keys.numel(), dtype=torch.bool, device=device)], 1)
-        bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))[None, None]
-        groups.append(_Group(q_idx, torch.cat([k_idx, global_keys[None].expand(n, -1)], 1), bias))
+        groups.append(_WindowGroup(q_idx, torch.cat([k_idx, global_keys[None].expand(n, -1)], 1), dt.abs(), dy, dx,
+                                   real.reshape(tq), bounds))
         # where each real query's output lands in the concatenated group outputs
         slots = offset + torch.arange(n * tq, **i64).reshape(n, tq)
         keep = real.reshape(1, tq).expand(n, -1)
@@ -108,4 +148,4 @@ def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Op
     from_tiles = torch.empty(layout.seq_len, **i64)
     from_tiles[layout.image_slice] = from_image
     from_tiles[layout.text_slice] = offset + torch.arange(t, **i64)
-    return Plan(layout, groups, txt if t else None, layout.seq_len, from_tiles, tile)
+    return VideoPlan(layout, groups, txt if t else None, layout.seq_len, from_tiles, tile)
