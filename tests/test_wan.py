@@ -364,6 +364,10 @@ def test_data_commands_refuse_wan(tmp_path):
         load_script("distill").main(["--pretrained_model_name_or_path", str(tmp_path / "wan"), "--data_root",
                                      str(tmp_path / "data"), "--output_dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+    from clear.commands.generate_eval_set import preflight
+
+    with pytest.raises(ValueError, match="video model: evaluation sets are images"):
+        preflight(str(tmp_path / "wan"), 32, 32, radius=2, checkpoint="none", device="cpu")
 
 
 def test_the_flops_table_in_the_docs_is_the_one_computed():
@@ -373,3 +377,14 @@ def test_the_flops_table_in_the_docs_is_the_one_computed():
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text()
     assert flops_table() in docs
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Blocks re-run in the backward see the forward's own grid and plans."""
+    model = tiny_wan()
+    clear.apply_clear(model, radius=2, temporal_radius=1.5, backend="tiled")
+    inputs = wan_inputs(3, 4, 6)
+    grad_out = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(2))
+    plain = run(model, inputs, grad_out)
+    model.enable_gradient_checkpointing()
+    assert_same(run(model, inputs, grad_out), plain, atol=1e-6)
