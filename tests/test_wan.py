@@ -332,9 +332,9 @@ def test_distillation_steps_on_wan():
     # a local window: the losses train the attention projections of attn1 only, and go down
     teacher, student, trainable, layers, batch = distill_setup(1.5, 1)
     assert trainable and all(".attn1." in k for k in trainable)
-    opt = torch.optim.Adam(trainable.values(), lr=3e-3)
+    opt = torch.optim.Adam(trainable.values(), lr=5e-3)
     first = None
-    for _ in range(8):
+    for _ in range(4):
         losses = distill_losses(student, teacher, *batch, layers, guidance=None, alpha=1.0, beta=1.0)
         loss = losses.distill + losses.attn
         first = loss.item() if first is None else first
