@@ -6,6 +6,7 @@
     python scripts/mini.py run [...]        # the same as without `run`
     python scripts/mini.py train-teacher    # train the mini teacher (see ckpt/mini/TRAINING.md)
     python scripts/mini.py highres          # the SDEdit cascade 64 -> 512 px (clear/mini/highres.py)
+    python scripts/mini.py teacher-curve --work-dir ckpt/mini_run   # held-out score of each EMA snapshot
 """
 
 import argparse
@@ -75,6 +76,31 @@ def parse_teacher_args(argv=None) -> teacher.TeacherConfig:
                                         init_from=Path(args.init_from) if args.init_from else None))
 
 
+def parse_curve_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog=f"{PROG} teacher-curve",
+                                description=teacher.evaluate_snapshots.__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", required=True,
+                   help="the teacher run's work dir (its snapshots/ema_<step>.safetensors)")
+    p.add_argument("--n", type=int, default=200, help="held-out scenes per snapshot")
+    p.add_argument("--seed", type=int, default=0, help="held-out scene and image seed")
+    p.add_argument("--model", default=str(teacher.MINI_DIR),
+                   help="the teacher pipeline the snapshots are loaded into (the run's --init-from or --out)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    return {"work": Path(args.work_dir), "n": args.n, "seed": args.seed, "model": Path(args.model),
+            "threads": args.threads}
+
+
+def teacher_curve(argv) -> list[dict]:
+    import torch
+
+    options = parse_curve_args(argv)
+    threads = options.pop("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    return teacher.evaluate_snapshots(**options)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
@@ -109,11 +135,13 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
     p.add_argument("--lowres_guidance", type=float, default=None,
                    help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
     p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")
+    p.add_argument("--vae_tiling_latents", type=int, default=None,
+                   help=f"diffusers' VAE tiling from this many latent cells (0: always), default {d.vae_tiling_latents}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     fields = ("sizes", "strength", "upscale_steps", "prompts", "proportional", "ntk_factor", "shift",
-              "lowres_guidance", "backend", "seed", "threads")
+              "lowres_guidance", "backend", "vae_tiling_latents", "seed", "threads")
     s = highres.make_settings(quick=args.quick, model=args.model, out=args.out,
                               **{k: getattr(args, k) for k in fields})
     return s, args.tune
@@ -133,7 +161,8 @@ def run_highres(argv) -> dict:
 def highres_summary(metrics: dict) -> str:
     from clear.mini import highres_report
 
-    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), ""]
+    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), "",
+             *highres_report.time_split_table(metrics), ""]
     lines += [f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()]
     return "\n".join(lines)
 
@@ -156,6 +185,8 @@ def main(argv=None):
         return train_teacher(argv[1:])
     if argv[:1] == ["highres"]:
         return run_highres(argv[1:])
+    if argv[:1] == ["teacher-curve"]:
+        return teacher_curve(argv[1:])
     return run_recipe(argv[1:] if argv[:1] == ["run"] else argv)
 
 

@@ -16,6 +16,8 @@ CASES = [  # (frames, height, width), radius, temporal radius, text tokens, down
     ((3, 4, 6), 1.5, 1.5, 0, 2),  # pooled keys, per frame
     ((6, 3, 5), 100, 100, 2, 1),  # the window covers the grid
     ((7, 9, 11), 2, 2.5, 0, 1),
+    ((4, 16, 20), 3, 1.5, 0, 2),  # 320 pooled keys: their own call (split), the window box larger
+    ((4, 16, 20), 1.5, 0.5, 0, 2),  # the split with more pooled keys than the box holds
 ]
 
 
@@ -30,17 +32,35 @@ def qkv(layout, window, seed=0):
             torch.randn(2, s + p, 2, 8, generator=g))
 
 
-@pytest.mark.parametrize("grid,r,rt,text,df", CASES)
-@pytest.mark.parametrize("query_tile", [None, (2, 3, 4), (1, 2, 2), (3, 8, 8)])
-def test_tiled_video_equals_dense(grid, r, rt, text, df, query_tile):
+# every case with the default tile and one other; every tile shape on the odd grid
+TILED = ([(c, None) for c in CASES] + [(c, (2, 3, 4)) for c in CASES[:7]]
+         + [(CASES[0], t) for t in ((1, 2, 2), (3, 8, 8))])
+
+
+@pytest.mark.parametrize("case,query_tile", TILED)
+def test_tiled_video_equals_dense(case, query_tile):
+    grid, r, rt, text, df = case
     layout, window = TokenLayout(text, grid[1], grid[2], frames=grid[0]), Window(r, df, rt)
     q, k, v = qkv(layout, window)
     plan = tiled.grid_plan(layout, window, "cpu", Options(query_tile=query_tile))
     torch.testing.assert_close(plan.attend(q, k, v, 0.3), oracle(layout, window, q, k, v, 0.3), atol=2e-6, rtol=1e-5)
+    assert (plan.explicit is not None) == (layout.num_pooled(window) >= 256)
     out, lse = plan.attend(q, k, v, 0.3, return_lse=True)
     ref_out, ref_lse = oracle(layout, window, q, k, v, 0.3, return_lse=True)
     torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid,r,rt,text,df", [CASES[0], CASES[4], CASES[-2], CASES[-1]])
+def test_tiled_video_gradients_equal_dense(grid, r, rt, text, df):
+    layout, window = TokenLayout(text, grid[1], grid[2], frames=grid[0]), Window(r, df, rt)
+    q, k, v = (x.requires_grad_(True) for x in qkv(layout, window))
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    plan = tiled.grid_plan(layout, window, "cpu")
+    got = torch.autograd.grad((plan.attend(q, k, v, 0.3) * g).sum(), (q, k, v))
+    want = torch.autograd.grad((oracle(layout, window, q, k, v, 0.3) * g).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_tiled_video_plan_holds_no_mask_and_few_classes():
@@ -54,9 +74,10 @@ def test_tiled_video_plan_holds_no_mask_and_few_classes():
     assert sum(g.q_idx.numel() for g in plan.groups) >= layout.num_image
 
 
-@pytest.mark.parametrize("grid,r,rt,text,df", CASES)
-@pytest.mark.parametrize("tile", [(2, 4), (8, 16), (3, 3)])
-def test_flex_video_equals_dense_and_its_block_mask_is_flex_own(grid, r, rt, text, df, tile):
+@pytest.mark.parametrize("case,tile", [(c, (2, 4)) for c in CASES] + [(c, (3, 3)) for c in CASES[:3]]
+                         + [(CASES[0], (8, 16))])
+def test_flex_video_equals_dense_and_its_block_mask_is_flex_own(case, tile):
+    grid, r, rt, text, df = case
     from torch.nn.attention.flex_attention import create_block_mask
 
     layout, window = TokenLayout(text, grid[1], grid[2], frames=grid[0]), Window(r, df, rt)

@@ -3,8 +3,9 @@
 The same idea as the image plans of :mod:`clear.backends.tiled`, one dimension up: image queries are cut into
 ``tile_t x tile_h x tile_w`` query tiles (frames x rows x columns); each tile gathers the box of keys its
 queries can reach, ``min(tile + 2 halo, size)`` along each axis (``halo``: the window's reach, temporal from
-:meth:`clear.geometry.Window.frame_bounds`, spatial ``floor(sqrt(bound - 1))``), plus the text and pooled
-keys. Boxes are shifted to stay inside the grid (never a key outside it, so no cell of a box is wasted on
+:meth:`clear.geometry.Window.frame_bounds`, spatial ``floor(sqrt(bound - 1))``); the text and pooled keys are
+gathered into every tile or run as their own call merged by log-sum-exp, as for images
+(:func:`clear.backends.tiled.split_for`). Boxes are shifted to stay inside the grid (never a key outside it, so no cell of a box is wasted on
 padding and a window as large as the grid gathers the grid once), which makes a tile's mask depend only on
 where its box sits relative to it and on how much of the tile is inside the grid: along each axis the tiles
 fall into a few such classes (interior, and a few near each border), and the tiles of one class triple share
@@ -24,13 +25,14 @@ class's mask as its factors (offsets per axis) and builds it per call (:class:`V
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..geometry import TokenLayout, Window
 from . import Options
-from .tiled import Plan, _Group, reach, tile_for
+from .tiled import Plan, _Group, reach, split_for, tile_for
 
 # Frames of a query tile at most (the temporal reach, up to this): more frames share a box's keys among more queries,
 # but grow every tile's mask (tq x tk). Chosen, not measured.
@@ -50,17 +52,19 @@ class _WindowGroup:
     dx: torch.Tensor
     real: torch.Tensor
     bounds: torch.Tensor
+    sink: bool = False
 
     def build(self) -> _Group:
-        """The group with its mask as the image plans hold it: bias ``[1, 1, tq, tk + globals]``."""
+        """The group with its mask as the image plans hold it: bias ``[1, 1, tq, tk + gathered shared (+ 1 with
+        the sink key)]``."""
         d2 = self.dy[:, None, :, None] ** 2 + self.dx[None, :, None, :] ** 2  # [th, tw, bh, bw]
         local = d2[None, :, :, None] < self.bounds[self.dt][:, None, None, :, None, None]  # [tt, th, tw, bt, bh, bw]
         tq = self.real.numel()
         local = local.reshape(tq, -1) | ~self.real[:, None]  # padding queries see their whole box
-        n_global = self.kv_idx.shape[1] - local.shape[1]
-        mask = torch.cat([local, local.new_ones(tq, n_global)], 1)
+        n_other = self.kv_idx.shape[1] - local.shape[1] + int(self.sink)  # gathered shared keys, the sink key
+        mask = torch.cat([local, local.new_ones(tq, n_other)], 1)
         bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return _Group(self.q_idx, self.kv_idx, bias[None, None])
+        return _Group(self.q_idx, self.kv_idx, bias[None, None], self.sink)
 
 
 @dataclass
@@ -70,8 +74,9 @@ class VideoPlan(Plan):
     plan holding them, which at 720p with a radius of 16 would be gigabytes."""
 
     def attend(self, query, key, value, scale: float, return_lse: bool = False):
-        built = Plan(self.layout, [g.build() for g in self.groups], self.text_q, self.text_kv, self.from_tiles,
-                     self.tile, self.backend)
+        built = Plan(self.layout, [g.build() for g in self.groups], self.image, self.from_tiles, text=self.text,
+                     text_kv=self.text_kv, tile=self.tile, shared=self.shared, explicit=self.explicit,
+                     backend=self.backend)  # fields by name: dataclasses.fields() would break a compiled graph
         return built.attend(query, key, value, scale, return_lse)
 
 
@@ -82,7 +87,9 @@ def video_tile(layout: TokenLayout, window: Window, options: Options = Options()
     if tile is not None and len(tile) == 3:
         return min(tile[0], f), min(tile[1], h), min(tile[2], w)
     halo_t = window.temporal_reach(f)
-    th, tw = tile if tile is not None else tile_for(reach(window), layout.text_len + layout.num_pooled(window), h, w)
+    n_shared = layout.text_len + layout.num_pooled(window)
+    gathered = 0 if split_for(n_shared, math.inf) is not None else n_shared  # split off: no copy per tile
+    th, tw = tile if tile is not None else tile_for(reach(window), gathered, h, w)
     return max(1, min(f, halo_t, MAX_TILE_FRAMES)), min(th, h), min(tw, w)
 
 
@@ -109,12 +116,14 @@ def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Op
     axes = [_axis_classes(n, tl, hl) for n, tl, hl in zip((f, h, w), tile, halo)]
     boxes = tuple(box for box, _ in axes)
     bounds = torch.tensor(window.frame_bounds(boxes[0] + tile[0] + 1), device=device)  # every |dt| in a box
-    txt = torch.arange(layout.text_slice.start, layout.text_slice.stop, device=device)
-    global_keys = torch.cat([txt, layout.seq_len + torch.arange(n_pooled, device=device)])
+    shared = torch.cat([torch.arange(layout.text_slice.start, layout.text_slice.stop, device=device),
+                        layout.seq_len + torch.arange(n_pooled, device=device)])
     tq, tk = tile[0] * tile[1] * tile[2], boxes[0] * boxes[1] * boxes[2]
+    explicit = split_for(shared.numel(), tk)  # as the image plans: gathered into every tile, or their own call
+    global_keys = shared if explicit is None else shared[:0]
     i64 = dict(dtype=torch.long, device=device)
 
-    groups, from_image, offset = [], torch.empty(layout.num_image, **i64), 0
+    groups, from_image, offset = [], torch.empty(layout.num_image, **i64), 0  # image query -> its output slot
     for (ct, st), (cy, sy), (cx, sx) in itertools.product(*(cls.items() for _, cls in axes)):
         rel, valid_n = (ct[0], cy[0], cx[0]), (ct[1], cy[1], cx[1])
         # per axis: query cells [tiles_d, tile_d] (clamped to the axis: padding repeats a real cell) and box cells
@@ -139,13 +148,11 @@ def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Op
                       for r, box, tl in zip(rel, boxes, tile))
         real = q_real[0][:, None, None] & q_real[1][None, :, None] & q_real[2][None, None, :]  # [tt, th, tw]
         groups.append(_WindowGroup(q_idx, torch.cat([k_idx, global_keys[None].expand(n, -1)], 1), dt.abs(), dy, dx,
-                                   real.reshape(tq), bounds))
+                                   real.reshape(tq), bounds, explicit == "shared"))
         # where each real query's output lands in the concatenated group outputs
         slots = offset + torch.arange(n * tq, **i64).reshape(n, tq)
         keep = real.reshape(1, tq).expand(n, -1)
         from_image[q_idx[keep] - img0] = slots[keep]
         offset += n * tq
-    from_tiles = torch.empty(layout.seq_len, **i64)
-    from_tiles[layout.image_slice] = from_image
-    from_tiles[layout.text_slice] = offset + torch.arange(t, **i64)
-    return VideoPlan(layout, groups, txt if t else None, layout.seq_len, from_tiles, tile)
+    return VideoPlan(layout, groups, layout.image_slice, from_image, layout.text_slice if t else None, layout.seq_len,
+                     tile, None if explicit is None else shared, explicit)

@@ -79,7 +79,10 @@ def add_arguments(p) -> None:
                         "(arXiv 2410.07536) keeps the low frequencies of the stage's input image, strongest at the "
                         "first step; 0 (default) = off; e.g. 1 for large upscales (docs/mini.md)")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
-                   help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
+                   help="diffusers' VAE tiling in upscaling stages (auto: from --vae_tiling_latents latent cells)")
+    h.add_argument("--vae_tiling_latents", type=int, default=defaults.VAE_TILING_LATENTS,
+                   help=f"--vae_tiling auto turns tiling on from this many latent cells (height/f x width/f, f the "
+                        f"VAE's scale factor; default {defaults.VAE_TILING_LATENTS}: FLUX from 2048x2048 pixels)")
     v = p.add_argument_group("video (Wan: WanPipeline, WanImageToVideoPipeline; any of these makes a clip)")
     v.add_argument("--num_frames", type=int, help="frames of the clip, 4k + 1 (default 81 for a Wan model)")
     v.add_argument("--temporal_radius", type=float, help="window radius in latent frames: a query at (t, y, x) sees "
@@ -145,7 +148,7 @@ def resolve_args(args):
         upscale_steps=args.upscale_steps, guidance=args.guidance, ntk_factor=args.ntk_factor,
         proportional=args.proportional, shift=args.shift, tiling=args.tiling,
         max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels,
-        lowres_guidance=args.lowres_guidance)
+        lowres_guidance=args.lowres_guidance, tiling_latents=args.vae_tiling_latents)
     args.family, args.ntk_factor = plan.info.family, plan.ntk_factor
     if args.family.video:  # a Wan model without a video option: a clip with the defaults
         return resolve_video_args(args)
