@@ -26,7 +26,6 @@ import torch
 
 from .attention import ClearAttention
 from .families import ModelFamily, ModelSpec, family_of
-from .geometry import TokenLayout
 from .processors import ClearProcessorBase
 
 
@@ -56,6 +55,10 @@ class ClearState:
     def down_factor(self):
         return self.core.window.down_factor
 
+    @property
+    def temporal_radius(self):
+        return self.core.window.temporal_radius
+
 
 def model_family(model: torch.nn.Module) -> str:
     """The name of the model family of a transformer or ControlNet (:func:`clear.families.family_of`)."""
@@ -77,8 +80,7 @@ def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, gri
         any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
         or any(p.requires_grad for p in module.parameters()))
     device = bound.arguments["hidden_states"].device
-    return {t: state.core.layout_plan(TokenLayout(t, *grid, family.text_first), device, with_grad)
-            for t in text_lens}
+    return {t: state.core.layout_plan(family.layout(t, grid), device, with_grad) for t in text_lens}
 
 
 @torch.compiler.disable  # runs eagerly, outside the compiled frame: see the module docstring
@@ -86,7 +88,7 @@ def _grid_hook(module, args, kwargs):
     state: ClearState = module.clear_state
     bound = forward_signature(type(module)).bind_partial(module, *args, **kwargs)
     grid = state.family.grid(bound)
-    TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
+    state.family.layout(0, grid).pooled_grid(state.core.window)  # fail before any block runs
     arrangement = state.family.arrangement(bound, grid)
     text_lens = arrangement.text_lens if arrangement is not None else state.family.text_lens(bound)
     state.plans = _forward_plans(module, state, bound, grid, text_lens)
@@ -103,7 +105,7 @@ def _head_dim(attn: torch.nn.Module) -> int | None:
 
 def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor: int = 1, backend: str = "auto",
                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16),
-                kernel_options: dict | None = None) -> ClearAttention:
+                kernel_options: dict | None = None, temporal_radius: float | None = None) -> ClearAttention:
     """Make every attention layer of ``transformer`` CLEAR attention, in place.
 
     ``radius``: window radius in tokens (image keys with dy^2 + dx^2 < radius^2 are
@@ -115,17 +117,28 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     shipped measurements on CPU, flex on CUDA; logged once per layout). Applying again replaces the previous
     CLEAR configuration. The model's family (:func:`clear.families.family_of`) gives the processor
     and the grid reader; its spec (the released model) the L0 of proportional attention, the
-    model's training length. Returns the shared :class:`ClearAttention`."""
+    model's training length. Returns the shared :class:`ClearAttention`.
+
+    Video families (Wan, ``family.video``): ``temporal_radius`` in latent frames makes the window an ellipsoid,
+    ``((t-t')/rt)^2 + ((y-y')/r)^2 + ((x-x')/r)^2 < 1`` (``None``: every frame); only the modules the family
+    names (:meth:`clear.families.ModelFamily.clear_module`: Wan's self-attention) get CLEAR, the others keep
+    their processors. Image families refuse a ``temporal_radius``."""
     family = family_of(transformer)
+    if temporal_radius is not None and not family.video:
+        raise ValueError(f"temporal_radius={temporal_radius!r} is for video models, but {type(transformer).__name__} "
+                         f"is a {family.name} image model (no frames): drop temporal_radius")
     spec = family.spec(transformer.config)
     if getattr(transformer, "clear_state", None) is not None:
         remove_clear(transformer)
     core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options,
-                          training_tokens=spec.training_tokens)
+                          training_tokens=spec.training_tokens, temporal_radius=temporal_radius)
     originals = dict(transformer.attn_processors)
     state = ClearState(core, family, spec, originals, [])
     new = {}
     for name in originals:
+        if not family.clear_module(name):  # e.g. Wan's cross-attention: unchanged
+            new[name] = originals[name]
+            continue
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         core.heads, core.head_dim = core.heads or attn.heads, core.head_dim or _head_dim(attn)
         ref = next(attn.parameters())  # to_q's, or FLUX.2's fused to_qkv_mlp_proj's

@@ -139,6 +139,7 @@ def plan_cache(kind: str, pretrained_model_name_or_path: str, data_root, cache_d
     rank, world, local_rank = dist_env()
     device, torch_dtype = rank_device(local_rank, dtype)
     family = resolve_family(model_family, pretrained_model_name_or_path)
+    family.check_trains_from_data()
     if kind == LATENT_CODES:
         family.check_size(pretrained_model_name_or_path, resolution)
     else:

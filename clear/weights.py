@@ -177,8 +177,11 @@ def _check_not_fused(transformer, action: str) -> None:
 
 def _metadata(transformer) -> dict[str, str]:
     state = transformer.clear_state
-    return {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
+    meta = {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
             "clear.family": state.family.name, "clear.model": type(transformer).__name__}
+    if state.family.video:
+        meta["clear.temporal_radius"] = str(state.temporal_radius)  # "None": every frame
+    return meta
 
 
 def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
@@ -360,6 +363,8 @@ def _check_fits(transformer, path, strict_radius: bool, ignore_extra_blocks: boo
     elif not strict_radius and not same_radius(file_radius, state.radius):
         logger.warning("%s was trained for radius=%s; loading it into CLEAR radius=%s because strict_radius=False",
                        path, file_radius, state.radius)
+    if strict_radius and state.family.video:
+        _check_temporal_radius(path, metadata, state.temporal_radius)
 
     missing, unexpected = set(params) - set(shapes), set(shapes) - set(params)
     if missing or unexpected:
@@ -410,6 +415,22 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
             p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
         for attn in clear_attention_modules(transformer).values():
             _refresh_fused(attn)
+
+
+def _check_temporal_radius(path, metadata, temporal_radius) -> None:
+    """A video checkpoint must say its temporal radius (``clear.temporal_radius``) and match the applied one."""
+    if "clear.temporal_radius" not in metadata:
+        raise ValueError(f"{path} does not say which temporal radius it was trained for (no clear.temporal_radius "
+                         f"metadata), so it cannot be checked against temporal_radius={temporal_radius}: pass "
+                         f"{STRICT_RADIUS_OFF} to load it anyway")
+    written = metadata["clear.temporal_radius"]
+    file_rt = None if written == "None" else float(written)
+    if file_rt != (None if temporal_radius is None else float(temporal_radius)):
+        said = "every frame (None)" if file_rt is None else f"{file_rt:g}"
+        raise ValueError(f"{path} was trained for temporal_radius={said} but CLEAR was applied with temporal_radius="
+                         f"{temporal_radius}; call clear.apply_clear(transformer, radius=..., temporal_radius="
+                         f"{file_rt if file_rt is None else f'{file_rt:g}'}) (or pass {STRICT_RADIUS_OFF} to use the "
+                         "weights with another window on purpose)")
 
 
 def _refresh_fused(attn) -> None:

@@ -217,6 +217,7 @@ def check_inputs(args):
     ``(family, dataset)``; fills in the family's defaults of ``args``. Exits with the problem."""
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
+        family.check_trains_from_data()
         for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)

@@ -114,9 +114,9 @@ def shard_contents(path):
 
 
 # the families whose tiny pipelines generate their own training data here; FLUX.2 (no offline text encoder) and
-# Qwen-Image train from a written data set in tests/test_training_families.py
+# Qwen-Image train from a written data set in tests/test_training_families.py; Wan (video): tests/test_wan*.py
 TRAINABLE = ["flux", "sd3"]
-ELSEWHERE = {"flux2", "qwenimage"}
+ELSEWHERE = {"flux2", "qwenimage", "wan"}
 
 
 def test_every_family_has_a_case():

@@ -500,6 +500,10 @@ def _arrangement(halo: int, n_shared: int, q_rows: int, width: int, k_rows: int,
 
 def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Options(), with_grad: bool = False):
     """Queries in natural order; keys ``[natural order | pooled]``."""
+    if layout.frames > 1:  # a video: 3-D query tiles
+        from . import tiled_video
+
+        return tiled_video.grid_plan(layout, window, device, options, with_grad)
     device = torch.device(device)
     h, w, t = layout.height, layout.width, layout.text_len
     img0 = layout.image_slice.start

@@ -20,6 +20,9 @@ def preflight(model: str, height: int, width: int, radius: float | None = None, 
     device = resolve_device(device)
     inf.check_sampling(steps, guidance)
     info = inf.describe_pipeline(model)  # configs only; fails on unsupported models
+    if info.family.video:
+        raise ValueError(f"{model} is a {info.family.name} video model: evaluation sets are images; generate clips with "
+                         "scripts/generate.py --num_frames")
     info.check_size(height, width, down_factor if radius is not None else 1)
     info.family.check_text_length(max_sequence_length)
     if radius is None:

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
-from ..geometry import attention_flops
+from ..geometry import TokenLayout, attention_flops
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,10 @@ class ModelFamily:
     # the most text tokens (max_sequence_length) the family's pipelines accept (FluxPipeline and SD3's refuse more
     # than 512, QwenImagePipeline more than 1024); None: no bound known
     max_text_tokens: int | None = 512
+    # a video family: its grids are (frames, height, width) and apply_clear takes a temporal_radius
+    video: bool = False
+    # the attention module of a block whose output enters L_attn (clear.distill.attention_layers): FLUX's "attn"
+    block_attention: str = "attn"
 
     # -- the released models -------------------------------------------------------------
     def spec(self, transformer_config: Mapping) -> ModelSpec:
@@ -209,6 +213,17 @@ class ModelFamily:
         """The image grid (tokens high, wide) of a forward, from its bound arguments."""
         raise NotImplementedError
 
+    def layout(self, text_len: int, grid: tuple[int, ...]) -> TokenLayout:
+        """The token layout of an attention call with ``text_len`` text tokens on a forward's ``grid`` (what
+        :meth:`grid` returns). Default: ``(height, width)`` of one image, text where :attr:`text_first` says;
+        a video family's grid is ``(frames, height, width)``."""
+        return TokenLayout(text_len, *grid, self.text_first)
+
+    def clear_module(self, processor_name: str) -> bool:
+        """Whether the attention module of ``processor_name`` (a key of the model's ``attn_processors``) gets
+        CLEAR; the others keep their own processors. Default: every attention module."""
+        return True
+
     def text_lens(self, bound: inspect.BoundArguments) -> tuple[int, ...]:
         """The text length of each attention layout of a forward (one per kind of attention call)."""
         raise NotImplementedError
@@ -221,6 +236,10 @@ class ModelFamily:
         return None
 
     # -- training ------------------------------------------------------------------------
+    def check_trains_from_data(self) -> None:
+        """Refuse the data, cache and distillation commands (scripts/generate_data.py, the cache scripts,
+        scripts/distill.py) where they are not built for this family; default: they are."""
+
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
         raise NotImplementedError
