@@ -103,7 +103,7 @@ def test_window_validation_video():
     for bad in (0, -1, float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="temporal_radius must be a positive, finite number"):
             Window(8, 1, bad)
-    with pytest.raises(ValueError, match="radius must be a positive"):
+    with pytest.raises(ValueError, match="radius must be a finite positive"):
         Window(float("nan"))
     with pytest.raises(ValueError, match="temporal_radius needs a spatial window"):
         Window(None, 1, 2)
