@@ -39,9 +39,10 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .apply import forward_signature, model_family
+from .apply import forward_plan, forward_signature, model_family
 from .attention import ClearAttention, pool_tokens
 from .geometry import BandLayout, TokenLayout, Window, grid_from_ids
+from .processors import FORWARD_KWARG
 
 __all__ = [
     "TEXT_MODES",
@@ -272,7 +273,7 @@ class PatchParallelAttention:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                  spatial_weight: torch.Tensor | None = None, plan=None) -> torch.Tensor:
-        # ``plan`` (a whole-grid plan) is never handed in: apply_clear's hook builds none while parallel
+        # ``plan`` (a whole-grid plan) is never handed in: the shard hook plans no whole grid
         plan = self.plan
         if plan is None:
             raise RuntimeError("PatchParallelAttention was called outside a forward of the parallelized model; "
@@ -347,6 +348,9 @@ def _shard_hook(module, args, kwargs):
     plan = plan_bands(height, width, attn.world_size, attn.rank, attn.window)
     own = slice(plan.band.start * width, plan.band.stop * width)
     a["hidden_states"], a["img_ids"] = hidden[:, own], img_ids[own]
+    # the forward's layouts are the band's; its attention plans each band in the call (no whole-grid plan)
+    band = forward_plan(module, forward_signature(type(module)).bind_partial(module, **a), plans=False)
+    a["joint_attention_kwargs"] = {**(a.get("joint_attention_kwargs") or {}), FORWARD_KWARG: band}
     attn.plan = plan
     return (), a
 

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 import clear
 from clear import backends
+from clear.apply import plan_forward
 from clear.attention import ClearAttention
 from clear.devices import DTYPE_CHOICES, resolve_device, resolve_dtype
 from clear.families import FAMILIES
@@ -419,9 +420,9 @@ def bench_model(args, device, dtype) -> list[dict]:
                        variant=name, radius=args.radius, down_factor=args.down_factor)
             rec["first_call_s"] = Timer(device, 0, 1).once(fn)  # plans, compilation
             model = variants_[name][0]
-            state = getattr(model, "clear_state", None)
-            if state is not None and state.plans:
-                rec["backend"] = next(iter(state.plans.values())).backend
+            if getattr(model, "clear_state", None) is not None:
+                with torch.set_grad_enabled(train):
+                    rec["backend"] = next(iter(plan_forward(model, **x).plans.values())).backend
             rec_of[name] = rec
         times = alternate(fns, device, args.warmup, args.repeats)
         for name, rec in rec_of.items():

@@ -11,7 +11,7 @@ import torch
 import clear
 from clear import backends
 from tiny_models import (flux2_inputs, flux_inputs, qwenimage_inputs, sd3_inputs, tiny_flux, tiny_flux2,
-                         tiny_qwenimage, tiny_sd3)
+                         tiny_flux_controlnet, tiny_qwenimage, tiny_sd3)
 
 # (first grid, second grid) in tokens
 GRIDS = {"same tokens": ((8, 8), (4, 16)), "different tokens": ((8, 8), (4, 8))}
@@ -23,6 +23,9 @@ FAMILIES = {
             lambda h, w, seed: sd3_inputs(2 * h, 2 * w, batch=1, seed=seed)),  # latent pixels, patch size 2
     "flux2": (tiny_flux2, lambda h, w, seed: flux2_inputs(h, w, batch=1, seed=seed)),
     "qwenimage": (tiny_qwenimage, lambda h, w, seed: qwenimage_inputs(h, w, batch=1, seed=seed)),
+    "controlnet": (tiny_flux_controlnet, lambda h, w, seed: {
+        **flux_inputs(h, w, batch=1, seed=seed),
+        "controlnet_cond": torch.randn(1, h * w, 16, generator=torch.Generator().manual_seed(seed + 1))}),
 }
 
 
@@ -36,6 +39,8 @@ def _clear_model(family, backend, checkpointing, radius=3, down_factor=1):
 
 def _loss(model, x):
     out = model(**x)
+    if hasattr(out, "controlnet_block_samples"):
+        return sum(t.square().mean() for t in (*out.controlnet_block_samples, *out.controlnet_single_block_samples))
     sample = out[0] if isinstance(out, tuple) else out.sample
     return sample.square().mean()
 
@@ -78,3 +83,19 @@ def test_flux_pooled_tokens_two_grids_one_backward_checkpointed(grids):
 @pytest.mark.parametrize("family", ["sd3", "flux2", "qwenimage"])
 def test_every_family_two_grids_one_backward_checkpointed(family, grids):
     assert_interleaved_equals_separate(family, "dense", grids, True)
+
+
+def test_controlnet_reads_the_forward_in_progress_and_refuses_checkpointing():
+    """diffusers' FluxControlNetModel hands no attention kwargs to its blocks: its processors take the forward in
+    progress (right for every call of that forward), and gradient checkpointing, whose re-run blocks could not
+    know their forward, is refused before any block runs."""
+    assert_interleaved_equals_separate("controlnet", "dense", GRIDS["same tokens"], False)
+    model = _clear_model("controlnet", "dense", checkpointing=True)
+    x = FAMILIES["controlnet"][1](8, 8, 0)
+    with pytest.raises(NotImplementedError, match="does not hand attention kwargs to its blocks.*"
+                                                  "disable_gradient_checkpointing"):
+        _loss(model, x)
+    assert model.clear_state.running is None
+    with torch.no_grad():  # no backward: checkpointing re-runs nothing
+        _loss(model, x)
+    assert model.clear_state.running is None  # nothing of a forward stays after it
