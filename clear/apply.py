@@ -68,12 +68,12 @@ def forward_signature(cls) -> inspect.Signature:
 
 def forward_plan(module: torch.nn.Module, bound: inspect.BoundArguments, plans: bool = True) -> ForwardPlan:
     """The :class:`ForwardPlan` of one forward of ``module`` (a model :func:`apply_clear` made CLEAR), from its
-    bound arguments: the grid, the arrangement and, with ``plans``, the plan of every attention layout (each
-    checked and logged once, built once per layout: :meth:`ClearAttention.layout_plan`)."""
+    bound arguments: the grid, the arrangement and, with ``plans``, the plan of every attention layout
+    (:meth:`ClearAttention.plan`: each layout checked and its backend logged when its plan is built, once per
+    layout; a layout that cannot be planned fails here, before any block runs)."""
     state: ClearState = module.clear_state
     family = state.family
     grid = family.grid(bound)
-    TokenLayout(0, *grid).pooled_grid(state.core.window)  # fail before any block runs
     arrangement = family.arrangement(bound, grid)
     text_lens = arrangement.text_lens if arrangement is not None else family.text_lens(bound)
     by_text = dict.fromkeys(text_lens)
@@ -82,7 +82,7 @@ def forward_plan(module: torch.nn.Module, bound: inspect.BoundArguments, plans: 
             any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
             or any(p.requires_grad for p in module.parameters()))
         device = bound.arguments["hidden_states"].device
-        by_text = {t: state.core.layout_plan(TokenLayout(t, *grid, family.text_first), device, with_grad)
+        by_text = {t: state.core.plan(TokenLayout(t, *grid, family.text_first), device, with_grad)
                    for t in text_lens}
     return ForwardPlan(tuple(grid), family.text_first, by_text, arrangement)
 

@@ -289,7 +289,6 @@ class PatchParallelAttention:
             raise ValueError("spatial_weight must be given exactly when down_factor > 1")
         full = TokenLayout(layout.text_len, plan.height, plan.width, layout.text_first)
         scale = self.inner.scale(full, query.shape[-1])  # proportional attention counts all tokens
-        backend = backends.get(self.inner.resolve_backend(query.device, full, False, query.shape[2], query.shape[3]))
 
         img, txt = layout.image_slice, layout.text_slice
         q_img, k_img, v_img = query[:, img], key[:, img], value[:, img]
@@ -301,10 +300,12 @@ class PatchParallelAttention:
         # keys and values in the band plan's order: [text | rows above | band | rows below | pooled]
         parts = [kv for kv in ((k_txt, v_txt), kv_above, (k_img, v_img), kv_below, kv_pooled) if kv is not None]
         k, v = (torch.cat([p[i] for p in parts], 1) for i in (0, 1))
-        out_img = self.inner.plan(band, backend.name, query.device).attend(q_img, k, v, scale)
+        band_plan = self.inner.plan(band, query.device, False, query.shape[2], query.shape[3])
+        out_img = band_plan.attend(q_img, k, v, scale)
         if layout.text_len == 0:
             return out_img.to(query.dtype)
-        out_txt = self._text_attention(query[:, txt], k_txt, v_txt, k_img, v_img, scale, backend).to(query.dtype)
+        out_txt = self._text_attention(query[:, txt], k_txt, v_txt, k_img, v_img, scale,
+                                       backends.get(band_plan.backend)).to(query.dtype)
         parts = (out_txt, out_img.to(query.dtype)) if layout.text_first else (out_img.to(query.dtype), out_txt)
         return torch.cat(parts, 1)
 

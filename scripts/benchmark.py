@@ -162,10 +162,10 @@ def bench_attention(args, device, dtype) -> list[dict]:
             core = ClearAttention(radius, df, backend=args.backend, tile=args.tile, kernel_options=args.kernel_options)
             sw = torch.full((1, 1, 1, df, 1, df, 1), 1 / df**2, device=device, dtype=dtype) if df > 1 else None
             with torch.no_grad():
-                rec["mask_build_s"] = timer.once(lambda: core.layout_plan(layout, device, with_grad=False))
+                rec["mask_build_s"] = timer.once(lambda: core.plan(layout, device, with_grad=False))
                 core._plans.clear()  # the first call below builds its plan again
                 t0 = time.perf_counter()
-                plan = core.layout_plan(layout, device, with_grad=False)  # built outside the compiled call
+                plan = core.plan(layout, device, with_grad=False)  # built outside the compiled call
                 fn = compiled(lambda: core(q, k, v, layout, sw, plan), args.compile)
                 fn()
                 rec["first_call_s"] = time.perf_counter() - t0
@@ -252,7 +252,7 @@ def bench_step(args, device, dtype) -> list[dict]:
                                                          * cfg["attention_head_dim"]))
         if radius is not None:
             lay = TokenLayout(text, h, w)
-            rec["backend"] = model.clear_state.core.layout_plan(lay, device, with_grad=False).backend
+            rec["backend"] = model.clear_state.core.plan(lay, device, with_grad=False).backend
         target = compile_transformer(model, args.compile)
         fn = lambda: target(**x)  # noqa: E731
         with torch.no_grad():
@@ -516,7 +516,7 @@ def bench_auto(args, device, dtype) -> list[dict]:
             core = ClearAttention(radius, df, backend=name, tile=args.tile)
             if name == "flex":
                 core.compile_kernels = True
-            plan = core.plan(layout, name, device, grad)
+            plan = core.plan(layout, device, grad)
             scale = 1 / dim**0.5
             if grad:
                 qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))

@@ -84,7 +84,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
-    from clear import backends
+    from clear.defaults import BACKEND_CHOICES
 
     d = highres.HighresSettings
     p = argparse.ArgumentParser(prog=f"{PROG} highres", description=highres.__doc__.split("\n\n")[0])
@@ -108,7 +108,7 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
     p.add_argument("--shift", type=float, default=None, help=f"a fixed scheduler shift, default {d.shift}")
     p.add_argument("--lowres_guidance", type=float, default=None,
                    help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
-    p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=f"CLEAR's backend, default {d.backend}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)

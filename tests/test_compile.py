@@ -193,5 +193,4 @@ def test_auto_decides_from_the_models_own_call_shape(monkeypatch):
         assert {p.backend for p in plan_forward(model, **family_inputs("flux", GRID_A)).plans.values()} == {"dense"}
         core.head_dim = 24
         assert {p.backend for p in plan_forward(model, **family_inputs("flux", GRID_B)).plans.values()} == {"tiled"}
-    assert clear.ClearAttention(None, backend="auto").layout_plan(TokenLayout(16, 4, 6), torch.device("cpu"),
-                                                                  False).backend == "dense"
+    assert clear.ClearAttention(None, backend="auto").plan(TokenLayout(16, 4, 6), "cpu").backend == "dense"
