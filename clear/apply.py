@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .attention import ClearAttention
 from .families import ModelFamily, ModelSpec, family_of
 from .geometry import TokenLayout
-from .processors import FORWARD_KWARG, ClearProcessorBase, ForwardPlan
+from .processors import FORWARD_KWARG, ClearProcessorBase, ForwardPlan, InProgress
 
 
 @dataclass
@@ -43,9 +43,9 @@ class ClearState:
     original_processors: dict
     hooks: list
     declared_repeated_blocks: bool = False  # apply_clear set the model's _repeated_blocks (regional compilation)
-    # Only for a model whose forward hands no attention kwargs to its blocks (FLUX.1's ControlNet): the plan of
-    # the forward in progress (None between forwards)
-    running: ForwardPlan | None = None
+    # Only read for a model whose forward hands no attention kwargs to its blocks (FLUX.1's ControlNet): the plan
+    # of the forward in progress, shared with its processors
+    in_progress: InProgress = field(default_factory=InProgress)
 
     @property
     def radius(self):
@@ -109,14 +109,14 @@ def _plan_hook(module, args, kwargs):
                 f"{type(module).__name__} does not hand attention kwargs to its blocks, so a block that gradient "
                 "checkpointing re-runs in the backward could not know its own forward's image grid: call "
                 "disable_gradient_checkpointing() on it (or run it under torch.no_grad())")
-        state.running = forward
+        state.in_progress.plan = forward
         return None
     bound.arguments[name] = {**given, FORWARD_KWARG: forward}
     return bound.args[1:], bound.kwargs
 
 
 def _end_hook(module, args, kwargs, output):
-    module.clear_state.running = None
+    module.clear_state.in_progress.plan = None
 
 
 def _head_dim(attn: torch.nn.Module) -> int | None:
@@ -155,7 +155,7 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         core.heads, core.head_dim = core.heads or attn.heads, core.head_dim or _head_dim(attn)
         ref = next(attn.parameters())  # to_q's, or FLUX.2's fused to_qkv_mlp_proj's
-        new[name] = family.processor(core, state).to(device=ref.device, dtype=ref.dtype)
+        new[name] = family.processor(core, state.in_progress).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)
     state.hooks.append(transformer.register_forward_pre_hook(_plan_hook, with_kwargs=True))
     if family.attention_kwargs(transformer) is None:

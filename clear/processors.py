@@ -68,17 +68,25 @@ class ForwardPlan(nn.Module):
         return TokenLayout(seq_len - n_image, *self.grid, self.text_first), None
 
 
+@dataclass(eq=False)
+class InProgress:
+    """The :class:`ForwardPlan` of the forward in progress (``None`` between forwards), for a model whose
+    diffusers forward hands no attention kwargs to its blocks (FLUX.1's ControlNet): its pre-hook sets it and a
+    forward hook clears it. Right for every call made inside that forward; a block re-run later (gradient
+    checkpointing) finds none, so such models refuse checkpointing."""
+
+    plan: ForwardPlan | None = None
+
+
 class ClearProcessorBase(nn.Module):
     """Holds the shared :class:`ClearAttention` and, for down-sampled variants, this
     module's learned pooling weights ``spatial_weight`` of shape ``(1, 1, 1, df, 1, df, 1)``
     (state-dict key ``<attention module>.processor.spatial_weight``, as released)."""
 
-    def __init__(self, core: ClearAttention, state=None):
+    def __init__(self, core: ClearAttention, in_progress: InProgress | None = None):
         super().__init__()
         self.core = core
-        # the model's ClearState: for models whose diffusers forward does not hand attention kwargs to its blocks
-        # (FLUX.1's ControlNet), the forward in progress
-        self.state = state
+        self.in_progress = in_progress  # read only where a call comes without its forward's plan
         df = core.window.down_factor
         if df > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, df, 1, df, 1), 1.0 / df**2))
@@ -93,7 +101,7 @@ class ClearProcessorBase(nn.Module):
         model whose forward hands no attention kwargs to its blocks) the forward in progress."""
         if clear_forward is not None:
             return clear_forward
-        running = getattr(self.state, "running", None)
+        running = self.in_progress.plan if self.in_progress is not None else None
         if running is None:
             raise RuntimeError(
                 "a CLEAR processor was called outside a forward of its model, which gives it the image grid; apply "

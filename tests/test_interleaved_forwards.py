@@ -95,7 +95,7 @@ def test_controlnet_reads_the_forward_in_progress_and_refuses_checkpointing():
     with pytest.raises(NotImplementedError, match="does not hand attention kwargs to its blocks.*"
                                                   "disable_gradient_checkpointing"):
         _loss(model, x)
-    assert model.clear_state.running is None
+    assert model.clear_state.in_progress.plan is None
     with torch.no_grad():  # no backward: checkpointing re-runs nothing
         _loss(model, x)
-    assert model.clear_state.running is None  # nothing of a forward stays after it
+    assert model.clear_state.in_progress.plan is None  # nothing of a forward stays after it
