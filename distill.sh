@@ -14,7 +14,10 @@ RADIUS=${RADIUS:-16}
 DOWN_FACTOR=${DOWN_FACTOR:-1}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/clear_local_${RADIUS}$([ "$DOWN_FACTOR" = 1 ] || echo "_down_${DOWN_FACTOR}")}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-deepspeed_config.yaml}
-accelerate launch --config_file "$ACCELERATE_CONFIG" scripts/distill.py \
+# --accelerate_config: checks everything that needs no model here first (one line per refusal, before any worker
+# starts), then runs `accelerate launch --config_file "$ACCELERATE_CONFIG"`; a failed run exits 1 without the
+# launcher's traceback
+python scripts/distill.py --accelerate_config "$ACCELERATE_CONFIG" \
     --pretrained_model_name_or_path "$MODEL" \
     --data_root "$DATA_ROOT" --use_cached_prompt_embed --use_cached_latent \
     --output_dir "$OUTPUT_DIR" \

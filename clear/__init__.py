@@ -33,6 +33,7 @@ _EXPORTS = {
     "clear_state_dict_keys": "weights",
     "download_weights": "weights",
     "load_clear_weights": "weights",
+    "check_clear_weights": "weights",
     "save_clear_weights": "weights",
 }
 
@@ -40,6 +41,7 @@ __all__ = [
     "apply_clear",
     "remove_clear",
     "load_clear_weights",
+    "check_clear_weights",
     "save_clear_weights",
     "download_weights",
     "attention_flops",

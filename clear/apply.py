@@ -9,7 +9,9 @@ diffusers passes to its blocks (``joint_attention_kwargs``; the keyword ``clear_
 of a forward stays on the model: blocks that gradient checkpointing re-runs in the backward get their
 own forward's plan with their arguments, so resolutions and batch sizes change freely, even between two
 forwards and one backward. (A model whose forward hands no attention kwargs to its blocks, FLUX.1's
-ControlNet, reads the forward in progress instead, and refuses gradient checkpointing.)
+ControlNet or Wan, reads the forward in progress instead; its gradient checkpointing function is wrapped so
+that a block re-run in the backward runs with its own forward's plan again:
+:meth:`clear.processors.InProgress.replaying`.)
 
 ``torch.compile``: the hook is ``torch.compiler.disable``d. ``torch.compile(model)``,
 ``model.compile()`` and ``compile_repeated_blocks()`` run a module's hooks outside its
@@ -29,7 +31,6 @@ import torch
 
 from .attention import ClearAttention
 from .families import ModelFamily, ModelSpec, family_of
-from .geometry import TokenLayout
 from .processors import FORWARD_KWARG, ClearProcessorBase, ForwardPlan, InProgress
 
 
@@ -43,8 +44,8 @@ class ClearState:
     original_processors: dict
     hooks: list
     declared_repeated_blocks: bool = False  # apply_clear set the model's _repeated_blocks (regional compilation)
-    # Only read for a model whose forward hands no attention kwargs to its blocks (FLUX.1's ControlNet): the plan
-    # of the forward in progress, shared with its processors
+    # Only read for a model whose forward hands no attention kwargs to its blocks (FLUX.1's ControlNet, Wan): the
+    # plan of the forward in progress, shared with its processors
     in_progress: InProgress = field(default_factory=InProgress)
 
     @property
@@ -54,6 +55,10 @@ class ClearState:
     @property
     def down_factor(self):
         return self.core.window.down_factor
+
+    @property
+    def temporal_radius(self):
+        return self.core.window.temporal_radius
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -82,7 +87,7 @@ def forward_plan(module: torch.nn.Module, bound: inspect.BoundArguments, plans: 
             any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
             or any(p.requires_grad for p in module.parameters()))
         device = bound.arguments["hidden_states"].device
-        by_text = {t: state.core.plan(TokenLayout(t, *grid, family.text_first), device, with_grad)
+        by_text = {t: state.core.plan(family.layout(t, grid), device, with_grad)
                    for t in text_lens}
     return ForwardPlan(tuple(grid), family.text_first, by_text, arrangement)
 
@@ -104,11 +109,10 @@ def _plan_hook(module, args, kwargs):
     if forward is None:
         forward = forward_plan(module, bound)
     if name is None:
-        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
-            raise NotImplementedError(
-                f"{type(module).__name__} does not hand attention kwargs to its blocks, so a block that gradient "
-                "checkpointing re-runs in the backward could not know its own forward's image grid: call "
-                "disable_gradient_checkpointing() on it (or run it under torch.no_grad())")
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            # blocks re-run in the backward get their own forward's plan back (InProgress.replaying)
+            module._gradient_checkpointing_func = state.in_progress.replaying(func)
         state.in_progress.plan = forward
         return None
     bound.arguments[name] = {**given, FORWARD_KWARG: forward}
@@ -129,7 +133,7 @@ def _head_dim(attn: torch.nn.Module) -> int | None:
 
 def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor: int = 1, backend: str = "auto",
                 proportional_attention: bool = False, tile: tuple[int, int] = (8, 16),
-                kernel_options: dict | None = None) -> ClearAttention:
+                kernel_options: dict | None = None, temporal_radius: float | None = None) -> ClearAttention:
     """Make every attention layer of ``transformer`` CLEAR attention, in place.
 
     ``radius``: window radius in tokens (image keys with dy^2 + dx^2 < radius^2 are
@@ -141,17 +145,28 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
     shipped measurements on CPU, flex on CUDA; logged once per layout). Applying again replaces the previous
     CLEAR configuration. The model's family (:func:`clear.families.family_of`) gives the processor
     and the grid reader; its spec (the released model) the L0 of proportional attention, the
-    model's training length. Returns the shared :class:`ClearAttention`."""
+    model's training length. Returns the shared :class:`ClearAttention`.
+
+    Video families (Wan, ``family.video``): ``temporal_radius`` in latent frames makes the window an ellipsoid,
+    ``((t-t')/rt)^2 + ((y-y')/r)^2 + ((x-x')/r)^2 < 1`` (``None``: every frame); only the modules the family
+    names (:meth:`clear.families.ModelFamily.clear_module`: Wan's self-attention) get CLEAR, the others keep
+    their processors. Image families refuse a ``temporal_radius``."""
     family = family_of(transformer)
+    if temporal_radius is not None and not family.video:
+        raise ValueError(f"temporal_radius={temporal_radius!r} is for video models, but {type(transformer).__name__} "
+                         f"is a {family.name} image model (no frames): drop temporal_radius")
     spec = family.spec(transformer.config)
     if getattr(transformer, "clear_state", None) is not None:
         remove_clear(transformer)
     core = ClearAttention(radius, down_factor, backend, proportional_attention, tile, kernel_options=kernel_options,
-                          training_tokens=spec.training_tokens)
+                          training_tokens=spec.training_tokens, temporal_radius=temporal_radius)
     originals = dict(transformer.attn_processors)
     state = ClearState(core, family, spec, originals, [])
     new = {}
     for name in originals:
+        if not family.clear_module(name):  # e.g. Wan's cross-attention: unchanged
+            new[name] = originals[name]
+            continue
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         core.heads, core.head_dim = core.heads or attn.heads, core.head_dim or _head_dim(attn)
         ref = next(attn.parameters())  # to_q's, or FLUX.2's fused to_qkv_mlp_proj's
@@ -174,6 +189,9 @@ def remove_clear(transformer: torch.nn.Module) -> None:
         raise ValueError("this model has no CLEAR attention to remove")
     for hook in state.hooks:
         hook.remove()
+    func = getattr(transformer, "_gradient_checkpointing_func", None)
+    if getattr(func, "in_progress", None) is state.in_progress:  # InProgress.replaying's wrapper: unwrapped
+        transformer._gradient_checkpointing_func = func.func
     if state.declared_repeated_blocks:
         del transformer._repeated_blocks
     transformer.set_attn_processor(dict(state.original_processors))

@@ -69,12 +69,13 @@ class ClearAttention:
 
     def __init__(self, radius: float | None, down_factor: int = 1, backend: str = "auto",
                  proportional_attention: bool = False, tile: tuple[int, int] = (8, 16), cache_size: int = 8,
-                 kernel_options: dict | None = None, training_tokens: int = DEFAULT_TRAINING_TOKENS):
+                 kernel_options: dict | None = None, training_tokens: int = DEFAULT_TRAINING_TOKENS,
+                 temporal_radius: float | None = None):
         if backend not in backends.choices():
             raise ValueError(f"backend must be one of {backends.choices()}, got {backend!r}")
         if proportional_attention not in PROPORTIONAL:
             raise ValueError(f"proportional_attention must be one of {PROPORTIONAL}, got {proportional_attention!r}")
-        self.window = Window(radius, down_factor)
+        self.window = Window(radius, down_factor, temporal_radius)  # temporal_radius: video layouts only
         self.backend = backend
         self.proportional_attention = proportional_attention
         # L0 of the proportional scale: the model's training length (apply_clear passes its ModelSpec's); by hand
@@ -92,7 +93,8 @@ class ClearAttention:
 
     def __repr__(self):
         w = self.window
-        return (f"ClearAttention(radius={w.radius}, down_factor={w.down_factor}, backend={self.backend!r}, "
+        rt = "" if w.temporal_radius is None else f", temporal_radius={w.temporal_radius}"
+        return (f"ClearAttention(radius={w.radius}{rt}, down_factor={w.down_factor}, backend={self.backend!r}, "
                 f"proportional_attention={self.proportional_attention})")
 
     # -- plans -------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class ClearAttention:
             raise ValueError(f"the plan for {plan.layout} was handed to an attention call with layout {layout}")
         if win.down_factor > 1:  # keys and values: [natural order | pooled]
             img = layout.image_slice
-            key = torch.cat([key, pool_tokens(key[:, img], layout.height, layout.width, spatial_weight)], 1)
-            value = torch.cat([value, pool_tokens(value[:, img], layout.height, layout.width, spatial_weight)], 1)
+            rows = layout.frames * layout.height  # a video's frames stacked: df x df cells never cross frames
+            key = torch.cat([key, pool_tokens(key[:, img], rows, layout.width, spatial_weight)], 1)
+            value = torch.cat([value, pool_tokens(value[:, img], rows, layout.width, spatial_weight)], 1)
         return plan.attend(query, key, value, scale)

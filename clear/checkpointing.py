@@ -2,12 +2,15 @@
 
 A checkpoint is a folder ``<output_dir>/checkpoint-<step>/``, written as ``checkpoint-<step>.tmp``
 and renamed when complete. Its ``manifest.json``, written last, lists every file with its
-size, so a checkpoint damaged afterwards (a copy cut short, a file truncated) is recognised:
-resuming from ``latest`` then falls back to the newest complete one, and rotation
-(``--checkpoints_total_limit``) counts and deletes complete checkpoints only, never the
-newest one. ``run_settings.json`` holds the settings of the run that wrote it; a resumed run
-compares its own with them (:func:`settings_changes`), and each process's data state holds
-a fingerprint of the dataset (:func:`dataset_fingerprint`).
+size and SHA-256, so a checkpoint damaged or changed afterwards (a copy cut short, a file truncated
+or edited, the manifest left behind) is recognised before anything of it is loaded: resuming from
+``latest`` then falls back to the newest complete one (with finite CLEAR weights), and rotation
+(``--checkpoints_total_limit``) counts and deletes complete checkpoints only, never the newest one.
+The optimizer, schedule and random states (and DeepSpeed's ``*.pt`` files) are pickles, which
+loading runs as code: the hashes find damage, not a forger who rewrites the manifest too, so a
+checkpoint folder must come from someone you trust. ``run_settings.json`` holds the settings of the
+run that wrote it; a resumed run compares its own with them (:func:`settings_changes`), and each
+process's data state holds a fingerprint of the dataset (:func:`dataset_fingerprint`).
 
 One run per output folder: :class:`OutputDirLock` holds ``<output_dir>/.lock`` (pid, host)
 for the run's lifetime. :class:`CheckpointManager` puts these together for one run: which
@@ -29,6 +32,9 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .files import write_bytes
 from .weights import clear_state_dict_keys, load_clear_weights, save_clear_weights
@@ -64,43 +70,62 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_manifest(folder: str | os.PathLike) -> None:
-    """Record every file under ``folder`` with its size; call it last, when the checkpoint is complete."""
+    """Record every file under ``folder`` with its size and SHA-256 (``{"files": {name: {"size", "sha256"}}}``);
+    call it last, when the checkpoint is complete."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     write_bytes(folder / MANIFEST, json.dumps({"files": files}, indent=1).encode())
 
 
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
-    """Why ``folder`` is not a complete checkpoint, or None when it is. A checkpoint without a
-    manifest (written before manifests existed) cannot be checked and counts as complete."""
+def checkpoint_problem(folder: str | os.PathLike, verify: bool = True) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None when it is: no manifest (a folder copied
+    without it, or a save that never finished), a listed file missing or of another size, and with
+    ``verify`` (before a resume loads it) one whose SHA-256 differs. Manifests of older versions,
+    sizes only, are checked by size."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        return None
+        return (f"it has no {MANIFEST} (written last, when a checkpoint is complete): copy the whole folder, "
+                "manifest included")
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        entries = {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()}
+        sizes = {name: int(entry["size"]) for name, entry in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"its {MANIFEST} is unreadable ({e})"
-    for name, size in files.items():
+    for name, size in sizes.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    if verify:
+        for name, entry in entries.items():
+            if "sha256" in entry and file_sha256(folder / name) != entry["sha256"]:
+                return f"{name} is not the file that was written (its SHA-256 differs from the one in {MANIFEST})"
     return None
 
 
-def latest_complete(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+def latest_complete(output_dir: str | os.PathLike, problem=checkpoint_problem) -> tuple[Path | None,
+                                                                                        list[tuple[Path, str]]]:
     """The newest complete checkpoint (None if there is none) and the newer, damaged ones with
-    what is wrong with each."""
+    what is wrong with each; ``problem(folder)`` says what is wrong with one (:func:`checkpoint_problem`)."""
     damaged = []
     for folder in reversed(list_checkpoints(output_dir)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
+        why = problem(folder)
+        if why is None:
             return folder, damaged
-        damaged.append((folder, problem))
+        damaged.append((folder, why))
     return None, damaged
 
 
@@ -122,7 +147,7 @@ def rotate(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     stays. Returns the deleted folders."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, not {keep}")
-    complete = [d for d in list_checkpoints(output_dir) if checkpoint_problem(d) is None]
+    complete = [d for d in list_checkpoints(output_dir) if checkpoint_problem(d, verify=False) is None]
     old = complete[: max(0, len(complete) - keep)]
     for folder in old:
         shutil.rmtree(folder)
@@ -240,11 +265,18 @@ class OutputDirLock:
         raise CheckpointError(f"could not take the lock {self.path}: other runs keep creating it; start one at a time")
 
     def release(self) -> None:
+        """Remove the lock if this process holds it. A lock that cannot be removed (the folder turned
+        read-only) is left with a warning, not an error: its holder is gone once this process ends, so the
+        next run on this host takes it over; an error here would bury the message the run ends with."""
         if self.held:
+            self.held = False
             holder = self._holder() or {}
             if holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
-                self.path.unlink(missing_ok=True)
-            self.held = False
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError as e:
+                    logger.warning("could not remove the lock %s (%s): the next run on this host takes it over, "
+                                   "or delete it", self.path, e.strerror or e)
 
     def __enter__(self) -> "OutputDirLock":
         self.acquire()
@@ -262,12 +294,17 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-# what torch.save's C++ writer raises when a write fails (it does not keep the errno)
-_WRITE_FAILURES = ("iostream error", "failed writing", "No space left", "Disk quota")
+# what torch.save's C++ writer raises when a write fails (it does not keep the errno), and safetensors'
+# SafetensorError (a Rust io::Error in its message: "IoError(Os { code: 28, kind: StorageFull, ... })")
+_WRITE_FAILURES = ("iostream error", "failed writing", "No space left", "Disk quota", "IoError")
+_FULL = ("No space left", "Disk quota", "StorageFull", "QuotaExceeded", "code: 28,", "code: 122,")
+_NOT_WRITABLE = ("PermissionDenied", "ReadOnlyFilesystem", "code: 13,", "code: 30,")
 
 
 def is_write_failure(err: BaseException) -> bool:
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and any(s in str(err) for s in _WRITE_FAILURES))
+    """Whether ``err`` is a failed write: an ``OSError``, or torch's / safetensors' own error for one."""
+    return isinstance(err, OSError) or (isinstance(err, (RuntimeError, SafetensorError))
+                                        and any(s in str(err) for s in _WRITE_FAILURES))
 
 
 def write_failure_message(path: str | os.PathLike, err: BaseException) -> str:
@@ -280,11 +317,18 @@ def write_failure_message(path: str | os.PathLike, err: BaseException) -> str:
         free = f"{_human(shutil.disk_usage(probe).free)} free on that disk"
     except OSError:
         free = "free space unknown"
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
-    cause = "the disk is full" if full else "a write failed"
-    detail = str(err)
+    code = err.errno if isinstance(err, OSError) else None
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and any(s in str(err) for s in _FULL))
+    denied = code in (errno.EACCES, errno.EPERM, errno.EROFS) or (code is None and any(s in str(err)
+                                                                                    for s in _NOT_WRITABLE))
+    detail = " ".join(str(err).split())  # one line
     if isinstance(err, OSError) and err.strerror:
         detail = err.strerror + (f": {err.filename}" if err.filename else "")
+    if denied:
+        return (f"could not write the checkpoint {path}: {path.parent} is not writable ({detail}); {free}. The "
+                f"earlier checkpoints are intact: fix the permissions of {path.parent} (or copy the run to another "
+                "--output_dir), then resume with --resume_from_checkpoint latest")
+    cause = "the disk is full" if full else "a write failed"
     return (f"could not write the checkpoint {path}: {cause} ({detail}); {free}. The earlier checkpoints are "
             "intact: free some space (or lower --checkpoints_total_limit, or use an --output_dir on a larger "
             "disk), then resume with --resume_from_checkpoint latest")
@@ -403,7 +447,7 @@ class CheckpointManager:
                                   "--output_dir")
         resume, damaged = None, []
         if resume_from == "latest":
-            resume, damaged = latest_complete(output_dir)
+            resume, damaged = latest_complete(output_dir, self.problem)
             if resume is None and damaged:
                 raise CheckpointError(f"no complete checkpoint in {output_dir}: "
                                       + "; ".join(f"{d.name}: {why}" for d, why in damaged)
@@ -415,10 +459,11 @@ class CheckpointManager:
             if not resume.is_dir() or checkpoint_step(resume) is None:
                 raise CheckpointError(f"--resume_from_checkpoint {resume} is not a checkpoint folder "
                                       "(checkpoint-<step>)")
-            problem = checkpoint_problem(resume)
+            problem = self.problem(resume)
             if problem:
-                raise CheckpointError(f"--resume_from_checkpoint {resume} is damaged ({problem}): resume from an "
-                                      "earlier one")
+                raise CheckpointError(f"--resume_from_checkpoint {resume} cannot be used: {problem}. Resume from an "
+                                      "earlier checkpoint (a checkpoint holds pickles, which loading runs as code: "
+                                      "use only folders you trust)")
             later = [d.name for d in existing if checkpoint_step(d) > checkpoint_step(resume)]
             if resume.parent.resolve() == output_dir.resolve() and later:
                 raise CheckpointError(f"resuming from {resume.name} would overwrite the later {', '.join(later)}: "
@@ -434,6 +479,17 @@ class CheckpointManager:
             return None, None
         self._check_settings(resume)
         return resume, self._data_state(resume, data_root)
+
+    def problem(self, folder: Path) -> str | None:
+        """Why ``folder`` cannot be resumed from, or None: :func:`checkpoint_problem` (every file's size and
+        SHA-256 against the manifest), then its CLEAR weights must be finite. Nothing is unpickled."""
+        problem = checkpoint_problem(folder)
+        weights = Path(folder) / self.weights_name
+        if problem is None and weights.is_file():
+            bad = nonfinite_tensors(load_file(str(weights)))
+            if bad:
+                problem = f"its CLEAR weights {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are not finite"
+        return problem
 
     def _check_settings(self, resume: Path) -> None:
         saved = load_settings(resume)
@@ -535,10 +591,10 @@ class CheckpointManager:
             if is_main:
                 write_manifest(tmp)
         except Exception as e:
+            if is_main:  # nothing half-written stays, whatever the error
+                shutil.rmtree(tmp, ignore_errors=True)
             if not is_write_failure(e):
                 raise
-            if is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(write_failure_message(final, e)) from e
         if is_main:
             tmp.rename(final)

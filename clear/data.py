@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .files import save_safetensors
-from .shards import IMAGE_EXTS, Sample
+from .shards import IMAGE_EXTS, Sample, unsafe_name
 
 PROMPT_EMBEDS = "prompt_embeds"  # cache kind: "prompt_embeds" [L, D] and the family's other text features [...]
 LATENT_CODES = "latent_codes"  # cache kind: VAE posterior "latent_mean" and "latent_std" [C, h, w]
@@ -169,6 +169,13 @@ def default_cache_dir(data_root: str | os.PathLike) -> Path:
 
 
 def feature_path(cache_dir: str | os.PathLike, kind: str, sample_id: str) -> Path:
+    """``<cache_dir>/<kind>/<sample_id>.safetensors``; a ``ValueError`` for an id that could lead outside
+    ``<cache_dir>/<kind>`` (absolute, ``..``, empty: :func:`clear.shards.unsafe_name`), which
+    :func:`clear.shards.index_samples` never gives."""
+    why = "an empty name" if not sample_id.strip("./") else unsafe_name(sample_id)
+    if why is not None:
+        raise ValueError(f"sample id {sample_id!r} cannot be a cache file name: it is {why} and would be written "
+                         f"outside {Path(cache_dir) / kind}; index the data with clear.shards.index_samples")
     return Path(cache_dir) / kind / f"{sample_id}.safetensors"
 
 
@@ -187,6 +194,12 @@ def load_features(cache_dir: str | os.PathLike, kind: str, sample_id: str,
     missing = [n for n in names if n not in tensors]
     if missing:
         raise BadSampleError(f"bad cache: {path} lacks {', '.join(missing)}; delete it and re-run the cache script")
+    for n in names:  # a NaN here would reach the loss and read as divergence
+        t = tensors[n]
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise BadSampleError(f"bad cache: {path} holds {bad} NaN or infinite values in {n}; delete it and re-run "
+                                 "the cache script")
     return {n: tensors[n] for n in names}
 
 

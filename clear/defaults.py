@@ -22,3 +22,9 @@ DEFAULT_SHIFT = 3.0  # FLUX.1's and SD3's scheduler ``shift``; used fixed instea
 # largest size this project documents (8192², multi-GPU). FLUX's RoPE has no table to bound the size; far
 # beyond this, one image's latents, activations and decoded pixels exceed any single GPU.
 DEFAULT_MAX_PIXELS = 16384 * 16384
+
+# VAE tiling (diffusers' ``vae.enable_tiling()``) is on, unless the caller says, from this many latent cells
+# (height / f x width / f, f the pipeline's ``vae_scale_factor``): where the VAE's mid-block self-attention,
+# quadratic in the latent cells, takes over the decode. FLUX's 8x VAE: from 2048² pixels; the mini teacher's
+# 2x VAE: from 512² pixels.
+VAE_TILING_LATENTS = 256 * 256

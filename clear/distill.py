@@ -47,7 +47,7 @@ def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> l
     if spec is None:
         spec = family.attn_loss_layers
     modules = [n for n, m in transformer.named_modules() if hasattr(m, "processor")]
-    attn_names = [n for n in modules if n.endswith(".attn")]
+    attn_names = [n for n in modules if n.endswith("." + family.block_attention)]  # Wan: a block's attn1
     if spec.strip().lower() in ("", "none"):
         return []
     chosen: list[str] = []
@@ -60,7 +60,7 @@ def attention_layers(transformer: torch.nn.Module, spec: str | None = None) -> l
             found = [n for n in attn_names if prefix is not None and n.startswith(prefix + ".")]
             found = [n for n in found if (i := int(n.split(".")[1])) >= offset and (i - offset) % every == 0]
         else:
-            name = item if item in modules else item + ".attn"
+            name = item if item in modules else f"{item}.{family.block_attention}"
             found = [name] if name in modules else []
         if not found:
             streams = ", ".join(f"'{stream}:4'" for stream, _ in family.streams)
@@ -157,7 +157,7 @@ def distill_losses(student, teacher, x0: torch.Tensor, noise: torch.Tensor, time
                    weighting_scheme: str = "none", num_train_timesteps: int = 1000,
                    student_module: torch.nn.Module | None = None,
                    family: ModelFamily | None = None) -> DistillLosses:
-    """The three losses for one batch. ``x0``, ``noise``: ``[B, C, H, W]`` latents;
+    """The three losses for one batch. ``x0``, ``noise``: ``[B, C, H, W]`` latents (video: ``[B, C, T, H, W]``);
     ``sigmas``/``timesteps``: ``[B]`` (``timesteps = sigmas * num_train_timesteps``, the
     scheduler's). ``student`` may be a wrapper (DDP, DeepSpeed) whose underlying model is
     ``student_module``; hooks go on that. The teacher runs without grad. ``family``: how the
@@ -166,7 +166,7 @@ def distill_losses(student, teacher, x0: torch.Tensor, noise: torch.Tensor, time
     from diffusers.training_utils import compute_loss_weighting_for_sd3  # here: diffusers loads after --help
 
     family = family or family_of(teacher)
-    s = sigmas.view(-1, 1, 1, 1).to(x0.dtype)
+    s = sigmas.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)  # [B, C, H, W] latents, or video [B, C, T, H, W]
     noisy = (1.0 - s) * x0 + s * noise
     inputs = family.transformer_inputs(noisy, timesteps, prompt_embeds, pooled_prompt_embeds, guidance,
                                        num_train_timesteps)

@@ -43,8 +43,9 @@ class PromptEncoder:
         self.pipe = self.family.folder_pipeline_cls(pretrained_model_name_or_path).from_pretrained(
             pretrained_model_name_or_path, transformer=None, vae=None, dtype=dtype).to(device)
         self.device = torch.device(device)
-        self.max_sequence_length = (max_sequence_length
-                                    or self.family.model_spec(pretrained_model_name_or_path).max_sequence_length)
+        self.family.check_text_length(max_sequence_length)
+        self.max_sequence_length = (self.family.model_spec(pretrained_model_name_or_path).max_sequence_length
+                                    if max_sequence_length is None else max_sequence_length)
         limit = getattr(self.pipe, self.family.t5_tokenizer).model_max_length
         if self.max_sequence_length > limit:
             raise ValueError(f"max_sequence_length={self.max_sequence_length} exceeds the T5 tokenizer's {limit}")
@@ -138,10 +139,13 @@ def plan_cache(kind: str, pretrained_model_name_or_path: str, data_root, cache_d
     rank, world, local_rank = dist_env()
     device, torch_dtype = rank_device(local_rank, dtype)
     family = resolve_family(model_family, pretrained_model_name_or_path)
+    family.check_trains_from_data()
     if kind == LATENT_CODES:
         family.check_size(pretrained_model_name_or_path, resolution)
-    elif max_sequence_length is None:
-        max_sequence_length = family.model_spec(pretrained_model_name_or_path).max_sequence_length
+    else:
+        family.check_text_length(max_sequence_length)
+        if max_sequence_length is None:
+            max_sequence_length = family.model_spec(pretrained_model_name_or_path).max_sequence_length
     samples = index_samples(data_root)
     return CacheJob(kind, str(pretrained_model_name_or_path), family, samples,
                     Path(cache_dir or default_cache_dir(data_root)), rank, world, device, torch_dtype, batch_size,

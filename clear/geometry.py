@@ -8,6 +8,16 @@ CLEAR's attention pattern, for a token layout of ``text_len`` text tokens and an
 * an image query sees every text key, every pooled key, and the image keys at grid
   offset (dy, dx) with ``dy**2 + dx**2 < radius**2`` (strict).
 
+Video (:class:`TokenLayout` with ``frames > 1``): the image tokens are a ``frames x height x width``
+grid in frame-major, then row-major order (Wan's patch order), and an image query at (t, y, x) sees
+the image key at (t', y', x') iff ``((t-t')/rt)**2 + ((y-y')/r)**2 + ((x-x')/r)**2 < 1`` (strict),
+``rt`` = ``Window.temporal_radius``; ``rt=None`` means every frame, where each pair of frames gets the
+2-D circle ``dy**2 + dx**2 < r**2``. Exactly: the key is seen iff ``dy**2 + dx**2 < bound(|dt|)`` with the
+integer bounds of :meth:`Window.frame_bounds` (0: no key of that frame offset), the one table every
+backend reads. Pooled tokens of a video are pooled per frame (``df x df`` cells of each frame,
+``frames * (height/df) * (width/df)`` of them, frame-major), and every image query sees all of them:
+the image design's global coarse context, one frame at a time.
+
 Everything that depends on that rule lives here: the token layouts of a whole grid and of a
 patch-parallel band, the dense boolean masks (the oracle used by the ``dense`` backend and by
 every test), and the exact count of allowed (query, key) pairs and the FLOPs it implies. How a
@@ -19,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
 __all__ = [
     "Window",
     "TokenLayout",
+    "video_flops",
     "BandLayout",
     "grid_from_ids",
     "allowed_mask",
@@ -35,33 +47,71 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Window:
-    """The attention window: ``radius`` in grid tokens (``None`` = full attention) and
-    the pooling factor of the optional down-sampled key/value tokens."""
+    """The attention window: ``radius`` in grid tokens (``None`` = full attention), the pooling
+    factor of the optional down-sampled key/value tokens, and for video the ``temporal_radius`` in
+    latent frames (``None`` = every frame; ignored by single-frame layouts)."""
 
     radius: float | None
     down_factor: int = 1
+    temporal_radius: float | None = None
 
     def __post_init__(self):
-        if self.radius is not None and not (isinstance(self.radius, (int, float)) and self.radius > 0):
-            raise ValueError(f"radius must be a positive number of tokens or None (full attention), got {self.radius!r}")
+        if self.radius is not None and not (_is_number(self.radius) and math.isfinite(self.radius)
+                                            and self.radius > 0):
+            raise ValueError(f"radius must be a finite positive number of tokens or None (full attention), got "
+                             f"{self.radius!r}")
         if not isinstance(self.down_factor, int) or self.down_factor < 1:
             raise ValueError(f"down_factor must be an integer >= 1, got {self.down_factor!r}")
         if self.radius is None and self.down_factor > 1:
             raise ValueError("down_factor > 1 needs a local window: pass a radius, or use down_factor=1 for full attention")
+        rt = self.temporal_radius
+        if rt is not None:
+            if not (_is_number(rt) and math.isfinite(rt) and rt > 0):
+                raise ValueError(f"temporal_radius must be a positive, finite number of latent frames or None (every "
+                                 f"frame), got {rt!r}")
+            if self.radius is None:
+                raise ValueError("temporal_radius needs a spatial window: pass a radius too (temporal_radius=None and "
+                                 "radius=None is full attention)")
 
     @property
     def radius_sq_bound(self) -> int:
         """Smallest integer ``b`` with ``d2 < radius**2  <=>  d2 < b`` for integer ``d2``."""
         return math.ceil(self.radius * self.radius)
 
-    def covers(self, height: int, width: int) -> bool:
-        """True when every image key is inside every image query's window."""
-        return self.radius is None or (height - 1) ** 2 + (width - 1) ** 2 < self.radius**2
+    def frame_bounds(self, frames: int) -> tuple[int, ...]:
+        """For each frame offset ``|dt|`` in ``0 .. frames-1``, the smallest integer ``b`` with
+        ``(dt/rt)**2 + d2/r**2 < 1  <=>  d2 < b`` for integer ``d2 = dy**2 + dx**2`` (0: no key of that
+        offset is seen). Exact (rational arithmetic on the floats given); ``rt=None``: every offset gets
+        :attr:`radius_sq_bound`, as does ``dt = 0`` always. Full attention (radius ``None``) has no bounds."""
+        if self.radius is None:
+            raise ValueError("full attention (radius=None) has no window bounds")
+        if self.temporal_radius is None:
+            return (self.radius_sq_bound,) * frames
+        r2, rt2 = Fraction(self.radius) ** 2, Fraction(self.temporal_radius) ** 2
+        bounds = [self.radius_sq_bound]
+        for dt in range(1, frames):
+            rest = r2 * (1 - Fraction(dt * dt) / rt2)  # d2 < rest
+            bounds.append(max(0, math.ceil(rest)))
+        return tuple(bounds)
 
-    def masks_anything(self, height: int, width: int) -> bool:
+    def temporal_reach(self, frames: int) -> int:
+        """The largest frame offset whose keys a query can see (``frames - 1`` at most)."""
+        return max(dt for dt, b in enumerate(self.frame_bounds(frames)) if b > 0)
+
+    def covers(self, height: int, width: int, frames: int = 1) -> bool:
+        """True when every image key is inside every image query's window."""
+        if self.radius is None:
+            return True
+        return self.frame_bounds(frames)[-1] > (height - 1) ** 2 + (width - 1) ** 2
+
+    def masks_anything(self, height: int, width: int, frames: int = 1) -> bool:
         """False only when every query sees every key: the window covers the grid and there
         are no pooled tokens (which text queries never see)."""
-        return self.down_factor > 1 or not self.covers(height, width)
+        return self.down_factor > 1 or not self.covers(height, width, frames)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 @dataclass(frozen=True)
@@ -69,21 +119,23 @@ class TokenLayout:
     """Where text and image tokens sit in one attention call's sequence.
 
     ``text_first=True`` is FLUX (``[text | image]``); ``False`` is SD3 (``[image | text]``).
-    Pooled tokens, when present, are always appended after both as keys only.
+    Pooled tokens, when present, are always appended after both as keys only. ``frames > 1``: a
+    video, ``frames x height x width`` image tokens, frame-major then row-major (Wan).
     """
 
     text_len: int
     height: int
     width: int
     text_first: bool = True
+    frames: int = 1
 
     def __post_init__(self):
-        if self.text_len < 0 or self.height < 1 or self.width < 1:
+        if self.text_len < 0 or self.height < 1 or self.width < 1 or self.frames < 1:
             raise ValueError(f"invalid token layout {self}")
 
     @property
     def num_image(self) -> int:
-        return self.height * self.width
+        return self.frames * self.height * self.width
 
     @property
     def seq_len(self) -> int:
@@ -98,6 +150,7 @@ class TokenLayout:
         return slice(self.text_len, self.seq_len) if self.text_first else slice(0, self.num_image)
 
     def pooled_grid(self, window: Window) -> tuple[int, int]:
+        """The pooled grid of one frame, ``(height/df, width/df)`` (``(0, 0)`` without pooling)."""
         df = window.down_factor
         if df == 1:
             return 0, 0
@@ -110,7 +163,7 @@ class TokenLayout:
 
     def num_pooled(self, window: Window) -> int:
         h, w = self.pooled_grid(window)
-        return h * w
+        return self.frames * h * w
 
 
 def grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
@@ -140,11 +193,16 @@ def grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 
 
-def _local_mask(height: int, width: int, window: Window, device=None) -> torch.Tensor:
-    rows = torch.arange(height, device=device).repeat_interleave(width)
-    cols = torch.arange(width, device=device).repeat(height)
+def _local_mask(height: int, width: int, window: Window, device=None, frames: int = 1) -> torch.Tensor:
+    """``[n, n]`` image-to-image part of the mask, ``n = frames * height * width`` (frame-major)."""
+    hw = height * width
+    pos = torch.arange(frames * hw, device=device)
+    t, rows, cols = pos // hw, (pos % hw) // width, pos % width
     d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
-    return d2 < window.radius_sq_bound
+    if frames == 1:
+        return d2 < window.radius_sq_bound
+    bounds = torch.tensor(window.frame_bounds(frames), device=device)
+    return d2 < bounds[(t[:, None] - t[None, :]).abs()]
 
 
 def allowed_mask(layout: TokenLayout, window: Window, device=None) -> torch.Tensor:
@@ -154,17 +212,16 @@ def allowed_mask(layout: TokenLayout, window: Window, device=None) -> torch.Tens
     mask = torch.ones(layout.seq_len, layout.seq_len + n_pool, dtype=torch.bool, device=device)
     img, txt = layout.image_slice, layout.text_slice
     if window.radius is not None:
-        mask[img, img] = _local_mask(layout.height, layout.width, window, device)
+        mask[img, img] = _local_mask(layout.height, layout.width, window, device, layout.frames)
     mask[txt, layout.seq_len :] = False
     return mask
 
 
-def _local_pairs(height: int, width: int, radius: float) -> int:
-    """Exact number of (query, key) image pairs with dy^2 + dx^2 < r^2 inside the grid.
+def _circle_pairs(height: int, width: int, bound: int) -> int:
+    """Exact number of (query, key) pairs of one ``height x width`` grid with ``dy^2 + dx^2 < bound``.
 
     The sum over queries separates: for a row offset dy, ``height - |dy|`` query rows
     have a partner row, and for each allowed dx, ``width - |dx|`` columns do."""
-    bound = Window(radius).radius_sq_bound
     total = 0
     for dy in range(-(height - 1), height):
         rem = bound - 1 - dy * dy  # largest allowed dx^2
@@ -176,23 +233,45 @@ def _local_pairs(height: int, width: int, radius: float) -> int:
     return total
 
 
+def _local_pairs(height: int, width: int, radius: float) -> int:
+    """Exact number of (query, key) image pairs with dy^2 + dx^2 < r^2 inside the grid."""
+    return _circle_pairs(height, width, Window(radius).radius_sq_bound)
+
+
+def _video_pairs(frames: int, height: int, width: int, window: Window) -> int:
+    """Exact number of (query, key) image pairs of a video: for a frame offset dt, ``frames - |dt|`` query
+    frames have a partner frame, each pair with :func:`_circle_pairs` of that offset's bound."""
+    bounds = window.frame_bounds(frames)
+    per_bound = {b: _circle_pairs(height, width, b) for b in set(bounds) if b > 0}
+    return sum((frames - dt) * per_bound[b] * (1 if dt == 0 else 2) for dt, b in enumerate(bounds) if b > 0)
+
+
 def count_allowed_pairs(layout: TokenLayout, window: Window) -> int:
     """Number of allowed (query, key) pairs of one attention call, computed in closed form."""
     t, n = layout.text_len, layout.num_image
     if window.radius is None:
         return (t + n) ** 2
-    local = _local_pairs(layout.height, layout.width, window.radius)
+    local = _video_pairs(layout.frames, layout.height, layout.width, window)
     return t * (t + n) + n * t + local + n * layout.num_pooled(window)
 
 
 def attention_flops(height: int, width: int, radius: float | None, text_len: int = 512,
-                    down_factor: int = 1, dim: int = 3072) -> int:
+                    down_factor: int = 1, dim: int = 3072, frames: int = 1,
+                    temporal_radius: float | None = None) -> int:
     """The paper's per-layer attention cost ``4 * sum(M) * c``: ``sum(M)`` allowed
     (query, key) pairs, ``c`` = ``dim`` channels (heads x head_dim), 2 FLOPs per
     multiply-add in ``QK^T`` and in ``PV``. ``height``/``width`` are in tokens (latent / 2
-    for FLUX, i.e. pixels / 16). ``radius=None`` is full attention."""
-    layout = TokenLayout(text_len, height, width)
-    return 4 * count_allowed_pairs(layout, Window(radius, down_factor)) * dim
+    for FLUX, i.e. pixels / 16). ``radius=None`` is full attention. Video: ``frames`` latent frames
+    and the window's ``temporal_radius`` (``None``: every frame)."""
+    layout = TokenLayout(text_len, height, width, frames=frames)
+    return 4 * count_allowed_pairs(layout, Window(radius, down_factor, temporal_radius)) * dim
+
+
+def video_flops(frames: int, height: int, width: int, radius: float | None, temporal_radius: float | None = None,
+                down_factor: int = 1, dim: int = 5120) -> int:
+    """FLOPs of one video self-attention call (no text in the sequence, as Wan's ``attn1``): ``4 * pairs * dim``
+    over a ``frames x height x width`` token grid."""
+    return attention_flops(height, width, radius, 0, down_factor, dim, frames, temporal_radius)
 
 
 # ----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from . import backends
 from .apply import forward_plan, forward_signature, model_family
 from .attention import ClearAttention, pool_tokens
+from .defaults import VAE_TILING_LATENTS
 from .geometry import BandLayout, TokenLayout, Window, grid_from_ids
 from .processors import FORWARD_KWARG
 
@@ -438,8 +439,9 @@ def patch_parallel_pipeline_call(pipe, vae_tiling: bool | None = None, **kwargs)
     """Run a ``FluxPipeline`` whose transformer was :func:`parallelize`-d. Every rank of the
     group must call this with the same arguments (prompt, size, steps, and a generator
     seeded identically). The denoising runs on all ranks, each on its band; only rank 0
-    decodes (with VAE tiling when ``vae_tiling`` is True, or None and the image is larger
-    than 2048x2048) and returns the pipeline's output; the other ranks return ``None``."""
+    decodes (with VAE tiling when ``vae_tiling`` is True, or None and the latents have at least
+    :data:`clear.defaults.VAE_TILING_LATENTS` cells) and returns the pipeline's output; the other
+    ranks return ``None``."""
     par = getattr(pipe.transformer, "clear_parallel", None)
     if par is None:
         raise ValueError("the pipeline's transformer is not patch-parallel: call clear.parallelize(pipe.transformer)")
@@ -449,7 +451,8 @@ def patch_parallel_pipeline_call(pipe, vae_tiling: bool | None = None, **kwargs)
         return None
     height = kwargs.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
     width = kwargs.get("width") or pipe.default_sample_size * pipe.vae_scale_factor
-    if vae_tiling or (vae_tiling is None and height * width > 2048 * 2048):
+    f = pipe.vae_scale_factor
+    if vae_tiling or (vae_tiling is None and (height // f) * (width // f) >= VAE_TILING_LATENTS):
         pipe.vae.enable_tiling()
     return pipe(**kwargs)
 

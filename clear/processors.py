@@ -16,8 +16,10 @@ the latest one's; the text length of a call is whatever its sequence leaves besi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -31,9 +33,10 @@ FORWARD_KWARG = "clear_forward"
 
 class ForwardPlan(nn.Module):
     """What every attention call of one forward uses: the image ``grid`` (tokens per axis, ``(height,
-    width)``), whether text comes first (``text_first``), the plan of each attention layout by its text
-    length (``plans``, read only; a plan ``None``: the attention makes its own, as patch parallelism's bands
-    do) and, where the joint sequence is not ``[text | image]`` as it is, its :class:`Arrangement`.
+    width)``, a video's ``(frames, height, width)``), whether text comes first (``text_first``), the plan of each
+    attention layout by its text length (``plans``, read only; a plan ``None``: the attention makes its own, as
+    patch parallelism's bands do) and, where the joint sequence is not ``[text | image]`` as it is, its
+    :class:`Arrangement`.
 
     An ``nn.Module`` for ``torch.compile`` only (it holds no parameter and no model registers it): dynamo
     specialises the ints and tensor shapes it reaches through a module, so each resolution gets its own
@@ -55,6 +58,14 @@ class ForwardPlan(nn.Module):
     def num_image(self) -> int:
         return math.prod(self.grid)
 
+    def token_layout(self, text_len: int) -> TokenLayout:
+        """The layout of ``text_len`` text tokens beside this forward's grid: ``(height, width)`` an image,
+        ``(frames, height, width)`` a video (a video family's grid, frame-major)."""
+        if len(self.grid) == 3:
+            frames, height, width = self.grid
+            return TokenLayout(text_len, height, width, self.text_first, frames)
+        return TokenLayout(text_len, *self.grid, self.text_first)
+
     def layout(self, seq_len: int) -> tuple[TokenLayout, object]:
         """The layout of an attention call of ``seq_len`` tokens in this forward, and its plan (``None`` where the
         forward planned no layout of that length: the call plans its own). The comparison of lengths is a
@@ -62,20 +73,50 @@ class ForwardPlan(nn.Module):
         n_image = self.num_image
         for text_len, plan in self.plans.items():
             if text_len + n_image == seq_len:
-                return TokenLayout(text_len, *self.grid, self.text_first), plan
+                return self.token_layout(text_len), plan
         if seq_len < n_image:
             raise ValueError(f"{seq_len} tokens cannot hold a {'x'.join(map(str, self.grid))} image grid")
-        return TokenLayout(seq_len - n_image, *self.grid, self.text_first), None
+        return self.token_layout(seq_len - n_image), None
 
 
 @dataclass(eq=False)
 class InProgress:
     """The :class:`ForwardPlan` of the forward in progress (``None`` between forwards), for a model whose
-    diffusers forward hands no attention kwargs to its blocks (FLUX.1's ControlNet): its pre-hook sets it and a
-    forward hook clears it. Right for every call made inside that forward; a block re-run later (gradient
-    checkpointing) finds none, so such models refuse checkpointing."""
+    diffusers forward hands no attention kwargs to its blocks (FLUX.1's ControlNet, Wan): its pre-hook sets it and
+    a forward hook clears it. Right for every call made inside that forward; for a block that gradient
+    checkpointing re-runs in the backward, the model's checkpointing function is wrapped (:meth:`replaying`) so
+    that the re-run sets its own forward's plan again while it runs."""
 
     plan: ForwardPlan | None = None
+
+    def replaying(self, checkpoint_func):
+        """``checkpoint_func`` (diffusers' ``model._gradient_checkpointing_func(block, *args)``), wrapped so that a
+        block it runs, in the forward and again in the backward, runs with the plan of the forward that called it."""
+        if isinstance(checkpoint_func, _ReplayPlan) and checkpoint_func.in_progress is self:
+            return checkpoint_func
+        return _ReplayPlan(checkpoint_func, self)
+
+
+@dataclass(eq=False)
+class _ReplayPlan:
+    """A gradient checkpointing function (``func(block, *args)``) whose blocks run with the plan of the forward
+    in progress when it was called (:meth:`InProgress.replaying`); ``func`` is the wrapped one."""
+
+    func: Callable
+    in_progress: InProgress
+
+    def __call__(self, block, *args, **kwargs):
+        return self.func(functools.partial(_run_with_plan, self.in_progress, self.in_progress.plan, block), *args,
+                         **kwargs)
+
+
+def _run_with_plan(in_progress: InProgress, plan: ForwardPlan | None, block, *args, **kwargs):
+    """``block(*args, **kwargs)`` with ``plan`` as the forward in progress (the one before it restored after)."""
+    before, in_progress.plan = in_progress.plan, plan
+    try:
+        return block(*args, **kwargs)
+    finally:
+        in_progress.plan = before
 
 
 class ClearProcessorBase(nn.Module):

@@ -28,6 +28,11 @@ from .files import save_safetensors
 logger = logging.getLogger(__name__)
 
 HUB_REPO = "Huage001/CLEAR"
+# The revision of HUB_REPO that download_weights fetches (a branch, tag or commit sha), named in every Hub call so
+# that what is downloaded is chosen here, not by whatever the repo's default branch holds that day. Override it with
+# download_weights(revision=...) or the generate scripts' --weights_revision. To pin the files byte for byte, set it
+# to a commit sha (huggingface_hub.model_info(HUB_REPO).sha on a machine with network access).
+HUB_REVISION = "main"
 # FLUX.2's single-stream blocks fuse q, k, v with the MLP input (to_qkv_mlp_proj) and attention with the MLP output
 # (to_out, a Linear there; a ModuleList, without parameters of its own, everywhere else)
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "to_out")
@@ -88,11 +93,12 @@ def _remove_new_dirs(created: list[Path]) -> None:
 
 
 def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.PathLike = "ckpt",
-                     repo_id: str = HUB_REPO) -> str:
+                     repo_id: str = HUB_REPO, revision: str | None = None) -> str:
     """Path to the released file for ``(radius, down_factor)``, fetched with
-    ``huggingface_hub.hf_hub_download`` into ``local_dir`` unless already there. Offline (or
-    after a failed download) the Hugging Face cache is tried; a failed download leaves nothing
-    behind in ``local_dir``."""
+    ``huggingface_hub.hf_hub_download`` at ``revision`` (default :data:`HUB_REVISION`) into ``local_dir``
+    unless already there. Offline (or after a failed download) the Hugging Face cache is tried at the same
+    revision; a failed download leaves nothing behind in ``local_dir``."""
+    revision = revision or HUB_REVISION
     variant = Variant(radius, down_factor)
     if repo_id == HUB_REPO and variant.name not in RELEASED:
         raise ValueError(f"no released CLEAR weights for {variant.name}; released: {', '.join(RELEASED)}")
@@ -106,17 +112,18 @@ def download_weights(radius: int, down_factor: int = 1, local_dir: str | os.Path
         local = Path(local_dir)
         created = [p for p in (local, local / ".cache", local / ".cache" / "huggingface") if not p.exists()]
         try:
-            return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_dir=str(local_dir))
+            return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_dir=str(local_dir),
+                                   revision=revision)
         except Exception as e:  # no such file, gated, network error: the HF cache may still have it
             _remove_new_dirs(created)
             reason = f"{type(e).__name__}: {e}"
     try:
-        return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_files_only=True)
+        return hf_hub_download(repo_id=repo_id, filename=variant.filename, local_files_only=True, revision=revision)
     except Exception as e:
         raise FileNotFoundError(
-            f"could not get {variant.filename} from the Hub repo {repo_id} ({reason}), and it is not in the local "
-            f"Hugging Face cache. Download it by hand and put it at {target} (for a gated or private repo, "
-            "`hf auth login` first)"
+            f"could not get {variant.filename} from the Hub repo {repo_id} at revision {revision} ({reason}), and it "
+            f"is not in the local Hugging Face cache. Download it by hand and put it at {target} (for a gated or "
+            "private repo, `hf auth login` first)"
         ) from e
 
 
@@ -170,8 +177,11 @@ def _check_not_fused(transformer, action: str) -> None:
 
 def _metadata(transformer) -> dict[str, str]:
     state = transformer.clear_state
-    return {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
+    meta = {"format": "pt", "clear.radius": str(state.radius), "clear.down_factor": str(state.down_factor),
             "clear.family": state.family.name, "clear.model": type(transformer).__name__}
+    if state.family.video:
+        meta["clear.temporal_radius"] = str(state.temporal_radius)  # "None": every frame
+    return meta
 
 
 def save_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> str:
@@ -207,13 +217,29 @@ def _file_window(path, metadata, spatial_shapes) -> tuple[float | None, int, boo
     for full attention (metadata ``"None"``) or when unknown."""
     if "clear.radius" in metadata:
         r = metadata["clear.radius"]
-        return (None if r == "None" else float(r)), int(metadata.get("clear.down_factor", 1)), True
+        try:
+            radius = None if r == "None" else float(r)
+            down_factor = int(metadata.get("clear.down_factor", 1))
+        except ValueError:
+            raise ValueError(f"{path}: its clear.radius metadata {r!r} is not a number (or clear.down_factor "
+                             f"{metadata.get('clear.down_factor')!r} not a whole number): the file was not written by "
+                             "clear.save_clear_weights; save it again with it") from None
+        return radius, down_factor, True
     try:
         v = Variant.parse(str(path))
         return float(v.radius), v.down_factor, True
     except ValueError:
         pass
     return None, (int(spatial_shapes[0][3]) if spatial_shapes else 1), False
+
+
+def same_radius(a: float | None, b: float | None) -> bool:
+    """Whether two radii are the same window (``None``, full attention, only equals ``None``)."""
+    return (a is None and b is None) or (a is not None and b is not None and float(a) == float(b))
+
+
+def radius_text(radius: float | None) -> str:
+    return "None (full attention)" if radius is None else f"{float(radius):g}"
 
 
 def file_variant(path: str | os.PathLike) -> tuple[float | None, int, bool]:
@@ -289,6 +315,76 @@ def _extra_block(key: str, model: torch.nn.Module, block_lists: tuple[str, ...])
     return blocks is not None and int(index) >= len(blocks)
 
 
+def check_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, strict_radius: bool = True,
+                        ignore_extra_blocks: bool | None = None) -> None:
+    """Every check of :func:`load_clear_weights` that the file's header answers (variant, family, keys,
+    shapes, dtypes), without reading a tensor or changing the model: for a run that generates with the
+    original model before it loads CLEAR's weights (``--compare``, an original base image), so a file
+    that does not fit fails before anything is generated. ``transformer``: with CLEAR applied."""
+    _check_fits(transformer, path, strict_radius, ignore_extra_blocks)
+
+
+def _check_fits(transformer, path, strict_radius: bool, ignore_extra_blocks: bool | None) -> tuple[dict, list]:
+    """The model first (CLEAR applied, nothing fused), then the file's header against its CLEAR parameters: the
+    window, family, keys and shapes (see :func:`load_clear_weights`). Returns the parameters and the keys to load."""
+    params = clear_state_dict_keys(transformer)
+    _check_not_fused(transformer, "load")
+    state = transformer.clear_state
+    metadata, shapes = read_header(path)
+    if ignore_extra_blocks is None:
+        ignore_extra_blocks = "ControlNet" in type(transformer).__name__
+    if ignore_extra_blocks:
+        shapes = {k: s for k, s in shapes.items() if not _extra_block(k, transformer, state.family.block_lists)}
+
+    file_radius, file_df, radius_known = _file_window(
+        path, metadata, [s for k, s in shapes.items() if k.endswith("processor.spatial_weight")])
+    if "clear.family" in metadata and metadata["clear.family"] != state.family.name:
+        raise ValueError(f"{path} holds CLEAR weights for a {metadata['clear.family']} model, not {state.family.name}")
+    if file_df != state.down_factor:
+        raise ValueError(
+            f"{path} is for down_factor={file_df} but CLEAR was applied with down_factor={state.down_factor}; "
+            f"call clear.apply_clear(transformer, radius=..., down_factor={file_df})"
+        )
+    if strict_radius and radius_known and not same_radius(file_radius, state.radius):
+        raise ValueError(
+            f"{path} was trained for radius={radius_text(file_radius)} but CLEAR was applied with "
+            f"radius={state.radius}; call clear.apply_clear(transformer, radius={file_radius}, ...) (or pass "
+            f"{STRICT_RADIUS_OFF} to use the weights with another window on purpose)"
+        )
+    if not radius_known:
+        if strict_radius:
+            r = state.radius
+            name = Variant(int(r), state.down_factor).filename if r is not None and float(r).is_integer() else None
+            raise ValueError(unverified_radius_message(path) + f" (radius={r}): "
+                             + (f"if it was trained for that radius, rename it {name}, " if name else "")
+                             + f"or pass {STRICT_RADIUS_OFF} to load it anyway")
+        logger.warning("%s; loading it into CLEAR radius=%s because strict_radius=False",
+                       unverified_radius_message(path), state.radius)
+    elif not strict_radius and not same_radius(file_radius, state.radius):
+        logger.warning("%s was trained for radius=%s; loading it into CLEAR radius=%s because strict_radius=False",
+                       path, file_radius, state.radius)
+    if strict_radius and state.family.video:
+        _check_temporal_radius(path, metadata, state.temporal_radius)
+
+    missing, unexpected = set(params) - set(shapes), set(shapes) - set(params)
+    if missing or unexpected:
+        hint = "the file is for another model (different number of blocks or module names)"
+        if family_of_checkpoint({}, shapes) != family_of_checkpoint({}, params):  # by the block names they use
+            hint = "the file is for another model family (FLUX vs SD3)"
+        raise ValueError(
+            f"{path} does not match this model: "
+            + (f"missing keys: {_describe(missing)}; " if missing else "")
+            + (f"unexpected keys: {_describe(unexpected)}; " if unexpected else "")
+            + f"likely cause: {hint}"
+        )
+    bad = [f"{k}: file {tuple(shapes[k])} vs model {tuple(p.shape)}"
+           for k, p in params.items() if tuple(shapes[k]) != tuple(p.shape)]
+    if bad:
+        raise ValueError(f"{path} has tensors of the wrong shape for this model (another model width?): "
+                         + "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return params, list(params)
+
+
 def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, strict_radius: bool = True,
                        ignore_extra_blocks: bool | None = None) -> None:
     """Load a CLEAR checkpoint (released or saved by :func:`save_clear_weights`) into a
@@ -309,66 +405,32 @@ def load_clear_weights(transformer: torch.nn.Module, path: str | os.PathLike, st
     ``ignore_extra_blocks``: skip keys of blocks the model does not have. Defaults to True
     for ControlNets, which reuse the transformer's file zero-shot (their blocks are copies
     of its first blocks), and False for everything else."""
-    params = clear_state_dict_keys(transformer)
-    _check_not_fused(transformer, "load")
-    state = transformer.clear_state
-    tensors, metadata = _read(path)
-    if ignore_extra_blocks is None:
-        ignore_extra_blocks = "ControlNet" in type(transformer).__name__
-    if ignore_extra_blocks:
-        tensors = {k: t for k, t in tensors.items() if not _extra_block(k, transformer, state.family.block_lists)}
-
-    file_radius, file_df, radius_known = _file_window(
-        path, metadata, [t.shape for k, t in tensors.items() if k.endswith("processor.spatial_weight")])
-    if "clear.family" in metadata and metadata["clear.family"] != state.family.name:
-        raise ValueError(f"{path} holds CLEAR weights for a {metadata['clear.family']} model, not {state.family.name}")
-    if file_df != state.down_factor:
-        raise ValueError(
-            f"{path} is for down_factor={file_df} but CLEAR was applied with down_factor={state.down_factor}; "
-            f"call clear.apply_clear(transformer, radius=..., down_factor={file_df})"
-        )
-    if strict_radius and file_radius is not None and float(file_radius) != float(state.radius or -1):
-        raise ValueError(
-            f"{path} was trained for radius={file_radius:g} but CLEAR was applied with radius={state.radius}; "
-            f"call clear.apply_clear(transformer, radius={file_radius:g}, ...) (or pass {STRICT_RADIUS_OFF} to "
-            "use the weights with another window on purpose)"
-        )
-    if not radius_known:
-        if strict_radius:
-            r = state.radius
-            name = Variant(int(r), state.down_factor).filename if r is not None and float(r).is_integer() else None
-            raise ValueError(unverified_radius_message(path) + f" (radius={r}): "
-                             + (f"if it was trained for that radius, rename it {name}, " if name else "")
-                             + f"or pass {STRICT_RADIUS_OFF} to load it anyway")
-        logger.warning("%s; loading it into CLEAR radius=%s because strict_radius=False",
-                       unverified_radius_message(path), state.radius)
-    elif not strict_radius and file_radius != state.radius:
-        logger.warning("%s was trained for radius=%s; loading it into CLEAR radius=%s because strict_radius=False",
-                       path, file_radius, state.radius)
-
-    missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
-    if missing or unexpected:
-        hint = "the file is for another model (different number of blocks or module names)"
-        if family_of_checkpoint({}, tensors) != family_of_checkpoint({}, params):  # by the block names they use
-            hint = "the file is for another model family (FLUX vs SD3)"
-        raise ValueError(
-            f"{path} does not match this model: "
-            + (f"missing keys: {_describe(missing)}; " if missing else "")
-            + (f"unexpected keys: {_describe(unexpected)}; " if unexpected else "")
-            + f"likely cause: {hint}"
-        )
+    params, keys = _check_fits(transformer, path, strict_radius, ignore_extra_blocks)
+    tensors, _ = _read(path)
+    tensors = {k: tensors[k] for k in keys}
     check_tensors(path, tensors)
-    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
-           for k, p in params.items() if tensors[k].shape != p.shape]
-    if bad:
-        raise ValueError(f"{path} has tensors of the wrong shape for this model (another model width?): "
-                         + "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
         for attn in clear_attention_modules(transformer).values():
             _refresh_fused(attn)
+
+
+def _check_temporal_radius(path, metadata, temporal_radius) -> None:
+    """A video checkpoint must say its temporal radius (``clear.temporal_radius``) and match the applied one."""
+    if "clear.temporal_radius" not in metadata:
+        raise ValueError(f"{path} does not say which temporal radius it was trained for (no clear.temporal_radius "
+                         f"metadata), so it cannot be checked against temporal_radius={temporal_radius}: pass "
+                         f"{STRICT_RADIUS_OFF} to load it anyway")
+    written = metadata["clear.temporal_radius"]
+    file_rt = None if written == "None" else float(written)
+    if file_rt != (None if temporal_radius is None else float(temporal_radius)):
+        said = "every frame (None)" if file_rt is None else f"{file_rt:g}"
+        raise ValueError(f"{path} was trained for temporal_radius={said} but CLEAR was applied with temporal_radius="
+                         f"{temporal_radius}; call clear.apply_clear(transformer, radius=..., temporal_radius="
+                         f"{file_rt if file_rt is None else f'{file_rt:g}'}) (or pass {STRICT_RADIUS_OFF} to use the "
+                         "weights with another window on purpose)")
 
 
 def _refresh_fused(attn) -> None:

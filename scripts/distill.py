@@ -4,7 +4,10 @@
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --data_root data/flux_dev_1024 \
         --use_cached_prompt_embed --use_cached_latent --radius 16 --output_dir outputs/clear_local_16
 
-(``bash distill.sh`` runs exactly this with the 4xH100 defaults.) The teacher is the
+(``bash distill.sh`` runs this with the 4xH100 defaults, as ``python scripts/distill.py --accelerate_config
+deepspeed_config.yaml ...``: every check that needs no model runs first in that one process, a refusal is one
+line before any worker starts, and a worker's failure ends the launcher with exit status 1 and its own one-line
+message, without accelerate's ``CalledProcessError`` / ``ChildFailedError`` traceback.) The teacher is the
 original transformer, frozen; the student is a copy with ``clear.apply_clear(radius,
 down_factor)`` whose CLEAR parameters alone train, on ``L_fm + alpha*L_distill + beta*L_attn``
 (see ``clear/distill.py``). The model family (FLUX.1, SD3 / SD3.5, FLUX.2, Qwen-Image) is read from the model's
@@ -33,6 +36,8 @@ import argparse
 import copy
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +72,7 @@ HARMLESS_SETTINGS = frozenset({
     "output_dir", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "allow_changed_settings",
     "report_to", "logging_dir", "validation_prompt", "validation_steps", "validation_resolution",
     "num_validation_inference_steps", "dataloader_num_workers", "data_root", "cache_dir", "attn_backend",
-    "gradient_checkpointing", "allow_tf32", "max_train_steps"})
+    "gradient_checkpointing", "allow_tf32", "max_train_steps", "accelerate_config"})
 _SCHEDULES_WITHOUT_LENGTH = ("constant", "constant_with_warmup")
 LOSSES = ("loss", "loss_fm", "loss_distill", "loss_attn")
 
@@ -148,6 +153,10 @@ def parse_args(argv=None):
     a("--validation_steps", type=int, default=500)
     a("--validation_resolution", type=int, default=None, help="default: --resolution")
     a("--num_validation_inference_steps", type=int, default=28)
+    a("--accelerate_config", default=None, metavar="CONFIG_YAML",
+      help="launch the run with `accelerate launch --config_file CONFIG_YAML` after checking, in this process, "
+           "everything that needs no model (data, caches, output folder, the checkpoint to resume): a refusal is "
+           "one line, and a failed run exits 1 without the launcher's traceback")
     args = p.parse_args(argv)
     if args.checkpointing_steps < 1 or args.max_train_steps < 1:
         p.error("--checkpointing_steps and --max_train_steps must be >= 1")
@@ -208,11 +217,14 @@ def check_inputs(args):
     ``(family, dataset)``; fills in the family's defaults of ``args``. Exits with the problem."""
     try:
         family = resolve_family(args.model_family, args.pretrained_model_name_or_path)
+        family.check_trains_from_data()
         for name, res in [("--resolution", args.resolution), ("--validation_resolution", args.validation_resolution)]:
             if res is not None:
                 family.check_size(args.pretrained_model_name_or_path, res, args.down_factor, name)
         transformer_config = family.transformer_config(args.pretrained_model_name_or_path)
-        args.max_sequence_length = args.max_sequence_length or family.spec(transformer_config).max_sequence_length
+        family.check_text_length(args.max_sequence_length)
+        if args.max_sequence_length is None:
+            args.max_sequence_length = family.spec(transformer_config).max_sequence_length
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_root)
         if args.use_cached_prompt_embed:
             check_cache(cache_dir, PROMPT_EMBEDS, family.name, max_sequence_length=args.max_sequence_length)
@@ -272,11 +284,78 @@ def take_output_dir(lock: OutputDirLock, accelerator) -> None:
         raise SystemExit(problem)
 
 
+class _PreflightProcesses:
+    """What :class:`clear.checkpointing.CheckpointManager` asks of an accelerator, for the pre-flight of a
+    launch: the main process of ``num_processes`` (the run that will start), with nothing to wait for."""
+
+    is_main_process, process_index = True, 0
+
+    def __init__(self, num_processes: int):
+        self.num_processes = num_processes
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def without_launch_flag(argv: list[str]) -> list[str]:
+    """``argv`` less ``--accelerate_config X`` / ``--accelerate_config=X``: what the launched workers get."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--accelerate_config":
+            skip = True
+        elif not a.startswith("--accelerate_config="):
+            out.append(a)
+    return out
+
+
+def launch(args, argv: list[str]) -> int:
+    """``--accelerate_config``: the checks of :func:`main` that need no model, here, for the number of processes
+    the config starts (a refusal exits with its one line); then ``accelerate launch --config_file ... --quiet`` of
+    this script with ``argv`` (less the flag). A worker that fails has printed its own one line: the launcher
+    exits with status 1 instead of raising (``CalledProcessError`` from one process, ``ChildFailedError`` from
+    torch's elastic agent under several or DeepSpeed). Returns 0 when the run finished."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not Path(args.accelerate_config).is_file():
+        raise SystemExit(f"--accelerate_config {args.accelerate_config} does not exist: pass an accelerate config "
+                         "file (deepspeed_config.yaml, configs/*.yaml)")
+    num_processes = load_config_from_file(args.accelerate_config).num_processes or 1
+    family, dataset = check_inputs(args)
+    lock = OutputDirLock(args.output_dir)
+    try:
+        check_writable(args.output_dir)
+        lock.acquire()  # a live run holding it is refused here; the workers take it again
+        lock.release()
+        CheckpointManager(args.output_dir, _PreflightProcesses(num_processes), run_settings(args, num_processes),
+                          dataset_fingerprint([s.id for s in dataset.samples]),
+                          clear.Variant(args.radius, args.down_factor).filename, harmless=harmless_settings(args),
+                          allow_changed=args.allow_changed_settings, log=logger
+                          ).choose_resume(args.resume_from_checkpoint, args.data_root)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    finally:
+        lock.release()
+    launch_args = launch_command_parser().parse_args(["--config_file", args.accelerate_config, "--quiet", __file__,
+                                                      *without_launch_flag(argv)])
+    try:
+        launch_command(launch_args)
+    except (subprocess.CalledProcessError, ChildFailedError):
+        sys.exit(1)  # the worker's message is above
+    return 0
+
+
 def main(argv=None) -> dict:
     """Arguments, the accelerator and every check that needs no model (family, sizes, data,
     caches, the output folder and its lock, the checkpoint to resume and its settings); then
-    :func:`train`, holding the output folder's lock until it ends."""
+    :func:`train`, holding the output folder's lock until it ends. ``--accelerate_config``: :func:`launch`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.accelerate_config:
+        return {"launched": launch(args, argv)}
     family, dataset = check_inputs(args)
     accelerator = make_accelerator(args)
     lock = OutputDirLock(args.output_dir)

@@ -6,6 +6,8 @@
     python scripts/generate.py --prompt "..." --upscale 2048x2048,4096x4096                # SDEdit high-res
     torchrun --nproc_per_node 8 scripts/generate.py --parallel patch --height 8192 --width 8192   # multi-GPU (FLUX)
     python scripts/generate.py --model stabilityai/stable-diffusion-3.5-large --radius 16 --checkpoint sd35.safetensors
+    python scripts/generate.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --num_frames 81 --height 480 --width 832 \
+        --radius 16 --temporal_radius 4 --checkpoint none --out fox.gif       # a clip (Wan; docs/inference.md)
 
 Sizes are HEIGHTxWIDTH pixels, multiples of 16 (SD3: at most pos_embed_max_size x 16 per side,
 3072 for SD3-Medium and SD3.5-Large, 6144 for SD3.5-Medium). Outputs are PNGs whose text chunks hold

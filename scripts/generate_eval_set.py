@@ -41,6 +41,8 @@ def parse_args(argv=None):
                    help="with --radius: 'released' (clear.download_weights; FLUX.1-dev), 'none' (no fine-tuned "
                         "weights: zero-shot CLEAR) or a .safetensors path")
     p.add_argument("--ckpt_dir", default="ckpt", help="where released weights are downloaded")
+    p.add_argument("--weights_revision", default=None, help="revision (commit sha, tag, branch) of the released "
+                   "weights' Hub repo (default: clear.weights.HUB_REVISION)")
     p.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
                    help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
                    "public release's attn_weights.safetensors) or says another one: you vouch for the window")

@@ -6,6 +6,8 @@
     python scripts/mini.py run [...]        # the same as without `run`
     python scripts/mini.py train-teacher    # train the mini teacher (see ckpt/mini/TRAINING.md)
     python scripts/mini.py highres          # the SDEdit cascade 64 -> 512 px (clear/mini/highres.py)
+    python scripts/mini.py teacher-curve --work-dir ckpt/mini_run   # held-out score of each EMA snapshot
+    python scripts/mini.py lora             # base-distilled CLEAR on a LoRA of the teacher (clear/mini/lora.py)
 """
 
 import argparse
@@ -14,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from clear.mini import highres, recipe, report, teacher
+from clear.mini import highres, lora, recipe, report, teacher
 
 PROG = "python scripts/mini.py"
 # Settings fields the recipe's command line can override (the rest are fixed by the recipe)
@@ -27,8 +29,9 @@ def parse_recipe_args(argv=None) -> recipe.Settings:
     fields = {f.name: f for f in dataclasses.fields(recipe.Settings)}
     p = argparse.ArgumentParser(prog=PROG, description=recipe.__doc__.split("\n\n")[0],
                                 epilog=f"Subcommands: `{PROG} run [...]` (this, the default), "
-                                       f"`{PROG} train-teacher [...]` (the teacher) and `{PROG} highres [...]` "
-                                       "(the cascade to 512 px); see their --help.")
+                                       f"`{PROG} train-teacher [...]` (the teacher), `{PROG} highres [...]` "
+                                       f"(the cascade to 512 px) and `{PROG} lora [...]` (base-distilled CLEAR on a "
+                                       "LoRA of the teacher); see their --help.")
     p.add_argument("--quick", action="store_true",
                    help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in recipe.QUICK.items()))
     p.add_argument("--model", default=None, help="the teacher pipeline folder (default: ckpt/mini)")
@@ -75,6 +78,31 @@ def parse_teacher_args(argv=None) -> teacher.TeacherConfig:
                                         init_from=Path(args.init_from) if args.init_from else None))
 
 
+def parse_curve_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog=f"{PROG} teacher-curve",
+                                description=teacher.evaluate_snapshots.__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", required=True,
+                   help="the teacher run's work dir (its snapshots/ema_<step>.safetensors)")
+    p.add_argument("--n", type=int, default=200, help="held-out scenes per snapshot")
+    p.add_argument("--seed", type=int, default=0, help="held-out scene and image seed")
+    p.add_argument("--model", default=str(teacher.MINI_DIR),
+                   help="the teacher pipeline the snapshots are loaded into (the run's --init-from or --out)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    return {"work": Path(args.work_dir), "n": args.n, "seed": args.seed, "model": Path(args.model),
+            "threads": args.threads}
+
+
+def teacher_curve(argv) -> list[dict]:
+    import torch
+
+    options = parse_curve_args(argv)
+    threads = options.pop("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    return teacher.evaluate_snapshots(**options)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
@@ -109,11 +137,13 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
     p.add_argument("--lowres_guidance", type=float, default=None,
                    help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=f"CLEAR's backend, default {d.backend}")
+    p.add_argument("--vae_tiling_latents", type=int, default=None,
+                   help=f"diffusers' VAE tiling from this many latent cells (0: always), default {d.vae_tiling_latents}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     fields = ("sizes", "strength", "upscale_steps", "prompts", "proportional", "ntk_factor", "shift",
-              "lowres_guidance", "backend", "seed", "threads")
+              "lowres_guidance", "backend", "vae_tiling_latents", "seed", "threads")
     s = highres.make_settings(quick=args.quick, model=args.model, out=args.out,
                               **{k: getattr(args, k) for k in fields})
     return s, args.tune
@@ -133,9 +163,40 @@ def run_highres(argv) -> dict:
 def highres_summary(metrics: dict) -> str:
     from clear.mini import highres_report
 
-    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), ""]
+    lines = [*highres_report.table3(metrics), "", *highres_report.table7(metrics), "",
+             *highres_report.time_split_table(metrics), ""]
     lines += [f"{'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {b['value']}" for b in metrics["bars"].values()]
     return "\n".join(lines)
+
+
+def _lora_field_type(default):
+    if isinstance(default, bool):
+        return lambda x: x.lower() in ("1", "true", "yes")
+    return Path if isinstance(default, Path) else type(default)
+
+
+def parse_lora_args(argv=None) -> lora.LoraSettings:
+    """The options of `lora`: one per field of lora.LoraSettings (but ``quick``), spelt as the field."""
+    p = argparse.ArgumentParser(prog=f"{PROG} lora", description=lora.__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced run: " + ", ".join(f"{k}={v}" for k, v in lora.QUICK.items()))
+    defaults = lora.LoraSettings()
+    for f in dataclasses.fields(lora.LoraSettings):
+        if f.name == "quick":
+            continue
+        default = getattr(defaults, f.name)
+        quick = f" (--quick: {lora.QUICK[f.name]})" if f.name in lora.QUICK else ""
+        p.add_argument(f"--{f.name}", type=_lora_field_type(default), default=None, help=f"default {default}{quick}")
+    args = vars(p.parse_args(argv))
+    return lora.make_settings(**args)
+
+
+def run_lora(argv) -> dict:
+    s = parse_lora_args(argv)
+    metrics = lora.run(s, command=f"{PROG} lora {' '.join(argv)}".strip())
+    print(lora.summary(metrics))
+    print(f"report: {Path(s.out) / 'report.md'}, grid: {Path(s.out) / 'grid.png'}")
+    return metrics
 
 
 def run_recipe(argv=None) -> dict:
@@ -156,6 +217,10 @@ def main(argv=None):
         return train_teacher(argv[1:])
     if argv[:1] == ["highres"]:
         return run_highres(argv[1:])
+    if argv[:1] == ["teacher-curve"]:
+        return teacher_curve(argv[1:])
+    if argv[:1] == ["lora"]:
+        return run_lora(argv[1:])
     return run_recipe(argv[1:] if argv[:1] == ["run"] else argv)
 
 

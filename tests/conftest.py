@@ -2,14 +2,16 @@
 
 The tests by layer, each module named after the feature it protects (its reliability cases included):
 
-- unit: test_geometry (the window rule, counts), test_backends (every backend against the dense oracle),
+- unit: test_geometry (the window rule, counts), test_geometry_video (the 3-D window), test_backends (every backend
+  against the dense oracle), test_backends_video (tiled and flex on video layouts),
   test_flex_blocks, test_flex_compiled, test_checkpointing, test_data, test_devices, test_file_permissions;
 - integration, CLEAR on stock diffusers models against their own attention with an explicit mask:
-  test_flux_attention, test_sd3_attention, test_flux2, test_qwenimage, test_quantized, test_compile,
-  test_parallel, test_interleaved_forwards (two grids, one backward, gradient checkpointing); and the layers above them: test_families (the registry, a third family, whole pipelines),
+  test_flux_attention, test_sd3_attention, test_flux2, test_qwenimage, test_wan, test_quantized, test_compile,
+  test_parallel, test_interleaved_forwards (two grids, one backward, gradient checkpointing); and the layers above
+  them: test_families (the registry, a third family, whole pipelines),
   test_weights (files, download, refused files, LoRA), test_generation, test_evaluation;
-- end to end, scripts and pipelines: test_inference (+ test_inference_sd3), test_training, test_benchmark,
-  test_notebooks, test_mini_*, test_docs.
+- end to end, scripts and pipelines: test_inference (+ test_inference_sd3), test_wan_pipelines (video), test_training,
+  test_benchmark, test_notebooks, test_mini_*, test_docs.
 
 Shared helpers live in three modules and here, never in a test module: tiny_models.py (tiny models, pipelines,
 inputs, CLEAR checkpoints, loading a saved pipeline), scripts_loader.py (scripts run in-process),

@@ -178,3 +178,89 @@ def reference_model(model, processor_cls, pattern: Pattern, clear_model=None):
         procs[name] = processor_cls(pattern, None if sw is None else sw.detach())
     ref.set_attn_processor(procs)
     return ref
+
+
+# ------------------------------------------------------------------------------------------
+# Wan: diffusers' own processor with an explicit 3-D mask
+# ------------------------------------------------------------------------------------------
+
+def video_window_mask(frames: int, height: int, width: int, radius, temporal_radius, df: int = 1) -> torch.Tensor:
+    """``[N, N + pooled]`` bool, N = frames x height x width (frame-major): query (t, y, x) sees key (t', y', x')
+    iff ((t-t')/rt)^2 + ((y-y')/r)^2 + ((x-x')/r)^2 < 1 in exact rational arithmetic (rt None: every frame;
+    radius None: everything); every query sees every pooled key (df x df cells of each frame)."""
+    from fractions import Fraction
+
+    n = frames * height * width
+    pos = torch.arange(n)
+    t, y, x = pos // (height * width), (pos // width) % height, pos % width
+    dt = (t[:, None] - t[None]).abs()
+    d2 = (y[:, None] - y[None]) ** 2 + (x[:, None] - x[None]) ** 2
+    table = torch.zeros(frames, int(d2.max()) + 1, dtype=torch.bool)  # [dt, d2]: the rule, one value at a time
+    for a in range(frames):
+        for b in range(table.shape[1]):
+            if radius is None:
+                table[a, b] = True
+                continue
+            time = 0 if temporal_radius is None else Fraction(a * a) / Fraction(temporal_radius) ** 2
+            table[a, b] = time + Fraction(b) / Fraction(radius) ** 2 < 1
+    pooled = frames * (height // df) * (width // df) if df > 1 else 0
+    return torch.cat([table[dt, d2], torch.ones(n, pooled, dtype=torch.bool)], 1)
+
+
+class ReferenceWanProcessor:
+    """diffusers' ``WanAttnProcessor`` for self-attention (0.42.1, its self-attention path copied line by line) with
+    SDPA on an explicit boolean ``mask`` ``[N, N + pooled]``; with ``spatial_weight`` ``[df, df]`` the pooled keys
+    and values (each frame's ``df x df`` cells of the rotated keys and of the values, weighted) follow the video's.
+    Without pooling, :meth:`diffusers_own` is diffusers' processor itself, given the mask."""
+
+    def __init__(self, mask, grid, spatial_weight=None):
+        self.mask, self.grid = mask, grid
+        self.spatial_weight = spatial_weight
+
+    @staticmethod
+    def diffusers_own(mask):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        class Masked(WanAttnProcessor):
+            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+                assert encoder_hidden_states is None and attention_mask is None
+                return super().__call__(attn, hidden_states, None, mask, rotary_emb)
+
+        return Masked()
+
+    def _pool(self, x):
+        frames, height, width = self.grid
+        w = self.spatial_weight
+        df = w.shape[0]
+        b, _, heads, d = x.shape
+        x = x.reshape(b, frames, height, width, heads, d)
+        out = sum(w[i, j] * x[:, :, i::df, j::df] for i in range(df) for j in range(df))
+        return out.reshape(b, -1, heads, d)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        def apply_rotary_emb(hidden_states, freqs_cos, freqs_sin):
+            x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+            cos = freqs_cos[..., 0::2]
+            sin = freqs_sin[..., 1::2]
+            out = torch.empty_like(hidden_states)
+            out[..., 0::2] = x1 * cos - x2 * sin
+            out[..., 1::2] = x1 * sin + x2 * cos
+            return out.type_as(hidden_states)
+
+        query = apply_rotary_emb(query, *rotary_emb)
+        key = apply_rotary_emb(key, *rotary_emb)
+        if self.spatial_weight is not None:
+            key = torch.cat([key, self._pool(key)], 1)
+            value = torch.cat([value, self._pool(value)], 1)
+        hidden_states = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                       value.transpose(1, 2), attn_mask=self.mask).transpose(1, 2)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)

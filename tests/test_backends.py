@@ -24,7 +24,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 import clear
 from clear import backends
 from clear.attention import ClearAttention
-from clear.backends import Call, Options
+from clear.backends import Call, Options, tiled
 from clear.geometry import BandLayout, TokenLayout, Window, allowed_mask
 from tiny_models import flux_inputs, tiny_flux
 
@@ -46,7 +46,35 @@ def _grid_cases(n: int, seed: int) -> list[tuple]:
     return cases
 
 
-GRIDS = _grid_cases(14, seed=12)
+# Cases a random sweep may miss: a huge radius with text last, a tiny one with df 3, square and not.
+EDGE_GRIDS = [(5, 7, 9, 20, 1, False, (4, 4), 2), (4, 6, 6, 0.5, 3, False, (4, 4), 2),
+              (2, 4, 6, 20, 2, False, (2, 4), 2), (6, 9, 6, 1.5, 3, True, (3, 5), 2)]
+GRIDS = _grid_cases(14, seed=12) + EDGE_GRIDS
+
+# Every backend, and the tiled backend's ways with the keys every image query shares (text, pooled): gathered
+# into every tile, or their own call merged by log-sum-exp (tiled.split_for; forced here whatever the number of
+# shared keys): "fused", both parts in SDPA's CPU kernel (with its backward); "shared" and "window", the
+# differentiable merge with explicit logits for the shared or the window part (what runs off CPU).
+SPLITS = ["fused", "shared", "window"]
+VARIANTS = [(name, None) for name in backends.names()] + [("tiled", split) for split in SPLITS]
+VARIANT_IDS = [name if split is None else f"{name}-split-{split}" for name, split in VARIANTS]
+
+
+def _use_variant(monkeypatch, name: str, split: str | None):
+    """Force the tiled backend's way with the shared keys (``None``: gathered into every tile)."""
+    if name != "tiled":
+        return
+    monkeypatch.setattr(tiled, "SPLIT_FROM", math.inf if split is None else 1)
+    monkeypatch.setattr(tiled, "EXPLICIT_WINDOW_ABOVE", 0.0 if split == "window" else math.inf)
+    if split in ("shared", "window"):  # without the CPU kernel's log-sum-exp: the differentiable merge
+        monkeypatch.setattr(tiled, "FUSED_WITH_LSE", None)
+
+
+def _check_variant(plan, split: str | None, n_shared: int):
+    """The plan runs the forced way (no shared keys: nothing to split)."""
+    if plan.backend == "tiled":
+        assert plan.explicit == ({"fused": "shared"}.get(split, split) if n_shared else None)
+        assert (plan.shared is None) == (plan.explicit is None)
 
 
 def _qkv(n_q: int, n_k: int, batch: int = 2, heads: int = 3, dim: int = 8, seed: int = 0):
@@ -70,16 +98,19 @@ def _grid_mask(layout: TokenLayout, window: Window) -> torch.Tensor:
     return allowed_mask(layout, window)
 
 
-@pytest.mark.parametrize("name", backends.names())
-@pytest.mark.parametrize("case", GRIDS, ids=[f"t{c[0]}_{c[1]}x{c[2]}_r{c[3]}_df{c[4]}" for c in GRIDS])
-def test_grid_plan_equals_oracle(name, case):
+@pytest.mark.parametrize("name,split", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("case", GRIDS, ids=[f"t{c[0]}{'' if c[5] else 'last'}_{c[1]}x{c[2]}_r{c[3]}_df{c[4]}_b{c[7]}"
+                                             for c in GRIDS])
+def test_grid_plan_equals_oracle(name, split, case, monkeypatch):
     text, h, w, radius, df, text_first, tile, batch = case
+    _use_variant(monkeypatch, name, split)
     layout, window = TokenLayout(text, h, w, text_first), Window(radius, df)
     n_k = layout.seq_len + layout.num_pooled(window)
     q, k, v = _qkv(layout.seq_len, n_k, batch, seed=h * w + text)
     scale = 0.3 + radius / 10
     plan = backends.get(name).grid_plan(layout, window, CPU, Options(tile=tile, query_tile=tile))
     assert plan.backend == name and plan.layout == layout
+    _check_variant(plan, split, text + layout.num_pooled(window))
     ref, ref_lse = _oracle(q, k, v, _grid_mask(layout, window), scale)
     dense = backends.get("dense").grid_plan(layout, window, CPU).attend(q, k, v, scale)
     out = plan.attend(q, k, v, scale)
@@ -90,14 +121,32 @@ def test_grid_plan_equals_oracle(name, case):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
     if backends.get(name).runs_on("cpu", with_grad=True):  # gradients of q, k, v equal diffusers' attention's
-        grad_out = torch.randn_like(ref)
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref_grads = torch.autograd.grad(_oracle(*inputs, _grid_mask(layout, window), scale)[0], inputs, grad_out)
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         plan = backends.get(name).grid_plan(layout, window, CPU, Options(tile=tile, query_tile=tile), with_grad=True)
-        grads = torch.autograd.grad(plan.attend(*inputs, scale), inputs, grad_out)
-        for got, want in zip(grads, ref_grads):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        _assert_same_grads(plan, q, k, v, _grid_mask(layout, window), scale)
+
+
+def _assert_same_grads(plan, q, k, v, mask, scale):
+    """The outputs and the gradients of ``q, k, v`` through ``plan.attend`` with inputs that require grad equal
+    those through diffusers' attention with the explicit ``mask``: of the output, and of the output and the
+    log-sum-exp together (``return_lse``)."""
+    g = torch.Generator().manual_seed(11)
+    grad_out = torch.randn(q.shape[:-1] + v.shape[-1:], generator=g)
+    grad_lse = torch.randn(q.shape[:-1], generator=g)
+    for return_lse in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = _oracle(*inputs, mask, scale)
+        loss = (out * grad_out).sum() + (lse * grad_lse).sum() * return_lse
+        want = torch.autograd.grad(loss, inputs)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        if return_lse:
+            got_out, got_lse = plan.attend(*inputs, scale, return_lse=True)
+            torch.testing.assert_close(got_lse, lse.detach(), atol=1e-5, rtol=1e-5)
+        else:
+            got_out, got_lse = plan.attend(*inputs, scale), 0
+        torch.testing.assert_close(got_out, out.detach(), atol=1e-5, rtol=1e-5)  # the differentiable path's outputs
+        loss = (got_out * grad_out).sum() + (got_lse * grad_lse).sum()
+        for got, ref in zip(torch.autograd.grad(loss, inputs), want):  # float32 round-off grows with the gradient
+            torch.testing.assert_close(got, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-5)
 
 
 def _band_cases(n: int, seed: int) -> list[tuple]:
@@ -111,16 +160,20 @@ def _band_cases(n: int, seed: int) -> list[tuple]:
     return out
 
 
-BANDS = _band_cases(12, seed=7)
+# with the edge cases: a huge radius with df 3, a band inside a df 2 grid, a tiny radius
+BANDS = _band_cases(12, seed=7) + [((5, 9, 6, 20, 3, True, (4, 4), 2), 3, 3),
+                                   ((4, 8, 10, 1.5, 2, True, (3, 5), 2), 2, 4),
+                                   ((3, 6, 6, 0.5, 3, True, (2, 4), 1), 0, 3)]
 
 
-@pytest.mark.parametrize("name", backends.names())
-@pytest.mark.parametrize("case,start,rows", BANDS, ids=[f"{c[1]}x{c[2]}_r{c[3]}_df{c[4]}_rows{s}+{n}"
+@pytest.mark.parametrize("name,split", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("case,start,rows", BANDS, ids=[f"t{c[0]}_{c[1]}x{c[2]}_r{c[3]}_df{c[4]}_rows{s}+{n}"
                                                        for c, s, n in BANDS])
-def test_band_plan_equals_the_grid_oracle_rows(name, case, start, rows):
+def test_band_plan_equals_the_grid_oracle_rows(name, split, case, start, rows, monkeypatch):
     """A band's image queries against [text | band with its halo rows | pooled] equal the same queries of the whole
     grid (diffusers' attention with clear.geometry's grid mask): the halo holds every key the window reaches."""
     text, h, w, radius, df, _, tile, batch = case
+    _use_variant(monkeypatch, name, split)
     layout, window = TokenLayout(text, h, w), Window(radius, df)
     halo = math.isqrt(window.radius_sq_bound - 1)
     above, below = min(start, halo), min(h - start - rows, halo)
@@ -135,6 +188,7 @@ def test_band_plan_equals_the_grid_oracle_rows(name, case, start, rows):
     assert len(keys) == band.num_keys
     plan = backends.get(name).band_plan(band, window, CPU, Options(tile=tile, query_tile=tile))
     assert plan.backend == name and plan.layout == band
+    _check_variant(plan, split, text + n_pooled)
     qb, kb, vb = q[:, queries], k[:, keys], v[:, keys]
     torch.testing.assert_close(plan.attend(qb, kb, vb, scale), ref[:, queries], atol=1e-5, rtol=1e-5)
     dense = backends.get("dense").band_plan(band, window, CPU).attend(qb, kb, vb, scale)
@@ -142,6 +196,9 @@ def test_band_plan_equals_the_grid_oracle_rows(name, case, start, rows):
     out, lse = plan.attend(qb, kb, vb, scale, return_lse=True)
     torch.testing.assert_close(out, ref[:, queries], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse[:, queries], atol=1e-5, rtol=1e-5)
+    if backends.get(name).runs_on("cpu", with_grad=True):
+        mask = backends.get("dense").band_plan(band, window, CPU).mask
+        _assert_same_grads(plan, qb, kb, vb, mask, scale)
 
 
 @pytest.mark.parametrize("name", backends.names())
@@ -170,14 +227,17 @@ def test_dense_lse_takes_heads_in_chunks():
     torch.testing.assert_close(whole[1], _oracle(q, k, v, mask, 0.5)[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("split", [None, *SPLITS], ids=str)
 @pytest.mark.parametrize("text", [0, 3])
-def test_tiled_padding_queries_never_poison_gradients(text):
+def test_tiled_padding_queries_never_poison_gradients(text, split, monkeypatch):
     """A grid that is no multiple of the tile pads its border tiles with queries that repeat a real token; with a
     radius under one token and no text such a padding row would see no key at all (a kernel may answer NaN for
     it); the plan lets padding rows see the valid keys. Outputs and gradients stay finite and equal the oracle's."""
+    _use_variant(monkeypatch, "tiled", split)
     layout, window = TokenLayout(text, 5, 7), Window(0.5)
     q, k, v = (t.requires_grad_() for t in _qkv(layout.seq_len, layout.seq_len, seed=5))
     plan = backends.get("tiled").grid_plan(layout, window, CPU, Options(query_tile=(4, 4)))
+    _check_variant(plan, split, text)
     out = plan.attend(q, k, v, 0.3)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref = backends.get("dense").grid_plan(layout, window, CPU).attend(q, k, v, 0.3)
@@ -188,22 +248,138 @@ def test_tiled_padding_queries_never_poison_gradients(text):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_tiled_runs_many_tiles_in_chunks_and_chunks_change_nothing(monkeypatch):
+@pytest.mark.parametrize("split", [None, *SPLITS], ids=str)
+def test_tiled_runs_many_tiles_in_chunks_and_chunks_change_nothing(split, monkeypatch):
     """The tiled backend bounds its gathered keys by taking tiles in chunks (long text x many tiles at high
-    resolution); interior tiles share one mask, border tiles carry their own."""
-    from clear.backends import tiled
-
-    layout, window = TokenLayout(5, 13, 11), Window(2.5)
-    q, k, v = _qkv(layout.seq_len, layout.seq_len, seed=3)
+    resolution) and its explicit logits by taking tiles or queries in chunks; interior tiles share one mask,
+    border tiles carry their own. Chunks change nothing, with or without the shared keys split off."""
+    _use_variant(monkeypatch, "tiled", split)
+    layout, window = TokenLayout(5, 14, 12), Window(2.5, 2)
+    n_k = layout.seq_len + layout.num_pooled(window)
+    q, k, v = _qkv(layout.seq_len, n_k, seed=3)
     plan = backends.get("tiled").grid_plan(layout, window, CPU, Options(query_tile=(4, 4)))
+    _check_variant(plan, split, 5 + 42)
     interior, border = plan.groups
     assert interior.bias.shape[0] == 1 and border.bias.shape[0] == border.q_idx.shape[0]
-    assert interior.q_idx.shape[0] + border.q_idx.shape[0] == 4 * 3  # ceil(13/4) x ceil(11/4) tiles
-    whole = plan.attend(q, k, v, 0.3)
-    monkeypatch.setattr(tiled, "MAX_GATHERED", 2 * 3 * 8 * interior.kv_idx.shape[1])  # two tiles a chunk
-    torch.testing.assert_close(plan.attend(q, k, v, 0.3), whole, atol=0, rtol=0)
+    assert interior.q_idx.shape[0] + border.q_idx.shape[0] == 4 * 3  # ceil(14/4) x ceil(12/4) tiles
+    whole, (whole_out, whole_lse) = plan.attend(q, k, v, 0.3), plan.attend(q, k, v, 0.3, return_lse=True)
+    monkeypatch.setattr(tiled, "MAX_GATHERED", 2 * 3 * 9 * (interior.kv_idx.shape[1] + 1))  # a tile or two a chunk
+    monkeypatch.setattr(tiled, "MAX_LOGITS", 2 * 3 * 16 * (interior.kv_idx.shape[1] + 1))  # a tile's logits
+    torch.testing.assert_close(plan.attend(q, k, v, 0.3), whole, atol=1e-6, rtol=1e-6)
+    for got, want in zip(plan.attend(q, k, v, 0.3, return_lse=True), (whole_out, whole_lse)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     dense = backends.get("dense").grid_plan(layout, window, CPU).attend(q, k, v, 0.3)
     torch.testing.assert_close(whole, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_splits_the_shared_keys_off_for_flux_and_the_pooled_mini():
+    """With the shipped thresholds: FLUX-shaped calls (512 text keys, r = 16) and the mini model with pooled keys
+    (df = 2 at 128 x 128 tokens: 32 + 4096 shared keys) run the shared keys as their own call, so no tile holds a
+    copy of them; the mini model with df = 1 (32 text keys) gathers them into its tiles."""
+    cases = [(TokenLayout(512, 64, 64), Window(16), "shared", (16, 16), 46 * 46),
+             (TokenLayout(512, 96, 96), Window(16), "shared", (16, 16), 46 * 46),
+             (TokenLayout(32, 128, 128), Window(4, 2), "window", (8, 8), 14 * 14),
+             (TokenLayout(32, 128, 128), Window(4), None, (8, 8), 14 * 14 + 32)]
+    for layout, window, explicit, tile, keys in cases:
+        plan = backends.get("tiled").grid_plan(layout, window, CPU)
+        assert (plan.explicit, plan.tile) == (explicit, tile)
+        assert all(g.kv_idx.shape[1] == keys for g in plan.groups)  # the box (and the gathered text), nothing else
+        assert all(g.bias.shape[-1] == keys + (explicit == "shared") for g in plan.groups)  # + the extra key
+
+
+@pytest.mark.parametrize("text,h,w,radius,df,text_first,explicit", [(260, 10, 10, 6, 1, False, "shared"),
+                                                                    (8, 32, 32, 2, 2, True, "window")])
+def test_tiled_split_with_the_shipped_thresholds_equals_oracle(text, h, w, radius, df, text_first, explicit):
+    """Calls past :data:`tiled.SPLIT_FROM` shared keys split them off without any forcing; outputs and gradients
+    equal diffusers' attention with the explicit mask."""
+    layout, window = TokenLayout(text, h, w, text_first), Window(radius, df)
+    q, k, v = _qkv(layout.seq_len, layout.seq_len + layout.num_pooled(window), batch=1, heads=2, seed=text)
+    plan = backends.get("tiled").grid_plan(layout, window, CPU, with_grad=True)
+    assert plan.explicit == explicit
+    torch.testing.assert_close(plan.attend(q, k, v, 0.35), _oracle(q, k, v, _grid_mask(layout, window), 0.35)[0],
+                               atol=1e-5, rtol=1e-5)
+    _assert_same_grads(plan, q, k, v, _grid_mask(layout, window), 0.35)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_tiled_split_merge_is_stable_and_keeps_low_precision(split, monkeypatch):
+    """The merge by log-sum-exp holds where one part's logits dwarf the other's (hundreds apart: e^lse overflows
+    float32), and in bfloat16 and float16 the split stays about as close to float64 attention as the dense
+    backend in the same dtype: the differentiable merge within 1.25x its error (the extra key's logit rides in a
+    high and a low part; one channel gives 1.4x in float16), the fused kernels' within 2x (each part's output
+    is rounded to the dtype before the merge)."""
+    _use_variant(monkeypatch, "tiled", split)
+    layout, window = TokenLayout(6, 8, 8, text_first=False), Window(2.5, 2)
+    n_k = layout.seq_len + layout.num_pooled(window)
+    q, k, v = _qkv(layout.seq_len, n_k, batch=2, heads=2, dim=16, seed=4)
+    k[:, layout.text_slice] *= 40  # text logits far above or below the window's, by query
+    plan = backends.get("tiled").grid_plan(layout, window, CPU, Options(query_tile=(4, 4)))
+    dense = backends.get("dense").grid_plan(layout, window, CPU)
+    ref = dense.attend(q.double(), k.double(), v.double(), 2.0)
+    torch.testing.assert_close(plan.attend(q, k, v, 2.0), ref.float(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(plan.attend(q, k, v, 2.0, return_lse=True), dense.attend(q, k, v, 2.0, return_lse=True)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    k[:, layout.text_slice] /= 40
+    q *= 3  # logits of tens: a single bfloat16 channel would round the extra key's logit by ~0.1
+    ref = dense.attend(q.double(), k.double(), v.double(), 0.5)
+    for dtype in (torch.bfloat16, torch.float16):
+        lo = [t.to(dtype) for t in (q, k, v)]
+        err = (plan.attend(*lo, 0.5).double() - ref).abs().max().item()
+        dense_err = (dense.attend(*lo, 0.5).double() - ref).abs().max().item()
+        assert err <= (2.0 if split == "fused" else 1.25) * dense_err, (dtype, err, dense_err)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_tiled_split_traces_whole(split, monkeypatch):
+    """The split paths trace as one graph under torch.compile(fullgraph=True) (AOT autograd: the forward without a
+    backward, and forward and backward), and the compiled calls equal the eager ones."""
+    _use_variant(monkeypatch, "tiled", split)
+    layout, window = TokenLayout(4, 6, 8), Window(1.5, 2)
+    q, k, v = _qkv(layout.seq_len, layout.seq_len + layout.num_pooled(window), seed=9)
+    plan = backends.get("tiled").grid_plan(layout, window, CPU, Options(query_tile=(4, 4)), with_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(plan.attend, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, 0.3), plan.attend(q, k, v, 0.3), atol=1e-6, rtol=1e-6)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*inputs, 0.3)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    torch._dynamo.reset()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = plan.attend(*inputs, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), inputs)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("split", ["fused", "window"])
+def test_tiled_split_in_a_flux_model_equals_dense(split, monkeypatch):
+    """A whole tiny FLUX model with pooled keys through apply_clear: the tiled backend with the shared keys split
+    off equals the dense backend in inference and in a training step (the gradients of every parameter)."""
+    _use_variant(monkeypatch, "tiled", split)
+    calls = {"merged": 0, "extra key": 0}  # which merge ran: the fused kernels' or the differentiable one
+    for fn, what in ((tiled._merge, "merged"), (tiled._sink_logit, "extra key")):
+        def counted(*args, _fn=fn, _what=what):
+            calls[_what] += 1
+            return _fn(*args)
+        monkeypatch.setattr(tiled, fn.__name__, counted)
+    x = flux_inputs(4, 6, batch=1)
+    results = {}
+    for backend in ("dense", "tiled"):
+        model = tiny_flux()
+        clear.apply_clear(model, radius=2.5, down_factor=2, backend=backend)
+        with torch.no_grad():
+            out = model(**x).sample
+        model.train()
+        model(**x).sample.square().mean().backward()
+        results[backend] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (out, grads), (ref, ref_grads) = results["tiled"], results["dense"]
+    assert (calls["merged"] > 0, calls["extra key"] > 0) == ((True, False) if split == "fused" else (False, True))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5 * max(1.0, ref_grads[name].abs().max().item()),
+                                   rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------

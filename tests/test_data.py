@@ -177,3 +177,133 @@ def test_bad_samples_state_stays_one_entry_per_file():
     old = BadSamples()  # a checkpoint written before the count was per file lists every encounter
     old.load_state_dict({"items": [["a", "bad image: x"], ["a", "bad image: x"], ["b", "bad json: y"]]})
     assert old.ids() == ["a", "b"] and old.encounters == 3
+
+
+# ------------------------------------------------------------------------------------------
+# path traversal: member names from a shard or a folder never lead outside
+# ------------------------------------------------------------------------------------------
+
+def crafted_tar(path, members):
+    """A tar of ``members``: ``[(name, bytes)]`` for files, ``[(name, ("symlink"|"hardlink", target))]`` for links."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type = tarfile.SYMTYPE if data[0] == "symlink" else tarfile.LNKTYPE
+                info.linkname = data[1]
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+UNSAFE_MEMBERS = {
+    "dotdot": ("../../x/victim.jpg", "a '..' component"),
+    "absolute": ("/tmp/x/victim.jpg", "an absolute path"),
+    "symlink": ("victim.jpg", "a link"),
+    "hardlink": ("victim.jpg", "a link"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_MEMBERS)
+def test_a_shard_with_an_unsafe_member_is_refused_naming_it(tmp_path, case):
+    name, why = UNSAFE_MEMBERS[case]
+    data = {"symlink": ("symlink", "../../../etc/passwd"), "hardlink": ("hardlink", "/etc/passwd")}.get(case, jpeg())
+    root = tmp_path / "data"
+    root.mkdir()
+    shard = crafted_tar(root / "evil.tar", [("000.jpg", jpeg()), ("000.json", b'{"prompt": "ok"}'), (name, data),
+                                            ("victim.json", b'{"prompt": "x"}')])
+    for where in (root, shard):  # a folder of shards, or the shard itself as the data root
+        with pytest.raises(ValueError) as e:
+            index_samples(where)
+        message = str(e.value)
+        assert message.startswith(f"{shard}: member {name!r} is {why}") and "\n" not in message, message
+        assert "remove the shard" in message
+
+
+def test_only_expected_suffixes_are_samples(tmp_path):
+    crafted_tar(tmp_path / "s.tar", [("a.jpg", jpeg()), ("a.json", b'{"prompt": "p"}'), ("a.py", b"print(1)"),
+                                     ("b.safetensors", b"x"), ("./c.png", jpeg())])
+    samples = index_samples(tmp_path / "s.tar")
+    assert [(s.id, sorted(s.files)) for s in samples] == [("a", ["jpg", "json"]), ("c", ["png"])]
+
+
+def test_a_loose_link_out_of_the_data_root_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(jpeg())
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg())
+    (root / "inside.jpg").symlink_to(root / "a.jpg")  # a link within the root is fine
+    assert [s.id for s in index_samples(root)] == ["a", "inside"]
+    (root / "b.jpg").symlink_to(outside / "secret.jpg")
+    with pytest.raises(ValueError, match=r"^\S+/data/b.jpg is a link to \S+/outside/secret.jpg, outside the data root"):
+        index_samples(root)
+
+
+def test_feature_paths_stay_in_the_cache(tmp_path):
+    from clear.data import PROMPT_EMBEDS, feature_path, write_feature_cache
+
+    cache = tmp_path / "deep" / "cache"
+    assert feature_path(cache, PROMPT_EMBEDS, "shard/000") == cache / PROMPT_EMBEDS / "shard/000.safetensors"
+    for bad in ("../../../victim", "/tmp/victim", "shard/../../../victim", ""):
+        with pytest.raises(ValueError, match="cannot be a cache file name"):
+            feature_path(cache, PROMPT_EMBEDS, bad)
+    samples = [Sample("../../../victim", {"json": None})]
+    with pytest.raises(ValueError, match="cannot be a cache file name"):
+        write_feature_cache(samples, PROMPT_EMBEDS, cache, read=lambda s: "p",
+                            encode=lambda xs: {"prompt_embeds": torch.zeros(len(xs), 2)}, progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_cache_scripts_refuse_a_crafted_shard_and_write_nothing(tmp_path, tiny_flux_pipeline_dir):
+    from scripts_loader import load_script
+
+    root = tmp_path / "a" / "b" / "data"
+    root.mkdir(parents=True)
+    escape = "../../../../x/victim"  # from <cache>/<kind>/evil/: out of the cache, next to the data's parent
+    shard = crafted_tar(root / "evil.tar", [(f"{escape}.jpg", jpeg()), (f"{escape}.json", b'{"prompt": "p"}')])
+    for script, extra in (("cache_prompt_embeds", []), ("cache_latent_codes", ["--resolution", "16"])):
+        with pytest.raises(SystemExit) as e:
+            load_script(script).main(["--pretrained_model_name_or_path", str(tiny_flux_pipeline_dir),
+                                      "--data_root", str(root), *extra])
+        assert str(e.value.code).startswith(f"{shard}: member '{escape}.jpg' is a '..' component")
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_non_finite_cached_feature_is_a_bad_sample_named(tmp_path):
+    from safetensors.torch import save_file
+
+    root = tmp_path / "d"
+    root.mkdir()
+    for key in ("a", "b", "c"):
+        (root / f"{key}.json").write_text('{"prompt": "x"}')
+    cache = tmp_path / "cache"
+    (cache / "latent_codes").mkdir(parents=True)
+    good = {"latent_mean": torch.zeros(4, 2, 2), "latent_std": torch.ones(4, 2, 2)}
+    save_file(good, cache / "latent_codes" / "a.safetensors")
+    save_file(dict(good, latent_mean=torch.full((4, 2, 2), float("nan"))), cache / "latent_codes" / "b.safetensors")
+    save_file(dict(good, latent_std=torch.full((4, 2, 2), float("inf"))), cache / "latent_codes" / "c.safetensors")
+    ds = DistillDataset(index_samples(root), 8, cache_dir=cache, cached_latents=True)
+    assert not isinstance(ds[0], BadSample)
+    for i, name in ((1, "latent_mean"), (2, "latent_std")):
+        assert isinstance(ds[i], BadSample) and ds[i].kind == "bad cache"
+        assert ds[i].reason == (f"bad cache: {cache / 'latent_codes' / ds.samples[i].id}.safetensors holds "
+                                f"16 NaN or infinite values in {name}; delete it and re-run the cache script")
+
+
+def test_cache_and_training_scripts_refuse_zero_text_tokens(tmp_path, tiny_flux_pipeline_dir):
+    """--max_sequence_length 0 used to become the model's default without a word."""
+    from scripts_loader import load_script
+
+    (tmp_path / "a.json").write_text('{"prompt": "x"}')
+    argv = ["--pretrained_model_name_or_path", str(tiny_flux_pipeline_dir), "--data_root", str(tmp_path),
+            "--max_sequence_length", "0"]
+    want = "max_sequence_length=0: the number of text tokens must be a whole number >= 1"
+    with pytest.raises(SystemExit, match=want):
+        load_script("cache_prompt_embeds").main(argv)
+    with pytest.raises(SystemExit, match=want):
+        load_script("distill").main([*argv, "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("*.safetensors"))

@@ -407,3 +407,39 @@ def test_evaluate_cli_gflops_for_other_token_sizes_and_widths(tmp_path):
     default = evaluate_cli.main(common + ["--out", str(tmp_path / "b")])  # FLUX.1: 16 pixels per token, width 3072
     assert default["models"]["local"]["metrics"]["gflops"] == pytest.approx(
         clear.attention_flops(4, 6, 4, text_len=32, dim=3072) / 1e9)
+
+
+def test_evaluate_cli_bad_inputs_are_one_line(tmp_path):
+    """A missing or empty folder, an unknown metric, a missing prompts file: one line naming it and the fix,
+    exit 1, no traceback, nothing written, before any network or metric loads."""
+    import subprocess
+    import sys
+
+    evaluate_cli = load_script("evaluate")
+    good = tmp_path / "orig"
+    good.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(good / "00000.png")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--workers", "0", "--device", "cpu", "--no_progress"]
+    cases = [
+        (["--original", str(tmp_path / "nope"), "--clear", str(good)],
+         f"--original {tmp_path / 'nope'} does not exist (or is not a folder): pass the folder of the original "
+         "model's images (scripts/generate_eval_set.py writes one)"),
+        (["--original", str(good), "--clear", str(tmp_path / "empty")],
+         f"--clear {tmp_path / 'empty'} holds no images (.png, .jpg, ...): pass the folder of a CLEAR model's images "
+         "(scripts/generate_eval_set.py writes one)"),
+        (["--original", str(good), "--clear", str(good), "--metrics", "psnr,fdi"],
+         f"--metrics: unknown metric 'fdi'; choose from {', '.join(METRIC_KEYS)}"),
+        (["--original", str(good), "--clear", str(good), "--prompts", str(tmp_path / "captions.json")],
+         f"--prompts {tmp_path / 'captions.json'} does not exist: pass the prompts file the images were made from"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate_cli.main([*argv, *base])
+        assert e.value.code == message
+    assert not out.exists()
+    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "evaluate.py"),
+                           *cases[0][0], *base], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and proc.stderr.strip() == cases[0][1], proc.stderr[-2000:]

@@ -25,7 +25,8 @@ from clear.encoders import PromptEncoder, plan_cache, run_cache
 from clear.families import FAMILIES, family_of, family_of_checkpoint, get_family
 from clear.weights import read_header
 from tiny_models import (FLUX2_CONFIG, FLUX_CONFIG, QWEN_CONFIG, tiny_flux, tiny_flux2_pipeline,
-                         tiny_flux_controlnet_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline)
+                         tiny_flux_controlnet_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline,
+                         tiny_wan_pipeline)
 import toy_family
 from toy_family import ToyTransformer2DModel
 
@@ -50,11 +51,11 @@ def toy_pipeline(seed=0):
 
 # a tiny pipeline of every registered family (a family without one here fails test_every_family_has_a_tiny_pipeline)
 PIPELINES = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline, "flux2": tiny_flux2_pipeline,
-             "qwenimage": tiny_qwenimage_pipeline, "toy": toy_pipeline}
+             "qwenimage": tiny_qwenimage_pipeline, "wan": tiny_wan_pipeline, "toy": toy_pipeline}
 
 
 def test_every_family_has_a_tiny_pipeline(with_toy):
-    assert list(families.FAMILIES) == ["flux", "sd3", "flux2", "qwenimage", "toy"]
+    assert list(families.FAMILIES) == ["flux", "sd3", "flux2", "qwenimage", "wan", "toy"]
     assert set(PIPELINES) == set(families.FAMILIES)
 
 
@@ -68,7 +69,7 @@ def test_the_table_refuses_a_second_claim_on_a_name_or_class():
         get_family("toy")
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "flux2", "qwenimage", "toy"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "flux2", "qwenimage", "wan", "toy"])
 def test_family_of_transformer_pipeline_folder_and_checkpoint(name, with_toy, tmp_path):
     pipe = PIPELINES[name]()
     family = get_family(name)
@@ -83,11 +84,11 @@ def test_family_of_transformer_pipeline_folder_and_checkpoint(name, with_toy, tm
     clear.apply_clear(pipe.transformer, radius=2)
     path = clear.save_clear_weights(pipe.transformer, tmp_path / "clear_local_2.safetensors")
     assert family_of_checkpoint(*read_header(path)) == name == inf.checkpoint_family(path)
-    # without metadata, the block names say FLUX (single-stream blocks, the released files; FLUX.2's too); SD3's and
-    # Qwen-Image's blocks are shared
+    # without metadata, the block names say FLUX (single-stream blocks, the released files; FLUX.2's too) and Wan
+    # (blocks); SD3's and Qwen-Image's blocks are shared
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(path), bare)
-    assert inf.checkpoint_family(bare) == (None if name in ("sd3", "qwenimage") else "flux")
+    assert inf.checkpoint_family(bare) == {"sd3": None, "qwenimage": None, "wan": "wan"}.get(name, "flux")
 
 
 def test_bare_checkpoints_and_unknown_models():
@@ -248,7 +249,7 @@ def test_the_registry_imports_no_diffusers_model():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(clear.__file__).parent.parent)})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split("\n")[:2] == ["['flux', 'sd3', 'flux2', 'qwenimage']", "False"]
+    assert run.stdout.split("\n")[:2] == ["['flux', 'sd3', 'flux2', 'qwenimage', 'wan']", "False"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,8 +316,8 @@ SAVED_PIPELINES = {
 }
 
 
-@pytest.mark.parametrize("family", list(clear.families.FAMILIES))
-def test_pipeline_end_to_end(family, tmp_path):
+@pytest.mark.parametrize("family", [f for f in clear.families.FAMILIES if not clear.families.FAMILIES[f].video])
+def test_pipeline_end_to_end(family, tmp_path):  # video families (Wan): tests/test_wan_pipelines.py
     make, extra, module = SAVED_PIPELINES[family]
     pipe = make(tmp_path)
     assert clear.model_family(pipe.transformer) == family

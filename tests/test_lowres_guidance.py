@@ -77,6 +77,59 @@ def test_projected_flow_matches_direct_computation(packed):
         assert "scale_noise" not in vars(scheduler) and torch.equal(model(hidden_states=x_t)[0], v)
 
 
+def test_projected_flow_state_belongs_to_each_call():
+    """Two pipeline calls in one context (run_upscale's untimed warm-up, then the timed call) each get exactly
+    the correction a fresh context gives them: the second call's first sigma is its own (0.6), not the warm-up's
+    (1.0), and its reference is its own input."""
+    g = torch.Generator().manual_seed(1)
+    grid = lambda t: t.transpose(1, 2).reshape(1, 16, 4, 6)  # noqa: E731
+    refs = [torch.randn(1, 4, 8, 12, generator=g) for _ in range(2)]
+    x_t, v = torch.randn(1, 24, 16, generator=g), torch.randn(1, 24, 16, generator=g)
+    model = _Velocity(v)
+
+    def call(scheduler, ref, start):  # what an img2img call does: noise its input, then step from ``start``
+        scheduler.step_index = None
+        scheduler.begin_index = start
+        scheduler.scale_noise(ref, None)
+        out = []
+        for i in range(start, len(scheduler.sigmas) - 1):
+            scheduler.step_index = i
+            out.append(model(hidden_states=x_t)[0])
+        return out
+
+    warm, timed = _Scheduler([1.0, 0.0], 0), _Scheduler([1.0, 0.8, 0.6, 0.3, 0.0], 0)
+    with projected_flow(model, warm, weight=0.8, factor=2):
+        call(warm, refs[0], 0)
+    with projected_flow(model, timed, weight=0.8, factor=2):
+        fresh = call(timed, refs[1], 2)
+    scheduler = _Scheduler([1.0, 0.0], 0)
+    with projected_flow(model, scheduler, weight=0.8, factor=2):
+        first = call(scheduler, refs[0], 0)
+        scheduler.sigmas = timed.sigmas  # the timed call's schedule (as a new set_timesteps would make it)
+        second = call(scheduler, refs[1], 2)
+    ref_grid = refs[1].view(1, 4, 4, 2, 6, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, 16, 4, 6)
+    for got, want, sigma in zip(second, fresh, (0.6, 0.3)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(grid(got), _direct(grid(x_t), grid(v), ref_grid, sigma, 0.6, 0.8, 2))
+    assert len(first) == 1 and len(second) == 2
+
+
+def test_upscale_warmup_leaves_the_guided_image_unchanged(tiny_flux_pipeline_dir):
+    """``warmup=True`` runs an untimed 1-step call first inside the same context; the timed call's image is the
+    one it makes without the warm-up (before the fix, the warm-up's first sigma, 1, weakened the timed call's
+    guidance to sigma_start / 1 of the intended)."""
+    pipe = inf.load_pipeline(tiny_flux_pipeline_dir, "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    base = inf.generate(pipe, "a cat", 32, 48, steps=2, seed=3, max_sequence_length=16).image
+    common = dict(strength=0.6, steps=5, seed=3, max_sequence_length=16, ntk_factor=1, proportional=False,
+                  shift=None, lowres_guidance=1.0)
+    cold = inf.upscale(pipe, base, "a cat", 64, 96, warmup=False, **common)
+    warm = inf.upscale(pipe, base, "a cat", 64, 96, warmup=True, **common)
+    assert np.array_equal(np.asarray(warm.image), np.asarray(cold.image))
+    off = inf.upscale(pipe, base, "a cat", 64, 96, warmup=False, **dict(common, lowres_guidance=0.0))
+    assert not np.array_equal(np.asarray(off.image), np.asarray(cold.image))  # the guidance did act
+
+
 def test_low_pass_keeps_what_is_coarse():
     flat = torch.full((1, 3, 8, 8), 2.5)
     torch.testing.assert_close(_low_pass(flat, 4), flat)

@@ -60,55 +60,99 @@ def test_render_any_size_same_layout(size):
     assert tuple(a[2, 2]) == S.COLORS["yellow"]
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_score_controls(size):
-    """The rendered scene scores about 1; its blank background, another scene's image and the scene with its
-    shapes recoloured or moved score low."""
-    c = S.controls(n=60, seed=7, size=size)
-    assert c["rendered"] >= 0.95 and c["rendered_min"] >= 0.9
-    assert c["blank"] == 0.0
-    assert c["chance"] <= 0.15 and c["recoloured"] <= 0.05 and c["moved"] <= 0.15
-    held = S.held_out_scenes(61, seed=7)
-    other = [S.score(S.render(held[i + 1], size), held[i]) for i in range(60)]
-    assert abs(c["chance"] - np.mean(other)) < 1e-9
-    assert abs(S.chance_score(n=60, seed=7, size=size) - np.mean(other)) < 1e-9
+@pytest.mark.parametrize("size,n", [(64, 150), (512, 40)])
+def test_score_controls(size, n):
+    """Every control of the score on held-out scenes holds its bar: the rendered scene gets the kinds right,
+    its blank background and its recoloured or moved shapes get none, a flood of a named colour almost none,
+    a painter blind to the kind exactly the shapes of the kind it paints (chance), every shape drawn as
+    another kind none; at 512 px (box-downsampled for scoring) as at 64 px."""
+    c = S.controls(n=n, seed=7, size=size)
+    ka = {name: c[name]["kind_accuracy"] for name in S.CONTROLS}
+    assert ka["rendered"] >= 0.95 and c["rendered_min"] >= 0.5 and c["rendered"]["placement"] > 0.9
+    assert ka["blank"] == 0.0 and c["blank"]["placement"] == 0.0 and c["blank"]["background"] == 1.0
+    assert ka["flood"] <= 0.15 and c["flood"]["background"] == 0.0
+    for name, kind in (("discs", "circle"), ("squares", "square"), ("triangles", "triangle")):
+        assert ka[name] == pytest.approx(c["kind_fractions"][kind], abs=1e-9)  # exactly the shapes of that kind
+        assert 0.2 < ka[name] < 0.47 and c[name]["placement"] > 0.9  # ~1/3, in the right places
+    assert ka["wrong_kind"] <= 0.05 and c["wrong_kind"]["placement"] > 0.9  # placed right, kind wrong
+    assert ka["recoloured"] == 0.0 and ka["moved"] <= 0.1 and ka["chance"] <= 0.15
+    assert all(c[name]["pass"] for name in S.CONTROLS)
+    held = S.held_out_scenes(n + 1, seed=7)
+    other = S.score_images([S.render(held[i + 1], size) for i in range(n)], held[:n])
+    assert ka["chance"] == pytest.approx(other["kind_accuracy"], abs=1e-12)
+    text = S.controls_text(c)
+    assert all(what in text for what, _, _ in S.CONTROLS.values()) and "FAIL" not in text
 
 
 def test_controls_change_what_they_say():
     for s in S.held_out_scenes(30, seed=2):
-        r, m, b = S.recoloured(s), S.moved(s), S.blank(s)
+        r, m, b, w = S.recoloured(s), S.moved(s), S.blank(s), S.wrong_kind(s)
         assert S.caption(m) == S.caption(s) and b.shapes == () and b.background == s.background
         assert all(a.color != c.color and c.color != s.background for a, c in zip(s.shapes, r.shapes))
         assert all((a.x, a.y) != (c.x, c.y) for a, c in zip(s.shapes, m.shapes))
+        assert all(a.kind != c.kind and (a.color, a.x, a.y) == (c.color, c.x, c.y) for a, c in zip(s.shapes, w.shapes))
+        for kind in S.KINDS:
+            blind = S.one_kind(s, kind)
+            assert [sh.kind for sh in blind.shapes] == [kind] * len(s.shapes)
+            assert [sh.color for sh in blind.shapes] == [sh.color for sh in s.shapes]
+        assert np.asarray(S.flood(s)).reshape(-1, 3).tolist() == [list(S.COLORS[s.shapes[0].color])] * 64 * 64
 
 
 def test_score_parts_see_shape_kind_place_and_background():
     s = _scene()
     own = S.score_parts(S.render(s), s)
-    assert own["background"] == 1.0 and min(own["per_shape"]) > 0.95 and own["shapes"] == S.score(S.render(s), s)
+    assert own["background"] == 1.0 and own["kind_accuracy"] == 1.0 == S.score(S.render(s), s)
+    assert [p["best_kind"] for p in own["shapes"]] == ["circle", "square"]
+    assert min(p["fits"][p["kind"]] for p in own["shapes"]) > 0.9 and own["placement"] > 0.9
     wrong_bg = S.score_parts(S.render(_scene(background="green")), s)
-    assert wrong_bg["background"] == 0.0 and wrong_bg["shapes"] > 0.95  # the background is reported apart
-    # one shape missing: that shape scores 0, the other keeps its score
+    assert wrong_bg["background"] == 0.0 and wrong_bg["kind_accuracy"] == 1.0  # the background is reported apart
+    # one shape missing: that shape is wrong and fits nothing, the other keeps its kind
     one = S.score_parts(S.render(_scene(shapes=_scene().shapes[:1])), s)
-    assert one["per_shape"][1] == 0.0 and one["per_shape"][0] > 0.95
+    assert [p["right"] for p in one["shapes"]] == [True, False] and max(one["shapes"][1]["fits"].values()) == 0.0
     # the named colours swapped between the two shapes
     swapped = _scene(shapes=(S.Shape("circle", "blue", 0.27, 0.5, S.SIZE_TWO),
                              S.Shape("square", "red", 0.73, 0.5, S.SIZE_TWO)))
     assert S.score(S.render(swapped), s) == 0.0
-    # other kinds in the right colours and places: a square for the circle, a triangle for the square
+    # other kinds in the right colours and places: the kind that is drawn fits best, well placed
     kinds = S.score_parts(S.render(_scene(shapes=(S.Shape("square", "red", 0.27, 0.5, S.SIZE_TWO),
                                                   S.Shape("triangle", "blue", 0.73, 0.5, S.SIZE_TWO)))), s)
-    assert 0.3 < kinds["per_shape"][0] < 0.6 and kinds["per_shape"][1] < 0.2
+    assert [p["best_kind"] for p in kinds["shapes"]] == ["square", "triangle"]
+    assert kinds["kind_accuracy"] == 0.0 and kinds["placement"] > 0.9
     # right colours and kinds, wrong places
     mirrored = _scene(relation="above", shapes=(S.Shape("circle", "red", 0.5, 0.27, S.SIZE_TWO),
                                                 S.Shape("square", "blue", 0.5, 0.73, S.SIZE_TWO)))
-    assert S.score(S.render(mirrored), s) < 0.2
-    # a patch of the named colour over the whole region is no shape
-    smear = S.Scene("yellow", (S.Shape("square", "red", 0.27, 0.5, 0.56), S.Shape("square", "blue", 0.73, 0.5, 0.56)),
-                    "relation", relation="left of")
-    assert S.score(S.render(smear), s) < 0.6
+    assert S.score(S.render(mirrored), s) == 0.0
+    # a patch of the named colour over the whole region is no shape, though it covers the place
+    named = S.Scene("white", (S.Shape("square", "red", 0.5, 0.5, S.SIZE_ONE),), "one", place="in the center")
+    smear = S.score_parts(S.render(S.Scene("white", (S.Shape("square", "red", 0.5, 0.5, 0.8),), "one",
+                                           place="in the center")), named)
+    assert smear["kind_accuracy"] == 0.0 and smear["placement"] < 0.5
+    # slightly off the slot (within the fit's search) and a little small: still the right kind
+    off = _scene(shapes=(S.Shape("circle", "red", 0.30, 0.47, 0.9 * S.SIZE_TWO),
+                         S.Shape("square", "blue", 0.70, 0.53, 1.1 * S.SIZE_TWO)))
+    assert S.score(S.render(off), s) == 1.0
     # at any size (scored at most SCORE_MAX_SIZE wide)
-    assert S.score(S.render(s, 512), s) > 0.95
+    assert S.score(S.render(s, 512), s) == 1.0 and S.score(S.render(s, 40), s) == 1.0
+    # no named shape: no kind to get right
+    assert S.score_parts(S.render(S.blank(s)), S.blank(s))["kind_accuracy"] is None
+
+
+def test_outline_fits_is_the_iou_of_the_best_outline():
+    """Against a brute-force IoU over the same centres and sizes."""
+    n = 64
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / n
+    rng = np.random.default_rng(0)
+    mask = S._inside("triangle", xx - 0.52, yy - 0.49, 0.2) | (rng.random((n, n)) < 0.05)
+    got = S.outline_fits(mask.ravel(), xx.ravel(), yy.ravel(), 0.5, 0.5, 0.4)
+    for kind in S.KINDS:
+        best = 0.0
+        for sx in S.FIT_SHIFTS:
+            for sy in S.FIT_SHIFTS:
+                for k in S.FIT_SCALES:
+                    t = S._inside(kind, xx - 0.5 - sx, yy - 0.5 - sy, 0.2 * k)
+                    best = max(best, (t & mask).sum() / (t | mask).sum())
+        assert got[kind] == pytest.approx(best, abs=1e-12)
+    assert max(got, key=got.get) == "triangle"
 
 
 def test_t5_tokens_are_caption_words():
@@ -157,15 +201,18 @@ def test_shipped_teacher_is_the_documented_model(shipped):
 
 @pytest.mark.slow
 def test_shipped_teacher_follows_prompts(shipped):
-    """A fixed batch of held-out scenes, generated with the pipeline's own sampler and defaults, scores far
-    above what images of other scenes score (chance); ckpt/mini/TRAINING.md has 0.361 vs 0.054 on 32 scenes."""
+    """A fixed batch of held-out scenes, generated with the pipeline's own sampler and defaults, gets more
+    shapes' kinds right than images of other scenes do (chance) and puts its shapes in the named places
+    (measured on the teacher shipped before issue 24: kind accuracy 0.35 on these 20 shapes, chance 0.05;
+    placement 0.49, chance 0.10)."""
     from clear.mini import teacher as T
 
     held = S.held_out_scenes(12, seed=5)
     images = T.generate(shipped, held, seed=5)
-    got = float(np.mean([S.score(im, s) for im, s in zip(images, held)]))
-    chance = S.chance_score(n=200, seed=5)
-    assert got > chance + 0.1, (got, chance)
+    got = S.score_images(images, held)
+    chance = S.score_images([S.render(s) for s in S.held_out_scenes(13, seed=5)[1:]], held)
+    assert got["kind_accuracy"] > S.chance_score(n=200, seed=5) + 0.1, got
+    assert got["placement"] > chance["placement"] + 0.2, (got, chance)
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,3 +253,52 @@ def test_teacher_training_resumes_exactly(tmp_path):
     assert not all(torch.equal(straight[k], init[k]) for k in init)
     logged = [json.loads(line)["step"] for line in open(tmp_path / "a" / "transformer_log.jsonl")]
     assert logged == [0, 3]
+
+
+def test_teacher_curve_scores_every_snapshot_and_resumes(tmp_path, shipped, monkeypatch):
+    """``python scripts/mini.py teacher-curve``: each EMA snapshot (here the shipped transformer's weights, as
+    save_snapshot writes them) is loaded into the pipeline, scored on held-out scenes, and appended to
+    curve.jsonl; a rerun scores only the snapshots without a row; a snapshot of another model names the fix."""
+    from safetensors.torch import save_file
+
+    from clear.mini import teacher as T
+    from scripts_loader import load_script
+
+    weights = {k: v.contiguous() for k, v in shipped.transformer.state_dict().items()}
+    snaps = tmp_path / "run" / "snapshots"
+    snaps.mkdir(parents=True)
+    save_file(weights, str(snaps / "ema_250.safetensors"))
+    calls = []
+    real = T.generate
+
+    def counting(pipe, scene_list, **kw):
+        calls.append(len(scene_list))
+        return real(pipe, scene_list, **kw)
+
+    monkeypatch.setattr(T, "generate", counting)
+    cli = load_script("mini")
+    rows = cli.main(["teacher-curve", "--work-dir", str(tmp_path / "run"), "--n", "4", "--seed", "2"])
+    held = S.held_out_scenes(4, seed=2)
+    direct = S.score_images(real(shipped, held, seed=2), held)
+    assert [r["step"] for r in rows] == [250] and calls == [4]
+    assert {k: rows[0][k] for k in ("n", "seed", "size", "kind_accuracy", "placement", "background", "shapes")} == \
+        {"n": 4, "seed": 2, "size": 64, **{k: direct[k] for k in ("kind_accuracy", "placement", "background", "shapes")}}
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
+    # resumed: the scored step is skipped, a new snapshot is scored and appended
+    save_file(weights, str(snaps / "ema_500.safetensors"))
+    rows = T.evaluate_snapshots(tmp_path / "run", n=4, seed=2, progress=False)
+    assert [r["step"] for r in rows] == [250, 500] and calls == [4, 4]
+    assert {k: v for k, v in rows[1].items() if k not in ("step", "seconds")} == \
+        {k: v for k, v in rows[0].items() if k not in ("step", "seconds")}
+    lines = [json.loads(x) for x in (tmp_path / "run" / T.CURVE).read_text().splitlines()]
+    assert [r["step"] for r in lines] == [250, 500]
+    assert [r["step"] for r in T.evaluate_snapshots(tmp_path / "run", n=4, seed=2, progress=False)] == [250, 500]
+    assert calls == [4, 4] and len((tmp_path / "run" / T.CURVE).read_text().splitlines()) == 2
+    # another n is another curve, kept in the same file
+    assert [r["n"] for r in T.evaluate_snapshots(tmp_path / "run", n=2, seed=2, progress=False)] == [2, 2]
+    # a snapshot of another model and an empty work dir say what to do
+    save_file({"x": weights[next(iter(weights))][:1]}, str(snaps / "ema_750.safetensors"))
+    with pytest.raises(ValueError, match="does not fit the transformer.*--model"):
+        T.evaluate_snapshots(tmp_path / "run", n=2, seed=2, progress=False)
+    with pytest.raises(FileNotFoundError, match="--snapshot-every"):
+        T.evaluate_snapshots(tmp_path / "empty", n=2)

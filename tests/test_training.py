@@ -114,9 +114,9 @@ def shard_contents(path):
 
 
 # the families whose tiny pipelines generate their own training data here; FLUX.2 (no offline text encoder) and
-# Qwen-Image train from a written data set in tests/test_training_families.py
+# Qwen-Image train from a written data set in tests/test_training_families.py; Wan (video): tests/test_wan*.py
 TRAINABLE = ["flux", "sd3"]
-ELSEWHERE = {"flux2", "qwenimage"}
+ELSEWHERE = {"flux2", "qwenimage", "wan"}
 
 
 def test_every_family_has_a_case():
@@ -861,6 +861,72 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run2, data, tm
         distill.main(args[:-1] + [str(out / "checkpoint-2.damaged")])
 
 
+def _flip_a_byte(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_a_changed_checkpoint_file_is_refused_before_anything_loads(run2, data, tmp_path, no_training, caplog):
+    """A file of the checkpoint changed after it was written (same size): its SHA-256 no longer matches the
+    manifest's. Named explicitly it is refused; 'latest' falls back to the previous checkpoint. Nothing is
+    loaded (unpickled) from it: the check runs before the models load."""
+    out = copy_run(run2, tmp_path)
+    _flip_a_byte(out / "checkpoint-2" / "optimizer.bin")
+    before = listing(out)
+    ckpt = out / "checkpoint-2"
+    with pytest.raises(SystemExit) as e:
+        distill.main(distill_args(data, out, "--max_train_steps", "3", "--resume_from_checkpoint", str(ckpt)))
+    assert str(e.value.code) == (
+        f"--resume_from_checkpoint {ckpt} cannot be used: optimizer.bin is not the file that was written (its "
+        "SHA-256 differs from the one in manifest.json). Resume from an earlier checkpoint (a checkpoint holds "
+        "pickles, which loading runs as code: use only folders you trust)")
+    assert no_training == [] and listing(out) == before
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        distill.main(distill_args(data, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert no_training[0][5] == out / "checkpoint-1"  # train() was handed the previous checkpoint
+    assert any(m.startswith("checkpoint-2 is damaged (optimizer.bin is not the file that was written") and
+               "resuming from checkpoint-1 instead" in m for m in caplog.messages)
+
+
+def test_a_checkpoint_copied_without_its_manifest_says_so(run2, data, tmp_path, no_training):
+    copied = tmp_path / "elsewhere" / "checkpoint-2"
+    shutil.copytree(run2["out"] / "checkpoint-2", copied, ignore=shutil.ignore_patterns("*.json"))
+    with pytest.raises(SystemExit) as e:
+        distill.main(distill_args(data, tmp_path / "run", "--max_train_steps", "3",
+                                  "--resume_from_checkpoint", str(copied)))
+    message = str(e.value.code)
+    assert message.startswith(f"--resume_from_checkpoint {copied} cannot be used: it has no manifest.json (written "
+                              "last, when a checkpoint is complete): copy the whole folder"), message
+    assert "another number of processes" not in message and no_training == []
+
+
+def test_latest_falls_back_past_non_finite_weights(run2, data, tmp_path, no_training, caplog):
+    from clear.checkpointing import write_manifest
+    from safetensors.torch import save_file
+
+    out = copy_run(run2, tmp_path)
+    weights = out / "checkpoint-2" / "clear_local_2.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(weights), metadata=metadata)
+    write_manifest(out / "checkpoint-2")  # a complete, consistent checkpoint, but NaN weights
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        distill.main(distill_args(data, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert no_training[0][5] == out / "checkpoint-1"
+    assert any(m.startswith(f"checkpoint-2 is damaged (its CLEAR weights {name} are not finite): resuming from "
+                            "checkpoint-1 instead") for m in caplog.messages), caplog.messages
+    copied = tmp_path / "elsewhere" / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2.damaged", copied)
+    with pytest.raises(SystemExit, match=rf"^--resume_from_checkpoint \S+ cannot be used: its CLEAR weights {name} "
+                                         "are not finite. Resume from an earlier checkpoint"):
+        distill.main(distill_args(data, tmp_path / "run2", "--max_train_steps", "3", "--resume_from_checkpoint",
+                                  str(copied)))
+
+
 def test_a_locked_output_dir_is_refused_naming_the_holder(data, tmp_path, no_training, caplog):
     out = tmp_path / "run"
     out.mkdir()
@@ -920,6 +986,57 @@ def test_a_full_disk_names_the_checkpoint_and_the_free_space(data, tmp_path, mon
     assert list(out.iterdir()) == []  # the partial checkpoint-1.tmp is removed, the lock released
 
 
+def test_a_full_disk_in_the_safetensors_writer_leaves_no_tmp(data, tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError (not an OSError) when the disk fills; the fault-injecting
+    writer writes half a file first, as a real one would."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        distill.main(distill_args(data, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    message = str(e.value.code)
+    assert message.startswith(f"could not write the checkpoint {out / 'checkpoint-1'}: the disk is full "
+                              "(Error while serializing: IoError("), message
+    assert " free on that disk. The earlier checkpoints are intact" in message and "\n" not in message
+    assert list(out.iterdir()) == []  # no checkpoint-1.tmp, no half file, the lock released
+
+
+def test_an_output_dir_made_read_only_mid_run_gives_one_message(data, tmp_path, monkeypatch, caplog):
+    """The folder turns read-only after the run took it: the checkpoint cannot be written, nor can the lock be
+    removed. The message is the permission one, and releasing the lock adds no second (chained) error. The
+    tests run as root, whom chmod does not stop: the two failing calls are injected."""
+    from accelerate import Accelerator
+
+    def read_only(self, output_dir, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(output_dir))
+
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == LOCK:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Accelerator, "save_state", read_only)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(SystemExit) as e:
+            distill.main(distill_args(data, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    message = str(e.value.code)
+    assert message.startswith(f"could not write the checkpoint {out / 'checkpoint-1'}: {out} is not writable "
+                              "(Permission denied: "), message
+    assert f"fix the permissions of {out}" in message and "resume with --resume_from_checkpoint latest" in message
+    assert any(m.startswith(f"could not remove the lock {out / LOCK}") for m in caplog.messages), caplog.messages
+
+
 # ------------------------------------------------------------------------------------------
 # a truncated shard: one line, no traceback
 # ------------------------------------------------------------------------------------------
@@ -947,6 +1064,31 @@ def test_a_truncated_shard_exits_with_its_message_and_no_traceback(data, tmp_pat
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # refused before the output folder is touched
+
+
+def test_launched_refusals_and_failures_are_one_line(data, tmp_path):
+    """`--accelerate_config CONFIG`: the checks run in this process before any worker starts (a truncated shard:
+    one line), and a failure inside the launched worker (divergence at step 2) is its one line, exit 1, without
+    accelerate's CalledProcessError traceback (which a plain `accelerate launch` prints after it)."""
+    root = _truncated_copy(data, tmp_path)
+    launch = [sys.executable, str(REPO / "scripts" / "distill.py"), "--accelerate_config",
+              str(REPO / "configs" / "cpu.yaml")]
+    proc = subprocess.run([*launch, *distill_args(data, tmp_path / "run", "--data_root", str(root), "--cache_dir",
+                                                  str(data["root"] / "data_cache"))],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{root / 'shard-00000.tar'} is not a readable"), \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+    out = tmp_path / "diverges"
+    proc = subprocess.run([*launch, *distill_args(data, out, "--learning_rate", "1e30", "--max_grad_norm", "1e30",
+                                                  "--max_train_steps", "3", "--checkpointing_steps", "1")],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "training diverged at step 2: " in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
 
 
 # ------------------------------------------------------------------------------------------

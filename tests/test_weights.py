@@ -325,6 +325,40 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["mine.safetensors"]  # the user's folder is kept
 
 
+def test_downloads_pin_a_revision(tmp_path, monkeypatch):
+    """Every Hub call of download_weights names a revision: the pinned HUB_REVISION, or the caller's (argument,
+    resolve_checkpoint, the generate scripts' --weights_revision)."""
+    import huggingface_hub
+
+    from clear.commands import generate as generate_cmd
+    from clear.inference import resolve_checkpoint
+
+    calls = []
+
+    def fake_download(repo_id, filename, local_dir=None, local_files_only=False, revision=None, **kw):
+        calls.append((revision, local_files_only))
+        path = tmp_path / "hub" / str(revision) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(released_layout(), path)
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for reachable in (None, "HF_HUB_OFFLINE is set"):  # online, then from the local cache only
+        monkeypatch.setattr(weights, "hub_unreachable", lambda: reachable)
+        calls.clear()
+        clear.download_weights(16, local_dir=tmp_path / f"ckpt-{reachable is None}")
+        assert calls == [(weights.HUB_REVISION, reachable is not None)]
+    assert weights.HUB_REVISION and isinstance(weights.HUB_REVISION, str)
+    calls.clear()
+    clear.download_weights(8, local_dir=tmp_path / "a", revision="0123abc")
+    resolve_checkpoint("released", 8, local_dir=tmp_path / "b", revision="4567def")
+    assert [c[0] for c in calls] == ["0123abc", "4567def"]
+    p = __import__("argparse").ArgumentParser()
+    generate_cmd.add_arguments(p)
+    assert p.parse_args(["--weights_revision", "89ab"]).weights_revision == "89ab"
+    assert p.parse_args([]).weights_revision is None  # None: HUB_REVISION
+
+
 # ------------------------------------------------------------------------------------------
 # LoRA (PEFT adapters) and CLEAR
 # ------------------------------------------------------------------------------------------

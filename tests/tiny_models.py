@@ -363,3 +363,63 @@ def clear_checkpoint(path, radius=2, down_factor=1, seed=3, family="flux", scale
         return clear.save_clear_weights(model, path)
     save_file({k: v.detach().clone() for k, v in clear.clear_state_dict_keys(model).items()}, str(path))
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Wan (video)
+# ------------------------------------------------------------------------------------------
+
+WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                  text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
+def tiny_wan(seed: int = 0, i2v: bool = False, **overrides):
+    """A tiny random ``WanTransformer3DModel`` (2 layers, 2 heads x 16, patch (1, 2, 2)); ``i2v``: with Wan 2.1
+    I2V's image context (``image_dim``, ``added_kv_proj_dim``) in its cross-attention."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    extra = dict(image_dim=12, added_kv_proj_dim=32, in_channels=8) if i2v else {}
+    return WanTransformer3DModel(**{**WAN_CONFIG, **extra, **overrides}).eval()
+
+
+def wan_inputs(frames: int, height: int, width: int, batch: int = 2, seed: int = 0, text_len: int = 6,
+               i2v: bool = False, in_channels: int | None = None) -> dict:
+    """Forward inputs of :func:`tiny_wan` for a ``frames x height x width`` token grid (latents ``[B, C, frames,
+    2 height, 2 width]``); ``i2v``: 512 text tokens (the I2V processor's fixed length) and 5 image-context tokens."""
+    g = torch.Generator().manual_seed(seed)
+    channels = in_channels or (8 if i2v else 4)
+    out = dict(hidden_states=torch.randn(batch, channels, frames, 2 * height, 2 * width, generator=g),
+               timestep=torch.rand(batch, generator=g) * 1000,
+               encoder_hidden_states=torch.randn(batch, 512 if i2v else text_len, 16, generator=g), return_dict=False)
+    if i2v:
+        out["encoder_hidden_states_image"] = torch.randn(batch, 5, 12, generator=g)
+    return out
+
+
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, image_to_video: bool = False):
+    """WanPipeline with a tiny random UMT5 (T5 tokenizer from the in-memory vocabulary), a tiny Wan VAE (8x
+    spatial, 4x temporal: sizes multiples of 16 pixels, ``num_frames = 4k + 1``) and tiny transformers;
+    ``two_experts``: Wan 2.2 A14B's layout, ``transformer`` (high noise) and ``transformer_2`` (low noise) with
+    ``boundary_ratio`` 0.5; ``image_to_video``: a ``WanImageToVideoPipeline`` (Wan 2.2 I2V: no image encoder)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    vocab = tiny_vocab()
+    tok = T5Tokenizer(vocab=[(k, 0.0 if k.startswith("<") else -float(len(k))) for k in vocab], extra_ids=0,
+                      model_max_length=512)
+    torch.manual_seed(seed)
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=16, d_ff=37, d_kv=8, num_layers=1,
+                                       num_heads=2, relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+    cls = WanPipeline
+    if image_to_video:  # Wan 2.2 I2V's layout: no CLIP image encoder; latents + mask + image latents in
+        from diffusers import WanImageToVideoPipeline as cls
+
+    channels = dict(in_channels=12) if image_to_video else {}
+    kw = dict(transformer=tiny_wan(seed, **channels))
+    if two_experts:
+        kw.update(transformer_2=tiny_wan(seed + 1, **channels), boundary_ratio=0.5)
+    return cls(tokenizer=tok, text_encoder=umt5, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **kw)

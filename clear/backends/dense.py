@@ -44,7 +44,7 @@ class Plan:
 
 
 def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Options(), with_grad: bool = False):
-    needs_mask = window.masks_anything(layout.height, layout.width)
+    needs_mask = window.masks_anything(layout.height, layout.width, layout.frames)
     return Plan(layout, allowed_mask(layout, window, device) if needs_mask else None)
 
 

@@ -75,6 +75,10 @@ class Plan:
 
 def grid_plan(layout: TokenLayout, window: Window, device, options: Options = Options(), with_grad: bool = False):
     """Keys are ``[natural order | pooled]``: the pooled tokens keep their place after the tiles' order."""
+    if layout.frames > 1:  # a video: frame tiles, block mask from 3-D tile boxes
+        from . import flex_video
+
+        return flex_video.grid_plan(layout, window, device, options, with_grad)
     order = TileOrder(layout, window, *options.tile)
     to_flex, from_flex = order.gather_indices(device)
     n_pooled = layout.num_pooled(window)

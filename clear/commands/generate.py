@@ -35,6 +35,8 @@ def add_arguments(p) -> None:
                    "downloaded into --ckpt_dir on first use; none exist for SD3), a .safetensors path, or 'none' "
                    "(untrained CLEAR)")
     g.add_argument("--ckpt_dir", default="ckpt", help="where released weights are kept (default ckpt/)")
+    g.add_argument("--weights_revision", default=None, help="revision (commit sha, tag, branch) of the released "
+                   "weights' Hub repo to download (default: clear.weights.HUB_REVISION)")
     g.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
                    help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
                    "public release's attn_weights.safetensors) or says another one: you vouch for the window")
@@ -79,7 +81,16 @@ def add_arguments(p) -> None:
                         "(arXiv 2410.07536) keeps the low frequencies of the stage's input image, strongest at the "
                         "first step; 0 (default) = off; e.g. 1 for large upscales (docs/mini.md)")
     h.add_argument("--vae_tiling", default="auto", choices=("auto", "on", "off"),
-                   help="VAE tiling in upscaling stages (auto: above 2048x2048 pixels)")
+                   help="diffusers' VAE tiling in upscaling stages (auto: from --vae_tiling_latents latent cells)")
+    h.add_argument("--vae_tiling_latents", type=int, default=defaults.VAE_TILING_LATENTS,
+                   help=f"--vae_tiling auto turns tiling on from this many latent cells (height/f x width/f, f the "
+                        f"VAE's scale factor; default {defaults.VAE_TILING_LATENTS}: FLUX from 2048x2048 pixels)")
+    v = p.add_argument_group("video (Wan: WanPipeline, WanImageToVideoPipeline; any of these makes a clip)")
+    v.add_argument("--num_frames", type=int, help="frames of the clip, 4k + 1 (default 81 for a Wan model)")
+    v.add_argument("--temporal_radius", type=float, help="window radius in latent frames: a query at (t, y, x) sees "
+                   "(t', y', x') iff ((t-t')/rt)^2 + ((y-y')/r)^2 + ((x-x')/r)^2 < 1 (default: every frame)")
+    v.add_argument("--image", help="first frame of image-to-video (a WanImageToVideoPipeline)")
+    v.add_argument("--fps", type=int, default=16, help="frames per second of the written clip (default 16)")
     m = p.add_argument_group("multi-GPU (launch with torchrun --nproc_per_node N; docs/parallel.md)")
     m.add_argument("--parallel", default="none", choices=("none", "patch"),
                    help="patch (FLUX only): each GPU denoises a band of image rows, exchanging K/V halos "
@@ -107,6 +118,8 @@ def resolve_args(args):
     from clear.geometry import Window
     from clear.weights import Variant
 
+    if args.num_frames is not None or args.temporal_radius is not None or args.image is not None:
+        return resolve_video_args(args)
     if args.variant:
         v = Variant.parse(args.variant)
         for name, given, want in (("radius", args.radius, v.radius), ("down_factor", args.down_factor, v.down_factor)):
@@ -137,21 +150,113 @@ def resolve_args(args):
         upscale_steps=args.upscale_steps, guidance=args.guidance, ntk_factor=args.ntk_factor,
         proportional=args.proportional, shift=args.shift, tiling=args.tiling,
         max_sequence_length=args.max_sequence_length, max_pixels=args.max_pixels,
-        lowres_guidance=args.lowres_guidance)
+        lowres_guidance=args.lowres_guidance, tiling_latents=args.vae_tiling_latents)
     args.family, args.ntk_factor = plan.info.family, plan.ntk_factor
+    if args.family.video:  # a Wan model without a video option: a clip with the defaults
+        return resolve_video_args(args)
     if args.parallel == "patch" and args.family.name != "flux":
         raise ValueError(f"--parallel patch supports FLUX.1 pipelines only, not {args.family.name}; drop --parallel")
     args.checkpoint_path = inf.resolve_checkpoint(args.checkpoint, args.radius, args.down_factor, args.ckpt_dir,
-                                                  family=args.family.name, strict_radius=args.strict_radius)
+                                                  family=args.family.name, strict_radius=args.strict_radius,
+                                                  revision=args.weights_revision)
     args.clear = inf.ClearSpec(args.radius, args.down_factor, args.checkpoint_path, args.backend, args.strict_radius)
     args.plan = plan.with_clear(args.clear)
     return args
+
+
+def resolve_video_args(args):
+    """:func:`resolve_args` for a clip (a Wan pipeline): the 3-D window, the frames and sizes, the output (MP4,
+    GIF or PNG frames), sampling defaults of the released model, one checkpoint per transformer (comma-separated,
+    in the order transformer, transformer_2); everything checked before any weights load."""
+    # here: --help stays torch-free
+    from clear import inference as inf
+    from clear.inference import video
+
+    if args.variant:
+        raise ValueError("--variant names the released FLUX.1-dev variants; for a video model pass --radius (and "
+                         "--temporal_radius)")
+    if args.upscale:
+        raise ValueError("--upscale (SDEdit stages) is for images; a clip is generated at one size")
+    args.radius = 16.0 if args.radius is None else args.radius
+    args.down_factor = 1 if args.down_factor is None else args.down_factor
+    args.num_frames = 81 if args.num_frames is None else args.num_frames
+    try:
+        video.VideoClear(args.radius, args.temporal_radius, args.down_factor)
+    except ValueError as e:
+        raise ValueError(f"--radius {args.radius:g} --temporal_radius {args.temporal_radius} --down_factor "
+                         f"{args.down_factor}: {e}") from None
+    inf.check_sampling(args.steps, args.guidance)
+    args.out = video.check_video_output(inf.check_output_path(args.out, ""))
+    args.device = str(inf.check_device(args.device)) if args.device else inf.default_device()
+    family = inf.pipeline_family(args.model)
+    if not family.video:
+        raise ValueError(f"--num_frames, --temporal_radius and --image are for video models, but {args.model} is a "
+                         f"{family.name} image model: drop them")
+    if args.parallel == "patch":
+        video.refuse_patch_parallel(family.name)
+    index = inf.check_model(args.model)
+    if (index["_class_name"] == "WanImageToVideoPipeline") != (args.image is not None):
+        raise ValueError(f"{args.model} is a {index['_class_name']}: "
+                         + ("pass --image (the first frame)" if args.image is None else "it takes no --image"))
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image} does not exist")
+    video.check_video_size(args.model, args.num_frames, args.height, args.width, args.down_factor)
+    spec = family.spec(family.transformer_config(args.model))
+    args.steps = spec.steps if args.steps is None else args.steps
+    args.guidance = spec.guidance if args.guidance is None else args.guidance
+    args.max_sequence_length = args.max_sequence_length or spec.max_sequence_length
+    ckpt = str(args.checkpoint).lower()
+    if ckpt in ("released", "auto", "default"):
+        raise ValueError("no released CLEAR weights for Wan models: train your own (docs/families.md) and pass "
+                         "--checkpoint PATH (Wan 2.2 A14B: two paths, comma-separated), or --checkpoint none")
+    checkpoints = None if ckpt == "none" else tuple(args.checkpoint.split(","))
+    args.video_clear = video.VideoClear(args.radius, args.temporal_radius, args.down_factor, checkpoints,
+                                        args.backend, args.strict_radius)
+    video.check_video_checkpoints(args.video_clear, video.experts(index))
+    args.family, args.video, args.plan = family, True, None
+    args.checkpoint_path = args.checkpoint if checkpoints else None
+    return args
+
+
+def run_video(args, pipe) -> dict[str, str]:
+    """Generate a clip (and, with ``--compare``, the original model's first), write it with its settings."""
+    from PIL import Image
+
+    # here: --help stays torch-free
+    from clear import inference as inf
+    from clear.inference import video
+
+    out, written = args.out, {}
+    image = Image.open(args.image).convert("RGB") if args.image else None
+    call = dict(prompt=args.prompt, num_frames=args.num_frames, height=args.height, width=args.width,
+                steps=args.steps, guidance=args.guidance, seed=args.seed, image=image,
+                max_sequence_length=args.max_sequence_length)
+    dtype = str(inf.resolve_dtype(args.dtype, args.device)).replace("torch.", "")
+    common = dict(model=args.model, device=str(args.device), dtype=dtype)
+    if args.compare:
+        res = video.generate_video(pipe, **call)
+        written["original"] = video.save_video(res.frames, out.with_name(out.stem + "_original" + out.suffix),
+                                               {**common, **res.settings}, fps=args.fps)[0]
+        print(f"original: {args.num_frames} frames {args.height}x{args.width} in {res.seconds:.2f} s")
+    video.apply_to_video_pipeline(pipe, args.video_clear)
+    res = video.generate_video(pipe, **call)
+    settings = {**common, **res.settings, **args.video_clear.settings()}
+    written["video"] = video.save_video(res.frames, out, settings, fps=args.fps)[0]
+    print(f"{args.video_clear.label}: {args.num_frames} frames {args.height}x{args.width} in {res.seconds:.2f} s "
+          f"-> {written['video']}")
+    return written
 
 
 def build_pipeline(args):
     """Load the pipeline (CLEAR is put on it by :func:`run`, after an optional original run)."""
     from clear import inference as inf  # here: --help stays torch-free
 
+    if getattr(args, "video", False):
+        from clear.inference.video import load_video_pipeline
+
+        pipe = load_video_pipeline(args.model, args.device, args.dtype)
+        pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+        return pipe
     pipe = inf.load_pipeline(args.model, args.device, args.dtype, offload=args.offload, info=args.plan.info)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     return pipe
@@ -173,6 +278,8 @@ def run(args, pipe) -> dict[str, str]:
     """Generate (and compare, and upscale) as the arguments say; returns the written paths."""
     from clear import inference as inf  # here: --help stays torch-free
 
+    if getattr(args, "video", False):
+        return run_video(args, pipe)
     out, written = args.out, {}
 
     def chain(spec):  # one full run of the plan (base image, then any upscaling stages) with `spec` CLEAR
@@ -181,6 +288,7 @@ def run(args, pipe) -> dict[str, str]:
 
     original = None
     if args.compare:  # the original model first: loading CLEAR weights overwrites the attention projections
+        inf.check_weights_fit(pipe, args.clear)  # so the checkpoint's keys and shapes are checked before it runs
         original = chain(None)
         meta = _settings(args, original[-1].result, total_seconds=round(_total(original), 3))
         written["original"] = inf.save_png(original[-1].image, out.with_name(out.stem + "_original.png"), meta)

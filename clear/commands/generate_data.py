@@ -22,13 +22,15 @@ def run(pretrained_model_name_or_path: str, prompts: str, output_dir: str, model
     output_dir = Path(output_dir)
     try:
         family = resolve_family(model_family, pretrained_model_name_or_path)
+        family.check_trains_from_data()
         for name, pixels in (("--height", height), ("--width", width)):
             family.check_size(pretrained_model_name_or_path, pixels, name=name)
-    except ValueError as e:
+        family.check_text_length(max_sequence_length)
+    except (ValueError, NotImplementedError) as e:
         raise SystemExit(str(e)) from e
     spec = family.model_spec(pretrained_model_name_or_path)  # the model's own guidance and T5 length
     guidance_scale = spec.guidance if guidance_scale is None else guidance_scale
-    max_sequence_length = max_sequence_length or spec.max_sequence_length
+    max_sequence_length = spec.max_sequence_length if max_sequence_length is None else max_sequence_length
     entries, bad = read_training_prompts(prompts, base_seed=seed)
     for line in bad:
         print(f"skipped prompt entry {line}", file=sys.stderr)

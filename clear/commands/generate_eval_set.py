@@ -11,7 +11,7 @@ from ..devices import resolve_device
 def preflight(model: str, height: int, width: int, radius: float | None = None, down_factor: int = 1,
               checkpoint: str = "released", ckpt_dir: str = "ckpt", backend: str = "auto",
               strict_radius: bool = True, steps: int | None = None, guidance: float | None = None,
-              device: str = "auto"):
+              device: str = "auto", weights_revision: str | None = None, max_sequence_length: int | None = None):
     """Every check that needs no weights: device, sampling, the model (its configs, described once:
     :class:`clear.inference.PipelineInfo`), sizes, the CLEAR variant and its checkpoint (header only).
     Returns (device, pipeline description, CLEAR spec or None)."""
@@ -20,11 +20,15 @@ def preflight(model: str, height: int, width: int, radius: float | None = None, 
     device = resolve_device(device)
     inf.check_sampling(steps, guidance)
     info = inf.describe_pipeline(model)  # configs only; fails on unsupported models
+    if info.family.video:
+        raise ValueError(f"{model} is a {info.family.name} video model: evaluation sets are images; generate clips with "
+                         "scripts/generate.py --num_frames")
     info.check_size(height, width, down_factor if radius is not None else 1)
+    info.family.check_text_length(max_sequence_length)
     if radius is None:
         return device, info, None
     checkpoint = inf.resolve_checkpoint(checkpoint, radius, down_factor, ckpt_dir, family=info.family.name,
-                                        strict_radius=strict_radius)
+                                        strict_radius=strict_radius, revision=weights_revision)
     return device, info, inf.ClearSpec(radius, down_factor, checkpoint, backend, strict_radius)
 
 
@@ -34,7 +38,7 @@ def run(prompts: str, out: str, num: int | None = None, sample_seed: int | None 
         label: str | None = None, height: int = 1024, width: int = 1024, steps: int | None = None,
         guidance: float | None = None, seed: int = 0, max_sequence_length: int | None = None, batch_size: int = 1,
         device: str = "auto", dtype: str = "auto", cpu_offload: bool = False, shard: tuple[int, int] = (0, 1),
-        no_progress: bool = False) -> dict:
+        no_progress: bool = False, weights_revision: str | None = None) -> dict:
     """Generate the images of ``prompts`` (see scripts/generate_eval_set.py for the options) into
     ``out``; a bad setting exits with its message. Prints and returns the counts."""
     # here, not at the top: scripts/generate_eval_set.py --help stays torch-free
@@ -45,7 +49,8 @@ def run(prompts: str, out: str, num: int | None = None, sample_seed: int | None 
     entries = load_prompts(prompts, num=num, sample_seed=sample_seed)
     try:
         device, info, spec = preflight(model, height, width, radius, down_factor, checkpoint, ckpt_dir, backend,
-                                       strict_radius, steps, guidance, device)
+                                       strict_radius, steps, guidance, device, weights_revision,
+                                       max_sequence_length)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
     pipe = inf.load_pipeline(model, str(device), dtype, offload=cpu_offload, info=info)

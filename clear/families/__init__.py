@@ -13,12 +13,13 @@ entry in the :func:`make_table` call below.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
 import torch
 
-from . import flux, flux2, qwenimage, sd3
+from . import flux, flux2, qwenimage, sd3, wan
 from .base import ModelFamily, ModelSpec
 
 __all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_of", "family_of_checkpoint", "get_family", "make_table",
@@ -37,7 +38,8 @@ def make_table(*families: ModelFamily) -> Mapping[str, ModelFamily]:
     return MappingProxyType({f.name: f for f in families})
 
 
-FAMILIES: Mapping[str, ModelFamily] = make_table(flux.FAMILY, sd3.FAMILY, flux2.FAMILY, qwenimage.FAMILY)
+FAMILIES: Mapping[str, ModelFamily] = make_table(flux.FAMILY, sd3.FAMILY, flux2.FAMILY, qwenimage.FAMILY,
+                                                wan.FAMILY)
 
 
 def get_family(name: str | ModelFamily) -> ModelFamily:
@@ -130,10 +132,12 @@ def family_of_checkpoint(metadata: Mapping[str, str], keys: Iterable[str]) -> st
     :func:`clear.weights.read_header` gives them) was made for: its ``clear.family`` metadata
     (written by :func:`clear.save_clear_weights`; returned as written, registered or not), else
     the first family (registry order) whose own block lists, those not every family has, the
-    keys use (FLUX's ``single_transformer_blocks``: the released files); ``None`` where the file
+    keys use (FLUX's ``single_transformer_blocks``: the released files; Wan's ``blocks``; a list most families
+    have, ``transformer_blocks``, says nothing); ``None`` where the file
     does not say."""
     if "clear.family" in metadata:
         return metadata["clear.family"]
     used = {k.split(".", 1)[0] for k in keys}
-    common = set.intersection(*(set(f.block_lists) for f in FAMILIES.values()))
+    counts = Counter(b for f in FAMILIES.values() for b in f.block_lists)
+    common = {b for b, n in counts.items() if n > len(FAMILIES) / 2}  # most families have it: it says nothing
     return next((f.name for f in FAMILIES.values() if used & (set(f.block_lists) - common)), None)

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_NTK_FACTOR
-from ..geometry import attention_flops
+from ..geometry import TokenLayout, attention_flops
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,13 @@ class ModelFamily:
     rope: bool = False
     released_weights: bool = False
     example: str = ""
+    # the most text tokens (max_sequence_length) the family's pipelines accept (FluxPipeline and SD3's refuse more
+    # than 512, QwenImagePipeline more than 1024); None: no bound known
+    max_text_tokens: int | None = 512
+    # a video family: its grids are (frames, height, width) and apply_clear takes a temporal_radius
+    video: bool = False
+    # the attention module of a block whose output enters L_attn (clear.distill.attention_layers): FLUX's "attn"
+    block_attention: str = "attn"
 
     # -- the released models -------------------------------------------------------------
     def spec(self, transformer_config: Mapping) -> ModelSpec:
@@ -206,6 +213,17 @@ class ModelFamily:
         """The image grid (tokens high, wide) of a forward, from its bound arguments."""
         raise NotImplementedError
 
+    def layout(self, text_len: int, grid: tuple[int, ...]) -> TokenLayout:
+        """The token layout of an attention call with ``text_len`` text tokens on a forward's ``grid`` (what
+        :meth:`grid` returns). Default: ``(height, width)`` of one image, text where :attr:`text_first` says;
+        a video family's grid is ``(frames, height, width)``."""
+        return TokenLayout(text_len, *grid, self.text_first)
+
+    def clear_module(self, processor_name: str) -> bool:
+        """Whether the attention module of ``processor_name`` (a key of the model's ``attn_processors``) gets
+        CLEAR; the others keep their own processors. Default: every attention module."""
+        return True
+
     def text_lens(self, bound: inspect.BoundArguments) -> tuple[int, ...]:
         """The text length of each attention layout of a forward (one per kind of attention call)."""
         raise NotImplementedError
@@ -224,6 +242,10 @@ class ModelFamily:
         return None
 
     # -- training ------------------------------------------------------------------------
+    def check_trains_from_data(self) -> None:
+        """Refuse the data, cache and distillation commands (scripts/generate_data.py, the cache scripts,
+        scripts/distill.py) where they are not built for this family; default: they are."""
+
     def training_guidance(self, transformer_config, guidance_scale: float) -> float | None:
         """The guidance the transformer takes in training (an embedded guidance value, or None)."""
         raise NotImplementedError
@@ -284,10 +306,27 @@ class ModelFamily:
                             "not RoPE), so NTK scaling does not apply")
         return contextlib.nullcontext()
 
+    def check_text_length(self, max_sequence_length: int | None) -> None:
+        """``max_sequence_length`` (``None``: the model's default) is a whole number of text tokens >= 1 and at
+        most :attr:`max_text_tokens`; checked before anything loads (a 0 must not turn into the default)."""
+        n = max_sequence_length
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_sequence_length={n!r}: the number of text tokens must be a whole number >= 1 "
+                             "(leave it out for the model's default)")
+        if self.max_text_tokens is not None and n > self.max_text_tokens:
+            raise ValueError(f"max_sequence_length={n}: {self.name} pipelines take at most {self.max_text_tokens} text "
+                             f"tokens; pass at most {self.max_text_tokens} (or leave it out for the model's default)")
+
     def resolve_ntk_factor(self, ntk_factor: float | None) -> float | None:
         """The NTK factor an upscaling stage uses. With RoPE: ``None`` = :data:`clear.defaults.DEFAULT_NTK_FACTOR`
-        (10), 1 = off. Without: nothing, with a logged note; an explicit factor other than 1 is an error, it
-        cannot be honoured."""
+        (10), 1 = off; a factor must be finite and > 0. Without: nothing, with a logged note; an explicit factor
+        other than 1 is an error, it cannot be honoured."""
+        if ntk_factor is not None and not (isinstance(ntk_factor, (int, float)) and math.isfinite(ntk_factor)
+                                           and ntk_factor > 0):
+            raise ValueError(f"ntk_factor={ntk_factor:g}: the NTK factor scales RoPE's base and must be a finite "
+                             f"number > 0 (1 = off); leave --ntk_factor out for the default {DEFAULT_NTK_FACTOR:g}")
         if self.rope:
             return DEFAULT_NTK_FACTOR if ntk_factor is None else float(ntk_factor)
         if ntk_factor is not None and float(ntk_factor) != 1.0:

@@ -217,5 +217,5 @@ FAMILY = Flux2Family(
     attn_loss_layers="single:4:1",  # as FLUX.1's: every 4th single-stream block from the second
     pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
     img2img_class="", vae_class="AutoencoderKLFlux2", prompt_features=("prompt_embeds",), rope=True,
-    released_weights=False, example="black-forest-labs/FLUX.2-dev",
+    max_text_tokens=None, released_weights=False, example="black-forest-labs/FLUX.2-dev",
 )

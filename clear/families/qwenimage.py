@@ -232,5 +232,5 @@ FAMILY = QwenImageFamily(
                "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"),
     img2img_class="QwenImageImg2ImgPipeline", vae_class="AutoencoderKLQwenImage",
     prompt_features=("prompt_embeds", "prompt_embeds_mask"), rope=False, released_weights=False,
-    example="Qwen/Qwen-Image",
+    example="Qwen/Qwen-Image", max_text_tokens=1024,
 )

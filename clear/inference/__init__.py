@@ -38,20 +38,22 @@ The package: :mod:`.checks` (pre-flight checks, family facts, device and dtype),
 their settings, grids, labels). This module is its public face.
 """
 
-from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH
+from ..defaults import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_NTK_FACTOR, DEFAULT_SHIFT, DEFAULT_STRENGTH,
+                        VAE_TILING_LATENTS)
 from ..devices import check_device, default_device, resolve_dtype
 from .checks import (SUPPORTED_PIPELINES, SUPPORTED_TRANSFORMERS, check_checkpoint, check_model,
                      check_output_path, check_sampling, check_size, check_upscaling, checkpoint_family,
                      checkpoint_variant, parse_sizes, pipeline_family, resolve_checkpoint,
                      resolve_ntk_factor, size_multiple, size_rules)
 from ..families.flux import NTKFluxPosEmbed, set_ntk_rope
-from .highres import (VAE_TILING_PIXELS, Stage, fixed_shift_scheduler, generate_highres, img2img_pipeline, ntk_rope,
+from .highres import (Stage, fixed_shift_scheduler, generate_highres, img2img_pipeline, ntk_rope,
                       proportional_attention, run_plan, run_upscale, upscale, vae_tiling)
 from .outputs import image_grid, png_metadata, save_png, timing_label
-from .pipeline import (ClearSpec, NonFiniteImageError, PipelineInfo, Plan, Result, apply_to_pipeline, clear_label,
+from .pipeline import (ClearSpec, NonFiniteImageError, PipelineInfo, Plan, Result, apply_to_pipeline, check_weights_fit,
+                       clear_label,
                        clear_models, default_settings, describe_pipeline, finite_image, generate,
                        generate_patch_parallel, load_pipeline, model_name, model_spec, plan_generation,
-                       remove_from_pipeline, run_generate)
+                       remove_from_pipeline, run_generate, wants_vae_tiling)
 
 __all__ = [
     # checks before anything loads
@@ -62,14 +64,15 @@ __all__ = [
     "SUPPORTED_PIPELINES", "SUPPORTED_TRANSFORMERS",
     # pipelines, CLEAR on them, generation
     "PipelineInfo", "describe_pipeline", "model_spec", "model_name", "default_settings", "load_pipeline",
-    "clear_models", "apply_to_pipeline", "remove_from_pipeline", "ClearSpec", "clear_label",
+    "clear_models", "apply_to_pipeline", "check_weights_fit", "remove_from_pipeline", "ClearSpec", "clear_label",
     "Plan", "plan_generation", "Result", "NonFiniteImageError", "finite_image", "generate", "run_generate",
     "generate_patch_parallel",
     # high resolution
     "upscale", "run_upscale", "Stage", "generate_highres", "run_plan", "NTKFluxPosEmbed", "set_ntk_rope", "ntk_rope",
-    "proportional_attention", "fixed_shift_scheduler", "vae_tiling", "img2img_pipeline", "VAE_TILING_PIXELS",
+    "proportional_attention", "fixed_shift_scheduler", "vae_tiling", "img2img_pipeline", "wants_vae_tiling",
     # outputs
     "png_metadata", "save_png", "image_grid", "timing_label",
     # defaults
     "DEFAULT_MODEL", "DEFAULT_STRENGTH", "DEFAULT_NTK_FACTOR", "DEFAULT_SHIFT", "DEFAULT_MAX_PIXELS",
+    "VAE_TILING_LATENTS",
 ]

@@ -22,7 +22,7 @@ from ..families import ModelFamily, family_of, family_of_checkpoint, get_family
 from ..families.base import check_size
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from ..weights import (RELEASED, STRICT_RADIUS_OFF, Variant, download_weights, file_variant, hub_unreachable,
-                       read_header, unverified_radius_message)
+                       radius_text, read_header, same_radius, unverified_radius_message)
 
 logger = logging.getLogger(__name__)
 
@@ -262,21 +262,23 @@ def check_checkpoint(path: str | os.PathLike, radius: float, down_factor: int = 
         raise ValueError(f"{unverified_radius_message(path)} {chosen}: if it was trained for that variant, rename it "
                          f"{chosen}.safetensors (or save it with clear.save_clear_weights, which records the radius), "
                          f"or pass {STRICT_RADIUS_OFF} to load it anyway")
-    if file_r is not None and float(file_r) != float(radius):
-        raise ValueError(f"{path} is a checkpoint for radius={file_r:g} but the chosen variant is {chosen} "
-                         f"(radius={radius:g}); pass --radius {file_r:g} (or the matching --variant), "
-                         f"or a checkpoint made for the chosen variant (or {STRICT_RADIUS_OFF} to use it with "
-                         "another window on purpose)")
+    if not same_radius(file_r, radius):
+        fix = "a checkpoint made for a local window" if file_r is None else (
+            f"--radius {file_r:g} (or the matching --variant), or a checkpoint made for the chosen variant")
+        raise ValueError(f"{path} is a checkpoint for radius={radius_text(file_r)} but the chosen variant is {chosen} "
+                         f"(radius={radius:g}); pass {fix} (or {STRICT_RADIUS_OFF} to use it with another window on "
+                         "purpose)")
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down_factor: int = 1,
                        local_dir: str | os.PathLike = "ckpt", family: str = "flux",
-                       strict_radius: bool = True) -> str | None:
+                       strict_radius: bool = True, revision: str | None = None) -> str | None:
     """``"released"`` (or ``"auto"``): the released file for the variant (FLUX.1-dev weights;
     none exist for SD3), downloaded into ``local_dir`` on first use (offline: the error says
     where to put it); ``None``/``"none"``: no checkpoint (untrained CLEAR, e.g. for tests or a
     zero-shot look); a path: checked to match the variant and the model ``family`` (its radius only
-    with ``strict_radius``: see :func:`check_checkpoint`). Returns a path or ``None``."""
+    with ``strict_radius``: see :func:`check_checkpoint`). ``revision``: of the released files' Hub repo
+    (default :data:`clear.weights.HUB_REVISION`). Returns a path or ``None``."""
     if checkpoint is None or str(checkpoint).lower() == "none":
         return None
     if str(checkpoint).lower() in ("released", "auto", "default"):
@@ -289,7 +291,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None, radius: float, down
         if name not in RELEASED:
             raise ValueError(f"no released CLEAR weights for radius={radius:g}, down_factor={down_factor}; released: "
                              f"{', '.join(RELEASED)}. Pass --checkpoint PATH to your own weights or --checkpoint none")
-        path = download_weights(int(radius), down_factor, local_dir=local_dir)
+        path = download_weights(int(radius), down_factor, local_dir=local_dir, revision=revision)
     else:
         path = str(checkpoint)
     check_checkpoint(path, radius, down_factor, family, strict_radius)

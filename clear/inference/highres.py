@@ -20,12 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, family_of
-from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_SHIFT, DEFAULT_STRENGTH
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_SHIFT, DEFAULT_STRENGTH, VAE_TILING_LATENTS
 from .checks import check_sampling, pipeline_family, resolve_ntk_factor
-from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, clear_models, describe_pipeline, plan_generation,
-                       result_settings, run_generate, timed_call)
-
-VAE_TILING_PIXELS = 2048 * 2048  # vae_tiling=None turns tiling on above this many pixels
+from .pipeline import (ClearSpec, PipelineInfo, Plan, Result, check_weights_fit, clear_models, describe_pipeline,
+                       plan_generation, result_settings, run_generate, timed_call, wants_vae_tiling)
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,6 +76,8 @@ def fixed_shift_scheduler(scheduler, shift: float):
 
 @contextlib.contextmanager
 def vae_tiling(vae, enabled: bool):
+    """Within the block, diffusers' own VAE tiling (``vae.enable_tiling()``, its tile sizes) is on or off;
+    the VAE's setting is put back afterwards."""
     old = getattr(vae, "use_tiling", False)
     try:
         vae.enable_tiling() if enabled else vae.disable_tiling()
@@ -137,14 +137,18 @@ def projected_flow(transformer, scheduler, weight: float, factor: float):
 
     The input latents are caught where the img2img pipeline noises them (``scheduler.scale_noise``), so
     any family whose img2img pipeline does that works (FLUX's and SD3's): packed FLUX tokens are
-    matched to the ``[B, C, H, W]`` latents by pixel-unshuffling. ``weight`` 0: nothing changes."""
+    matched to the ``[B, C, H, W]`` latents by pixel-unshuffling. Each pipeline call in the block noises
+    its own input once, before its first step: that starts the call's own state (its reference and its
+    ``sigma_first``), so a warm-up call in the same block (:func:`run_upscale`'s) leaves the next call's
+    guidance as it would be alone. ``weight`` 0: nothing changes."""
     if not weight:
         yield
         return
-    state: dict = {}
+    state: dict = {}  # the current pipeline call's: "reference", then "sigma_first" at its first step
     scale_noise = scheduler.scale_noise
 
     def catching_scale_noise(sample, timestep, noise=None):
+        state.clear()  # a new call: nothing of the previous call's carries over
         state["reference"] = sample.detach()
         return scale_noise(sample, timestep, noise)
 
@@ -209,15 +213,16 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
             ntk_factor: float | None = None, proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT,
             tiling: bool | None = None, max_sequence_length: int | None = None, warmup: bool = False,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, info: PipelineInfo | None = None,
-            lowres_guidance: float = 0.0) -> Result:
+            lowres_guidance: float = 0.0, tiling_latents: int = VAE_TILING_LATENTS) -> Result:
     """One SDEdit stage: resize ``image`` to ``height x width`` (Lanczos), encode it, noise it
     to ``strength`` and denoise at the new size with the family's img2img pipeline on ``pipe``'s
     components (original or CLEAR, as the pipeline is). ``steps`` is the full schedule;
     ``int(steps * strength)`` of them run. ``ntk_factor`` (FLUX; ``None`` = 10, 1 = off; SD3
     has no RoPE: leave it ``None``), ``proportional`` attention, a fixed scheduler ``shift``
-    (``None`` = the scheduler's own: FLUX's dynamic shift) and VAE ``tiling`` (``None``: on
-    above 2048x2048 pixels) apply to this call only; ``proportional``: ``True`` (the release's
-    scale, see :class:`clear.ClearAttention`), ``"plain"`` or ``False``. ``warmup``: an untimed
+    (``None`` = the scheduler's own: FLUX's dynamic shift) and diffusers' VAE ``tiling``
+    (``None``: on from ``tiling_latents`` latent cells, :func:`wants_vae_tiling`) apply to this
+    call only; ``proportional``: ``True`` (the release's scale, see
+    :class:`clear.ClearAttention`), ``"plain"`` or ``False``. ``warmup``: an untimed
     1-step call at the same size first. ``info``: the pipeline's
     :func:`clear.inference.describe_pipeline` as it is now, when the caller has it.
     ``lowres_guidance``: the weight of I-Max's projected flow toward the input image's low
@@ -231,18 +236,19 @@ def upscale(pipe, image, prompt: str, height: int, width: int, strength: float =
     return run_upscale(pipe, info, image, prompt, height, width, steps=steps, guidance=guidance,
                        max_sequence_length=max_sequence_length, strength=strength, ntk_factor=ntk_factor,
                        proportional=proportional, shift=shift, tiling=tiling, seed=seed, warmup=warmup,
-                       lowres_guidance=lowres_guidance)
+                       lowres_guidance=lowres_guidance, tiling_latents=tiling_latents)
 
 
 def run_upscale(pipe, info: PipelineInfo, image, prompt: str, height: int, width: int, *, steps: int,
                 guidance: float, max_sequence_length: int, strength: float, ntk_factor: float | None,
                 proportional: bool | str, shift: float | None, tiling: bool | None, seed: int = 0,
-                warmup: bool = False, lowres_guidance: float = 0.0) -> Result:
+                warmup: bool = False, lowres_guidance: float = 0.0,
+                tiling_latents: int = VAE_TILING_LATENTS) -> Result:
     """:func:`upscale` with its settings already resolved and checked (by :func:`upscale` or
     :func:`clear.inference.plan_generation`): no defaults, no checks."""
     from PIL import Image
 
-    tiling = height * width > VAE_TILING_PIXELS if tiling is None else tiling
+    tiling = wants_vae_tiling(pipe, height, width, tiling, tiling_latents)
     if lowres_guidance < 0:
         raise ValueError(f"lowres_guidance must be >= 0 (0: off), got {lowres_guidance}")
     scheduler = fixed_shift_scheduler(pipe.scheduler, shift) if shift is not None else (
@@ -292,7 +298,8 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
                      proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
                      max_sequence_length: int | None = None, warmup: bool = False,
                      progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                     info: PipelineInfo | None = None, lowres_guidance: float = 0.0) -> list[Stage]:
+                     info: PipelineInfo | None = None, lowres_guidance: float = 0.0,
+                     tiling_latents: int = VAE_TILING_LATENTS) -> list[Stage]:
     """The paper's high-resolution recipe: a base image at ``base_size`` (HEIGHT, WIDTH), then
     one :func:`upscale` stage per entry of ``sizes`` (e.g. ``[(2048, 2048), (4096, 4096)]``,
     any aspect ratios). ``clear``: the CLEAR to put on the pipeline before the upscaling
@@ -302,10 +309,11 @@ def generate_highres(pipe, prompt: str, sizes, base_size: tuple[int, int] = (102
     (:func:`clear.inference.plan_generation`). ``warmup``: untimed 1-step calls before each
     timed one. ``info``: the pipeline's :func:`clear.inference.describe_pipeline`, when the
     caller has it. ``lowres_guidance``: I-Max's projected flow in every upscaling stage (see
-    :func:`upscale`; 0: off). Returns the stages, base first."""
+    :func:`upscale`; 0: off). ``tiling`` / ``tiling_latents``: VAE tiling of the upscaling stages (see
+    :func:`upscale`). Returns the stages, base first."""
     plan = plan_generation(info or pipe, base_size, sizes, clear, base_model, strength, steps, upscale_steps,
                            guidance, ntk_factor, proportional, shift, tiling, max_sequence_length, max_pixels,
-                           lowres_guidance)
+                           lowres_guidance, tiling_latents=tiling_latents)
     return run_plan(pipe, prompt, plan, seed, warmup, base_image, progress)
 
 
@@ -322,6 +330,8 @@ def run_plan(pipe, prompt: str, plan: Plan, seed: int = 0, warmup: bool = False,
         plan.clear.apply(pipe, family=info.family.name)
         return replace(info, clear=plan.clear)
 
+    if plan.base_model == "original" or base_image is not None:  # CLEAR loads after the base image: check it now
+        check_weights_fit(pipe, plan.clear)
     stages = []
     with tqdm(total=len(plan.sizes) + 1, desc="high-res stages", disable=not (progress and plan.sizes)) as bar:
         if base_image is None:
@@ -341,7 +351,8 @@ def run_plan(pipe, prompt: str, plan: Plan, seed: int = 0, warmup: bool = False,
             res = run_upscale(pipe, info, image, prompt, h, w, steps=plan.upscale_steps, guidance=plan.guidance,
                               max_sequence_length=plan.max_sequence_length, strength=plan.strength,
                               ntk_factor=plan.ntk_factor, proportional=plan.proportional, shift=plan.shift,
-                              tiling=plan.tiling, seed=seed, warmup=warmup, lowres_guidance=plan.lowres_guidance)
+                              tiling=plan.tiling, seed=seed, warmup=warmup, lowres_guidance=plan.lowres_guidance,
+                              tiling_latents=plan.tiling_latents)
             stages.append(Stage("upscale", h, w, res, source=image))
             image = res.image
             bar.update()

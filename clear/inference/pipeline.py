@@ -15,6 +15,7 @@ plan a generation (every setting checked once, before anything runs) and generat
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -25,8 +26,8 @@ import torch
 from ..apply import apply_clear, remove_clear
 from ..families import ModelFamily, ModelSpec, family_of, get_family
 from ..geometry import Window
-from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH
-from ..weights import load_clear_weights
+from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SHIFT, DEFAULT_STRENGTH, VAE_TILING_LATENTS
+from ..weights import check_clear_weights, load_clear_weights
 from .. import parallel
 from ..devices import resolve_device, resolve_dtype
 from .checks import (check_checkpoint, check_sampling, check_size, check_upscaling, pipeline_family, resolve_ntk_factor,
@@ -90,7 +91,7 @@ class PipelineInfo:
                  max_sequence_length: int | None) -> tuple[int, float, int]:
         """The given steps, guidance and text length, the model's defaults where ``None``."""
         return (self.steps if steps is None else steps, self.guidance if guidance is None else guidance,
-                max_sequence_length or self.max_sequence_length)
+                self.max_sequence_length if max_sequence_length is None else max_sequence_length)
 
     def check_size(self, height: int, width: int, down_factor: int | None = None,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
@@ -201,6 +202,22 @@ def apply_to_pipeline(pipe, radius: float | None, down_factor: int = 1, checkpoi
     return cores[0]
 
 
+def check_weights_fit(pipe, spec: ClearSpec | None) -> None:
+    """Check ``spec``'s checkpoint against ``pipe``'s transformer from the file's header (keys, shapes,
+    variant; nothing read or loaded), CLEAR put on and taken off again: for runs that generate with the
+    original model before the checkpoint loads (``--compare``, an original base image), so that a file of
+    another model fails before anything is generated. Nothing to do without a checkpoint, or when the
+    transformer already has CLEAR."""
+    transformer = pipe.transformer
+    if spec is None or spec.checkpoint is None or getattr(transformer, "clear_state", None) is not None:
+        return
+    apply_clear(transformer, spec.radius, spec.down_factor, backend=spec.backend)
+    try:
+        check_clear_weights(transformer, spec.checkpoint, strict_radius=spec.strict_radius)
+    finally:
+        remove_clear(transformer)
+
+
 def remove_from_pipeline(pipe) -> None:
     """Undo :func:`apply_to_pipeline`'s processors (loaded weights stay)."""
     for m in clear_models(pipe):
@@ -233,8 +250,9 @@ class Plan:
     ntk_factor: float | None  # None: no NTK-scaled RoPE (SD3, or no upscaling stage)
     proportional: bool | str
     shift: float | None  # None: the scheduler's own
-    tiling: bool | None  # None: VAE tiling above VAE_TILING_PIXELS
+    tiling: bool | None  # None: VAE tiling from tiling_latents latent cells (clear.inference.wants_vae_tiling)
     lowres_guidance: float = 0.0  # I-Max's projected flow in each upscaling stage (0: off)
+    tiling_latents: int = VAE_TILING_LATENTS  # tiling=None: VAE tiling from this many latent cells
 
     def with_clear(self, clear: ClearSpec | None) -> Plan:
         """This plan with ``clear`` instead of its own: ``None`` (the original model of a pipeline
@@ -249,12 +267,23 @@ class Plan:
         return replace(self, clear=clear)
 
 
+def wants_vae_tiling(pipe, height: int, width: int, tiling: bool | None = None,
+                     tiling_latents: int = VAE_TILING_LATENTS) -> bool:
+    """Whether an image of ``height x width`` pixels is decoded (and encoded) with VAE tiling: ``tiling`` when
+    given, else whether its latents (``height / f x width / f``, ``f`` = ``pipe.vae_scale_factor``) have at
+    least ``tiling_latents`` cells (:data:`clear.defaults.VAE_TILING_LATENTS` by default)."""
+    if tiling is not None:
+        return bool(tiling)
+    f = pipe.vae_scale_factor
+    return (height // f) * (width // f) >= tiling_latents
+
+
 def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: ClearSpec | None = None,
                     base_model: str = "original", strength: float = DEFAULT_STRENGTH, steps: int | None = None,
                     upscale_steps: int | None = None, guidance: float | None = None, ntk_factor: float | None = None,
                     proportional: bool | str = True, shift: float | None = DEFAULT_SHIFT, tiling: bool | None = None,
                     max_sequence_length: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                    lowres_guidance: float = 0.0) -> Plan:
+                    lowres_guidance: float = 0.0, tiling_latents: int = VAE_TILING_LATENTS) -> Plan:
     """Check and resolve a generation (see :func:`clear.inference.generate_highres` for the
     arguments) for a :class:`PipelineInfo`, a pipeline or a Hub id / local directory (its
     configs only): first what needs no model (steps, guidance), then the model
@@ -275,14 +304,21 @@ def plan_generation(model_or_pipe, base_size: tuple[int, int], sizes=(), clear: 
         info.family.check_img2img()
     if sizes or ntk_factor is not None:
         ntk_factor = resolve_ntk_factor(info.family, ntk_factor)
+    if shift is not None and not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift={shift:g}: the scheduler shift of the upscaling stages must be a finite number > 0 "
+                         f"(the release uses {DEFAULT_SHIFT:g}), or 'dynamic'")
+    info.family.check_text_length(max_sequence_length)
     steps, guidance, max_sequence_length = info.sampling(steps, guidance, max_sequence_length)
     upscale_steps = steps if upscale_steps is None else upscale_steps
     if sizes:
         check_sampling(upscale_steps=upscale_steps, strength=strength)
     if not lowres_guidance >= 0:
         raise ValueError(f"lowres_guidance must be >= 0 (0: off), got {lowres_guidance}")
+    if tiling_latents < 0:
+        raise ValueError(f"tiling_latents must be >= 0 (latent cells from which VAE tiling is on; 0: always), got "
+                         f"{tiling_latents}")
     return Plan(info, tuple(base_size), sizes, clear, base_model, steps, upscale_steps, guidance, max_sequence_length,
-                strength, ntk_factor, proportional, shift, tiling, float(lowres_guidance))
+                strength, ntk_factor, proportional, shift, tiling, float(lowres_guidance), int(tiling_latents))
 
 
 # ------------------------------------------------------------------------------------------
@@ -404,7 +440,8 @@ def generate_patch_parallel(pipe, prompt: str, plan: Plan, seed: int = 0, warmup
         info = replace(info, clear=plan.clear)
     parallel.parallelize(pipe.transformer, text_mode=text_mode)
     try:
-        call = dict(prompt=prompt, height=plan.base_size[0], width=plan.base_size[1], vae_tiling=plan.tiling,
+        call = dict(prompt=prompt, height=plan.base_size[0], width=plan.base_size[1],
+                    vae_tiling=wants_vae_tiling(pipe, *plan.base_size, plan.tiling, plan.tiling_latents),
                     guidance_scale=plan.guidance, max_sequence_length=plan.max_sequence_length, output_type="np")
         for n in ([1] if warmup else []) + [plan.steps]:
             start = time.perf_counter()

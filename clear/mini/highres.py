@@ -13,14 +13,14 @@ reduced run and overrides); scripts/mini.py is the command line. The distilled s
 
 Per stage and variant (``<out>/highres/``: ``report.md``, ``metrics.json``, ``grid_<size>.png``,
 ``speed.png``, the images under ``images/<variant>/<size>/``): PSNR, SSIM and MS-SSIM (5 scales: defined
-above 160 px a side) to the teacher's image at that stage, prompt following
-(:func:`clear.mini.scenes.score`), PSNR to the stage's input (the 64 px image resized: how much the
-cascade keeps), seconds per image and per transformer forward, the peak resident memory during the stage,
-and attention FLOPs per forward (:func:`clear.geometry.attention_flops`, every block). The speed sweep
-times one transformer forward per size for the teacher, for CLEAR (``backend``, ``auto`` by default:
-whatever the machine's fastest registered backend is) and for the teacher with its attention core removed
-(the floor attention cannot go below); at the cascade's sizes the times are the cascade's own forwards
-(median).
+above 160 px a side) to the teacher's image at that stage, kind accuracy, placement and background
+(:func:`clear.mini.scenes.score_parts`; the score's controls at 64 px and at the top size are in the
+report), PSNR to the stage's input (the 64 px image resized: how much the cascade keeps), seconds per
+image and per transformer forward, the peak resident memory during the stage, and attention FLOPs per
+forward (:func:`clear.geometry.attention_flops`, every block). The speed sweep times one transformer
+forward per size for the teacher, for CLEAR (``backend``, ``auto`` by default: whatever the machine's
+fastest registered backend is) and for the teacher with its attention core removed (the floor attention
+cannot go below); at the cascade's sizes the times are the cascade's own forwards (median).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clear.defaults import VAE_TILING_LATENTS
 from clear.files import write_text
 
 from . import scenes as S
@@ -47,6 +48,7 @@ from . import teacher as T
 logger = logging.getLogger("clear.mini.highres")
 
 BASE = T.SIZE  # the cascade starts from the teacher's image at its training size
+CONTROL_SCENES = 50  # held-out scenes the score's controls are measured on (at 64 px and the top size)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class HighresSettings:
     ntk_factor: float = 1.0  # NTK-scaled RoPE factor (1: the model's own RoPE)
     shift: float | None = 1.0  # a fixed scheduler shift (None: the scheduler's dynamic shift); 1: no shift
     lowres_guidance: float = 0.0  # I-Max's projected flow toward each stage's input (clear.inference.upscale)
+    vae_tiling_latents: int = VAE_TILING_LATENTS  # diffusers' VAE tiling from this many latent cells (0: always)
     radius: int = 4
     down_factor: int = 2
     backend: str = "auto"  # CLEAR's attention backend (clear.backends.choices())
@@ -114,6 +117,55 @@ def make_settings(*, quick: bool = False, model: str | None = None, out=HighresS
 # ------------------------------------------------------------------------------------------
 # Measuring: forwards, memory
 # ------------------------------------------------------------------------------------------
+
+PHASES = ("text", "denoise", "vae_encode", "vae_decode")  # the parts of one image's time (PhaseTimer)
+
+
+class PhaseTimer:
+    """Where a pipeline call's time goes: the text encoders (forward hooks on ``text_encoder``,
+    ``text_encoder_2``, ``text_encoder_3``, those the pipeline has), the VAE's ``encode`` and ``decode``
+    (wrapped on the VAE instance, which the img2img pipeline shares), and the rest (:meth:`take`: the call's
+    seconds less those; the transformer's forwards and the scheduler)."""
+
+    def __init__(self, pipe):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._handles, self._wrapped = [], []
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                start = {}
+                self._handles += [
+                    module.register_forward_pre_hook(lambda *_, t=start: t.update(t0=time.perf_counter())),
+                    module.register_forward_hook(lambda *_, t=start: self._add("text", t["t0"]))]
+        self.vae = pipe.vae
+        for phase, method in (("vae_encode", "encode"), ("vae_decode", "decode")):
+            setattr(self.vae, method, self._timed(getattr(self.vae, method), phase))
+            self._wrapped.append(method)
+
+    def _add(self, phase: str, t0: float) -> None:
+        self.seconds[phase] += time.perf_counter() - t0
+
+    def _timed(self, fn, phase: str):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(phase, t0)
+        return timed
+
+    def take(self, total: float) -> dict:
+        """``{phase: seconds}`` since the last take; ``denoise``: ``total`` (the call's seconds) less the others."""
+        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        out["denoise"] = total - sum(v for k, v in out.items() if k != "denoise")
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for method in self._wrapped:
+            delattr(self.vae, method)  # the instance attribute: the class's method again
+
 
 class ForwardTimer:
     """Wall time of every forward of ``module`` (hooks; :meth:`take` returns and clears them)."""
@@ -269,7 +321,8 @@ def student_weights(s: HighresSettings) -> dict:
 
 def cascade_settings(s: HighresSettings, stage: int) -> dict:
     return dict(strength=s.strength[stage], steps=s.upscale_steps[stage], ntk_factor=s.ntk_factor,
-                proportional=s.proportional, shift=s.shift, lowres_guidance=s.lowres_guidance)
+                proportional=s.proportional, shift=s.shift, lowres_guidance=s.lowres_guidance, tiling=None,
+                tiling_latents=s.vae_tiling_latents)
 
 
 def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Path, seeds: list[int],
@@ -283,7 +336,7 @@ def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Pat
 
     from .measure import _forward_inputs
 
-    timer = ForwardTimer(pipe.transformer)
+    timer, phases = ForwardTimer(pipe.transformer), PhaseTimer(pipe)
     images = {BASE: dict(bases)}
     stats = {}
     try:
@@ -291,23 +344,26 @@ def run_cascade(pipe, s: HighresSettings, scenes: list, bases: dict, folder: Pat
             with torch.no_grad():
                 pipe.transformer(**_forward_inputs(pipe.transformer, size, pixels_per_token, T.MAX_SEQUENCE_LENGTH))
             timer.take()
-            seconds, forwards = [], []
+            seconds, forwards, split = [], [], []
             images[size] = {}
             prev = s.sizes[i - 1] if i else BASE
             with peak_rss() as mem:
                 for j, sc in enumerate(tqdm(scenes, desc=f"{folder.name} {size}px", unit="img", disable=not progress)):
                     key = f"h{j:04d}"
                     res = inf.upscale(pipe, images[prev][key], S.caption(sc), size, size, seed=seeds[j],
-                                      tiling=False, max_sequence_length=T.MAX_SEQUENCE_LENGTH,
-                                      **cascade_settings(s, i))
+                                      max_sequence_length=T.MAX_SEQUENCE_LENGTH, **cascade_settings(s, i))
                     inf.save_png(res.image, folder / str(size) / f"{key}.png", res.settings)
                     images[size][key] = res.image
                     seconds.append(res.seconds)
                     forwards += timer.take()
+                    split.append(phases.take(res.seconds))
             stats[size] = {"seconds": float(np.mean(seconds)), "forward_seconds": float(np.median(forwards)),
-                           "forwards": len(forwards) / len(scenes), "peak_rss_mb": mem["peak"] / 2**20}
+                           "forwards": len(forwards) / len(scenes), "peak_rss_mb": mem["peak"] / 2**20,
+                           **{f"{p}_seconds": float(np.mean([t[p] for t in split])) for p in PHASES},
+                           "vae_tiling": bool(res.settings["vae_tiling"])}
     finally:
         timer.close()
+        phases.close()
     return {"stats": stats, "images": images}
 
 
@@ -348,19 +404,20 @@ def base_images(pipe, s: HighresSettings, scenes: list, seeds: list[int], folder
 
 
 def stage_metrics(s: HighresSettings, scenes: list, images: dict, teacher_images: dict) -> dict:
-    """Per size: prompt following, background, PSNR to the stage's input (the previous image resized) and,
-    against the teacher's image at that size, PSNR / SSIM / MS-SSIM."""
+    """Per size: the score of the scenes (:func:`clear.mini.scenes.score_images`: kind accuracy and placement
+    pooled over the named shapes, background), PSNR to the stage's input (the previous image resized) and,
+    against the teacher's image at that size, PSNR / SSIM / MS-SSIM (means over the images)."""
     from PIL import Image
 
     out = {}
     sizes = [BASE, *s.sizes]
     for i, size in enumerate(sizes):
         rows = []
-        for j, sc in enumerate(scenes):
-            key = f"h{j:04d}"
+        keys = [f"h{j:04d}" for j in range(len(scenes))]
+        scored = S.score_images([images[size][key] for key in keys], scenes)
+        for j, key in enumerate(keys):
             im = images[size][key]
-            parts = S.score_parts(im, sc)
-            row = {"prompt_following": parts["shapes"], "background": parts["background"]}
+            row = {}
             if i:
                 src = images[sizes[i - 1]][key].convert("RGB").resize((size, size), Image.LANCZOS)
                 row["psnr_to_input"] = pair_metrics(im, src)["psnr"]
@@ -370,7 +427,8 @@ def stage_metrics(s: HighresSettings, scenes: list, images: dict, teacher_images
                 row.update(pair_metrics(im, teacher_images[size][key]))
             rows.append(row)
         out[size] = {k: _mean([r.get(k) for r in rows]) for k in rows[0]}
-        out[size]["per_image_prompt_following"] = [r["prompt_following"] for r in rows]
+        out[size].update({k: scored[k] for k in ("kind_accuracy", "placement", "background")})
+        out[size]["per_image_kind_accuracy"] = [p["kind_accuracy"] for p in scored["per_image"]]
     return out
 
 
@@ -423,9 +481,12 @@ def run(s: HighresSettings, command: str = "") -> dict:
             m[size]["attention_gflops"] = attention_gflops(cfg, size, pixels_per_token, T.MAX_SEQUENCE_LENGTH,
                                                            v.radius, v.down_factor if v.radius else 1)
         tables[v.key] = {"label": v.label, "stages": {str(k): val for k, val in m.items()}}
+    t0 = time.perf_counter()
+    controls = {str(size): S.controls(n=CONTROL_SCENES, seed=s.seed + 1, size=size) for size in (BASE, s.sizes[-1])}
+    step_seconds["score controls"] = time.perf_counter() - t0
     from . import highres_report
 
-    metrics = highres_report.collect(s, vs, tables, speed, step_seconds, command=command,
+    metrics = highres_report.collect(s, vs, tables, speed, step_seconds, controls=controls, command=command,
                                      machine=recipe.machine(), wall_seconds=time.perf_counter() - t_start,
                                      pixels_per_token=pixels_per_token, scenes=scenes)
     highres_report.write_all(s, metrics, vs, results, scenes)
@@ -448,9 +509,9 @@ TUNE_GRID = (  # one setting changed at a time from the settings given (the defa
 
 def tune(s: HighresSettings, grid=TUNE_GRID, command: str = "") -> dict:
     """The teacher's cascade under each setting of ``grid`` (one change at a time from ``s``'s, the same
-    strength at every stage): prompt following per stage and MS-SSIM of the top stage to the resized 64 px
-    image; written to ``<out>/highres/tune.json``. The best keeps the most prompt following at the top
-    stage (ties: the most MS-SSIM to the base image)."""
+    strength at every stage): kind accuracy and placement per stage and MS-SSIM of the top stage to the
+    resized 64 px image; written to ``<out>/highres/tune.json``. The best keeps the most kind accuracy at
+    the top stage (ties: the most placement, then the most MS-SSIM to the base image)."""
     import clear.inference as inf
 
     from . import recipe
@@ -477,11 +538,13 @@ def tune(s: HighresSettings, grid=TUNE_GRID, command: str = "") -> dict:
         m = stage_metrics(ts, scenes, res["images"], res["images"])
         top = m[s.sizes[-1]]
         rows.append({"setting": name, "change": change, "seconds": time.perf_counter() - t0,
-                     "prompt_following": {str(k): v["prompt_following"] for k, v in m.items()},
+                     "kind_accuracy": {str(k): v["kind_accuracy"] for k, v in m.items()},
+                     "placement": {str(k): v["placement"] for k, v in m.items()},
                      "top_ms_ssim_to_base": top.get("ms_ssim_to_base"), "top_psnr_to_input": top.get("psnr_to_input")})
-        logger.info("tune %s: %s", name, rows[-1]["prompt_following"])
+        logger.info("tune %s: kind accuracy %s", name, rows[-1]["kind_accuracy"])
     top = str(s.sizes[-1])
-    best = max(rows, key=lambda r: (round(r["prompt_following"][top], 3), r["top_ms_ssim_to_base"] or 0))
+    best = max(rows, key=lambda r: (round(r["kind_accuracy"][top], 3), round(r["placement"][top], 3),
+                                    r["top_ms_ssim_to_base"] or 0))
     out = {"command": command, "settings": s.as_dict(), "rows": rows, "best": best["setting"],
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text(s.dir / "tune.json", json.dumps(out, indent=1, default=str))

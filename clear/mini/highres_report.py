@@ -13,32 +13,52 @@ from pathlib import Path
 from clear.files import atomic_path, save_image, write_text
 
 from .report import _fmt, _shown_path, grid_image
+from .scenes import controls_text
 
 
-def collect(s, variants, tables: dict, speed: dict, step_seconds: dict, *, command: str, machine: dict,
-            wall_seconds: float, pixels_per_token: int, scenes: list) -> dict:
-    from .scenes import caption
+SPEED_BAR = 8.0  # the teacher's seconds per image at the top size / the distilled student's
+MS_SSIM_BAR = 0.90  # MS-SSIM of the distilled student's top-size image to the teacher's
+KIND_GAP_BAR = 0.05  # the distilled student's kind accuracy at most this far below the teacher's, at the top size
+KEEPS_SHAPES_BAR = 0.8  # the teacher's kind accuracy at the top size / at the base size
 
-    top = str(s.sizes[-1])
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def bars(tables: dict, top: str) -> dict:
+    """The issue's bars on the cascade, each ``{"value", "bar", "above", "text", "pass"}`` (``above``: the value
+    must be at least the bar; else at most)."""
     t = tables["teacher"]["stages"]
     d = tables["distilled"]["stages"][top]
     z = tables["zero_shot"]["stages"][top]
     base = str(min(int(k) for k in t))
-    bars = {
-        "speed": {"value": t[top]["seconds"] / d["seconds"], "bar": 10.0,
+    out = {
+        "speed": {"value": _ratio(t[top]["seconds"], d["seconds"]), "bar": SPEED_BAR, "above": True,
                   "text": f"{top} px: distilled CLEAR faster per image than the teacher (x)"},
-        "ms_ssim": {"value": d["ms_ssim"], "zero_shot": z["ms_ssim"], "bar": 0.85,
+        "ms_ssim": {"value": d["ms_ssim"], "zero_shot": z["ms_ssim"], "bar": MS_SSIM_BAR, "above": True,
                     "text": f"{top} px: MS-SSIM of distilled to the teacher's image, and above zero-shot's"},
-        "prompt_following": {"value": d["prompt_following"] / t[top]["prompt_following"]
-                             if t[top]["prompt_following"] else None, "bar": 0.9,
-                             "text": f"{top} px: prompt following of distilled / the teacher's"},
-        "teacher_keeps_shapes": {"value": t[top]["prompt_following"] / t[base]["prompt_following"]
-                                 if t[base]["prompt_following"] else None, "bar": 0.9,
-                                 "text": f"the teacher's prompt following at {top} px / at {base} px"},
+        "kind_accuracy": {"value": t[top]["kind_accuracy"] - d["kind_accuracy"]
+                          if None not in (t[top]["kind_accuracy"], d["kind_accuracy"]) else None,
+                          "bar": KIND_GAP_BAR, "above": False,
+                          "text": f"{top} px: kind accuracy of distilled below the teacher's by"},
+        "teacher_keeps_shapes": {"value": _ratio(t[top]["kind_accuracy"], t[base]["kind_accuracy"]),
+                                 "bar": KEEPS_SHAPES_BAR, "above": True,
+                                 "text": f"the teacher's kind accuracy at {top} px / at {base} px"},
     }
-    for key, b in bars.items():
+    for key, b in out.items():
         v = b["value"]
-        b["pass"] = v is not None and v >= b["bar"] and (key != "ms_ssim" or (z["ms_ssim"] or 0) < v)
+        b["pass"] = v is not None and (v >= b["bar"] if b["above"] else v <= b["bar"]) and (
+            key != "ms_ssim" or (z["ms_ssim"] or 0) < v)
+    return out
+
+
+def collect(s, variants, tables: dict, speed: dict, step_seconds: dict, *, controls: dict, command: str,
+            machine: dict, wall_seconds: float, pixels_per_token: int, scenes: list) -> dict:
+    """metrics.json's dict. ``controls``: :func:`clear.mini.scenes.controls` by size (str)."""
+    from .scenes import caption
+
+    top = str(s.sizes[-1])
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command or ("python scripts/mini.py highres" + (" --quick" if s.quick else "")),
@@ -50,25 +70,26 @@ def collect(s, variants, tables: dict, speed: dict, step_seconds: dict, *, comma
         "captions": [caption(sc) for sc in scenes],
         "variants": tables,
         "speed": {name: {str(k): v for k, v in row.items()} for name, row in speed.items()},
-        "bars": bars,
+        "bars": bars(tables, top),
+        "score_controls": controls,
     }
 
 
 def table3(metrics: dict) -> list[str]:
-    """Per stage: MS-SSIM / PSNR / SSIM to the teacher's image at that stage, prompt following."""
+    """Per stage: MS-SSIM / PSNR / SSIM to the teacher's image at that stage, kind accuracy, placement."""
     s = metrics["settings"]
     sizes = [str(x) for x in s["sizes"]]
     base = str(min(int(k) for k in metrics["variants"]["teacher"]["stages"]))
-    head = (f"| variant | {base} px prompt ↑ | " + " | ".join(f"{x} px MS-SSIM ↑ | PSNR ↑ | SSIM ↑ | prompt ↑"
-                                                              for x in sizes) + " |")
-    lines = [head, "|---|" + "---:|" * (1 + 4 * len(sizes))]
+    head = (f"| variant | {base} px kind ↑ | place ↑ | " + " | ".join(
+        f"{x} px MS-SSIM ↑ | PSNR ↑ | SSIM ↑ | kind ↑ | place ↑" for x in sizes) + " |")
+    lines = [head, "|---|" + "---:|" * (2 + 5 * len(sizes))]
     for v in metrics["variants"].values():
-        cells = [_fmt(v["stages"][base]["prompt_following"], 3)]
+        cells = [_fmt(v["stages"][base]["kind_accuracy"], 3), _fmt(v["stages"][base]["placement"], 3)]
         for x in sizes:
             st = v["stages"][x]
             ms = _fmt(st.get("ms_ssim"), 3) if st.get("psnr") is None or st.get("ms_ssim") is not None else "n/a"
-            cells += [ms, _fmt(st.get("psnr"), 2),
-                      _fmt(st.get("ssim"), 3), _fmt(st["prompt_following"], 3)]
+            cells += [ms, _fmt(st.get("psnr"), 2), _fmt(st.get("ssim"), 3), _fmt(st["kind_accuracy"], 3),
+                      _fmt(st["placement"], 3)]
         lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -88,6 +109,24 @@ def table7(metrics: dict) -> list[str]:
             st = v["stages"][x]
             cells += [f"{_fmt(st['seconds'], 2)} ({t[x]['seconds'] / st['seconds']:.1f}×)",
                       _fmt(st["forward_seconds"], 3), _fmt(st["attention_gflops"], 2), f"{st['peak_rss_mb']:.0f}"]
+        lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def time_split_table(metrics: dict) -> list[str]:
+    """Per stage: one image's seconds in the text encoders, in denoising (the transformer's forwards and the
+    scheduler: the rest of the call), in the VAE's encode and decode, and whether the VAE was tiled."""
+    sizes = [str(x) for x in metrics["settings"]["sizes"]]
+    lines = ["| variant | " + " | ".join(f"{x} px text s | denoise s | VAE encode s | VAE decode s (tiled)"
+                                         for x in sizes) + " |",
+             "|---|" + "---:|" * (4 * len(sizes))]
+    for v in metrics["variants"].values():
+        cells = []
+        for x in sizes:
+            st = v["stages"][x]
+            tiled = {True: " (tiled)", False: ""}.get(st.get("vae_tiling"), "")
+            cells += [_fmt(st.get("text_seconds"), 3), _fmt(st.get("denoise_seconds"), 2),
+                      _fmt(st.get("vae_encode_seconds"), 3), _fmt(st.get("vae_decode_seconds"), 3) + tiled]
         lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -127,14 +166,20 @@ def markdown(metrics: dict) -> str:
     for b in metrics["bars"].values():
         extra = f" (zero-shot {_fmt(b['zero_shot'], 3)})" if "zero_shot" in b else ""
         lines.append(f"- {'PASS' if b['pass'] else 'FAIL'}: {b['text']}: {_fmt(b['value'], 3)}{extra} "
-                     f"(bar ≥ {b['bar']:g})")
+                     f"(bar {'≥' if b['above'] else '≤'} {b['bar']:g})")
     lines += ["", "## SDEdit upscaling, similarity to the teacher's image at each stage (as the paper's Table 3)", "",
               *table3(metrics), "",
-              "MS-SSIM: 5 scales with an 11-pixel window, defined above 160 px a side (n/a below). Prompt "
-              "following: `clear.mini.scenes.score`.", "",
+              "MS-SSIM: 5 scales with an 11-pixel window, defined above 160 px a side (n/a below). Kind "
+              "accuracy (kind) and placement (place): `clear.mini.scenes.score_parts`, pooled over the named "
+              "shapes (images above 64 px are box-downsampled to 64 px to be scored).", "",
+              *[line for c in metrics.get("score_controls", {}).values() for line in (controls_text(c), "")],
               "## Time per image and per forward (as the paper's Table 7)", "", *table7(metrics), "",
               "(×): the teacher's seconds per image / this variant's. Peak RSS: the process's resident memory "
               "during the stage.", "",
+              "## Where one image's time goes", "", *time_split_table(metrics), "",
+              "Text: the text encoders; VAE: diffusers' `AutoencoderKL.encode` (the stage's input) and `decode`, "
+              f"tiled (`vae.enable_tiling()`) from {s.get('vae_tiling_latents', '?')} latent cells; denoise: the "
+              "rest of the pipeline call (the transformer's forwards, the scheduler).", "",
               "## Seconds per transformer forward (batch 1)", "", *speed_table(metrics), "",
               f"![speed](speed.png)  ![grid](grid_{top}.png)", "",
               "## Step times (seconds)", "", "```", json.dumps(metrics["step_seconds"], indent=1), "```", ""]

@@ -1,5 +1,6 @@
 """What the mini recipe measures that the project's scripts do not: the function-level distillation
-error, image MSE, prompt following, and which attention backend is fastest on this machine.
+error, image MSE, the score of the scenes (kind accuracy, placement, background), and which attention
+backend is fastest on this machine.
 
 * :func:`velocity_errors`: on held-out prompts, the teacher's own images (VAE-encoded, as training
   encodes its data), fresh noise and timesteps spread evenly over ``(0, 1)``, the MSE of each
@@ -7,7 +8,8 @@ error, image MSE, prompt following, and which attention backend is fastest on th
   data never trained on. Every model sees the same noisy inputs.
 * :func:`image_mse`: mean per-image MSE (pixels in ``[0, 1]``) against a reference folder, paired by
   file stem (:func:`clear.evaluation.list_images`).
-* :func:`prompt_following`: :func:`clear.mini.scenes.score` of every image against its scene.
+* :func:`scene_scores`: :func:`clear.mini.scenes.score_images` of every image against its scene: kind
+  accuracy, placement, background.
 * :func:`pick_backend`: times one transformer forward per CLEAR backend (``clear.backends.names()``)
   at one size and returns the fastest, so that every later call uses it.
 """
@@ -103,21 +105,26 @@ def image_mse(reference: str | Path, folder: str | Path) -> dict:
     return {"mse": float(np.mean(errors)), "images": len(stems)}
 
 
-def prompt_following(folder: str | Path, scenes: dict) -> dict:
-    """:func:`clear.mini.scenes.score` of each image in ``folder`` against ``scenes[stem]``: ``{"mean", "per_image"}``."""
+def scene_scores(folder: str | Path, scenes: dict) -> dict:
+    """:func:`clear.mini.scenes.score_images` of the images in ``folder`` against ``scenes[stem]``: ``{"kind_accuracy",
+    "placement", "background", "shapes", "images", "per_image": {stem: {"kind_accuracy", "placement",
+    "background"}}}`` (kind accuracy and placement pooled over the named shapes)."""
     from PIL import Image
 
-    from .scenes import score
+    from .scenes import score_images
 
     found = list_images(folder)
     missing = sorted(set(scenes) - set(found))
     if missing:
         raise ValueError(f"{folder} lacks the images {missing[:5]}: run the recipe again to make them")
-    per = {}
-    for stem, scene in scenes.items():
+    stems = list(scenes)
+    images = []
+    for stem in stems:
         with Image.open(found[stem]) as im:
-            per[stem] = score(im.convert("RGB"), scene)
-    return {"mean": float(np.mean(list(per.values()))), "per_image": per}
+            images.append(im.convert("RGB"))
+    out = score_images(images, [scenes[k] for k in stems])
+    out["per_image"] = dict(zip(stems, out["per_image"]))
+    return out
 
 
 def _forward_inputs(transformer, size: int, pixels_per_token: int, text_len: int) -> dict:

@@ -20,7 +20,8 @@ Steps, in order (every one resumable: re-run the same command after an interrupt
 7. 2x by SDEdit (``clear.inference.upscale``) from the teacher's training-size image;
 8. seconds per image of every variant;
 9. held-out velocity error to the teacher (:func:`clear.mini.measure.velocity_errors`);
-10. ``scripts/evaluate.py`` (PSNR, SSIM, MS-SSIM, attention GFLOPs), image MSE and prompt following;
+10. ``scripts/evaluate.py`` (PSNR, SSIM, MS-SSIM, attention GFLOPs), image MSE and the score of the scenes
+    (kind accuracy, placement, background: :func:`clear.mini.scenes.score_parts`) with its controls;
 11. ``report.md``, ``metrics.json``, ``grid_<size>.png`` and ``loss.png`` (:mod:`clear.mini.report`).
 
 Work files (data, caches, distillation runs, image folders) go under ``<out>/work``. What the
@@ -57,6 +58,7 @@ from . import teacher as T
 logger = logging.getLogger("clear.mini")
 
 REPO = Path(__file__).resolve().parents[2]
+CONTROL_SCENES = 200  # held-out scenes the score's controls are measured on, at each size
 
 
 @dataclass(frozen=True)
@@ -248,9 +250,15 @@ def eval_seed(s: Settings) -> int:
     return HELD_OUT_SEED0 + s.seed
 
 
+def weights_path(s: Settings, variant: Variant) -> Path:
+    """Where the run ``s`` writes the distilled CLEAR weights of ``variant``
+    (``<out>/work/distill/<key>/clear_local_<r>[_down_<df>].safetensors``)."""
+    return s.work / "distill" / variant.key / f"{variant.weights_name()}.safetensors"
+
+
 def distill(s: Settings, log: Log, variant: Variant, steps: int) -> Path:
-    out = s.work / "distill" / variant.key
-    weights = out / f"{variant.weights_name()}.safetensors"
+    weights = weights_path(s, variant)
+    out = weights.parent
     if weights.is_file() and (out / f"checkpoint-{steps}").is_dir():
         logger.info("%s: already trained (%s)", variant.label, weights)
         return weights
@@ -411,10 +419,11 @@ def run(s: Settings) -> dict:
                 clear=[str(folders[(size_key, v.key)]) for v in variants[1:]])
             scenes = {r["key"]: r["scene"] for r in rows}
             for v in variants:
-                following[(size_key, v.key)] = measure.prompt_following(folders[(size_key, v.key)], scenes)
+                following[(size_key, v.key)] = measure.scene_scores(folders[(size_key, v.key)], scenes)
                 if v is not teacher_v:
                     mse[(size_key, v.key)] = measure.image_mse(ref, folders[(size_key, v.key)])
-        controls = {str(size): score_controls(n=64, seed=s.seed + 1, size=size) for size in (s.size, s.large)}
+        controls = {str(size): score_controls(n=CONTROL_SCENES, seed=s.seed + 1, size=size)
+                    for size in (s.size, s.large)}
 
     metrics = report.collect(s, variants, counts=counts, velocity=velocity, evaluations=evaluations,
                              following=following, mse=mse, seconds=seconds, controls=controls, backend_times=backend_times,

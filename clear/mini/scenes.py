@@ -1,6 +1,8 @@
 """Procedural scenes for the mini teacher: a background colour and one to three large shapes whose
 colours, kinds, count and places a caption states. Everything is a function of the scene's parameters:
-its caption, its image at any size, and a prompt-following score of any image against it.
+its caption, its image at any size and in any of :data:`STYLES` (the teacher's filled shapes, or outlines
+only: the new style a LoRA of the teacher learns, :mod:`clear.mini.lora`), and a score of any image against
+it (kind accuracy, placement, background) with the controls that show what the score measures.
 
 Layout is set by the caption (a named place or relation puts each shape in a fixed slot) with a small
 per-scene jitter of position and size; shapes are 18-29 px across at 64 px, wider than the r = 4 token
@@ -9,6 +11,7 @@ per-scene jitter of position and size; shapes are 18-29 px across at 64 px, wide
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -30,6 +33,11 @@ SIZE_ONE, SIZE_TWO, SIZE_THREE = 0.45, 0.38, 0.28
 ROW_OF_THREE = ((0.2, 0.5), (0.5, 0.5), (0.8, 0.5))
 JITTER = 0.02  # centre jitter, fraction of the side
 SIZE_JITTER = 0.06  # relative size jitter
+
+# Rendering styles: "flat" (filled shapes: the teacher's training data) and "outline" (each shape drawn as
+# its outline only, OUTLINE_WIDTH wide, the background inside: the style of clear.mini.lora's LoRA)
+STYLES = ("flat", "outline")
+OUTLINE_WIDTH = 1 / 16  # stroke width of the "outline" style, fraction of the side (4 px = one token at 64 px)
 
 # Seeds: training scenes come from seeds [0, HELD_OUT_SEED0); held-out scenes from [HELD_OUT_SEED0, ...).
 HELD_OUT_SEED0 = 1_000_000_000
@@ -129,8 +137,36 @@ def _polygon(kind: str, x: float, y: float, size: float):
     raise ValueError(kind)
 
 
-def render(scene: Scene, size: int = 64) -> Image.Image:
-    """The scene as an RGB ``size`` x ``size`` image (drawn at 4x and downsampled: anti-aliased edges)."""
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}")
+
+
+def _inset(kind: str, x: float, y: float, size: float, width: float):
+    """The ``kind`` outline (centre ``x``, ``y``, side ``size``) with every edge moved ``width`` inwards: a
+    circle of radius ``size / 2 - width``, or the polygon scaled about its incentre (``None`` when nothing is
+    left inside)."""
+    if kind == "circle":
+        r = size / 2 - width
+        return [x - r, y - r, x + r, y + r] if r > 0 else None
+    pts = np.array(_polygon(kind, x, y, size))
+    edges = np.linalg.norm(np.roll(pts, -1, axis=0) - np.roll(pts, 1, axis=0), axis=1)  # side opposite each vertex
+    if kind == "square":
+        centre, inradius = np.array([x, y]), size / 2
+    else:  # triangle: incentre = side-weighted mean of the vertices, inradius = area / semi-perimeter
+        centre = (edges[:, None] * pts).sum(0) / edges.sum()
+        area = 0.5 * abs(np.cross(pts[1] - pts[0], pts[2] - pts[0]))
+        inradius = area / (edges.sum() / 2)
+    if inradius <= width:
+        return None
+    return [tuple(p) for p in centre + (pts - centre) * (inradius - width) / inradius]
+
+
+def render(scene: Scene, size: int = 64, style: str = "flat") -> Image.Image:
+    """The scene as an RGB ``size`` x ``size`` image (drawn at 4x and downsampled: anti-aliased edges).
+    ``style`` (:data:`STYLES`): ``"flat"`` fills each shape with its colour; ``"outline"`` draws its outline
+    only, ``OUTLINE_WIDTH`` of the side wide, with the background colour inside."""
+    _check_style(style)
     ss = 4
     big = size * ss
     img = Image.new("RGB", (big, big), COLORS[scene.background])
@@ -141,19 +177,29 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
             draw.ellipse([x - s / 2, y - s / 2, x + s / 2, y + s / 2], fill=COLORS[sh.color])
         else:
             draw.polygon(_polygon(sh.kind, x, y, s), fill=COLORS[sh.color])
+        if style == "outline":
+            inner = _inset(sh.kind, x, y, s, OUTLINE_WIDTH * big)
+            if inner is not None:
+                (draw.ellipse if sh.kind == "circle" else draw.polygon)(inner, fill=COLORS[scene.background])
     return img.resize((size, size), Image.BOX)
 
 
 # ------------------------------------------------------------------------------------------
-# Prompt-following score
+# The score: kind accuracy, placement, background
 # ------------------------------------------------------------------------------------------
 
 _PALETTE_NAMES = sorted(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
 
+SCORE_MAX_SIZE = 64  # images are scored at most this many pixels wide (box-downsampled): the same test at any size
+REGION = 2.0  # a shape's region: its slot's box scaled by this (split between slots by nearest centre)
+KIND_IOU = 0.5  # the named kind's outline must fit at least this well (IoU) to count as drawn
+FIT_SHIFTS = np.linspace(-0.04, 0.04, 5)  # outline fits: centre offsets from the slot (fraction of the side) ...
+FIT_SCALES = np.linspace(0.85, 1.15, 7)  # ... and sizes relative to the slot's (twice a scene's own jitter)
+
 
 def _labels(image: Image.Image) -> np.ndarray:
-    """Nearest palette colour index of every pixel."""
+    """``[n, n]``: the nearest palette colour index of every pixel."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
     d = ((a[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)
     return d.argmin(-1)
@@ -170,15 +216,9 @@ def _slot(scene: Scene, i: int) -> tuple[float, float, float]:
     return (*ROW_OF_THREE[i], SIZE_THREE)
 
 
-SCORE_MAX_SIZE = 128  # images are scored at most this many pixels wide (box-downsampled): the same test at any size
-REGION = 1.5  # a shape's region: its slot's box scaled by this (split between slots by nearest centre)
-_FIT_SHIFTS = np.linspace(-JITTER, JITTER, 5)  # outline fits over the jitter a scene may have
-_FIT_SCALES = 1 + np.linspace(-SIZE_JITTER, SIZE_JITTER, 5)
-
-
-def _inside(kind: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarray:
-    """Whether points at offset (dx, dy) from a shape's centre lie within its outline (fractions of the side)."""
-    h = size / 2
+def _inside(kind: str, dx: np.ndarray, dy: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Whether points at offset (``dx``, ``dy``) from a shape's centre lie within its outline of half-size
+    ``h`` (fractions of the side; broadcast together)."""
     if kind == "circle":
         return dx * dx + dy * dy <= h * h
     if kind == "square":
@@ -188,35 +228,52 @@ def _inside(kind: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarra
     raise ValueError(kind)
 
 
-def _best_iou(mask: np.ndarray, region: np.ndarray, xx: np.ndarray, yy: np.ndarray, kind: str,
-              cx: float, cy: float, size: float) -> float:
-    """The largest IoU, within ``region``, of ``mask`` and the ``kind`` outline at the slot, over the slot's
-    jitter (centre +-JITTER, size +-SIZE_JITTER)."""
-    m = mask[region]
-    x, y = xx[region], yy[region]
-    best = 0.0
-    for sx in _FIT_SHIFTS:
-        for sy in _FIT_SHIFTS:
-            for k in _FIT_SCALES:
-                t = _inside(kind, x - (cx + sx), y - (cy + sy), size * k)
-                union = np.count_nonzero(m | t)
-                if union:
-                    best = max(best, np.count_nonzero(m & t) / union)
-    return best
+def outline_fits(mask: np.ndarray, x: np.ndarray, y: np.ndarray, cx: float, cy: float, size: float) -> dict:
+    """``{kind: IoU}``: for each kind, the largest IoU of the pixels ``mask`` (``[N]`` bool, at points ``x``,
+    ``y``: ``[N]``, fractions of the side) with that kind's outline, over centres ``(cx, cy) + FIT_SHIFTS``
+    and sizes ``size * FIT_SCALES``. Vectorised: ``[shifts, shifts, scales, N]`` tests per kind."""
+    count = int(mask.sum())
+    dx = (x[None, :] - cx - FIT_SHIFTS[:, None])[:, None, None, :]  # [A, 1, 1, N]
+    dy = (y[None, :] - cy - FIT_SHIFTS[:, None])[None, :, None, :]  # [1, A, 1, N]
+    h = (size * FIT_SCALES / 2)[None, None, :, None]  # [1, 1, C, 1]
+    out = {}
+    for kind in KINDS:
+        t = _inside(kind, dx, dy, h)
+        inter = (t & mask).sum(-1)
+        union = t.sum(-1) + count - inter
+        out[kind] = float((inter / np.maximum(union, 1)).max())
+    return out
 
 
-def score_parts(image: Image.Image, scene: Scene) -> dict:
-    """The parts of :func:`score`, each in [0, 1], from what the caption states (each shape's slot, kind and
-    colour; not the scene's jittered positions), every pixel read as its nearest palette colour:
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (``[n, n]`` bool) with every region it encloses (not connected to the border through
+    unmasked pixels, 4-neighbours) filled in."""
+    padded = Image.fromarray(np.pad(mask, 1).astype(np.uint8) * 255).copy()  # a copy: its own, writable pixels
+    ImageDraw.floodfill(padded, (0, 0), 128)  # the outside: every unmasked pixel reachable from the border
+    return (np.asarray(padded) != 128)[1:-1, 1:-1]
 
-    * ``per_shape``: for each named shape, the IoU within its region (its slot's box x ``REGION``, split
-      between slots by nearest centre) of the pixels of the named colour and the named kind's outline in its
-      slot (best fit over the slot's jitter), times (that IoU / the best IoU of any kind's outline)^2, so that
-      another kind scores low (measured: a circle where a square is named 0.59, a triangle 0.18). A missing
-      shape scores 0.
-    * ``shapes``: the mean of ``per_shape`` (the score).
+
+def score_parts(image: Image.Image, scene: Scene, style: str = "flat") -> dict:
+    """What ``image`` shows of ``scene``'s caption, from what the caption states (each shape's slot, kind and
+    colour; not the scene's jittered positions), every pixel read as its nearest palette colour. For each
+    named shape, within its region (its slot's box x ``REGION``, split between slots by nearest centre),
+    the pixels of the named colour are fitted by a circle, a square and a triangle (:func:`outline_fits`):
+
+    * ``kind_accuracy``: the fraction of the named shapes whose named kind fits best and fits well
+      (IoU >= ``KIND_IOU``). A shape of another kind, a blob or a missing shape counts 0; a flood of the
+      named colour fits no outline well; an image that draws one kind everywhere gets the shapes of that
+      kind right and no other (chance: about 1/3).
+    * ``placement``: the mean over the named shapes of the best IoU of any kind's outline: the named
+      colour in the named place in some compact shape, whatever its kind.
     * ``background``: the fraction of pixels away from every slot that have the background colour.
-    """
+    * ``shapes``: per named shape ``{"kind", "best_kind", "fits": {kind: IoU}, "right"}``.
+
+    A scene without shapes (no caption names one) has ``kind_accuracy`` and ``placement`` ``None``.
+
+    ``style="outline"`` scores images of that style (:func:`render`): the pixels of the named colour are
+    taken with the holes they enclose filled (an outline counts as its shape; a filled shape, which
+    encloses nothing, is scored as in ``"flat"``)."""
+    _check_style(style)
     if image.width > SCORE_MAX_SIZE:
         image = image.convert("RGB").resize((SCORE_MAX_SIZE, SCORE_MAX_SIZE), Image.BOX)
     labels = _labels(image)
@@ -225,35 +282,58 @@ def score_parts(image: Image.Image, scene: Scene) -> dict:
     slots = [_slot(scene, i) for i in range(len(scene.shapes))]
     centre_d = np.stack([np.maximum(abs(xx - cx), abs(yy - cy)) / s for cx, cy, s in slots]) if slots else None
     keep = np.ones_like(labels, dtype=bool)
-    per_shape = []
+    shapes = []
     for i, sh in enumerate(scene.shapes):
         cx, cy, s = slots[i]
         region = (centre_d[i] <= REGION / 2) & (centre_d[i] <= centre_d.min(0))
-        mask = labels == _PALETTE_NAMES.index(sh.color)
-        fits = {k: _best_iou(mask, region, xx, yy, k, cx, cy, s) for k in KINDS}
-        right, best = fits[sh.kind], max(fits.values())
-        per_shape.append(right * (right / best) ** 2 if best > 0 else 0.0)
+        named = labels == _PALETTE_NAMES.index(sh.color)
+        mask = (_fill_holes(named) if style == "outline" else named)[region]
+        fits = outline_fits(mask, xx[region], yy[region], cx, cy, s)
+        best = max(KINDS, key=lambda k: fits[k])
+        right = best == sh.kind and fits[sh.kind] >= KIND_IOU and all(
+            fits[k] < fits[sh.kind] for k in KINDS if k != sh.kind)
+        shapes.append({"kind": sh.kind, "best_kind": best, "fits": fits, "right": bool(right)})
         keep &= np.maximum(abs(xx - cx), abs(yy - cy)) > 0.5 * s * (1 + SIZE_JITTER) + JITTER + 1.5 / n
     bg = _PALETTE_NAMES.index(scene.background)
     background = float((labels[keep] == bg).mean()) if keep.any() else 1.0
-    return {"shapes": float(np.mean(per_shape)) if per_shape else 1.0, "background": background,
-            "per_shape": [float(v) for v in per_shape]}
+    return {"kind_accuracy": float(np.mean([p["right"] for p in shapes])) if shapes else None,
+            "placement": float(np.mean([max(p["fits"].values()) for p in shapes])) if shapes else None,
+            "background": background, "shapes": shapes}
 
 
-def score(image: Image.Image, scene: Scene) -> float:
-    """Prompt following of ``image`` for ``scene``'s caption, in [0, 1]: the mean over the named shapes of how
-    well the named colour covers each shape's outline in the slot the caption puts it in (an IoU, see
-    :func:`score_parts`). An image without the shapes scores 0 whatever its background; the background's
-    colour is reported separately (``score_parts(...)["background"]``)."""
-    return score_parts(image, scene)["shapes"]
+def score(image: Image.Image, scene: Scene, style: str = "flat") -> float | None:
+    """Kind accuracy of ``image`` for ``scene``'s caption, in [0, 1] (``None`` when it names no shape): the
+    fraction of the named shapes drawn as the named kind, in the named colour, in the named place (see
+    :func:`score_parts`, which also gives placement and background). The rendered scene scores 1 (controls:
+    >= 0.95 over held-out scenes); its blank background 0; the image flooded with a named colour at most
+    0.15; shapes of one kind drawn at every named place whatever the caption's kinds about 1/3 (chance);
+    every shape as another kind about 0. ``style``: the style the image is drawn in (:func:`score_parts`)."""
+    return score_parts(image, scene, style)["kind_accuracy"]
 
+
+def score_images(images, scenes, style: str = "flat") -> dict:
+    """The score of images against their scenes (two equal-length sequences), pooled over named shapes:
+    ``{"kind_accuracy", "placement", "background", "shapes", "images", "per_image"}`` (``background``:
+    mean over images; ``per_image``: each image's :func:`score_parts` without its per-shape detail);
+    ``style``: the style the images are drawn in (:func:`score_parts`)."""
+    parts = [score_parts(im, sc, style) for im, sc in zip(images, scenes, strict=True)]
+    shapes = [p for part in parts for p in part["shapes"]]
+    return {"kind_accuracy": float(np.mean([p["right"] for p in shapes])) if shapes else None,
+            "placement": float(np.mean([max(p["fits"].values()) for p in shapes])) if shapes else None,
+            "background": float(np.mean([p["background"] for p in parts])) if parts else None,
+            "shapes": len(shapes), "images": len(parts),
+            "per_image": [{k: v for k, v in p.items() if k != "shapes"} for p in parts]}
+
+
+# ------------------------------------------------------------------------------------------
+# Controls of the score: images a model could make, what each must score
+# ------------------------------------------------------------------------------------------
 
 def recoloured(scene: Scene) -> Scene:
-    """``scene`` with every shape in another colour (nor the background's): a control of the score."""
+    """``scene`` with every shape in another colour (nor the background's)."""
     names = [c for c in _PALETTE_NAMES if c != scene.background]
-    return Scene(scene.background, tuple(Shape(sh.kind, names[(names.index(sh.color) + 3) % len(names)],
-                                               sh.x, sh.y, sh.size) for sh in scene.shapes),
-                 scene.layout, scene.place, scene.relation)
+    return dataclasses.replace(scene, shapes=tuple(
+        dataclasses.replace(sh, color=names[(names.index(sh.color) + 3) % len(names)]) for sh in scene.shapes))
 
 
 _MOVED_PLACE = {"in the center": "on the left", "on the left": "on the right", "on the right": "on the left",
@@ -262,45 +342,95 @@ _MOVED_PLACE = {"in the center": "on the left", "on the left": "on the right", "
 
 def moved(scene: Scene) -> Scene:
     """``scene`` with its shapes in other places than its caption names (one shape: another place; two
-    related shapes: swapped; a row: moved up by a quarter of the side): a control of the score."""
+    related shapes: swapped; a row: moved up by a quarter of the side)."""
     if scene.layout == "one":
         sh = scene.shapes[0]
         dx, dy = (np.array(PLACES[_MOVED_PLACE[scene.place]]) - PLACES[scene.place])
-        return Scene(scene.background, (Shape(sh.kind, sh.color, sh.x + dx, sh.y + dy, sh.size),), "one",
-                     place=scene.place)
+        return dataclasses.replace(scene, shapes=(dataclasses.replace(sh, x=sh.x + dx, y=sh.y + dy),))
     if scene.layout == "relation":
         a, b = scene.shapes
-        return Scene(scene.background, (Shape(a.kind, a.color, b.x, b.y, a.size),
-                                        Shape(b.kind, b.color, a.x, a.y, b.size)), "relation", relation=scene.relation)
-    return Scene(scene.background, tuple(Shape(sh.kind, sh.color, sh.x, sh.y - 0.25, sh.size) for sh in scene.shapes),
-                 scene.layout)
+        return dataclasses.replace(scene, shapes=(dataclasses.replace(a, x=b.x, y=b.y),
+                                                  dataclasses.replace(b, x=a.x, y=a.y)))
+    return dataclasses.replace(scene, shapes=tuple(dataclasses.replace(sh, y=sh.y - 0.25) for sh in scene.shapes))
 
 
 def blank(scene: Scene) -> Scene:
-    """``scene``'s background without any shape: a control of the score."""
-    return Scene(scene.background, (), scene.layout, scene.place, scene.relation)
+    """``scene``'s background without any shape."""
+    return dataclasses.replace(scene, shapes=())
+
+
+def wrong_kind(scene: Scene) -> Scene:
+    """``scene`` with every shape drawn as the next kind (circle -> square -> triangle -> circle)."""
+    return dataclasses.replace(scene, shapes=tuple(
+        dataclasses.replace(sh, kind=KINDS[(KINDS.index(sh.kind) + 1) % len(KINDS)]) for sh in scene.shapes))
+
+
+def one_kind(scene: Scene, kind: str) -> Scene:
+    """Shape-blind: a ``kind`` at every named place (the slot's nominal centre and size), in the named
+    colour, whatever kind the caption names."""
+    return dataclasses.replace(scene, shapes=tuple(
+        Shape(kind, sh.color, *_slot(scene, i)) for i, sh in enumerate(scene.shapes)))
+
+
+def flood(scene: Scene, size: int = 64) -> Image.Image:
+    """The whole image in the first named colour (the background colour for a scene without shapes)."""
+    color = scene.shapes[0].color if scene.shapes else scene.background
+    return Image.new("RGB", (size, size), COLORS[color])
+
+
+# name -> (what the image is, its image for a scene and the next held-out scene at a size, the kind
+# accuracy it must get: (lowest, highest)); "chance" (~1/3) bars are exact in the tests: the fraction of
+# named shapes of that kind
+CONTROLS = {
+    "rendered": ("the rendered scene", lambda s, nxt, n: render(s, n), (0.95, 1.0)),
+    "blank": ("its blank background", lambda s, nxt, n: render(blank(s), n), (0.0, 0.0)),
+    "flood": ("flooded with the first named colour", lambda s, nxt, n: flood(s, n), (0.0, 0.15)),
+    "discs": ("a disc at every named place", lambda s, nxt, n: render(one_kind(s, "circle"), n), (0.2, 0.47)),
+    "squares": ("a square at every named place", lambda s, nxt, n: render(one_kind(s, "square"), n), (0.2, 0.47)),
+    "triangles": ("a triangle at every named place", lambda s, nxt, n: render(one_kind(s, "triangle"), n),
+                  (0.2, 0.47)),
+    "wrong_kind": ("every shape as another kind", lambda s, nxt, n: render(wrong_kind(s), n), (0.0, 0.05)),
+    "recoloured": ("the shapes recoloured", lambda s, nxt, n: render(recoloured(s), n), (0.0, 0.0)),
+    "moved": ("the shapes moved", lambda s, nxt, n: render(moved(s), n), (0.0, 0.1)),
+    "chance": ("another held-out scene's image", lambda s, nxt, n: render(nxt, n), (0.0, 0.15)),
+}
 
 
 def controls(n: int = 200, seed: int = 0, size: int = 64) -> dict:
-    """Mean :func:`score` of control images against ``n`` held-out scenes' captions: the rendered scene, its
-    blank background, the image of the next held-out scene (``chance``), the scene with its shapes recoloured,
-    and with them moved. Returned with ``rendered_min`` (the lowest score of a rendered scene)."""
+    """The score of every control image (:data:`CONTROLS`) against ``n`` held-out scenes' captions at ``size``
+    px: ``{name: {"kind_accuracy", "placement", "background", "bar": [lo, hi], "pass"}}``, with ``n``,
+    ``size``, ``rendered_min`` (the lowest kind accuracy of one rendered scene) and ``kind_fractions`` (the
+    fraction of named shapes of each kind: what a shape-blind painter of that kind gets)."""
     scenes = held_out_scenes(n + 1, seed)
-    rows = {"rendered": [], "blank": [], "chance": [], "recoloured": [], "moved": []}
-    for i in range(n):
-        s = scenes[i]
-        rows["rendered"].append(score(render(s, size), s))
-        rows["blank"].append(score(render(blank(s), size), s))
-        rows["chance"].append(score(render(scenes[i + 1], size), s))
-        rows["recoloured"].append(score(render(recoloured(s), size), s))
-        rows["moved"].append(score(render(moved(s), size), s))
-    out = {k: float(np.mean(v)) for k, v in rows.items()}
-    out.update(rendered_min=float(np.min(rows["rendered"])), n=n, size=size)
+    out: dict = {"n": n, "size": size}
+    for name, (_, make, (lo, hi)) in CONTROLS.items():
+        r = score_images([make(scenes[i], scenes[i + 1], size) for i in range(n)], scenes[:n])
+        ka = r["kind_accuracy"]
+        out[name] = {"kind_accuracy": ka, "placement": r["placement"], "background": r["background"],
+                     "bar": [lo, hi], "pass": lo - 1e-9 <= ka <= hi + 1e-9}
+        if name == "rendered":
+            out["rendered_min"] = min(p["kind_accuracy"] for p in r["per_image"])
+    kinds = [sh.kind for sc in scenes[:n] for sh in sc.shapes]
+    out["kind_fractions"] = {k: kinds.count(k) / len(kinds) for k in KINDS}
     return out
 
 
+def controls_text(c: dict) -> str:
+    """One line per report: every control's kind accuracy (and placement) against its bar."""
+    parts = []
+    for name, (what, _, _) in CONTROLS.items():
+        r = c[name]
+        lo, hi = r["bar"]
+        bar = f"= {lo:g}" if lo == hi else (f"≥ {lo:g}" if hi == 1.0 else (f"≤ {hi:g}" if lo == 0 else
+                                                                           f"{lo:g}–{hi:g}"))
+        parts.append(f"{what} {r['kind_accuracy']:.3f} (bar {bar}{'' if r['pass'] else ', FAIL'}; placement "
+                     f"{r['placement']:.3f})")
+    return (f"Controls of the score ({c['n']} held-out scenes at {c['size']} px; kind accuracy): "
+            + "; ".join(parts) + ".")
+
+
 def chance_score(n: int = 256, seed: int = 0, size: int = 64) -> float:
-    """Mean score of the image rendered for held-out scene ``i + 1`` against scene ``i``'s caption: what an
-    image that follows no (or another) prompt achieves."""
+    """Kind accuracy of the image rendered for held-out scene ``i + 1`` against scene ``i``'s caption: what
+    an image that follows another prompt achieves."""
     scenes = held_out_scenes(n + 1, seed)
-    return float(np.mean([score(render(scenes[i + 1], size), scenes[i]) for i in range(n)]))
+    return score_images([render(scenes[i + 1], size) for i in range(n)], scenes[:n])["kind_accuracy"]

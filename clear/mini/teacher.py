@@ -242,9 +242,11 @@ def set_latent_stats(vae, seed: int, n: int = 256) -> dict:
 
 
 @torch.no_grad()
-def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128) -> dict:
+def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128, style: str = "flat") -> dict:
     """Latents (scaled and shifted as the pipeline un-does them), T5 and CLIP embeddings of ``n`` training
-    scenes (seeds ``seed * n ... ``, all below ``S.HELD_OUT_SEED0``)."""
+    scenes (seeds ``seed * n ... ``, all below ``S.HELD_OUT_SEED0``) rendered in ``style``
+    (:data:`clear.mini.scenes.STYLES`): ``{"latents": [n, C, H, W], "prompt_embeds": [n, L, D],
+    "pooled": [n, P]}``, float16."""
     if (seed + 1) * n > S.HELD_OUT_SEED0:
         raise ValueError(f"training seeds {seed * n}..{(seed + 1) * n - 1} reach the held-out seeds "
                          f"(from {S.HELD_OUT_SEED0}): use fewer scenes or a smaller seed")
@@ -252,7 +254,7 @@ def encode_dataset(pipe, n: int, seed: int, batch_size: int = 128) -> dict:
     t0 = time.time()
     for i in range(0, n, batch_size):
         sc = [S.scene_for_seed(seed * n + j) for j in range(i, min(n, i + batch_size))]
-        x = images_tensor([S.render(s, SIZE) for s in sc])
+        x = images_tensor([S.render(s, SIZE, style) for s in sc])
         z = pipe.vae.encode(x).latent_dist.mode()
         lat.append(((z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor).half())
         pe, pp, _ = pipe.encode_prompt([S.caption(s) for s in sc], prompt_2=None,
@@ -272,14 +274,51 @@ def sample_sigmas(g: torch.Generator, n: int, shift: float, kind: str = "uniform
     return shift * u / (1 + (shift - 1) * u)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The torch generator of one training step (its batch, noise and timesteps): the same whether the run
+    was resumed or not."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def training_shift(pipe, data: dict) -> float:
+    """The timestep shift the pipeline's scheduler applies at the size of ``data``'s latents (``[N, C, H, W]``,
+    H/2 x W/2 tokens): ``exp(mu)`` of FLUX's dynamic shifting."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    _, _, h, w = data["latents"].shape
+    sc = pipe.scheduler.config
+    return math.exp(calculate_shift(h // 2 * w // 2, sc.base_image_seq_len, sc.max_image_seq_len,
+                                    sc.base_shift, sc.max_shift))
+
+
+def flow_matching_loss(model, pipe, data: dict, g: torch.Generator, batch_size: int, shift: float,
+                       timesteps: str = "uniform") -> torch.Tensor:
+    """The flow-matching loss of ``model`` (a FLUX transformer: the teacher, or the teacher under a LoRA) on
+    one batch drawn with ``g``: ``batch_size`` samples of ``data`` (:func:`encode_dataset`: ``latents``
+    ``[N, C, H, W]``, ``prompt_embeds`` ``[N, L, D]``, ``pooled`` ``[N, P]``), packed as FLUX packs them
+    (``[B, H/2 * W/2, 4C]``) with its image and text ids; noise ``e``; sigmas from :func:`sample_sigmas`
+    (``shift``: :func:`training_shift`); ``x_t = (1 - s) x_0 + s e``. Returns the mean squared error of the
+    predicted velocity against ``e - x_0`` (a scalar with a graph)."""
+    n, c, h, w = data["latents"].shape
+    idx = torch.randint(0, n, (batch_size,), generator=g)
+    x0 = pipe._pack_latents(data["latents"][idx].float(), batch_size, c, h, w)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_sigmas(g, batch_size, shift, timesteps)
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    img_ids = pipe._prepare_latent_image_ids(batch_size, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3)
+    pred = model(hidden_states=xt, timestep=sigma, guidance=torch.full((batch_size,), GUIDANCE),
+                 encoder_hidden_states=data["prompt_embeds"][idx].float(),
+                 pooled_projections=data["pooled"][idx].float(), img_ids=img_ids, txt_ids=txt_ids).sample
+    return (pred - (noise - x0)).pow(2).mean()
+
+
 def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int, lr: float, seed: int,
                       ema_decay: float = 0.998, warmup: int = 200, checkpoint_every_s: float = 180.0,
                       on_checkpoint=None, timesteps: str = "uniform") -> None:
     """Flow matching: x_t = (1 - s) x_0 + s e, target e - x_0, FLUX packing and ids; AdamW, cosine LR,
     EMA. Resumes from ``work/transformer_state.pt``; the EMA weights end up in ``pipe.transformer``."""
     import copy
-
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     model = pipe.transformer
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -295,29 +334,14 @@ def train_transformer(pipe, data: dict, work: Path, steps: int, batch_size: int,
         opt.load_state_dict(st["opt"])
         start = st["step"]
         print(f"[transformer] resumed at step {start}", flush=True)
-    n, c, h, w = data["latents"].shape
-    sc = pipe.scheduler.config
-    shift = math.exp(calculate_shift(h // 2 * w // 2, sc.base_image_seq_len, sc.max_image_seq_len,
-                                     sc.base_shift, sc.max_shift))
-    img_ids = pipe._prepare_latent_image_ids(batch_size, h // 2, w // 2, "cpu", torch.float32)
-    txt_ids = torch.zeros(data["prompt_embeds"].shape[1], 3)
-    guidance = torch.full((batch_size,), GUIDANCE)
+    shift = training_shift(pipe, data)
     model.train()
     t0, t_last = time.time(), time.time()
     for step in range(start, steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (batch_size,), generator=g)
-        x0 = pipe._pack_latents(data["latents"][idx].float(), batch_size, c, h, w)
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = sample_sigmas(g, batch_size, shift, timesteps)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (
                 0.55 + 0.45 * math.cos(math.pi * min(1.0, step / steps)))
-        pred = model(hidden_states=xt, timestep=sigma, guidance=guidance,
-                     encoder_hidden_states=data["prompt_embeds"][idx].float(),
-                     pooled_projections=data["pooled"][idx].float(), img_ids=img_ids, txt_ids=txt_ids).sample
-        loss = (pred - (noise - x0)).pow(2).mean()
+        loss = flow_matching_loss(model, pipe, data, step_generator(seed, step), batch_size, shift, timesteps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -360,14 +384,113 @@ def generate(pipe, scene_list, seed: int = 0, size: int = SIZE, steps: int = STE
 
 
 def evaluate(pipe, n: int = 32, seed: int = 0, size: int = SIZE) -> dict:
-    """Mean prompt-following score of ``n`` held-out scenes generated by ``pipe``, and chance."""
+    """The score (:func:`clear.mini.scenes.score_images`: kind accuracy and placement pooled over the named
+    shapes, background) of ``n`` held-out scenes generated by ``pipe``, and chance (the kind accuracy of other
+    scenes' rendered images)."""
     held = S.held_out_scenes(n, seed=seed)
     images = generate(pipe, held, seed=seed, size=size)
-    scores = [S.score(im, s) for im, s in zip(images, held)]
-    parts = [S.score_parts(im, s) for im, s in zip(images, held)]
-    return {"n": n, "size": size, "score": float(np.mean(scores)),
-            "parts": {k: float(np.mean([p[k] for p in parts])) for k in parts[0] if k != "per_shape"},
+    scored = S.score_images(images, held)
+    return {"n": n, "size": size, **{k: scored[k] for k in ("kind_accuracy", "placement", "background")},
             "chance": S.chance_score(n=256, seed=seed + 1, size=size), "images": images, "scenes": held}
+
+
+CURVE = "curve.jsonl"  # the held-out score of each EMA snapshot: one JSON row per step, under the work dir
+CURVE_PLOT = "curve.png"
+
+
+def snapshot_steps(work: Path) -> dict[int, Path]:
+    """``{step: path}`` of the EMA snapshots :func:`save_snapshot` kept under ``work/snapshots``."""
+    snaps = Path(work) / "snapshots"
+    return dict(sorted((int(p.stem.split("_")[1]), p) for p in snaps.glob("ema_*.safetensors")))
+
+
+def evaluate_snapshots(work: Path, n: int = 200, seed: int = 0, model: Path = MINI_DIR, size: int = SIZE,
+                       batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """The curve of the held-out score against training steps: each EMA snapshot of ``work/snapshots``
+    (:func:`save_snapshot`) loaded into the teacher pipeline ``model`` (its transformer must have the run's
+    config: the pipeline the run continued from, or one it saved), ``n`` held-out scenes (seed ``seed``)
+    generated at ``size`` px (:func:`generate`) and scored (:func:`clear.mini.scenes.score_images`).
+
+    Each snapshot appends one row ``{"step", "n", "seed", "size", "kind_accuracy", "placement", "background",
+    "shapes", "seconds"}`` to ``work/curve.jsonl`` as soon as it is scored; a rerun skips the steps whose row
+    (same ``n``, ``seed`` and ``size``) is there, so an interrupted curve resumes. Writes ``work/curve.png``
+    (kind accuracy and placement against step, the kind accuracy of other scenes' rendered images as
+    chance). Returns every row of this ``n``, ``seed`` and ``size``, by step."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    work, model = Path(work), Path(model)
+    snaps = snapshot_steps(work)
+    if not snaps:
+        raise FileNotFoundError(f"no EMA snapshots under {work / 'snapshots'}: train with --snapshot-every N "
+                                "(python scripts/mini.py train-teacher --work-dir ... --snapshot-every 250)")
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} holds no teacher pipeline (model_index.json): pass --model the pipeline "
+                                "the run continued from (its --init-from) or the one it saved (its --out)")
+    key = {"n": n, "seed": seed, "size": size}
+    path = work / CURVE
+    done = {r["step"]: r for r in _read_rows(path) if all(r.get(k) == v for k, v in key.items())}
+    todo = [step for step in snaps if step not in done]
+    if todo:
+        pipe = FluxPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+        held = S.held_out_scenes(n, seed=seed)
+        for step in todo:
+            t0 = time.time()
+            try:
+                pipe.transformer.load_state_dict(load_file(snaps[step]))
+            except RuntimeError as e:
+                why = " ".join(str(e).split())[:200]
+                raise ValueError(f"{snaps[step]} does not fit the transformer of {model} ({why}...): pass --model "
+                                 "the pipeline this run trained (its --init-from or --out)") from e
+            images = generate(pipe, held, seed=seed, size=size, batch_size=batch_size)
+            scored = S.score_images(images, held)
+            row = {"step": step, **key, **{k: scored[k] for k in ("kind_accuracy", "placement", "background",
+                                                                  "shapes")},
+                   "seconds": round(time.time() - t0, 1)}
+            _log(path, **row)
+            done[step] = row
+            if progress:
+                print(f"[curve] step {step}: kind accuracy {row['kind_accuracy']:.3f}, placement "
+                      f"{row['placement']:.3f} ({row['seconds']:.0f}s)", flush=True)
+    rows = [done[k] for k in sorted(done)]
+    plot_score_curve(rows, work / CURVE_PLOT, chance=S.chance_score(n=256, seed=seed + 1, size=size))
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_score_curve(rows: list[dict], path: Path, chance: float | None = None) -> None:
+    """``curve.png``: kind accuracy and placement on held-out scenes against training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clear.files import atomic_path
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, [r["kind_accuracy"] for r in rows], "o-", label="kind accuracy")
+    ax.plot(steps, [r["placement"] for r in rows], "s-", label="placement")
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls=":", label="kind accuracy, another scene's image")
+    ax.axhline(1 / 3, color="gray", ls="--", lw=0.8, label="one kind everywhere (~1/3)")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out score")
+    n = rows[0]["n"] if rows else 0
+    ax.set_title(f"mini teacher: EMA snapshots, {n} held-out scenes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot_curve(work: Path, path: Path) -> None:
@@ -513,7 +636,10 @@ def train(c: TeacherConfig, command: str = "") -> dict:
     save_grid(ev.pop("images"), out / "samples.png")
     ev["captions"] = [S.caption(s) for s in ev.pop("scenes")[:8]]
     metrics["eval"] = ev
+    metrics["score_controls"] = S.controls(n=200, seed=1, size=SIZE)
     metrics["total_s_this_run"] = time.time() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"[eval] held-out score {ev['score']:.3f} (chance {ev['chance']:.3f}) parts {ev['parts']}", flush=True)
+    print(f"[eval] held-out kind accuracy {ev['kind_accuracy']:.3f} (chance {ev['chance']:.3f}), placement "
+          f"{ev['placement']:.3f}, background {ev['background']:.3f}", flush=True)
+    print(f"[eval] {S.controls_text(metrics['score_controls'])}", flush=True)
     return metrics
