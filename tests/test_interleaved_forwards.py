@@ -2,8 +2,8 @@
 their summed loss, give the gradients of two separate models (each one forward and one backward), with and
 without gradient checkpointing (which re-runs every block in the backward: the re-run must see its own
 forward's grid, not the latest one). Same token count with different grids (8x8 then 4x16: only the grid
-tells them apart) and different token counts; every backend with a backward on CPU; every family whose
-diffusers forward hands attention kwargs to its blocks."""
+tells them apart) and different token counts; every backend with a backward on CPU; every family, those whose
+diffusers forward hands no attention kwargs to its blocks (FLUX.1's ControlNet, Wan) included."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import torch
 import clear
 from clear import backends
 from tiny_models import (flux2_inputs, flux_inputs, qwenimage_inputs, sd3_inputs, tiny_flux, tiny_flux2,
-                         tiny_flux_controlnet, tiny_qwenimage, tiny_sd3)
+                         tiny_flux_controlnet, tiny_qwenimage, tiny_sd3, tiny_wan, wan_inputs)
 
 # (first grid, second grid) in tokens
 GRIDS = {"same tokens": ((8, 8), (4, 16)), "different tokens": ((8, 8), (4, 8))}
@@ -26,6 +26,7 @@ FAMILIES = {
     "controlnet": (tiny_flux_controlnet, lambda h, w, seed: {
         **flux_inputs(h, w, batch=1, seed=seed),
         "controlnet_cond": torch.randn(1, h * w, 16, generator=torch.Generator().manual_seed(seed + 1))}),
+    "wan": (tiny_wan, lambda h, w, seed: wan_inputs(2, h, w, batch=1, seed=seed)),  # 2 latent frames of h x w
 }
 
 
@@ -85,17 +86,22 @@ def test_every_family_two_grids_one_backward_checkpointed(family, grids):
     assert_interleaved_equals_separate(family, "dense", grids, True)
 
 
-def test_controlnet_reads_the_forward_in_progress_and_refuses_checkpointing():
-    """diffusers' FluxControlNetModel hands no attention kwargs to its blocks: its processors take the forward in
-    progress (right for every call of that forward), and gradient checkpointing, whose re-run blocks could not
-    know their forward, is refused before any block runs."""
-    assert_interleaved_equals_separate("controlnet", "dense", GRIDS["same tokens"], False)
-    model = _clear_model("controlnet", "dense", checkpointing=True)
-    x = FAMILIES["controlnet"][1](8, 8, 0)
-    with pytest.raises(NotImplementedError, match="does not hand attention kwargs to its blocks.*"
-                                                  "disable_gradient_checkpointing"):
+@pytest.mark.parametrize("grids", GRIDS.values(), ids=GRIDS.keys())
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["eager", "checkpointing"])
+@pytest.mark.parametrize("family", ["controlnet", "wan"])
+def test_models_without_attention_kwargs_read_the_forward_in_progress(family, checkpointing, grids):
+    """diffusers' FluxControlNetModel and WanTransformer3DModel hand no attention kwargs to their blocks: their
+    processors take the forward in progress (right for every call of that forward), and a block that gradient
+    checkpointing re-runs in the backward runs with its own forward's plan again (InProgress.replaying)."""
+    assert_interleaved_equals_separate(family, "dense", grids, checkpointing)
+    model = _clear_model(family, "dense", checkpointing)
+    x = FAMILIES[family][1](8, 8, 0)
+    _loss(model, x).backward()
+    assert model.clear_state.in_progress.plan is None  # nothing of a forward stays after it
+    with torch.no_grad():
         _loss(model, x)
     assert model.clear_state.in_progress.plan is None
-    with torch.no_grad():  # no backward: checkpointing re-runs nothing
-        _loss(model, x)
-    assert model.clear_state.in_progress.plan is None  # nothing of a forward stays after it
+    if checkpointing:  # remove_clear gives the model its own checkpointing function back
+        wrapped = model._gradient_checkpointing_func
+        clear.remove_clear(model)
+        assert model._gradient_checkpointing_func is wrapped.func
