@@ -11,7 +11,8 @@ What one forward's attention calls share, its image grid and the plan of each at
 outside compiled code). It travels with the forward as the keyword argument ``clear_forward`` of every
 processor call (diffusers hands a model's ``joint_attention_kwargs`` / ``attention_kwargs`` to every
 processor), so blocks that gradient checkpointing re-runs in the backward get their own forward's, never
-the latest one's; the text length of a call is whatever its sequence leaves beside the grid.
+the latest one's; the text length of a call is whatever its sequence leaves beside the grid. A model whose
+forward hands its blocks no attention kwargs (FLUX.1's ControlNet, Wan) shares it through :class:`InProgress`.
 """
 
 from __future__ import annotations
