@@ -1,32 +1,37 @@
 """Put CLEAR on a stock diffusers model, and take it off again.
 
 :func:`apply_clear` replaces every attention processor of the model with a CLEAR one
-sharing one :class:`ClearAttention`, and registers a forward pre-hook that reads the
-image grid from each forward's own inputs (FLUX: ``img_ids``, SD3: the latent shape),
-finds or builds the plan of each attention layout of that forward, and leaves both on the
-model's :class:`ClearState` for the processors (and for blocks that gradient checkpointing
-re-runs in the backward). Each forward replaces them, so resolutions and batch sizes change
-freely; the per-layout plan cache is bounded.
+sharing one :class:`ClearAttention`, and registers a forward pre-hook that makes each forward's
+:class:`clear.processors.ForwardPlan` from that forward's own inputs (:func:`plan_forward`: the
+image grid from FLUX's ``img_ids`` or SD3's latent shape, the plan of each attention layout from the
+per-layout cache) and hands it to every processor call of that forward in the attention kwargs that
+diffusers passes to its blocks (``joint_attention_kwargs``; the keyword ``clear_forward``). Nothing
+of a forward stays on the model: blocks that gradient checkpointing re-runs in the backward get their
+own forward's plan with their arguments, so resolutions and batch sizes change freely, even between two
+forwards and one backward. (A model whose forward hands no attention kwargs to its blocks, FLUX.1's
+ControlNet or Wan, reads the forward in progress instead; its gradient checkpointing function is wrapped so
+that a block re-run in the backward runs with its own forward's plan again:
+:meth:`clear.processors.InProgress.replaying`.)
 
 ``torch.compile``: the hook is ``torch.compiler.disable``d. ``torch.compile(model)``,
 ``model.compile()`` and ``compile_repeated_blocks()`` run a module's hooks outside its
 compiled frame, so they read ``img_ids`` eagerly and no plan is built in compiled code.
-The processors reach grid and plans through module attributes, which dynamo specialises:
-it guards on the grid's ints (one graph per resolution, reused when the resolution comes
-back) and takes the plans' tensors as inputs.
+The processors get the forward plan as an argument, which dynamo specialises: it guards on the
+grid's ints (one graph per resolution, reused when the resolution comes back) and takes the
+plans' tensors as inputs.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .attention import ClearAttention
 from .families import ModelFamily, ModelSpec, family_of
-from .processors import ClearProcessorBase
+from .processors import FORWARD_KWARG, ClearProcessorBase, ForwardPlan, InProgress
 
 
 @dataclass
@@ -38,14 +43,10 @@ class ClearState:
     spec: ModelSpec  # the released model: its training length is the L0 of proportional attention
     original_processors: dict
     hooks: list
-    # Image grid of the latest forward and its attention plans by text length (plans None: each call
-    # looks its plan up). They stay after the forward: gradient checkpointing re-runs blocks in backward.
-    grid: tuple[int, int] | None = None
-    plans: dict | None = None
-    # Where the joint sequence is not [text | image] as it is (reference images, padded text): how it becomes
-    # CLEAR's [global | image] layout (clear.processors.Arrangement), else None
-    arrangement: object | None = None
     declared_repeated_blocks: bool = False  # apply_clear set the model's _repeated_blocks (regional compilation)
+    # Only read for a model whose forward hands no attention kwargs to its blocks (FLUX.1's ControlNet, Wan): the
+    # plan of the forward in progress, shared with its processors
+    in_progress: InProgress = field(default_factory=InProgress)
 
     @property
     def radius(self):
@@ -70,29 +71,56 @@ def forward_signature(cls) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
-def _forward_plans(module, state: ClearState, bound: inspect.BoundArguments, grid, text_lens) -> dict | None:
-    """The plan of every attention layout of this forward, by text length (``None`` when
-    patch parallelism replaced the attention: its bands have their own plans)."""
-    if getattr(module, "clear_parallel", None) is not None:
-        return None
+def forward_plan(module: torch.nn.Module, bound: inspect.BoundArguments, plans: bool = True) -> ForwardPlan:
+    """The :class:`ForwardPlan` of one forward of ``module`` (a model :func:`apply_clear` made CLEAR), from its
+    bound arguments: the grid, the arrangement and, with ``plans``, the plan of every attention layout
+    (:meth:`ClearAttention.plan`: each layout checked and its backend logged when its plan is built, once per
+    layout; a layout that cannot be planned fails here, before any block runs)."""
+    state: ClearState = module.clear_state
     family = state.family
-    with_grad = torch.is_grad_enabled() and (
-        any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
-        or any(p.requires_grad for p in module.parameters()))
-    device = bound.arguments["hidden_states"].device
-    return {t: state.core.layout_plan(family.layout(t, grid), device, with_grad) for t in text_lens}
+    grid = family.grid(bound)
+    arrangement = family.arrangement(bound, grid)
+    text_lens = arrangement.text_lens if arrangement is not None else family.text_lens(bound)
+    by_text = dict.fromkeys(text_lens)
+    if plans:
+        with_grad = torch.is_grad_enabled() and (
+            any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound.arguments.values())
+            or any(p.requires_grad for p in module.parameters()))
+        device = bound.arguments["hidden_states"].device
+        by_text = {t: state.core.plan(family.layout(t, grid), device, with_grad)
+                   for t in text_lens}
+    return ForwardPlan(tuple(grid), family.text_first, by_text, arrangement)
+
+
+def plan_forward(module: torch.nn.Module, *args, **kwargs) -> ForwardPlan:
+    """The :class:`ForwardPlan` that ``module(*args, **kwargs)`` would run with (what its attention calls use)."""
+    return forward_plan(module, forward_signature(type(module)).bind_partial(module, *args, **kwargs))
 
 
 @torch.compiler.disable  # runs eagerly, outside the compiled frame: see the module docstring
-def _grid_hook(module, args, kwargs):
+def _plan_hook(module, args, kwargs):
+    """Before each forward: its plan, into the attention kwargs its blocks hand to every processor (one that
+    a caller already put there, e.g. patch parallelism's bands, is kept)."""
     state: ClearState = module.clear_state
     bound = forward_signature(type(module)).bind_partial(module, *args, **kwargs)
-    grid = state.family.grid(bound)
-    state.family.layout(0, grid).pooled_grid(state.core.window)  # fail before any block runs
-    arrangement = state.family.arrangement(bound, grid)
-    text_lens = arrangement.text_lens if arrangement is not None else state.family.text_lens(bound)
-    state.plans = _forward_plans(module, state, bound, grid, text_lens)
-    state.grid, state.arrangement = grid, arrangement
+    name = state.family.attention_kwargs(module)
+    given = dict(bound.arguments.get(name) or {}) if name else {}
+    forward = given.get(FORWARD_KWARG)
+    if forward is None:
+        forward = forward_plan(module, bound)
+    if name is None:
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            # blocks re-run in the backward get their own forward's plan back (InProgress.replaying)
+            module._gradient_checkpointing_func = state.in_progress.replaying(func)
+        state.in_progress.plan = forward
+        return None
+    bound.arguments[name] = {**given, FORWARD_KWARG: forward}
+    return bound.args[1:], bound.kwargs
+
+
+def _end_hook(module, args, kwargs, output):
+    module.clear_state.in_progress.plan = None
 
 
 def _head_dim(attn: torch.nn.Module) -> int | None:
@@ -142,9 +170,11 @@ def apply_clear(transformer: torch.nn.Module, radius: float | None, down_factor:
         attn = transformer.get_submodule(name.rsplit(".processor", 1)[0])
         core.heads, core.head_dim = core.heads or attn.heads, core.head_dim or _head_dim(attn)
         ref = next(attn.parameters())  # to_q's, or FLUX.2's fused to_qkv_mlp_proj's
-        new[name] = family.processor(core, state).to(device=ref.device, dtype=ref.dtype)
+        new[name] = family.processor(core, state.in_progress).to(device=ref.device, dtype=ref.dtype)
     transformer.set_attn_processor(new)
-    state.hooks.append(transformer.register_forward_pre_hook(_grid_hook, with_kwargs=True))
+    state.hooks.append(transformer.register_forward_pre_hook(_plan_hook, with_kwargs=True))
+    if family.attention_kwargs(transformer) is None:
+        state.hooks.append(transformer.register_forward_hook(_end_hook, with_kwargs=True, always_call=True))
     if not getattr(transformer, "_repeated_blocks", None):
         transformer._repeated_blocks = list(family.repeated_blocks)  # on the instance; remove_clear drops it
         state.declared_repeated_blocks = True
@@ -159,6 +189,9 @@ def remove_clear(transformer: torch.nn.Module) -> None:
         raise ValueError("this model has no CLEAR attention to remove")
     for hook in state.hooks:
         hook.remove()
+    func = getattr(transformer, "_gradient_checkpointing_func", None)
+    if getattr(func, "in_progress", None) is state.in_progress:  # InProgress.replaying's wrapper: unwrapped
+        transformer._gradient_checkpointing_func = func.func
     if state.declared_repeated_blocks:
         del transformer._repeated_blocks
     transformer.set_attn_processor(dict(state.original_processors))

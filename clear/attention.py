@@ -19,9 +19,11 @@ Backends live in :mod:`clear.backends`, one file each, registered with where the
   measurements where the device has them (CPU), else by the table's rule (``flex`` on CUDA);
   each plan logs once which backend it runs and why.
 
-Under ``torch.compile`` the plan of each layout is built outside the traced code (by the
-forward pre-hook of :func:`clear.apply_clear`, which dynamo does not trace) and handed in
-with ``plan=``; the traced call only reads its tensors.
+:meth:`ClearAttention.plan` is the one function that answers "what runs here?" (layout, device,
+backward -> plan: the backend and the reason chosen by :func:`clear.backends.decide`, the plan built by
+the backend's own function, logged once, cached per layout). Under ``torch.compile`` the plan of each
+layout is built outside the traced code (by the forward pre-hook of :func:`clear.apply_clear`, which
+dynamo does not trace) and handed in with ``plan=``; the traced call only reads its tensors.
 """
 
 from __future__ import annotations
@@ -97,24 +99,6 @@ class ClearAttention:
 
     # -- plans -------------------------------------------------------------------------
 
-    def call(self, device: torch.device, layout: TokenLayout | BandLayout | None = None, with_grad: bool = True,
-             heads: int | None = None, head_dim: int | None = None) -> Call:
-        """What :func:`clear.backends.decide` decides on for a call of this core (heads and head size: the
-        ones given, else those :func:`clear.apply_clear` read from the model)."""
-        w = self.window
-        if isinstance(layout, BandLayout):
-            image, text = layout.num_queries, layout.text_len
-        else:
-            image, text = (layout.num_image, layout.text_len) if layout is not None else (0, 0)
-        return Call(torch.device(device).type, image, text, w.radius, w.down_factor, heads or self.heads,
-                    head_dim or self.head_dim, with_grad)
-
-    def resolve_backend(self, device: torch.device, layout: TokenLayout | None = None, with_grad: bool = True,
-                        heads: int | None = None, head_dim: int | None = None) -> str:
-        """The backend a call runs (:func:`clear.backends.decide`). Depends only on Python values, so it never
-        breaks a compiled graph."""
-        return backends.decide(self.backend, self.call(device, layout, with_grad, heads, head_dim))[0]
-
     def options(self, device: torch.device) -> Options:
         """What every plan of this core gets: the tile, the kernel options, and whether flex runs
         its compiled kernel off CUDA (``auto`` chose it for that kernel's speed)."""
@@ -123,32 +107,32 @@ class ClearAttention:
             compiled = torch.device(device).type == "cuda" or self.backend == "auto"
         return Options(self.tile, self.kernel_options, compiled=compiled)
 
-    def layout_plan(self, layout: TokenLayout | BandLayout, device: torch.device, with_grad: bool,
-                    heads: int | None = None, head_dim: int | None = None):
-        """The plan a call with this layout runs (backend decided), from the cache. Called outside compiled
-        code by the model's forward pre-hook; its result is passed as ``plan=``. A plan built here logs which
-        backend runs it and why (once per layout)."""
-        call = self.call(device, layout, with_grad, heads, head_dim)
-        name, why = backends.decide(self.backend, call)
-        return self.plan(layout, name, device, with_grad, why=why, call=call)
-
-    def plan(self, layout: TokenLayout | BandLayout, backend: str, device: torch.device, with_grad: bool = False,
-             why: str = "as asked", call: Call | None = None):
-        """The ``backend``'s plan of a whole grid (:class:`TokenLayout`) or a patch-parallel band
-        (:class:`BandLayout`), built on first use (:func:`clear.backends.build_plan`); the cache keeps the
-        ``cache_size`` latest."""
+    def plan(self, layout: TokenLayout | BandLayout, device: torch.device, with_grad: bool = False,
+             heads: int | None = None, head_dim: int | None = None):
+        """The plan of a call with this layout (a whole grid, :class:`TokenLayout`, or a patch-parallel band,
+        :class:`BandLayout`) on ``device``, with a backward or not: the one function that answers "what runs
+        here?". :func:`clear.backends.decide` chooses the backend and says why (heads and head size: the ones
+        given, else those :func:`clear.apply_clear` read from the model); :meth:`Backend.plan` builds the plan
+        the first time (checking the layout), logging once which backend runs it and why; the bounded cache
+        keeps the ``cache_size`` latest. Called outside compiled code (by the model's forward pre-hook, whose
+        plans reach every processor with the forward); its result goes to :meth:`__call__` as ``plan=``."""
         device = torch.device(device)
-        spec = backends.get(backend)
-        spec.check(device.type, with_grad)
-        with_grad = with_grad and spec.backward_plans  # else one plan serves training and inference alike
+        w = self.window
+        image, text = ((layout.num_queries, layout.text_len) if isinstance(layout, BandLayout)
+                       else (layout.num_image, layout.text_len))
+        call = Call(device.type, image, text, w.radius, w.down_factor, heads or self.heads, head_dim or self.head_dim,
+                    with_grad)
+        name, why = backends.decide(self.backend, call)
+        backend = backends.get(name)
+        with_grad = with_grad and backend.backward_plans  # else one plan serves training and inference alike
         options = self.options(device)
-        key = (layout, backend, str(device), with_grad, options)
+        key = (layout, name, str(device), with_grad, options)
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        plan = backends.build_plan(backend, layout, self.window, device, options, with_grad)
-        logger.info("CLEAR attention: %s runs %r: %s", (call or self.call(device, layout)).describe(), backend, why)
+        plan = backend.plan(layout, w, device, options, with_grad)
+        logger.info("CLEAR attention: %s runs %r: %s", call.describe(), name, why)
         self._plans[key] = plan
         while len(self._plans) > self.cache_size:
             self._plans.popitem(last=False)
@@ -182,18 +166,25 @@ class ClearAttention:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                  spatial_weight: torch.Tensor | None = None, plan=None) -> torch.Tensor:
-        """``query/key/value``: ``[B, S, heads, D]`` in natural order; returns the same shape.
-        ``plan``: this layout's :meth:`layout_plan`, built outside compiled code (default: looked up here)."""
+        """CLEAR attention of one call.
+
+        Args:
+            query, key, value: ``[B, S, heads, D]``, the layout's tokens in natural order.
+            layout: where text and image tokens sit (``S == layout.seq_len``).
+            spatial_weight: the processor's pooling weights ``(1, 1, 1, df, 1, df, 1)``, exactly when
+                ``down_factor > 1``.
+            plan: this layout's :meth:`plan`, built outside compiled code (``None``: looked up here).
+
+        Returns ``[B, S, heads, D]``, in natural order."""
         if query.shape[1] != layout.seq_len:
             raise ValueError(f"attention got {query.shape[1]} tokens but the layout {layout} has {layout.seq_len}")
         win = self.window
-        layout.pooled_grid(win)
         if (spatial_weight is None) != (win.down_factor == 1):
             raise ValueError("spatial_weight must be given exactly when down_factor > 1")
         scale = self.scale(layout, query.shape[-1])
         if plan is None:
             with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-            plan = self.layout_plan(layout, query.device, with_grad, query.shape[2], query.shape[3])
+            plan = self.plan(layout, query.device, with_grad, query.shape[2], query.shape[3])
         elif plan.layout != layout:
             raise ValueError(f"the plan for {plan.layout} was handed to an attention call with layout {layout}")
         if win.down_factor > 1:  # keys and values: [natural order | pooled]

@@ -9,6 +9,10 @@ from __future__ import annotations
 # This module imports nothing heavy: scripts read these defaults to build their --help.
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 
+# What a --backend flag accepts: "auto" and every registered attention backend (clear.backends.choices(), which
+# imports the backends themselves; tests/test_backends.py holds the two equal).
+BACKEND_CHOICES = ("auto", "dense", "flex", "tiled")
+
 # Settings of the released recipe for the upscaling stages.
 DEFAULT_STRENGTH = 0.7
 DEFAULT_NTK_FACTOR = 10.0  # FLUX; SD3 has no RoPE

@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .apply import forward_signature, model_family
+from .apply import forward_plan, forward_signature, model_family
 from .attention import ClearAttention, pool_tokens
 from .defaults import VAE_TILING_LATENTS
 from .geometry import BandLayout, TokenLayout, Window, grid_from_ids
+from .processors import FORWARD_KWARG
 
 __all__ = [
     "TEXT_MODES",
@@ -273,7 +274,7 @@ class PatchParallelAttention:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
                  spatial_weight: torch.Tensor | None = None, plan=None) -> torch.Tensor:
-        # ``plan`` (a whole-grid plan) is never handed in: apply_clear's hook builds none while parallel
+        # ``plan`` (a whole-grid plan) is never handed in: the shard hook plans no whole grid
         plan = self.plan
         if plan is None:
             raise RuntimeError("PatchParallelAttention was called outside a forward of the parallelized model; "
@@ -289,7 +290,6 @@ class PatchParallelAttention:
             raise ValueError("spatial_weight must be given exactly when down_factor > 1")
         full = TokenLayout(layout.text_len, plan.height, plan.width, layout.text_first)
         scale = self.inner.scale(full, query.shape[-1])  # proportional attention counts all tokens
-        backend = backends.get(self.inner.resolve_backend(query.device, full, False, query.shape[2], query.shape[3]))
 
         img, txt = layout.image_slice, layout.text_slice
         q_img, k_img, v_img = query[:, img], key[:, img], value[:, img]
@@ -301,10 +301,12 @@ class PatchParallelAttention:
         # keys and values in the band plan's order: [text | rows above | band | rows below | pooled]
         parts = [kv for kv in ((k_txt, v_txt), kv_above, (k_img, v_img), kv_below, kv_pooled) if kv is not None]
         k, v = (torch.cat([p[i] for p in parts], 1) for i in (0, 1))
-        out_img = self.inner.plan(band, backend.name, query.device).attend(q_img, k, v, scale)
+        band_plan = self.inner.plan(band, query.device, False, query.shape[2], query.shape[3])
+        out_img = band_plan.attend(q_img, k, v, scale)
         if layout.text_len == 0:
             return out_img.to(query.dtype)
-        out_txt = self._text_attention(query[:, txt], k_txt, v_txt, k_img, v_img, scale, backend).to(query.dtype)
+        out_txt = self._text_attention(query[:, txt], k_txt, v_txt, k_img, v_img, scale,
+                                       backends.get(band_plan.backend)).to(query.dtype)
         parts = (out_txt, out_img.to(query.dtype)) if layout.text_first else (out_img.to(query.dtype), out_txt)
         return torch.cat(parts, 1)
 
@@ -348,6 +350,9 @@ def _shard_hook(module, args, kwargs):
     plan = plan_bands(height, width, attn.world_size, attn.rank, attn.window)
     own = slice(plan.band.start * width, plan.band.stop * width)
     a["hidden_states"], a["img_ids"] = hidden[:, own], img_ids[own]
+    # the forward's layouts are the band's; its attention plans each band in the call (no whole-grid plan)
+    band = forward_plan(module, forward_signature(type(module)).bind_partial(module, **a), plans=False)
+    a["joint_attention_kwargs"] = {**(a.get("joint_attention_kwargs") or {}), FORWARD_KWARG: band}
     attn.plan = plan
     return (), a
 

@@ -4,15 +4,23 @@
 processor (``clear/families/flux.py``, ``sd3.py``, ...) does only what is specific to the family:
 where the projections live and how text and image tokens are laid out. Families whose joint
 sequence holds reference-image tokens or padded text (FLUX.2, Qwen-Image) describe it with an
-:class:`Arrangement` and attend through :func:`attend_arranged`. The grid of image
-tokens, and the plan of each attention layout, reach it with each forward through the model's
-``ClearState`` (set by the hook that :func:`clear.apply_clear` installs, outside compiled code);
-the text length is whatever is left of the sequence.
+:class:`Arrangement` and attend through :func:`attend_arranged`.
+
+What one forward's attention calls share, its image grid and the plan of each attention layout, is a
+:class:`ForwardPlan` made by the hook that :func:`clear.apply_clear` installs (from that forward's own inputs,
+outside compiled code). It travels with the forward as the keyword argument ``clear_forward`` of every
+processor call (diffusers hands a model's ``joint_attention_kwargs`` / ``attention_kwargs`` to every
+processor), so blocks that gradient checkpointing re-runs in the backward get their own forward's, never
+the latest one's; the text length of a call is whatever its sequence leaves beside the grid. A model whose
+forward hands its blocks no attention kwargs (FLUX.1's ControlNet, Wan) shares it through :class:`InProgress`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,16 +28,107 @@ from torch import nn
 from .attention import ClearAttention
 from .geometry import TokenLayout
 
+# The keyword argument that carries a forward's ForwardPlan to every processor call.
+FORWARD_KWARG = "clear_forward"
+
+
+class ForwardPlan(nn.Module):
+    """What every attention call of one forward uses: the image ``grid`` (tokens per axis, ``(height,
+    width)``, a video's ``(frames, height, width)``), whether text comes first (``text_first``), the plan of each
+    attention layout by its text length (``plans``, read only; a plan ``None``: the attention makes its own, as
+    patch parallelism's bands do) and, where the joint sequence is not ``[text | image]`` as it is, its
+    :class:`Arrangement`.
+
+    An ``nn.Module`` for ``torch.compile`` only (it holds no parameter and no model registers it): dynamo
+    specialises the ints and tensor shapes it reaches through a module, so each resolution gets its own
+    static graph; through a plain object handed in as an argument they would turn symbolic at the second
+    resolution."""
+
+    def __init__(self, grid: tuple[int, ...], text_first: bool, plans: dict | None = None,
+                 arrangement: Arrangement | None = None):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.text_first = text_first
+        self.plans = dict(plans or {})
+        self.arrangement = arrangement
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, text_lens={tuple(self.plans)}, arranged={self.arrangement is not None}"
+
+    @property
+    def num_image(self) -> int:
+        return math.prod(self.grid)
+
+    def token_layout(self, text_len: int) -> TokenLayout:
+        """The layout of ``text_len`` text tokens beside this forward's grid: ``(height, width)`` an image,
+        ``(frames, height, width)`` a video (a video family's grid, frame-major)."""
+        if len(self.grid) == 3:
+            frames, height, width = self.grid
+            return TokenLayout(text_len, height, width, self.text_first, frames)
+        return TokenLayout(text_len, *self.grid, self.text_first)
+
+    def layout(self, seq_len: int) -> tuple[TokenLayout, object]:
+        """The layout of an attention call of ``seq_len`` tokens in this forward, and its plan (``None`` where the
+        forward planned no layout of that length: the call plans its own). The comparison of lengths is a
+        guard under ``torch.compile``, so the layout's ints are constants of the graph."""
+        n_image = self.num_image
+        for text_len, plan in self.plans.items():
+            if text_len + n_image == seq_len:
+                return self.token_layout(text_len), plan
+        if seq_len < n_image:
+            raise ValueError(f"{seq_len} tokens cannot hold a {'x'.join(map(str, self.grid))} image grid")
+        return self.token_layout(seq_len - n_image), None
+
+
+@dataclass(eq=False)
+class InProgress:
+    """The :class:`ForwardPlan` of the forward in progress (``None`` between forwards), for a model whose
+    diffusers forward hands no attention kwargs to its blocks (FLUX.1's ControlNet, Wan): its pre-hook sets it and
+    a forward hook clears it. Right for every call made inside that forward; for a block that gradient
+    checkpointing re-runs in the backward, the model's checkpointing function is wrapped (:meth:`replaying`) so
+    that the re-run sets its own forward's plan again while it runs."""
+
+    plan: ForwardPlan | None = None
+
+    def replaying(self, checkpoint_func):
+        """``checkpoint_func`` (diffusers' ``model._gradient_checkpointing_func(block, *args)``), wrapped so that a
+        block it runs, in the forward and again in the backward, runs with the plan of the forward that called it."""
+        if isinstance(checkpoint_func, _ReplayPlan) and checkpoint_func.in_progress is self:
+            return checkpoint_func
+        return _ReplayPlan(checkpoint_func, self)
+
+
+@dataclass(eq=False)
+class _ReplayPlan:
+    """A gradient checkpointing function (``func(block, *args)``) whose blocks run with the plan of the forward
+    in progress when it was called (:meth:`InProgress.replaying`); ``func`` is the wrapped one."""
+
+    func: Callable
+    in_progress: InProgress
+
+    def __call__(self, block, *args, **kwargs):
+        return self.func(functools.partial(_run_with_plan, self.in_progress, self.in_progress.plan, block), *args,
+                         **kwargs)
+
+
+def _run_with_plan(in_progress: InProgress, plan: ForwardPlan | None, block, *args, **kwargs):
+    """``block(*args, **kwargs)`` with ``plan`` as the forward in progress (the one before it restored after)."""
+    before, in_progress.plan = in_progress.plan, plan
+    try:
+        return block(*args, **kwargs)
+    finally:
+        in_progress.plan = before
+
 
 class ClearProcessorBase(nn.Module):
     """Holds the shared :class:`ClearAttention` and, for down-sampled variants, this
     module's learned pooling weights ``spatial_weight`` of shape ``(1, 1, 1, df, 1, df, 1)``
     (state-dict key ``<attention module>.processor.spatial_weight``, as released)."""
 
-    def __init__(self, core: ClearAttention, state=None):
+    def __init__(self, core: ClearAttention, in_progress: InProgress | None = None):
         super().__init__()
         self.core = core
-        self.state = state  # the model's ClearState: grid and plans of the latest forward
+        self.in_progress = in_progress  # read only where a call comes without its forward's plan
         df = core.window.down_factor
         if df > 1:
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, df, 1, df, 1), 1.0 / df**2))
@@ -39,25 +138,24 @@ class ClearProcessorBase(nn.Module):
     def extra_repr(self) -> str:
         return repr(self.core)
 
-    def _layout_and_plan(self, attention_mask, seq_len: int, text_first: bool):
-        """This call's layout and the forward's plan for it. The layout is made of Python ints
-        read through module attributes, so under ``torch.compile`` it is a guarded constant even
-        when the sequence length is symbolic (the comparison guards on the length)."""
-        if attention_mask is not None:
-            raise ValueError("CLEAR defines its own attention pattern; an explicit attention_mask is not supported")
-        state = self.state
-        if state is None or state.grid is None:
+    def forward_plan(self, clear_forward: ForwardPlan | None) -> ForwardPlan:
+        """The :class:`ForwardPlan` of the forward this call belongs to: the one handed in with the call, else (a
+        model whose forward hands no attention kwargs to its blocks) the forward in progress."""
+        if clear_forward is not None:
+            return clear_forward
+        running = self.in_progress.plan if self.in_progress is not None else None
+        if running is None:
             raise RuntimeError(
-                "a CLEAR processor was called before any forward of its model, which gives it the image grid; apply "
+                "a CLEAR processor was called outside a forward of its model, which gives it the image grid; apply "
                 "CLEAR to the whole model with clear.apply_clear(transformer, ...) and call the model itself"
             )
-        for plan in (state.plans or {}).values():
-            if plan.layout.seq_len == seq_len:
-                return plan.layout, plan
-        height, width = state.grid
-        if seq_len < height * width:
-            raise ValueError(f"{seq_len} tokens cannot hold a {height}x{width} image grid")
-        return TokenLayout(seq_len - height * width, height, width, text_first), None
+        return running
+
+    def _layout_and_plan(self, clear_forward: ForwardPlan | None, attention_mask, seq_len: int):
+        """This call's layout and its forward's plan for it."""
+        if attention_mask is not None:
+            raise ValueError("CLEAR defines its own attention pattern; an explicit attention_mask is not supported")
+        return self.forward_plan(clear_forward).layout(seq_len)
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,29 +229,27 @@ class Arrangement:
 
 
 def attend_arranged(processor: ClearProcessorBase, query: torch.Tensor, key: torch.Tensor,
-                    value: torch.Tensor) -> torch.Tensor:
+                    value: torch.Tensor, clear_forward: ForwardPlan | None) -> torch.Tensor:
     """CLEAR attention of one call whose ``[text | image | references]`` sequence (``[B, S, heads, D]``) the
     forward's :class:`Arrangement` describes (none: the sequence is the layout as it is); output in the
     call's order. Processors of families with reference images or padded text call this."""
-    state = processor.state
-    arrangement = getattr(state, "arrangement", None)
+    forward = processor.forward_plan(clear_forward)
+    arrangement = forward.arrangement
     if arrangement is None:
-        layout, plan = processor._layout_and_plan(None, query.shape[1], text_first=True)
+        layout, plan = forward.layout(query.shape[1])
         return processor.core(query, key, value, layout, processor.spatial_weight, plan)
     if arrangement.seq_len != query.shape[1]:
         raise ValueError(f"an attention call of {query.shape[1]} tokens in a forward of {arrangement.seq_len}")
-    height, width = state.grid
-    covers = not processor.core.window.masks_anything(height, width)
+    covers = not processor.core.window.masks_anything(*forward.grid)
     outs = []
     for g in arrangement.groups:
+        layout = TokenLayout(g.text_len, *forward.grid, True)
+        plan = forward.plans.get(g.text_len)
         if covers and g.padded is None:  # every query sees every key: the call's own order, as the model computes it
-            layout = TokenLayout(g.text_len, height, width, True)
             outs.append(processor.core(query[g.rows], key[g.rows], value[g.rows], layout, processor.spatial_weight,
-                                       (state.plans or {}).get(g.text_len)))
+                                       plan))
             continue
         q, k, v = (x[g.rows].index_select(1, g.order) for x in (query, key, value))
-        layout = TokenLayout(g.text_len, height, width, True)
-        plan = (state.plans or {}).get(g.text_len)
         out = processor.core(q, k, v, layout, processor.spatial_weight, plan)
         if g.padded is not None:
             out = torch.cat([out, processor.core.text_queries(query[g.rows].index_select(1, g.padded), k, v,

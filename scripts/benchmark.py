@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 import clear
 from clear import backends
+from clear.apply import plan_forward
 from clear.attention import ClearAttention
 from clear.devices import DTYPE_CHOICES, resolve_device, resolve_dtype
 from clear.families import FAMILIES
@@ -161,10 +162,10 @@ def bench_attention(args, device, dtype) -> list[dict]:
             core = ClearAttention(radius, df, backend=args.backend, tile=args.tile, kernel_options=args.kernel_options)
             sw = torch.full((1, 1, 1, df, 1, df, 1), 1 / df**2, device=device, dtype=dtype) if df > 1 else None
             with torch.no_grad():
-                rec["mask_build_s"] = timer.once(lambda: core.layout_plan(layout, device, with_grad=False))
+                rec["mask_build_s"] = timer.once(lambda: core.plan(layout, device, with_grad=False))
                 core._plans.clear()  # the first call below builds its plan again
                 t0 = time.perf_counter()
-                plan = core.layout_plan(layout, device, with_grad=False)  # built outside the compiled call
+                plan = core.plan(layout, device, with_grad=False)  # built outside the compiled call
                 fn = compiled(lambda: core(q, k, v, layout, sw, plan), args.compile)
                 fn()
                 rec["first_call_s"] = time.perf_counter() - t0
@@ -251,7 +252,7 @@ def bench_step(args, device, dtype) -> list[dict]:
                                                          * cfg["attention_head_dim"]))
         if radius is not None:
             lay = TokenLayout(text, h, w)
-            rec["backend"] = model.clear_state.core.layout_plan(lay, device, with_grad=False).backend
+            rec["backend"] = model.clear_state.core.plan(lay, device, with_grad=False).backend
         target = compile_transformer(model, args.compile)
         fn = lambda: target(**x)  # noqa: E731
         with torch.no_grad():
@@ -419,9 +420,9 @@ def bench_model(args, device, dtype) -> list[dict]:
                        variant=name, radius=args.radius, down_factor=args.down_factor)
             rec["first_call_s"] = Timer(device, 0, 1).once(fn)  # plans, compilation
             model = variants_[name][0]
-            state = getattr(model, "clear_state", None)
-            if state is not None and state.plans:
-                rec["backend"] = next(iter(state.plans.values())).backend
+            if getattr(model, "clear_state", None) is not None:
+                with torch.set_grad_enabled(train):
+                    rec["backend"] = next(iter(plan_forward(model, **x).plans.values())).backend
             rec_of[name] = rec
         times = alternate(fns, device, args.warmup, args.repeats)
         for name, rec in rec_of.items():
@@ -515,7 +516,7 @@ def bench_auto(args, device, dtype) -> list[dict]:
             core = ClearAttention(radius, df, backend=name, tile=args.tile)
             if name == "flex":
                 core.compile_kernels = True
-            plan = core.plan(layout, name, device, grad)
+            plan = core.plan(layout, device, grad)
             scale = 1 / dim**0.5
             if grad:
                 qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clear import backends
+from clear.defaults import BACKEND_CHOICES
 from clear.commands import generate_eval_set
 from clear.devices import DTYPE_CHOICES
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
                    help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
                    "public release's attn_weights.safetensors) or says another one: you vouch for the window")
-    p.add_argument("--backend", default="auto", choices=backends.choices())
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--label", default=None, help="row name in the evaluation table (default: from the variant)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)

@@ -112,7 +112,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
-    from clear import backends
+    from clear.defaults import BACKEND_CHOICES
 
     d = highres.HighresSettings
     p = argparse.ArgumentParser(prog=f"{PROG} highres", description=highres.__doc__.split("\n\n")[0])
@@ -136,7 +136,7 @@ def parse_highres_args(argv=None) -> tuple[highres.HighresSettings, bool]:
     p.add_argument("--shift", type=float, default=None, help=f"a fixed scheduler shift, default {d.shift}")
     p.add_argument("--lowres_guidance", type=float, default=None,
                    help=f"weight of I-Max's projected flow in every stage (0: off), default {d.lowres_guidance}")
-    p.add_argument("--backend", choices=backends.choices(), default=None, help=f"CLEAR's backend, default {d.backend}")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=f"CLEAR's backend, default {d.backend}")
     p.add_argument("--vae_tiling_latents", type=int, default=None,
                    help=f"diffusers' VAE tiling from this many latent cells (0: always), default {d.vae_tiling_latents}")
     p.add_argument("--seed", type=int, default=None)

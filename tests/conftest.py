@@ -7,7 +7,8 @@ The tests by layer, each module named after the feature it protects (its reliabi
   test_flex_blocks, test_flex_compiled, test_checkpointing, test_data, test_devices, test_file_permissions;
 - integration, CLEAR on stock diffusers models against their own attention with an explicit mask:
   test_flux_attention, test_sd3_attention, test_flux2, test_qwenimage, test_wan, test_quantized, test_compile,
-  test_parallel; and the layers above them: test_families (the registry, a third family, whole pipelines),
+  test_parallel, test_interleaved_forwards (two grids, one backward, gradient checkpointing); and the layers above
+  them: test_families (the registry, a third family, whole pipelines),
   test_weights (files, download, refused files, LoRA), test_generation, test_evaluation;
 - end to end, scripts and pipelines: test_inference (+ test_inference_sd3), test_wan_pipelines (video), test_training,
   test_benchmark, test_notebooks, test_mini_*, test_docs.

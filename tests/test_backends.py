@@ -10,6 +10,7 @@ attention."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import subprocess
@@ -23,7 +24,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 import clear
 from clear import backends
 from clear.attention import ClearAttention
-from clear.backends import Backend, Call, Options, tiled
+from clear.backends import Call, Options, tiled
 from clear.geometry import BandLayout, TokenLayout, Window, allowed_mask
 from tiny_models import flux_inputs, tiny_flux
 
@@ -398,18 +399,28 @@ def test_registry_facts():
     assert flex.runs_on("cpu") and not flex.runs_on("cpu", with_grad=True)  # FlexAttention has no CPU backward
     assert flex.runs_on("cuda", with_grad=True) and not flex.runs_on("mps", with_grad=True)
     assert not flex.runs_on("tpu") and not flex.full_attention and dense.full_attention
+    assert all(b.pooled for b in backends.TABLE.values())
+    # each backend registered next to its code, its functions imported (no module paths as strings)
+    from clear.backends import dense as dense_module, flex as flex_module, tiled as tiled_module
+
+    for module in (dense_module, flex_module, tiled_module):
+        assert backends.get(module.BACKEND.name) is module.BACKEND
+        assert (module.BACKEND.grid_plan, module.BACKEND.band_plan, module.BACKEND.attend) == (
+            module.grid_plan, module.band_plan, module.attend)
+    # the checks, in order, each with its fix; decide is where they run
     with pytest.raises(ValueError, match="'flex' attention backend has no backward on cpu.*backend='auto' or 'dense'"):
-        flex.check("cpu", with_grad=True)
+        backends.decide("flex", Call("cpu", radius=2, with_grad=True))
     with pytest.raises(ValueError, match="does not run on tpu"):
-        flex.check("tpu")
+        backends.decide("flex", Call("tpu", radius=2))
+    assert "no pooled keys" in dataclasses.replace(dense, pooled=False).cannot_run(Call("cpu", radius=2, down_factor=2))
     with pytest.raises(ValueError, match=r"unknown attention backend 'sparse': choose one of \('auto', 'dense', "):
         backends.get("sparse")
     with pytest.raises(ValueError, match="must be one of .*'flex'.*got 'sparse'"):
         ClearAttention(3, backend="sparse")
     with pytest.raises(ValueError, match="unique and not 'auto': 'flex'"):
-        backends.make_table(*backends.TABLE.values(), Backend("flex", "clear.backends.dense"))
+        backends.make_table(*backends.TABLE.values(), dataclasses.replace(dense, name="flex"))
     with pytest.raises(ValueError, match="unique and not 'auto': 'auto'"):
-        backends.make_table(*backends.TABLE.values(), Backend("auto", "clear.backends.dense"))
+        backends.make_table(*backends.TABLE.values(), dataclasses.replace(dense, name="auto"))
     with pytest.raises(ValueError, match="reference backend"):
         backends.make_table(backends.get("flex"))
     with pytest.raises(TypeError):  # the table is read-only: a backend is added by its line in make_table
@@ -435,7 +446,9 @@ def test_auto_rule(monkeypatch):
     d = backends.decide
     cpu = lambda image, **kw: Call("cpu", image, **{"text": 32, "radius": 4, "heads": 4, "head_dim": 24, **kw})
     # a registered name stands for itself; full attention on a windows-only backend: the one fall-back
-    assert d("flex", cpu(4096, with_grad=True)) == ("flex", "as asked")
+    assert d("flex", cpu(4096)) == d("flex", Call("cuda", 4096, radius=4, with_grad=True)) == ("flex", "as asked")
+    with pytest.raises(ValueError, match="no backward on cpu"):  # a name that cannot run the call: its fix
+        d("flex", cpu(4096, with_grad=True))
     assert d("flex", cpu(4096, radius=None))[0] == d("tiled", cpu(4096, radius=None))[0] == "dense"
     assert "plans local windows only" in d("flex", cpu(4096, radius=None))[1]
     with pytest.raises(ValueError, match="unknown attention backend"):
@@ -460,7 +473,7 @@ def test_auto_rule(monkeypatch):
     assert d("auto", Call("cuda", 16, radius=None))[0] == "dense"
     assert d("auto", Call("mps", 10**6, radius=4))[0] == "dense"
     core = ClearAttention(None, backend="flex")  # full attention runs the reference backend, whatever was asked
-    assert core.layout_plan(TokenLayout(3, 4, 4), CPU, False).backend == "dense"
+    assert core.plan(TokenLayout(3, 4, 4), CPU).backend == "dense"
 
 
 def test_shipped_cpu_measurements_drive_auto():
@@ -483,17 +496,18 @@ def test_auto_logs_its_choice_once_per_layout(caplog):
     layout = TokenLayout(32, 8, 8)
     with caplog.at_level("INFO", logger="clear.attention"):
         for _ in range(3):
-            core.layout_plan(layout, CPU, False)
+            core.plan(layout, CPU)
     lines = [r.getMessage() for r in caplog.records if "CLEAR attention" in r.getMessage()]
     assert len(lines) == 1 and "4 heads x 24, 8x8 image + 32 text tokens, r=4, df=1, inference" in lines[0]
 
 
-def test_registry_imports_no_torch():
-    """Command lines take their --backend choices from the registry and still answer --help without torch."""
-    code = "import sys, clear.backends as b; print(b.choices()); print('torch' in sys.modules)"
+def test_command_line_choices_are_the_registry_and_import_no_torch():
+    """Command lines take their --backend choices from clear.defaults and still answer --help without torch; the
+    choices are the registry's (which imports the backends themselves)."""
+    code = "import sys, clear.defaults as d; print(d.BACKEND_CHOICES); print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split("\n")[:2] == ["('auto', 'dense', 'flex', 'tiled')", "False"]
+    assert run.stdout.split("\n")[:2] == [str(backends.choices()), "False"]
 
 
 def test_flex_backward_on_cpu_fails_before_any_work_with_the_fix():
@@ -511,10 +525,10 @@ def test_one_bounded_cache_holds_grid_and_band_plans():
     core = ClearAttention(3, backend="dense", cache_size=3)
     grids = [TokenLayout(2, 4, 5), TokenLayout(2, 6, 5)]
     bands = [BandLayout(2, 3, 5, 2, 0), BandLayout(2, 3, 5, 2, 2)]
-    plans = [core.plan(x, "dense", CPU) for x in grids + bands]
+    plans = [core.plan(x, CPU) for x in grids + bands]
     assert len(core._plans) == 3 and [p.layout for p in core._plans.values()] == grids[1:] + bands
-    assert core.plan(bands[0], "dense", CPU) is plans[2]  # a hit
-    assert core.plan(grids[0], "dense", CPU) is not plans[0]  # evicted, built again
+    assert core.plan(bands[0], CPU) is plans[2]  # a hit
+    assert core.plan(grids[0], CPU) is not plans[0]  # evicted, built again
 
 
 def test_one_plan_serves_training_and_inference_unless_the_backend_plans_a_backward():
@@ -522,14 +536,14 @@ def test_one_plan_serves_training_and_inference_unless_the_backend_plans_a_backw
     plans a backward (query-block lists), so it keeps two; and a call the backend cannot run still fails."""
     layout = TokenLayout(2, 6, 5)
     core = ClearAttention(3, backend="dense")
-    assert core.plan(layout, "dense", CPU, with_grad=True) is core.plan(layout, "dense", CPU, with_grad=False)
+    assert core.plan(layout, CPU, with_grad=True) is core.plan(layout, CPU, with_grad=False)
     assert len(core._plans) == 1
     flex = ClearAttention(3, backend="flex")
     assert backends.get("flex").backward_plans and not backends.get("dense").backward_plans
-    no_grad = flex.plan(layout, "flex", CPU)
+    no_grad = flex.plan(layout, CPU)
     assert no_grad.block_mask.q_indices is None  # built for the forward only
     with pytest.raises(ValueError, match="no backward on cpu"):
-        flex.plan(layout, "flex", CPU, with_grad=True)
+        flex.plan(layout, CPU, with_grad=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -542,7 +556,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clear.backends import Options
+from clear.backends.base import Backend, Options
 from clear.geometry import Window, allowed_mask, band_allowed_mask
 
 
@@ -572,6 +586,10 @@ def attend(query, key, value, scale, *, return_lse=False, options=Options(), mas
     lse = logits.logsumexp(-1)
     out = torch.einsum("bhqk,bkhd->bqhd", (logits - lse[..., None]).exp(), value.double())
     return (out.float(), lse.transpose(1, 2).float()) if return_lse else out.to(query.dtype)
+
+
+# its registration, next to its code: runs on CPU only, with a backward, full attention and pooled keys
+BACKEND = Backend("toy", "explicit logits (a test)", grid_plan, band_plan, attend, devices=("cpu",))
 '''
 
 
@@ -579,7 +597,9 @@ def attend(query, key, value, scale, *, return_lse=False, options=Options(), mas
 def toy_backend(tmp_path, monkeypatch):
     (tmp_path / "toy_attention.py").write_text(textwrap.dedent(TOY))
     monkeypatch.syspath_prepend(str(tmp_path))
-    spec = Backend("toy", "toy_attention", "explicit logits (a test)", devices=("cpu",))
+    import toy_attention
+
+    spec = toy_attention.BACKEND
     monkeypatch.setattr(backends, "TABLE", backends.make_table(*backends.TABLE.values(), spec))  # its table line
     try:
         yield spec
@@ -607,7 +627,7 @@ def test_a_third_backend_is_one_file(toy_backend, tmp_path):
     assert {p.backend for p in core._plans.values()} == {"toy"}
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'toy' attention backend does not run on cuda"):
-        ClearAttention(3, backend="toy").plan(layout, "toy", torch.device("cuda"))
+        ClearAttention(3, backend="toy").plan(layout, torch.device("cuda"))
     # the patch-parallel attention (one gloo rank: its band is the whole grid, text merged with the log-sum-exp)
     import torch.distributed as dist
 

@@ -1,6 +1,7 @@
 """The front door: a short README that reaches every docs page in one click, links that resolve, and the
 test command that CI runs written in the README."""
 
+import importlib
 import re
 from pathlib import Path
 
@@ -118,3 +119,32 @@ def test_prose_lines_fit_and_state_the_product(page):
     process = re.compile(r"\bissue \d+|\bon main\b|\bBars?:|\(bar [≤≥<>]", re.I)
     found = [line for _, line in prose_lines(page.read_text()) if process.search(line)]
     assert found == [], f"{page.name}: say what the product does, not how it was made: {found}"
+
+
+def _resolve(dotted: str):
+    """The object a dotted name (``clear.attention.ClearAttention.plan``) names: its longest importable module,
+    then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ModuleNotFoundError:
+            continue
+    for part in parts[i:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_one_attention_call_takes_at_most_six_steps_each_a_real_function():
+    """docs/architecture.md follows one attention call from the model's hook to the kernel in at most six
+    numbered steps; every ``clear.`` name it gives is a real object a reader can jump to."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = re.search(r"^## One attention call, step by step\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section, "docs/architecture.md has no '## One attention call, step by step' section"
+    steps = re.findall(r"^(\d+)\. ", section.group(1), re.M)
+    assert 1 <= len(steps) <= 6 and steps == [str(i) for i in range(1, len(steps) + 1)]
+    names = sorted(set(re.findall(r"`(clear(?:\.\w+)+)`", section.group(1))))
+    assert len(names) >= len(steps)
+    for name in names:
+        assert callable(_resolve(name)) or isinstance(_resolve(name), type), name

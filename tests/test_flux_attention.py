@@ -186,11 +186,14 @@ def test_gradients_reach_attention_parameters_and_spatial_weight(flux):
 
 def test_auto_backend_without_measurements_is_flex_on_cuda_and_dense_elsewhere(flux, monkeypatch):
     from clear import backends
+    from clear.backends import Call
+    from clear.geometry import TokenLayout
 
     monkeypatch.setattr(backends, "measurements", lambda device: ())
     core = clear.apply_clear(flux, radius=2)
-    assert core.resolve_backend(torch.device("cpu")) == "dense"
-    assert core.resolve_backend(torch.device("cuda")) == "flex"
+    assert core.backend == "auto" and core.plan(TokenLayout(7, 4, 4), torch.device("cpu")).backend == "dense"
+    assert backends.decide(core.backend, Call("cuda", 16, 7, radius=2)) == ("flex", "the table's rule for cuda "
+                                                                                    "(from 0 image tokens)")
 
 
 def test_fused_projections(flux):

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import clear
 from clear import backends
+from clear.apply import plan_forward
 from clear.distill import attention_layers, distill_losses, freeze_for_distillation
 from clear.families import family_of, family_of_checkpoint, get_family
 from clear.weights import read_header
@@ -99,7 +100,8 @@ def test_grid_reader_and_refusals():
     clear.apply_clear(model, radius=2)
     x = qwenimage_inputs(3, 5, references=((2, 2),))
     run(model, x)
-    assert model.clear_state.grid == (3, 5) and model.clear_state.arrangement.text_lens == (TEXT + 4,)
+    forward = plan_forward(model, **x)
+    assert forward.grid == (3, 5) and forward.arrangement.text_lens == (TEXT + 4,)
     with pytest.raises(ValueError, match=r"hidden_states has 19 tokens but img_shapes"):
         run(model, {**x, "img_shapes": [[(1, 3, 5)]] * 2})
     with pytest.raises(NotImplementedError, match="one image frame"):

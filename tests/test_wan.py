@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import clear
+from clear.apply import plan_forward
 from clear.families import family_of, family_of_checkpoint, get_family
 from clear.families.wan import SIZES, TEXT_TOKENS, WanClearAttnProcessor, step_flops
 from reference_attention import ReferenceWanProcessor, video_window_mask
@@ -135,11 +136,18 @@ def test_image_to_video_cross_attention_is_unchanged():
 def test_grid_follows_each_forward():
     model = tiny_wan()
     clear.apply_clear(model, radius=2, temporal_radius=1, backend="dense")
+    seen = []  # the forward in progress, as the processors read it (Wan's forward hands them no kwargs)
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(model.clear_state.in_progress.plan))
     with torch.no_grad():
         for grid in [(3, 4, 5), (2, 6, 3)]:
-            model(**wan_inputs(*grid, batch=1))
-            assert model.clear_state.grid == grid
-            assert model.clear_state.plans[0].layout == clear.geometry.TokenLayout(0, grid[1], grid[2], frames=grid[0])
+            x = wan_inputs(*grid, batch=1)
+            model(**x)
+            forward = plan_forward(model, **x)
+            assert seen[-1].grid == forward.grid == grid
+            layout = clear.geometry.TokenLayout(0, grid[1], grid[2], frames=grid[0])
+            assert seen[-1].plans[0].layout == forward.plans[0].layout == layout
+            assert seen[-1].layout(layout.seq_len) == (layout, seen[-1].plans[0])
+            assert model.clear_state.in_progress.plan is None  # nothing of a forward stays after it
 
 
 def test_refusals():

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import clear
+from clear.apply import plan_forward
 from clear.inference import video
 from tiny_models import tiny_flux_pipeline, tiny_wan_pipeline
 
@@ -57,10 +58,14 @@ def test_window_beyond_the_clip_is_the_original_and_a_local_one_is_not(saved, ki
     same = video.generate_video(pipe, **CALL, image=image)
     np.testing.assert_array_equal(same.frames, ref.frames)  # every key seen: the stock computation
     video.apply_to_video_pipeline(pipe, video.VideoClear(1.5, 0.5, backend="tiled"))
+    grids = []  # each transformer forward's grid, as its processors get it
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: grids.append(plan_forward(m, *a, **k).grid), with_kwargs=True)
     local = video.generate_video(pipe, **CALL, image=image)
+    hook.remove()
     assert np.isfinite(local.frames).all() and np.abs(local.frames - ref.frames).max() > 1e-4
     assert local.settings["attention"] == "CLEAR r=1.5 rt=0.5"
-    assert pipe.transformer.clear_state.grid == (3, 2, 3)  # 9 frames -> 3 latent frames, 32x48 px -> 2x3 tokens
+    assert grids and set(grids) == {(3, 2, 3)}  # 9 frames -> 3 latent frames, 32x48 px -> 2x3 tokens
 
 
 def test_two_experts_each_load_their_own_checkpoint(saved, tmp_path):

@@ -2,7 +2,8 @@
 
 Runs everywhere, has a backward, plans full attention too: the oracle every other backend is
 tested against. With ``return_lse`` it computes explicit float32 logits, a few heads at a time.
-Tensors are ``[B, S, heads, D]``; see :mod:`clear.backends` for the plan interface.
+Tensors are ``[B, S, heads, D]``; see :mod:`clear.backends.base` for the plan interface. Registered as
+:data:`BACKEND` at the end of this file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import BandLayout, TokenLayout, Window, allowed_mask, band_allowed_mask
-from . import Options
+from .base import REFERENCE, Backend, Options
 
 # Logits materialised at once by the log-sum-exp path (heads are taken in chunks below it).
 MAX_LOGITS = 2**26
@@ -76,3 +77,7 @@ def attend(query, key, value, scale: float, *, return_lse: bool = False, options
         outs.append((logits - lse[..., None]).exp() @ vh)
         lses.append(lse)
     return torch.cat(outs, 1).transpose(1, 2), torch.cat(lses, 1).transpose(1, 2)
+
+
+# Its registration: runs everywhere, with a backward, full attention and pooled keys (the defaults).
+BACKEND = Backend(REFERENCE, "boolean mask + scaled_dot_product_attention; the oracle", grid_plan, band_plan, attend)

@@ -6,7 +6,8 @@ analytically from tile rectangles (:func:`~clear.backends.flex_blocks.analytic_b
 :func:`~clear.backends.flex_blocks.band_block_mask`), so blocks outside the window are never computed; the
 output is gathered back to natural order. Compiled on CUDA (or when ``Options.compiled``, except
 with the log-sum-exp on CPU, which the compiled CPU kernel does not return), eager elsewhere;
-inside a region already being compiled, the plain op (the enclosing compile fuses it). FlexAttention has no backward on CPU. Tensors are ``[B, S, heads, D]``.
+inside a region already being compiled, the plain op (the enclosing compile fuses it). FlexAttention has no backward on CPU. Tensors are ``[B, S, heads, D]``. Registered as :data:`BACKEND`
+at the end of this file.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
 from ..geometry import BandLayout, TokenLayout, Window
-from . import Options
+from .base import Backend, Options
 from .flex_blocks import TileOrder, analytic_block_mask, band_block_mask
 
 # Each new (batch, sequence length) recompiles the static-shape flex kernel. Past dynamo's
@@ -125,3 +127,11 @@ def attend(query, key, value, scale: float, *, return_lse: bool = False, options
     out, aux = out
     lse = aux.lse if hasattr(aux, "lse") else aux
     return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
+
+
+# Its registration: FlexAttention has no backward on CPU (nor on MPS); windows only; a call with a backward
+# gets its own grid plan (with the query-block lists the backward reads); ``auto``'s pick on CUDA.
+BACKEND = Backend("flex", "block-sparse FlexAttention over tile-ordered tokens, block masks from tile geometry; "
+                  "compiled on CUDA", grid_plan, band_plan, attend,
+                  devices=("cuda", "cpu", "xpu", "hpu", "mps"), backward=("cuda", "xpu", "hpu"), full_attention=False,
+                  backward_plans=True, auto=MappingProxyType({"cuda": 0}))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..geometry import TokenLayout, Window
-from . import Options
+from .base import Options
 from .flex import Plan
 from .flex_blocks import _compact
 

@@ -42,7 +42,7 @@ grows with the grid's perimeter, not its area.
 
 The tile is chosen from the reach and the number of keys gathered besides the box
 (:func:`tile_for`, measured on CPU, docs/benchmarks.md). Tensors are ``[B, S, heads, D]``; see
-:mod:`clear.backends` for the plan interface.
+:mod:`clear.backends.base` for the plan interface. Registered as :data:`BACKEND` at the end of this file.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import BandLayout, TokenLayout, Window
-from . import Options
 from . import dense
+from .base import Backend, Options
 
 # Logits materialised at once by the log-sum-exp paths (tiles or queries are taken in chunks below it).
 MAX_LOGITS = 2**26
@@ -539,3 +539,8 @@ def band_plan(band: BandLayout, window: Window, device, options: Options = Optio
 def attend(query, key, value, scale: float, *, return_lse: bool = False, options: Options = Options()):
     """Unmasked attention (the text queries of patch parallelism): the dense backend's."""
     return dense.attend(query, key, value, scale, return_lse=return_lse)
+
+
+# Its registration: a backward everywhere (SDPA's and index_select's), pooled keys; windows only.
+BACKEND = Backend("tiled", "query tiles with their gathered key windows in one batched scaled_dot_product_attention; "
+                  "a backward everywhere", grid_plan, band_plan, attend, full_attention=False)

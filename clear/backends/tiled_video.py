@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..geometry import TokenLayout, Window
-from . import Options
+from .base import Options
 from .tiled import Plan, _Group, reach, split_for, tile_for
 
 # Frames of a query tile at most (the temporal reach, up to this): more frames share a box's keys among more queries,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import backends, defaults
+from .. import defaults
 
 
 def add_arguments(p) -> None:
@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     g.add_argument("--no_strict_radius", dest="strict_radius", action="store_false",
                    help="load a --checkpoint that does not say which radius it was trained for (e.g. the first "
                    "public release's attn_weights.safetensors) or says another one: you vouch for the window")
-    g.add_argument("--backend", default="auto", choices=backends.choices(),
+    g.add_argument("--backend", default="auto", choices=defaults.BACKEND_CHOICES,
                    help="auto: flex on CUDA, dense elsewhere")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, help="denoising steps (default: the model's, 28 for FLUX.1-dev, 4 for "

@@ -228,6 +228,12 @@ class ModelFamily:
         """The text length of each attention layout of a forward (one per kind of attention call)."""
         raise NotImplementedError
 
+    def attention_kwargs(self, model: torch.nn.Module) -> str | None:
+        """The forward argument of ``model`` whose dict diffusers hands to every attention processor (through its
+        blocks): what carries each forward's :class:`clear.processors.ForwardPlan`. ``None`` where the model's
+        forward does not pass such a dict to its blocks. Default: ``joint_attention_kwargs``."""
+        return "joint_attention_kwargs"
+
     def arrangement(self, bound: inspect.BoundArguments, grid: tuple[int, int]):
         """A :class:`clear.processors.Arrangement` when this forward's joint sequence is not CLEAR's layout as
         it is (reference-image tokens after the image, padded text tokens), else ``None`` (the default): then

@@ -47,14 +47,14 @@ class FluxClearAttnProcessor(ClearProcessorBase):
     blocks (separate text stream) and single-stream blocks (``[text | image]`` concatenated)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
+                 image_rotary_emb=None, clear_forward=None):
         # here: the registry imports no diffusers model
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key, value = joint_heads(attn, (query, key, value), (enc_q, enc_k, enc_v), image_rotary_emb)
 
-        layout, plan = self._layout_and_plan(attention_mask, query.shape[1], text_first=True)
+        layout, plan = self._layout_and_plan(clear_forward, attention_mask, query.shape[1])
         text_len = layout.text_len
         out = self.core(query, key, value, layout, self.spatial_weight, plan).flatten(2, 3).to(query.dtype)
 
@@ -149,6 +149,10 @@ class FluxFamily(ModelFamily):
     def text_lens(self, bound):
         return (bound.arguments["encoder_hidden_states"].shape[1],)
 
+    def attention_kwargs(self, model):
+        # diffusers' FluxControlNetModel takes joint_attention_kwargs but hands them to no block
+        return None if _is_controlnet(model) else "joint_attention_kwargs"
+
     def grid_rules(self, vae_factor, transformer_config):
         return vae_factor * 2, None  # FluxPipeline packs 2x2 latents into one token; RoPE has no table
 
@@ -183,6 +187,10 @@ class FluxFamily(ModelFamily):
 
         b, c, h, w = latents.shape
         return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def _is_controlnet(model) -> bool:
+    return any(c.__name__ == "FluxControlNetModel" for c in type(model).__mro__)
 
 
 def _is_mini(config) -> bool:

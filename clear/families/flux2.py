@@ -36,12 +36,13 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
     ``Flux2AttnProcessor``) and ``Flux2ParallelSelfAttention`` (single-stream blocks,
     ``Flux2ParallelSelfAttnProcessor``); the same maths as diffusers' apart from the window."""
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
+    def __call__(self, attn, hidden_states, *args, clear_forward=None, **kwargs):
         if hasattr(attn, "to_qkv_mlp_proj"):
-            return self._single(attn, hidden_states, *args, **kwargs)
-        return self._double(attn, hidden_states, *args, **kwargs)
+            return self._single(attn, hidden_states, *args, clear_forward=clear_forward, **kwargs)
+        return self._double(attn, hidden_states, *args, clear_forward=clear_forward, **kwargs)
 
-    def _double(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def _double(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                clear_forward=None):
         # here: the registry imports no diffusers model
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
@@ -50,7 +51,7 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key, value = joint_heads(attn, (query, key, value), (enc_q, enc_k, enc_v), image_rotary_emb)
 
-        out = attend_arranged(self, query, key, value).flatten(2, 3).to(query.dtype)
+        out = attend_arranged(self, query, key, value, clear_forward).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             enc_out, out = out.split_with_sizes([encoder_hidden_states.shape[1],
                                                  out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
@@ -58,7 +59,7 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_hidden_states is None else (out, enc_out)
 
-    def _single(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+    def _single(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, clear_forward=None):
         from diffusers.models.embeddings import apply_rotary_emb  # here: the registry imports no diffusers model
 
         if attention_mask is not None:
@@ -74,7 +75,7 @@ class Flux2ClearAttnProcessor(ClearProcessorBase):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        out = attend_arranged(self, query, key, value).flatten(2, 3).to(query.dtype)
+        out = attend_arranged(self, query, key, value, clear_forward).flatten(2, 3).to(query.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp_hidden_states)], dim=-1))
 
 

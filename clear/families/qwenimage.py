@@ -33,7 +33,7 @@ class QwenClearAttnProcessor(ClearProcessorBase):
     window; the text mask of the forward reaches it through the model's arrangement."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
+                 attention_mask=None, image_rotary_emb=None, clear_forward=None):
         # here: the registry imports no diffusers model
         from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
@@ -68,7 +68,7 @@ class QwenClearAttnProcessor(ClearProcessorBase):
             txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
 
         query, key, value = torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1), torch.cat([txt_v, img_v], 1)
-        out = attend_arranged(self, query, key, value).flatten(2, 3).to(query.dtype)
+        out = attend_arranged(self, query, key, value, clear_forward).flatten(2, 3).to(query.dtype)
 
         seq_txt = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
@@ -120,6 +120,9 @@ class QwenImageFamily(ModelFamily):
 
     def text_lens(self, bound):
         return (bound.arguments["encoder_hidden_states"].shape[1],)
+
+    def attention_kwargs(self, model):
+        return "attention_kwargs"  # QwenImageTransformer2DModel hands them to its blocks as joint_attention_kwargs
 
     def arrangement(self, bound, grid):
         _, refs = image_shapes(bound)

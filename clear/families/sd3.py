@@ -39,7 +39,7 @@ class SD3ClearAttnProcessor(ClearProcessorBase):
     RoPE) and SD3.5's image-only ``attn2`` of dual-attention blocks (pure local attention,
     plus pooled tokens when ``down_factor > 1``)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, clear_forward=None):
         q, k, v, eq, ek, ev = _sd3_projections(attn, hidden_states, encoder_hidden_states)
 
         def heads(t):
@@ -59,7 +59,7 @@ class SD3ClearAttnProcessor(ClearProcessorBase):
                 ek = attn.norm_added_k(ek)
             q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
 
-        layout, plan = self._layout_and_plan(attention_mask, q.shape[1], text_first=False)
+        layout, plan = self._layout_and_plan(clear_forward, attention_mask, q.shape[1])
         if n_image != layout.num_image:
             raise ValueError(f"{n_image} image tokens cannot form the {layout.height}x{layout.width} grid of this "
                              "forward")

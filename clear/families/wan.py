@@ -47,7 +47,8 @@ class WanClearAttnProcessor(ClearProcessorBase):
     """CLEAR for the self-attention (``attn1``) of ``WanTransformerBlock``: q/k/v projections, RMS norms across
     heads, RoPE, then the 3-D window over the ``frames x height x width`` tokens of this forward."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 clear_forward=None):
         # here: the registry imports no diffusers model
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
@@ -59,25 +60,19 @@ class WanClearAttnProcessor(ClearProcessorBase):
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
             query, key = apply_wan_rope(query, *rotary_emb), apply_wan_rope(key, *rotary_emb)
-        layout, plan = self._video_layout_and_plan(attention_mask, query.shape[1])
+        layout, plan = self._video_layout_and_plan(clear_forward, attention_mask, query.shape[1])
         out = self.core(query, key, value, layout, self.spatial_weight, plan).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _video_layout_and_plan(self, attention_mask, seq_len: int):
-        """The video layout of this call and the forward's plan for it (from the model's ``ClearState``, set by
-        the forward pre-hook from the latent shape)."""
-        if attention_mask is not None:
-            raise ValueError("CLEAR defines its own attention pattern; an explicit attention_mask is not supported")
-        state = self.state
-        if state is None or state.grid is None:
-            raise RuntimeError(
-                "a CLEAR processor was called before any forward of its model, which gives it the video grid; apply "
-                "CLEAR to the whole model with clear.apply_clear(transformer, ...) and call the model itself")
-        plan = (state.plans or {}).get(0)
-        layout = plan.layout if plan is not None else state.family.layout(0, state.grid)
-        if layout.seq_len != seq_len:
-            raise ValueError(f"a self-attention call of {seq_len} tokens in a forward whose latent grid is "
-                             f"{layout.frames}x{layout.height}x{layout.width} tokens ({layout.seq_len})")
+    def _video_layout_and_plan(self, clear_forward, attention_mask, seq_len: int):
+        """The video layout of this call and its forward's plan for it (:meth:`ClearProcessorBase._layout_and_plan`:
+        WanTransformer3DModel hands no attention kwargs to its blocks, so the forward in progress, set by the
+        forward pre-hook from the latent shape). Wan's self-attention holds the video tokens only."""
+        layout, plan = self._layout_and_plan(clear_forward, attention_mask, seq_len)
+        if layout.text_len:
+            grid = "x".join(map(str, (layout.frames, layout.height, layout.width)))
+            raise ValueError(f"a self-attention call of {seq_len} tokens in a forward whose latent grid is {grid} "
+                             f"tokens ({layout.num_image})")
         return layout, plan
 
 
@@ -192,6 +187,11 @@ class WanFamily(ModelFamily):
     def layout(self, text_len, grid):
         frames, height, width = grid
         return TokenLayout(text_len, height, width, True, frames)
+
+    def attention_kwargs(self, model):
+        # WanTransformer3DModel takes attention_kwargs but hands them to no block: the processors read the forward
+        # in progress (clear.processors.InProgress)
+        return None
 
     def clear_module(self, processor_name):
         return processor_name.endswith("attn1.processor")  # self-attention; attn2 (text, image context) unchanged
