@@ -17,7 +17,7 @@ def test_compiled_flex_with_analytic_block_mask_equals_dense():
         core = ClearAttention(r, df, backend="flex", tile=(8, 16))
         q, k, v = (torch.randn(2, layout.seq_len, 2, 16, generator=g) for _ in range(3))
         sw = torch.rand(1, 1, 1, df, 1, df, 1, generator=g) if df > 1 else None
-        plan = core.plan(layout, "flex", torch.device("cpu"))
+        plan = core.plan(layout, torch.device("cpu"))
         # the kernel really reads the block structure: run the compiled kernel on the plan's tensors
         qf, kf, vf = (x.index_select(1, plan.to_flex) for x in (q, k, v))
         if df > 1:
